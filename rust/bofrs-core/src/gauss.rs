@@ -1,0 +1,81 @@
+//! The standard normal distribution and Gauss-Legendre quadrature, for codebook construction.
+
+use std::f64::consts::{FRAC_1_SQRT_2, PI};
+
+/// Standard normal density.
+pub fn normal_pdf(z: f64) -> f64 {
+    (-0.5 * z * z).exp() / (2.0 * PI).sqrt()
+}
+
+/// Standard normal CDF, accurate in both tails.
+pub fn normal_cdf(z: f64) -> f64 {
+    0.5 * libm::erfc(-z * FRAC_1_SQRT_2)
+}
+
+/// Nodes and weights of the n-point Gauss-Legendre rule on [a, b].
+pub fn gauss_legendre(n: usize, a: f64, b: f64) -> Vec<(f64, f64)> {
+    let mut rule = Vec::with_capacity(n);
+    let half = 0.5 * (b - a);
+    let mid = 0.5 * (b + a);
+    for i in 0..n.div_ceil(2) {
+        // Newton's method on P_n from the classical initial guess.
+        let mut x = (PI * (i as f64 + 0.75) / (n as f64 + 0.5)).cos();
+        let mut dp = 1.0;
+        for _ in 0..100 {
+            let (mut p0, mut p1) = (1.0, x);
+            for k in 2..=n {
+                let p2 = ((2 * k - 1) as f64 * x * p1 - (k - 1) as f64 * p0) / k as f64;
+                p0 = p1;
+                p1 = p2;
+            }
+            let pn = if n == 0 { 1.0 } else if n == 1 { x } else { p1 };
+            let pn1 = if n == 1 { 1.0 } else { p0 };
+            dp = n as f64 * (x * pn - pn1) / (x * x - 1.0);
+            let step = pn / dp;
+            x -= step;
+            if step.abs() < 1e-15 {
+                break;
+            }
+        }
+        let w = 2.0 / ((1.0 - x * x) * dp * dp);
+        rule.push((mid - half * x, half * w));
+        if 2 * i + 1 != n {
+            rule.push((mid + half * x, half * w));
+        }
+    }
+    rule.sort_by(|p, q| p.0.total_cmp(&q.0));
+    rule
+}
+
+/// Composite Gauss-Legendre rule: `panels` equal panels of `per_panel` nodes on [a, b].
+pub fn composite_rule(a: f64, b: f64, panels: usize, per_panel: usize) -> Vec<(f64, f64)> {
+    let width = (b - a) / panels as f64;
+    let base = gauss_legendre(per_panel, 0.0, 1.0);
+    (0..panels)
+        .flat_map(|p| {
+            let start = a + p as f64 * width;
+            base.iter().map(move |&(x, w)| (start + x * width, w * width))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gauss_legendre_integrates_polynomials_exactly() {
+        let rule = gauss_legendre(8, -1.0, 2.0);
+        let integral: f64 = rule.iter().map(|&(x, w)| w * x.powi(15)).sum();
+        let exact = (2f64.powi(16) - 1.0) / 16.0;
+        assert!((integral - exact).abs() < 1e-9 * exact);
+    }
+
+    #[test]
+    fn normal_cdf_integrates_pdf() {
+        let rule = composite_rule(-8.0, 1.3, 16, 16);
+        let integral: f64 = rule.iter().map(|&(x, w)| w * normal_pdf(x)).sum();
+        assert!((integral - normal_cdf(1.3)).abs() < 1e-13);
+        assert!((normal_cdf(-10.0) - 7.619853024160527e-24).abs() < 1e-36);
+    }
+}

@@ -1,0 +1,34 @@
+//! bofrs-core: block-wise 4-bit weight quantization in pure Rust.
+//!
+//! The crate knows nothing about Python. It works on slices:
+//! - [`codebook`]: 16-level codebooks (NF4, FP4, INT4, AF4) and their midpoint thresholds,
+//! - [`element`]: the input element types (f32, bf16, f16) and exact conversions,
+//! - [`scale`]: per-block scales (absmax / signed absmax) and their storage rounding,
+//! - [`encode`] / [`decode`]: nearest-level encoding with 2-codes-per-byte packing, and back,
+//! - [`pool`]: the dedicated rayon pool (size from `BOFRS_NUM_THREADS`),
+//! - [`checksum`]: CRC-32 of stored buffers, used to validate files.
+//!
+//! Block layout: blocks are consecutive runs of `block_size` values of the flattened input
+//! (the last one may be partial). Code `2j` goes to the high nibble of byte `j`, code `2j+1` to
+//! its low nibble; an odd total leaves the last low nibble zero.
+
+pub mod af4;
+pub mod gauss;
+pub mod checksum;
+pub mod codebook;
+pub mod decode;
+pub mod element;
+pub mod encode;
+pub mod error;
+pub mod isa;
+pub mod layout;
+pub mod pool;
+pub mod scale;
+mod simd;
+
+pub use codebook::{Codebook, Normalization};
+pub use element::{Bf16, Element, F16};
+pub use error::{Error, Result};
+pub use isa::Isa;
+pub use layout::BlockLayout;
+pub use scale::ScaleDType;

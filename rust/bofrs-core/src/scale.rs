@@ -1,0 +1,132 @@
+//! Per-block scales: absmax or signed absmax, and their rounding to the storage type.
+
+use crate::codebook::Normalization;
+use crate::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Element};
+use crate::error::{Error, Result};
+
+/// The type block scales are stored in. Scales are rounded to it *before* encoding, so the codes
+/// are chosen against the scale the decoder will actually use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScaleDType {
+    Float32,
+    BFloat16,
+    Float16,
+}
+
+impl ScaleDType {
+    /// Parses "float32" / "bfloat16" / "float16".
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "float32" => Ok(Self::Float32),
+            "bfloat16" => Ok(Self::BFloat16),
+            "float16" => Ok(Self::Float16),
+            other => Err(Error::InvalidArgument {
+                name: "scale_dtype",
+                message: format!("expected 'bfloat16', 'float16' or 'float32', got {other:?}"),
+            }),
+        }
+    }
+
+    /// The name [`ScaleDType::parse`] accepts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Float32 => "float32",
+            Self::BFloat16 => "bfloat16",
+            Self::Float16 => "float16",
+        }
+    }
+
+    /// Storage bits per scale.
+    pub fn bits(self) -> usize {
+        match self {
+            Self::Float32 => 32,
+            Self::BFloat16 | Self::Float16 => 16,
+        }
+    }
+
+    /// Rounds a finite scale to this type (nearest, ties to even), returned as f32.
+    /// `None` when it overflows the type.
+    #[inline(always)]
+    pub fn round(self, s: f32) -> Option<f32> {
+        let r = match self {
+            Self::Float32 => s,
+            Self::BFloat16 => bf16_to_f32(f32_to_bf16(s)),
+            Self::Float16 => f16_to_f32(f32_to_f16(s)),
+        };
+        r.is_finite().then_some(r)
+    }
+}
+
+/// The raw scale of one block, or the in-block index of its first non-finite value.
+///
+/// Absmax: the largest magnitude. Signed absmax: the signed value of the *first* element
+/// reaching the largest magnitude.
+#[inline(always)]
+pub fn raw_block_scale<E: Element>(
+    block: &[E],
+    normalization: Normalization,
+) -> std::result::Result<f32, usize> {
+    let max_bits = block.iter().fold(0u32, |m, v| m.max(v.abs_bits()));
+    if max_bits >= E::NON_FINITE_ABS_BITS {
+        let bad = block.iter().position(|v| v.abs_bits() >= E::NON_FINITE_ABS_BITS);
+        return Err(bad.unwrap_or(0));
+    }
+    Ok(match normalization {
+        Normalization::Absmax => E::abs_bits_to_f32(max_bits),
+        Normalization::SignedAbsmax => {
+            let at = block.iter().position(|v| v.abs_bits() == max_bits).unwrap_or(0);
+            block.get(at).map_or(0.0, |v| v.to_f32())
+        }
+    })
+}
+
+/// Raw scale rounded to storage; errors carry absolute positions (`first_index` is the flat
+/// index of the block's first value, `block_index` its number).
+#[inline(always)]
+pub fn stored_block_scale<E: Element>(
+    block: &[E],
+    normalization: Normalization,
+    dtype: ScaleDType,
+    first_index: usize,
+    block_index: usize,
+) -> Result<f32> {
+    let raw = raw_block_scale(block, normalization)
+        .map_err(|i| Error::NonFinite { index: first_index + i })?;
+    dtype.round(raw).ok_or(Error::ScaleOverflow {
+        block: block_index,
+        value: raw,
+        dtype: dtype.name(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::element::Bf16;
+
+    #[test]
+    fn absmax_and_signed() {
+        let b = [0.5f32, -2.0, 1.0, 2.0];
+        assert_eq!(raw_block_scale(&b, Normalization::Absmax), Ok(2.0));
+        // First element reaching the max magnitude wins: -2.0 comes before 2.0.
+        assert_eq!(raw_block_scale(&b, Normalization::SignedAbsmax), Ok(-2.0));
+        assert_eq!(raw_block_scale(&[0.0f32; 4], Normalization::SignedAbsmax), Ok(0.0));
+    }
+
+    #[test]
+    fn non_finite_reports_first_bad_index() {
+        let b = [0.5f32, 1.0, f32::INFINITY, f32::NAN];
+        assert_eq!(raw_block_scale(&b, Normalization::Absmax), Err(2));
+        let h = [Bf16(0x3f80), Bf16(0x7fc0)];
+        assert_eq!(raw_block_scale(&h, Normalization::Absmax), Err(1));
+        let e = stored_block_scale(&b, Normalization::Absmax, ScaleDType::Float32, 64, 1);
+        assert_eq!(e, Err(Error::NonFinite { index: 66 }));
+    }
+
+    #[test]
+    fn float16_scale_overflow_is_an_error() {
+        let b = [70000.0f32];
+        assert!(stored_block_scale(&b, Normalization::Absmax, ScaleDType::Float16, 0, 0).is_err());
+        assert_eq!(ScaleDType::BFloat16.round(70000.0), Some(70144.0));
+    }
+}

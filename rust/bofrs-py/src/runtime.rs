@@ -1,0 +1,45 @@
+//! Runtime facts: thread pool size, instruction sets, checksums.
+
+use crate::detach::run;
+use bofrs_core::{checksum, pool, Isa};
+use numpy::PyReadonlyArray1;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+/// Threads of the pool the heavy calls use (set by BOFRS_NUM_THREADS before first use).
+#[pyfunction]
+fn num_threads(py: Python<'_>) -> PyResult<usize> {
+    run(py, || Ok(pool::num_threads()))
+}
+
+/// Kernel variants this CPU runs, portable first, the default last.
+#[pyfunction]
+fn supported_isas() -> Vec<&'static str> {
+    Isa::supported().into_iter().map(Isa::name).collect()
+}
+
+/// CRC-32 (zlib's) of a contiguous uint8 array.
+#[pyfunction]
+fn crc32(py: Python<'_>, data: PyReadonlyArray1<'_, u8>) -> PyResult<u32> {
+    let bytes = data.as_slice().map_err(|_| PyValueError::new_err("data must be contiguous"))?;
+    run(py, || Ok(checksum::crc32(bytes)))
+}
+
+/// Parses an optional kernel variant name.
+pub fn parse_isa(name: Option<&str>) -> PyResult<Isa> {
+    match name {
+        None => Ok(Isa::best()),
+        Some(n) => Isa::parse(n).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "isa must be one of 'portable', 'avx2', 'avx512', got {n:?}"
+            ))
+        }),
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(supported_isas, m)?)?;
+    m.add_function(wrap_pyfunction!(crc32, m)?)?;
+    Ok(())
+}
