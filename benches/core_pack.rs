@@ -1,0 +1,68 @@
+//! Criterion benches of the core: pack and unpack of a bf16 weight, per kernel variant.
+//!
+//! `cargo bench` (from the repository root). Sizes: one 4096x11008 LLM projection, and 1M
+//! values (cache-resident) to show the kernels without memory traffic.
+
+use bofrs_core::codebook::NF4;
+use bofrs_core::decode::unpack_with_isa;
+use bofrs_core::element::f32_to_bf16;
+use bofrs_core::encode::{pack_with_isa, EncodeOptions};
+use bofrs_core::{Bf16, BlockLayout, Codebook, Isa, Normalization, ScaleDType};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::hint::black_box;
+
+fn weights(n: usize) -> Vec<Bf16> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    (0..n)
+        .map(|_| {
+            // Sum of 4 uniforms: close enough to Gaussian for timing purposes.
+            let mut acc = 0f32;
+            for _ in 0..4 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                acc += (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            }
+            Bf16(f32_to_bf16(acc * 0.02))
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let codebook = Codebook::new(&NF4).unwrap();
+    let block_size: usize = std::env::var("BENCH_BLOCK").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    let options = EncodeOptions {
+        codebook: &codebook,
+        block_size,
+        normalization: Normalization::Absmax,
+        scale_dtype: ScaleDType::BFloat16,
+    };
+    for (label, n) in [("1M", 1usize << 20), ("4096x11008", 4096 * 11008)] {
+        let input = weights(n);
+        let layout = BlockLayout::new(n, block_size).unwrap();
+        let mut codes = vec![0u8; layout.code_bytes()];
+        let mut scales = vec![0f32; layout.num_blocks()];
+        let mut out = vec![Bf16::default(); n];
+        let mut group = c.benchmark_group(format!("nf4-b64-bf16-{label}"));
+        group.throughput(Throughput::Elements(n as u64));
+        group.sample_size(if n > 1 << 22 { 10 } else { 30 });
+        for isa in Isa::supported() {
+            group.bench_function(BenchmarkId::new("pack", isa.name()), |b| {
+                b.iter(|| {
+                    pack_with_isa(isa, black_box(&input), &options, &mut codes, &mut scales)
+                        .unwrap()
+                })
+            });
+            group.bench_function(BenchmarkId::new("unpack", isa.name()), |b| {
+                b.iter(|| {
+                    unpack_with_isa(isa, black_box(&codes), &scales, &codebook, block_size, &mut out)
+                        .unwrap()
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

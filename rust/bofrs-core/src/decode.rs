@@ -147,20 +147,15 @@ mod x86 {
         let hi = _mm256_mul_ps(_mm256_loadu_ps(levels.as_ptr().add(8)), vscale);
         let shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
         let nibble = _mm256_set1_epi32(15);
-        let lookup = |idx: __m256i| {
-            let idx = _mm256_and_si256(_mm256_srlv_epi32(idx, shifts), nibble);
-            let from_lo = _mm256_permutevar8x32_ps(lo, idx);
-            let from_hi = _mm256_permutevar8x32_ps(hi, idx);
-            _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-        };
         let full = (out.len() / 16).min(codes.len() / 8);
         let kind = TypeId::of::<O>();
         for g in 0..full {
             let raw = (codes.as_ptr().add(g * 8) as *const u64).read_unaligned();
             let bytes = _mm_cvtsi64_si128(raw as i64);
             let doubled = _mm_unpacklo_epi8(bytes, bytes);
-            let first = lookup(_mm256_cvtepu8_epi32(doubled));
-            let second = lookup(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(doubled, doubled)));
+            let first = lookup(_mm256_cvtepu8_epi32(doubled), shifts, nibble, lo, hi);
+            let upper = _mm_unpackhi_epi64(doubled, doubled);
+            let second = lookup(_mm256_cvtepu8_epi32(upper), shifts, nibble, lo, hi);
             let dst = out.as_mut_ptr().add(g * 16);
             if kind == TypeId::of::<f32>() {
                 _mm256_storeu_ps(dst as *mut f32, first);
@@ -178,6 +173,16 @@ mod x86 {
             }
         }
         decode_block_portable(&codes[full * 8..], scale, levels, &mut out[full * 16..]);
+    }
+
+    /// 8 scaled levels for 8 doubled code bytes: shift out the nibble, look it up in the two
+    /// 8-entry halves, blend on bit 3.
+    #[inline(always)]
+    unsafe fn lookup(idx: __m256i, shifts: __m256i, nibble: __m256i, lo: __m256, hi: __m256) -> __m256 {
+        let idx = _mm256_and_si256(_mm256_srlv_epi32(idx, shifts), nibble);
+        let from_lo = _mm256_permutevar8x32_ps(lo, idx);
+        let from_hi = _mm256_permutevar8x32_ps(hi, idx);
+        _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
     }
 
     /// f32 -> bf16 bits (nearest even) in the low half of each 32-bit lane; inputs are finite.

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::layout::BlockLayout;
 use crate::pool::{blocks_per_task, pool};
-use crate::scale::{stored_block_scale, ScaleDType};
+use crate::scale::{max_abs_bits, stored_block_scale, stored_block_scale_from_max, ScaleDType};
 use rayon::prelude::*;
 
 /// What to encode with.
@@ -100,7 +100,9 @@ unsafe fn pack_task<E: Element>(
     first_block: usize,
 ) -> Result<()> {
     match isa {
-        Isa::Portable => pack_blocks(input, options, codes, scales, first_block),
+        Isa::Portable => {
+            pack_blocks(input, options, codes, scales, first_block, max_abs_bits, encode_block)
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => pack_blocks_avx2(input, options, codes, scales, first_block),
         #[cfg(target_arch = "x86_64")]
@@ -119,7 +121,15 @@ unsafe fn pack_blocks_avx2<E: Element>(
     scales: &mut [f32],
     first_block: usize,
 ) -> Result<()> {
-    pack_blocks(input, options, codes, scales, first_block)
+    pack_blocks(
+        input,
+        options,
+        codes,
+        scales,
+        first_block,
+        |x| unsafe { x86::max_abs_bits_avx2(x) },
+        |x, s, c, o| unsafe { x86::encode_block_avx2(x, s, c, o) },
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -131,7 +141,15 @@ unsafe fn pack_blocks_avx512<E: Element>(
     scales: &mut [f32],
     first_block: usize,
 ) -> Result<()> {
-    pack_blocks(input, options, codes, scales, first_block)
+    pack_blocks(
+        input,
+        options,
+        codes,
+        scales,
+        first_block,
+        |x| unsafe { x86::max_abs_bits_avx2(x) },
+        |x, s, c, o| unsafe { x86::encode_block_avx2(x, s, c, o) },
+    )
 }
 
 /// The portable body every variant compiles: blocks of one task.
@@ -142,31 +160,44 @@ fn pack_blocks<E: Element>(
     codes: &mut [u8],
     scales: &mut [f32],
     first_block: usize,
+    max_abs: impl Fn(&[E]) -> u32,
+    encode: impl Fn(&[E], f32, &Codebook, &mut [u8]),
 ) -> Result<()> {
     let bs = options.block_size;
     for (b, ((block, out), scale)) in
         input.chunks(bs).zip(codes.chunks_mut(bs / 2)).zip(scales.iter_mut()).enumerate()
     {
         let index = first_block + b;
-        *scale =
-            stored_block_scale(block, options.normalization, options.scale_dtype, index * bs, index)?;
-        encode_block(block, *scale, options.codebook, out);
+        *scale = stored_block_scale_from_max(
+            block,
+            max_abs(block),
+            options.normalization,
+            options.scale_dtype,
+            index * bs,
+            index,
+        )?;
+        encode(block, *scale, options.codebook, out);
     }
     Ok(())
+}
+
+/// Fills the codes of a block whose stored scale is 0: every value encodes as 0.
+#[inline(always)]
+fn encode_zero_block(len: usize, codebook: &Codebook, out: &mut [u8]) {
+    let zero = codebook.encode_one(0.0);
+    out.fill((zero << 4) | zero);
+    if len % 2 == 1 {
+        if let Some(last) = out.last_mut() {
+            *last = zero << 4;
+        }
+    }
 }
 
 /// Encodes one block against its stored scale into `out` (`block.len().div_ceil(2)` bytes).
 #[inline(always)]
 fn encode_block<E: Element>(block: &[E], scale: f32, codebook: &Codebook, out: &mut [u8]) {
     if scale == 0.0 {
-        let zero = codebook.encode_one(0.0);
-        out.fill((zero << 4) | zero);
-        if block.len() % 2 == 1 {
-            if let Some(last) = out.last_mut() {
-                *last = zero << 4;
-            }
-        }
-        return;
+        return encode_zero_block(block.len(), codebook, out);
     }
     let thresholds = codebook.thresholds();
     let mut values = block.chunks_exact(STEP);
@@ -186,12 +217,155 @@ fn encode_block<E: Element>(block: &[E], scale: f32, codebook: &Codebook, out: &
             *byte = ((pair[0] << 4) | pair[1]) as u8;
         }
     }
-    // Tail of a partial last block (any length, possibly odd).
-    let tail = values.remainder();
-    for (byte, pair) in bytes.into_remainder().iter_mut().zip(tail.chunks(2)) {
+    encode_tail(values.remainder(), scale, codebook, bytes.into_remainder());
+}
+
+/// Scalar encoding of the values after the last full step (any count, possibly odd).
+#[inline(always)]
+fn encode_tail<E: Element>(values: &[E], scale: f32, codebook: &Codebook, out: &mut [u8]) {
+    for (byte, pair) in out.iter_mut().zip(values.chunks(2)) {
         let hi = codebook.encode_one(pair[0].to_f32() / scale);
         let lo = pair.get(1).map_or(0, |v| codebook.encode_one(v.to_f32() / scale));
         *byte = (hi << 4) | lo;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{encode_tail, encode_zero_block, STEP};
+    use crate::codebook::Codebook;
+    use crate::element::{Bf16, Element, F16};
+    use std::any::TypeId;
+    use std::arch::x86_64::*;
+
+    /// Loads 8 values as f32 (exact widening).
+    #[inline(always)]
+    unsafe fn load8<E: Element>(p: *const E) -> __m256 {
+        let kind = TypeId::of::<E>();
+        if kind == TypeId::of::<f32>() {
+            _mm256_loadu_ps(p as *const f32)
+        } else if kind == TypeId::of::<Bf16>() {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        } else if kind == TypeId::of::<F16>() {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        } else {
+            let mut tmp = [0f32; 8];
+            for (i, t) in tmp.iter_mut().enumerate() {
+                *t = (*p.add(i)).to_f32();
+            }
+            _mm256_loadu_ps(tmp.as_ptr())
+        }
+    }
+
+    /// Largest `abs_bits` of a block: 16-bit types 16 at a time, f32 8 at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn max_abs_bits_avx2<E: Element>(block: &[E]) -> u32 {
+        let kind = TypeId::of::<E>();
+        let half = kind == TypeId::of::<Bf16>() || kind == TypeId::of::<F16>();
+        if !(half || kind == TypeId::of::<f32>()) {
+            return super::max_abs_bits(block);
+        }
+        let lanes = if half { 16 } else { 8 };
+        let full = block.len() / lanes;
+        let p = block.as_ptr() as *const __m256i;
+        let mut acc = _mm256_setzero_si256();
+        if half {
+            let mask = _mm256_set1_epi16(0x7fff);
+            for i in 0..full {
+                acc = _mm256_max_epu16(acc, _mm256_and_si256(_mm256_loadu_si256(p.add(i)), mask));
+            }
+            // Widen the 16 u16 maxima to 32-bit lanes (zero-extended), then reduce as u32.
+            let lo = _mm256_unpacklo_epi16(acc, _mm256_setzero_si256());
+            let hi = _mm256_unpackhi_epi16(acc, _mm256_setzero_si256());
+            acc = _mm256_max_epu32(lo, hi);
+        } else {
+            let mask = _mm256_set1_epi32(0x7fff_ffff);
+            for i in 0..full {
+                acc = _mm256_max_epu32(acc, _mm256_and_si256(_mm256_loadu_si256(p.add(i)), mask));
+            }
+        }
+        let quad = _mm_max_epu32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256::<1>(acc));
+        let pair = _mm_max_epu32(quad, _mm_shuffle_epi32::<0b01_00_11_10>(quad));
+        let one = _mm_max_epu32(pair, _mm_shuffle_epi32::<0b10_11_00_01>(pair));
+        let vector_max = _mm_cvtsi128_si32(one) as u32;
+        vector_max.max(super::max_abs_bits(&block[full * lanes..]))
+    }
+
+    /// The 15 thresholds arranged for a 4-step branch-free binary search: code bits are decided
+    /// from the most significant down, each step comparing against the threshold that splits the
+    /// remaining range. `#{k : y > t_k}` is the partition point of a monotone predicate, so the
+    /// search gives exactly the count the portable kernel computes.
+    struct SearchTables {
+        mid: __m256,   // t7
+        quarter: __m256, // [t3, t11] by bit 3
+        eighth: __m256,  // [t1, t5, t9, t13] by bits 3..2
+        last: __m256,    // [t0, t2, ..., t14] by bits 3..1
+    }
+
+    #[inline(always)]
+    unsafe fn search_tables(codebook: &Codebook) -> SearchTables {
+        let t = codebook.thresholds();
+        SearchTables {
+            mid: _mm256_set1_ps(t[7]),
+            quarter: _mm256_setr_ps(t[3], t[11], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+            eighth: _mm256_setr_ps(t[1], t[5], t[9], t[13], 0.0, 0.0, 0.0, 0.0),
+            last: _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14]),
+        }
+    }
+
+    /// 1 where `y > t`, else 0, per 32-bit lane.
+    #[inline(always)]
+    unsafe fn above(y: __m256, t: __m256) -> __m256i {
+        _mm256_srli_epi32::<31>(_mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(y, t)))
+    }
+
+    /// Codes of 8 normalized values, as 32-bit lanes.
+    #[inline(always)]
+    unsafe fn search(y: __m256, tables: &SearchTables) -> __m256i {
+        let b3 = above(y, tables.mid); // 0 or 1
+        let b2 = above(y, _mm256_permutevar8x32_ps(tables.quarter, b3));
+        let c2 = _mm256_add_epi32(_mm256_add_epi32(b3, b3), b2); // bits 3..2
+        let b1 = above(y, _mm256_permutevar8x32_ps(tables.eighth, c2));
+        let c1 = _mm256_add_epi32(_mm256_add_epi32(c2, c2), b1); // bits 3..1
+        let b0 = above(y, _mm256_permutevar8x32_ps(tables.last, c1));
+        _mm256_add_epi32(_mm256_add_epi32(c1, c1), b0)
+    }
+
+    /// AVX2 encoder of one block: 32 values per step, packed to 16 bytes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn encode_block_avx2<E: Element>(
+        block: &[E],
+        scale: f32,
+        codebook: &Codebook,
+        out: &mut [u8],
+    ) {
+        if scale == 0.0 {
+            return encode_zero_block(block.len(), codebook, out);
+        }
+        let tables = search_tables(codebook);
+        let vscale = _mm256_set1_ps(scale);
+        // Restores value order after the in-lane packs: 4-byte groups [0,4,1,5,2,6,3,7].
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let nibble_pairs = _mm256_set1_epi16(0x0110); // first byte * 16 + second byte
+        let steps = block.len() / STEP;
+        for s in 0..steps {
+            let p = block.as_ptr().add(s * STEP);
+            let c0 = search(_mm256_div_ps(load8(p), vscale), &tables);
+            let c1 = search(_mm256_div_ps(load8(p.add(8)), vscale), &tables);
+            let c2 = search(_mm256_div_ps(load8(p.add(16)), vscale), &tables);
+            let c3 = search(_mm256_div_ps(load8(p.add(24)), vscale), &tables);
+            let ab = _mm256_packs_epi32(c0, c1);
+            let cd = _mm256_packs_epi32(c2, c3);
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
+            let pairs = _mm256_maddubs_epi16(bytes, nibble_pairs);
+            let packed = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0b10_00);
+            _mm_storeu_si128(
+                out.as_mut_ptr().add(s * STEP / 2) as *mut __m128i,
+                _mm256_castsi256_si128(packed),
+            );
+        }
+        encode_tail(&block[steps * STEP..], scale, codebook, &mut out[steps * STEP / 2..]);
     }
 }
 

@@ -13,6 +13,7 @@
 //! its low nibble; an odd total leaves the last low nibble zero.
 
 pub mod af4;
+pub mod buffer;
 pub mod gauss;
 pub mod checksum;
 pub mod codebook;

@@ -57,16 +57,23 @@ impl ScaleDType {
     }
 }
 
-/// The raw scale of one block, or the in-block index of its first non-finite value.
+/// The largest `abs_bits` of a block (portable; the encoder has vector versions).
+#[inline(always)]
+pub fn max_abs_bits<E: Element>(block: &[E]) -> u32 {
+    block.iter().fold(0u32, |m, v| m.max(v.abs_bits()))
+}
+
+/// The raw scale of one block given its [`max_abs_bits`], or the in-block index of its first
+/// non-finite value.
 ///
 /// Absmax: the largest magnitude. Signed absmax: the signed value of the *first* element
 /// reaching the largest magnitude.
 #[inline(always)]
-pub fn raw_block_scale<E: Element>(
+pub fn raw_block_scale_from_max<E: Element>(
     block: &[E],
+    max_bits: u32,
     normalization: Normalization,
 ) -> std::result::Result<f32, usize> {
-    let max_bits = block.iter().fold(0u32, |m, v| m.max(v.abs_bits()));
     if max_bits >= E::NON_FINITE_ABS_BITS {
         let bad = block.iter().position(|v| v.abs_bits() >= E::NON_FINITE_ABS_BITS);
         return Err(bad.unwrap_or(0));
@@ -80,8 +87,36 @@ pub fn raw_block_scale<E: Element>(
     })
 }
 
-/// Raw scale rounded to storage; errors carry absolute positions (`first_index` is the flat
-/// index of the block's first value, `block_index` its number).
+/// [`raw_block_scale_from_max`] with the portable maximum.
+#[inline(always)]
+pub fn raw_block_scale<E: Element>(
+    block: &[E],
+    normalization: Normalization,
+) -> std::result::Result<f32, usize> {
+    raw_block_scale_from_max(block, max_abs_bits(block), normalization)
+}
+
+/// The stored scale of a block given its [`max_abs_bits`]; errors carry absolute positions
+/// (`first_index` is the flat index of the block's first value, `block_index` its number).
+#[inline(always)]
+pub fn stored_block_scale_from_max<E: Element>(
+    block: &[E],
+    max_bits: u32,
+    normalization: Normalization,
+    dtype: ScaleDType,
+    first_index: usize,
+    block_index: usize,
+) -> Result<f32> {
+    let raw = raw_block_scale_from_max(block, max_bits, normalization)
+        .map_err(|i| Error::NonFinite { index: first_index + i })?;
+    dtype.round(raw).ok_or(Error::ScaleOverflow {
+        block: block_index,
+        value: raw,
+        dtype: dtype.name(),
+    })
+}
+
+/// [`stored_block_scale_from_max`] with the portable maximum.
 #[inline(always)]
 pub fn stored_block_scale<E: Element>(
     block: &[E],
@@ -90,13 +125,7 @@ pub fn stored_block_scale<E: Element>(
     first_index: usize,
     block_index: usize,
 ) -> Result<f32> {
-    let raw = raw_block_scale(block, normalization)
-        .map_err(|i| Error::NonFinite { index: first_index + i })?;
-    dtype.round(raw).ok_or(Error::ScaleOverflow {
-        block: block_index,
-        value: raw,
-        dtype: dtype.name(),
-    })
+    stored_block_scale_from_max(block, max_abs_bits(block), normalization, dtype, first_index, block_index)
 }
 
 #[cfg(test)]

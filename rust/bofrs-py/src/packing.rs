@@ -2,6 +2,7 @@
 
 use crate::detach::run;
 use crate::runtime::parse_isa;
+use bofrs_core::buffer::zeroed_vec;
 use bofrs_core::decode::{unpack_with_isa, Output};
 use bofrs_core::encode::{pack_with_isa, EncodeOptions};
 use bofrs_core::{Bf16, BlockLayout, Codebook, Element, Normalization, ScaleDType, F16};
@@ -40,7 +41,7 @@ fn pack_slice<'py, E: Element>(
 ) -> PyResult<Packed<'py>> {
     let layout = BlockLayout::new(data.len(), options.block_size).map_err(crate::errors::to_py)?;
     let (codes, scales) = run(py, || {
-        let mut codes = vec![0u8; layout.code_bytes()];
+        let mut codes = zeroed_vec::<u8>(layout.code_bytes());
         let mut scales = vec![0f32; layout.num_blocks()];
         pack_with_isa(isa, data, &options, &mut codes, &mut scales)?;
         Ok((codes, scales))
@@ -126,12 +127,12 @@ fn unpack<'py>(
     let (c, s) = (contiguous(&codes, "codes")?, contiguous(&scales, "scales")?);
     match out_dtype {
         "float32" => {
-            let mut out = vec![0f32; numel];
+            let mut out = zeroed_vec::<f32>(numel);
             unpack_into(py, c, s, &codebook, block_size, &mut out, isa)?;
             Ok(out.into_pyarray(py).into_any())
         }
         "bfloat16" | "float16" => {
-            let mut out = vec![0u16; numel];
+            let mut out = zeroed_vec::<u16>(numel);
             if out_dtype == "bfloat16" {
                 unpack_into(py, c, s, &codebook, block_size, as_halfs_mut::<Bf16>(&mut out), isa)?;
             } else {

@@ -1,0 +1,29 @@
+"""``python -m bofrs`` / ``bofrs``: command line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bofrs", description="4-bit weight quantization")
+    commands = parser.add_subparsers(dest="command")
+    demo = commands.add_parser("demo", help="quantize the embedded example with every format")
+    demo.add_argument("--block-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    if args.command in (None, "demo"):
+        from ._demo import run
+
+        try:
+            print(run(getattr(args, "block_size", 64)))
+        except (TypeError, ValueError) as err:
+            print(f"bofrs: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Type stubs of the native extension (checked by ``python -m mypy.stubtest bofrs._native``)."""
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+def pack(
+    data: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    element: str,
+    levels: npt.NDArray[np.float32],
+    block_size: int,
+    normalization: str,
+    scale_dtype: str,
+    isa: str | None = None,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
+def unpack(
+    codes: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    levels: npt.NDArray[np.float32],
+    block_size: int,
+    numel: int,
+    out_dtype: str,
+    isa: str | None = None,
+) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]: ...
+def builtin_levels(name: str, block_size: int = 64) -> npt.NDArray[np.float32]: ...
+def num_threads() -> int: ...
+def supported_isas() -> list[str]: ...
+def crc32(data: npt.NDArray[np.uint8]) -> int: ...
