@@ -169,24 +169,28 @@ def test_flipped_data_byte_fails_the_checksum(saved: Path, key: str, where: int)
         bofrs.load_file(saved)
 
 
+def _locate(manifest: Manifest, path: str) -> tuple[Any, Any]:
+    """The container of ``entry/field/...`` (list indices as numbers) and the last key."""
+    node: Any = manifest
+    *parents, last = path.split("/")
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node, int(last) if isinstance(node, list) else last
+
+
 def _set(path: str, value: Any) -> Callable[[Manifest], None]:
     """A manifest edit that sets ``entry/field/...`` to ``value``."""
     def edit(manifest: Manifest) -> None:
-        *parents, last = path.split("/")
-        node = manifest
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        node, key = _locate(manifest, path)
+        node[key] = value
     return edit
 
 
 def _delete(path: str) -> Callable[[Manifest], None]:
+    """A manifest edit that removes ``entry/field/...``."""
     def edit(manifest: Manifest) -> None:
-        *parents, last = path.split("/")
-        node = manifest
-        for part in parents:
-            node = node[part]
-        del node[last]
+        node, key = _locate(manifest, path)
+        del node[key]
     return edit
 
 

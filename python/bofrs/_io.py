@@ -130,8 +130,11 @@ def load_file(path: PathLike, device: str | torch.device = "cpu") -> dict[str, P
 
 def read_metadata(path: PathLike) -> dict[str, str]:
     """The user metadata of a bofrs file (without the reserved ``bofrs.`` keys)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
     try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
+        with safe_open(path, framework="pt") as handle:
             header = handle.metadata() or {}
     except Exception as err:
         raise FormatError(f"{path}: not a readable safetensors file: {err}") from err

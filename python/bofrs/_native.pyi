@@ -3,6 +3,8 @@
 import numpy as np
 import numpy.typing as npt
 
+__all__ = ["__version__", "pack", "unpack", "builtin_levels", "num_threads", "supported_isas", "crc32"]
+
 __version__: str
 
 def pack(

@@ -57,12 +57,7 @@ pub fn unpack_with_isa<O: Output>(
     block_size: usize,
     out: &mut [O],
 ) -> Result<()> {
-    if !isa.is_supported() {
-        return Err(Error::InvalidArgument {
-            name: "isa",
-            message: format!("{} is not supported by this CPU", isa.name()),
-        });
-    }
+    isa.ensure_supported()?;
     let layout = BlockLayout::new(out.len(), block_size)?;
     layout.check_buffers(codes.len(), scales.len())?;
     if let Some(b) = scales.iter().position(|s| !s.is_finite()) {

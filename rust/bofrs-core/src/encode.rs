@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::layout::BlockLayout;
 use crate::pool::{blocks_per_task, pool};
-use crate::scale::{max_abs_bits, stored_block_scale, stored_block_scale_from_max, ScaleDType};
+use crate::scale::{stored_block_scale, ScaleDType};
 use rayon::prelude::*;
 
 /// What to encode with.
@@ -44,12 +44,7 @@ pub fn pack_with_isa<E: Element>(
     codes: &mut [u8],
     scales: &mut [f32],
 ) -> Result<()> {
-    if !isa.is_supported() {
-        return Err(Error::InvalidArgument {
-            name: "isa",
-            message: format!("{} is not supported by this CPU", isa.name()),
-        });
-    }
+    isa.ensure_supported()?;
     let layout = BlockLayout::new(input.len(), options.block_size)?;
     layout.check_buffers(codes.len(), scales.len())?;
     let bpt = blocks_per_task(options.block_size);
@@ -100,59 +95,16 @@ unsafe fn pack_task<E: Element>(
     first_block: usize,
 ) -> Result<()> {
     match isa {
-        Isa::Portable => {
-            pack_blocks(input, options, codes, scales, first_block, max_abs_bits, encode_block)
-        }
+        Isa::Portable => pack_blocks(input, options, codes, scales, first_block),
+        // AVX-512 CPUs run the AVX2 kernels (no AVX-512-specific encoder yet).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => pack_blocks_avx2(input, options, codes, scales, first_block),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => pack_blocks_avx512(input, options, codes, scales, first_block),
+        Isa::Avx2 | Isa::Avx512 => x86::pack_blocks_avx2(input, options, codes, scales, first_block),
         #[cfg(not(target_arch = "x86_64"))]
         _ => pack_blocks(input, options, codes, scales, first_block),
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pack_blocks_avx2<E: Element>(
-    input: &[E],
-    options: &EncodeOptions<'_>,
-    codes: &mut [u8],
-    scales: &mut [f32],
-    first_block: usize,
-) -> Result<()> {
-    pack_blocks(
-        input,
-        options,
-        codes,
-        scales,
-        first_block,
-        |x| unsafe { x86::max_abs_bits_avx2(x) },
-        |x, s, c, o| unsafe { x86::encode_block_avx2(x, s, c, o) },
-    )
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn pack_blocks_avx512<E: Element>(
-    input: &[E],
-    options: &EncodeOptions<'_>,
-    codes: &mut [u8],
-    scales: &mut [f32],
-    first_block: usize,
-) -> Result<()> {
-    pack_blocks(
-        input,
-        options,
-        codes,
-        scales,
-        first_block,
-        |x| unsafe { x86::max_abs_bits_avx2(x) },
-        |x, s, c, o| unsafe { x86::encode_block_avx2(x, s, c, o) },
-    )
-}
-
-/// The portable body every variant compiles: blocks of one task.
+/// The portable body: scales of all blocks of one task, then their codes.
 #[inline(always)]
 fn pack_blocks<E: Element>(
     input: &[E],
@@ -160,23 +112,14 @@ fn pack_blocks<E: Element>(
     codes: &mut [u8],
     scales: &mut [f32],
     first_block: usize,
-    max_abs: impl Fn(&[E]) -> u32,
-    encode: impl Fn(&[E], f32, &Codebook, &mut [u8]),
 ) -> Result<()> {
     let bs = options.block_size;
-    for (b, ((block, out), scale)) in
-        input.chunks(bs).zip(codes.chunks_mut(bs / 2)).zip(scales.iter_mut()).enumerate()
-    {
+    for (b, (block, scale)) in input.chunks(bs).zip(scales.iter_mut()).enumerate() {
         let index = first_block + b;
-        *scale = stored_block_scale_from_max(
-            block,
-            max_abs(block),
-            options.normalization,
-            options.scale_dtype,
-            index * bs,
-            index,
-        )?;
-        encode(block, *scale, options.codebook, out);
+        *scale = stored_block_scale(block, options.normalization, options.scale_dtype, index * bs, index)?;
+    }
+    for ((block, out), &scale) in input.chunks(bs).zip(codes.chunks_mut(bs / 2)).zip(scales.iter()) {
+        encode_block(block, scale, options.codebook, out);
     }
     Ok(())
 }
@@ -232,7 +175,9 @@ fn encode_tail<E: Element>(values: &[E], scale: f32, codebook: &Codebook, out: &
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{encode_tail, encode_zero_block, STEP};
+    use super::{encode_tail, encode_zero_block, EncodeOptions, STEP};
+    use crate::scale::stored_block_scale_from_max;
+    use crate::error::Result;
     use crate::codebook::Codebook;
     use crate::element::{Bf16, Element, F16};
     use std::any::TypeId;
@@ -259,12 +204,12 @@ mod x86 {
     }
 
     /// Largest `abs_bits` of a block: 16-bit types 16 at a time, f32 8 at a time.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn max_abs_bits_avx2<E: Element>(block: &[E]) -> u32 {
+    #[inline(always)]
+    unsafe fn max_abs_bits_avx2<E: Element>(block: &[E]) -> u32 {
         let kind = TypeId::of::<E>();
         let half = kind == TypeId::of::<Bf16>() || kind == TypeId::of::<F16>();
         if !(half || kind == TypeId::of::<f32>()) {
-            return super::max_abs_bits(block);
+            return crate::scale::max_abs_bits(block);
         }
         let lanes = if half { 16 } else { 8 };
         let full = block.len() / lanes;
@@ -289,7 +234,7 @@ mod x86 {
         let pair = _mm_max_epu32(quad, _mm_shuffle_epi32::<0b01_00_11_10>(quad));
         let one = _mm_max_epu32(pair, _mm_shuffle_epi32::<0b10_11_00_01>(pair));
         let vector_max = _mm_cvtsi128_si32(one) as u32;
-        vector_max.max(super::max_abs_bits(&block[full * lanes..]))
+        vector_max.max(crate::scale::max_abs_bits(&block[full * lanes..]))
     }
 
     /// The 15 thresholds arranged for a 4-step branch-free binary search: code bits are decided
@@ -298,7 +243,8 @@ mod x86 {
     /// search gives exactly the count the portable kernel computes.
     struct SearchTables {
         mid: __m256,   // t7
-        quarter: __m256, // [t3, t11] by bit 3
+        q_lo: __m256, // t3
+        q_hi: __m256, // t11
         eighth: __m256,  // [t1, t5, t9, t13] by bits 3..2
         last: __m256,    // [t0, t2, ..., t14] by bits 3..1
     }
@@ -308,7 +254,8 @@ mod x86 {
         let t = codebook.thresholds();
         SearchTables {
             mid: _mm256_set1_ps(t[7]),
-            quarter: _mm256_setr_ps(t[3], t[11], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+            q_lo: _mm256_set1_ps(t[3]),
+            q_hi: _mm256_set1_ps(t[11]),
             eighth: _mm256_setr_ps(t[1], t[5], t[9], t[13], 0.0, 0.0, 0.0, 0.0),
             last: _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14]),
         }
@@ -324,7 +271,7 @@ mod x86 {
     #[inline(always)]
     unsafe fn search(y: __m256, tables: &SearchTables) -> __m256i {
         let b3 = above(y, tables.mid); // 0 or 1
-        let b2 = above(y, _mm256_permutevar8x32_ps(tables.quarter, b3));
+        let b2 = above(y, _mm256_blendv_ps(tables.q_lo, tables.q_hi, _mm256_castsi256_ps(_mm256_slli_epi32::<31>(b3))));
         let c2 = _mm256_add_epi32(_mm256_add_epi32(b3, b3), b2); // bits 3..2
         let b1 = above(y, _mm256_permutevar8x32_ps(tables.eighth, c2));
         let c1 = _mm256_add_epi32(_mm256_add_epi32(c2, c2), b1); // bits 3..1
@@ -332,18 +279,46 @@ mod x86 {
         _mm256_add_epi32(_mm256_add_epi32(c1, c1), b0)
     }
 
-    /// AVX2 encoder of one block: 32 values per step, packed to 16 bytes.
+    /// The blocks of one task: all scales, then all codes.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn encode_block_avx2<E: Element>(
+    pub unsafe fn pack_blocks_avx2<E: Element>(
+        input: &[E],
+        options: &EncodeOptions<'_>,
+        codes: &mut [u8],
+        scales: &mut [f32],
+        first_block: usize,
+    ) -> Result<()> {
+        let bs = options.block_size;
+        for (b, (block, scale)) in input.chunks(bs).zip(scales.iter_mut()).enumerate() {
+            let index = first_block + b;
+            *scale = stored_block_scale_from_max(
+                block,
+                max_abs_bits_avx2(block),
+                options.normalization,
+                options.scale_dtype,
+                index * bs,
+                index,
+            )?;
+        }
+        let tables = search_tables(options.codebook);
+        for ((block, out), &scale) in input.chunks(bs).zip(codes.chunks_mut(bs / 2)).zip(scales.iter()) {
+            encode_block_avx2(block, scale, options.codebook, &tables, out);
+        }
+        Ok(())
+    }
+
+    /// AVX2 encoder of one block: 32 values per step, packed to 16 bytes.
+    #[inline(always)]
+    unsafe fn encode_block_avx2<E: Element>(
         block: &[E],
         scale: f32,
         codebook: &Codebook,
+        tables: &SearchTables,
         out: &mut [u8],
     ) {
         if scale == 0.0 {
             return encode_zero_block(block.len(), codebook, out);
         }
-        let tables = search_tables(codebook);
         let vscale = _mm256_set1_ps(scale);
         // Restores value order after the in-lane packs: 4-byte groups [0,4,1,5,2,6,3,7].
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -351,10 +326,10 @@ mod x86 {
         let steps = block.len() / STEP;
         for s in 0..steps {
             let p = block.as_ptr().add(s * STEP);
-            let c0 = search(_mm256_div_ps(load8(p), vscale), &tables);
-            let c1 = search(_mm256_div_ps(load8(p.add(8)), vscale), &tables);
-            let c2 = search(_mm256_div_ps(load8(p.add(16)), vscale), &tables);
-            let c3 = search(_mm256_div_ps(load8(p.add(24)), vscale), &tables);
+            let c0 = search(_mm256_div_ps(load8(p), vscale), tables);
+            let c1 = search(_mm256_div_ps(load8(p.add(8)), vscale), tables);
+            let c2 = search(_mm256_div_ps(load8(p.add(16)), vscale), tables);
+            let c3 = search(_mm256_div_ps(load8(p.add(24)), vscale), tables);
             let ab = _mm256_packs_epi32(c0, c1);
             let cd = _mm256_packs_epi32(c2, c3);
             let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);

@@ -46,6 +46,18 @@ impl Isa {
         }
     }
 
+    /// An error naming the variant when this CPU cannot run it.
+    pub fn ensure_supported(self) -> crate::Result<()> {
+        if self.is_supported() {
+            Ok(())
+        } else {
+            Err(crate::Error::InvalidArgument {
+                name: "isa",
+                message: format!("{} is not supported by this CPU", self.name()),
+            })
+        }
+    }
+
     /// Every variant this CPU supports, portable first, best last.
     pub fn supported() -> Vec<Isa> {
         [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.is_supported()).collect()
