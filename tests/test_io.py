@@ -41,11 +41,19 @@ def edit_header(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     write_layout(path, header, data)
 
 
-def edit_manifest(path: Path, edit: Callable[[Manifest], None]) -> None:
+def set_manifest(header: dict[str, Any], manifest: Manifest, fix_crc: bool = True) -> None:
+    """Stores ``manifest``; with ``fix_crc`` also its checksum (a careful tamperer)."""
+    text = json.dumps(manifest)
+    header["__metadata__"]["bofrs.manifest"] = text
+    if fix_crc:
+        header["__metadata__"]["bofrs.manifest_crc32"] = str(zlib.crc32(text.encode()))
+
+
+def edit_manifest(path: Path, edit: Callable[[Manifest], None], fix_crc: bool = True) -> None:
     def on_header(header: dict[str, Any]) -> None:
         manifest = json.loads(header["__metadata__"]["bofrs.manifest"])
         edit(manifest)
-        header["__metadata__"]["bofrs.manifest"] = json.dumps(manifest)
+        set_manifest(header, manifest, fix_crc)
 
     edit_header(path, on_header)
 
@@ -62,7 +70,7 @@ def rewrite_entry(path: Path, key: str, change: Callable[[bytearray], None], fix
         manifest = json.loads(header["__metadata__"]["bofrs.manifest"])
         name = key.rsplit(".", 1)[0] if key.endswith((".codes", ".scales")) else key
         manifest[name]["crc32"][key] = zlib.crc32(bytes(piece))
-        header["__metadata__"]["bofrs.manifest"] = json.dumps(manifest)
+        set_manifest(header, manifest)
     write_layout(path, header, bytes(buffer))
 
 
@@ -348,3 +356,15 @@ def test_invalid_tensors_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="twice"):
         bofrs.save_file({"w": packed, "w.codes": torch.ones(1)}, path)
     assert not path.exists()
+
+
+def test_manifest_edit_without_its_checksum_raises(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    bofrs.save_file({"w": bofrs.pack(weights((33, 64), torch.float32), "nf4", 64)}, path)
+
+    def transpose(manifest: Manifest) -> None:
+        manifest["w"]["shape"] = [64, 33]  # same element count: only the manifest CRC sees it
+
+    edit_manifest(path, transpose, fix_crc=False)
+    with pytest.raises(bofrs.FormatError, match="manifest checksum"):
+        bofrs.load_file(path)

@@ -26,6 +26,13 @@ def signed(name: str = "nf4") -> bofrs.Codebook:
     return bofrs.Codebook(f"signed_{name}", bofrs.codebook(name).levels, "signed_absmax")
 
 
+def book_named(name: str, block_size: int) -> bofrs.Codebook:
+    """``"signed_<builtin>"`` or a built-in name."""
+    if name.startswith("signed_"):
+        return signed(name.removeprefix("signed_"))
+    return bofrs.codebook(name, block_size)
+
+
 # --- every codebook, block size, input dtype and scale dtype --------------------------------
 
 
@@ -130,9 +137,10 @@ def test_float64_inputs_round_to_float32_first() -> None:
 # --- adversarial values -----------------------------------------------------------------------
 
 
-def _threshold_block(book: bofrs.Codebook, scale: float, sign: float) -> tuple[np.ndarray, np.ndarray]:
-    """A 64-value block with first value ``sign * scale`` (its largest magnitude) and values
-    that normalize exactly to each threshold; also returns those thresholds."""
+def _threshold_block(book: bofrs.Codebook, scale: float, sign: float) -> np.ndarray:
+    """A 64-value block with first value ``sign * scale`` (its largest magnitude, so the block
+    scale), values 1..15 that normalize exactly to the thresholds t_0..t_14, and their float32
+    neighbours above (16..30) and below (31..45)."""
     t = reference.thresholds(book.levels)
     block = np.zeros(64, dtype=F32)
     block[0] = sign * scale
@@ -140,7 +148,7 @@ def _threshold_block(book: bofrs.Codebook, scale: float, sign: float) -> tuple[n
     block[16:31] = np.nextafter(block[1:16], F32(np.inf))
     block[31:46] = np.nextafter(block[1:16], F32(-np.inf))
     assert np.array_equal(block[1:16] / block[0], t), "construction: y == t_k exactly"
-    return block, t
+    return block
 
 
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
@@ -149,9 +157,9 @@ def _threshold_block(book: bofrs.Codebook, scale: float, sign: float) -> tuple[n
 def test_values_on_thresholds_take_the_lower_level(
     isa: str, codebook: str, scale: float, scale_dtype: str
 ) -> None:
-    book = signed(codebook.removeprefix("signed_")) if codebook.startswith("signed") else bofrs.codebook(codebook, 64)
+    book = book_named(codebook, 64)
     sign = -1.0 if book.normalization == "signed_absmax" else 1.0
-    block, t = _threshold_block(book, scale, sign)
+    block = _threshold_block(book, scale, sign)
     x = torch.from_numpy(np.concatenate([block, -block]))
     packed = assert_matches_reference(x, book, 64, scale_dtype, isa=isa)
     codes = reference.unpack_codes(packed.codes.numpy(), x.numel())
@@ -160,7 +168,7 @@ def test_values_on_thresholds_take_the_lower_level(
 
 @pytest.mark.parametrize("codebook", [*CODEBOOKS, "signed_nf4"])
 def test_signed_zeros_and_all_zero_blocks(isa: str, codebook: str) -> None:
-    book = signed("nf4") if codebook == "signed_nf4" else bofrs.codebook(codebook, 16)
+    book = book_named(codebook, 16)
     blocks = [
         np.zeros(16, F32),
         np.full(16, -0.0, F32),

@@ -93,14 +93,25 @@ def pack_or_none(case: Case) -> tuple[bofrs.PackedTensor, reference.Encoded] | N
     return packed, expected
 
 
-@settings(max_examples=80, deadline=None)
-@given(cases())
-def test_pack_and_dequantize_equal_reference(case: Case) -> None:
+def check_against_reference(case: Case) -> None:
     result = pack_or_none(case)
     if result is not None:
         packed, expected = result
         assert_codes_match(packed, expected)
         assert_decodes_match(packed, expected, (torch.float32,))
+
+
+@settings(max_examples=80, deadline=None)
+@given(cases())
+def test_pack_and_dequantize_equal_reference(case: Case) -> None:
+    check_against_reference(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, deadline=None)
+@given(cases())
+def test_pack_and_dequantize_equal_reference_many_examples(case: Case) -> None:
+    check_against_reference(case)
 
 
 @settings(max_examples=60, deadline=None)
@@ -120,11 +131,12 @@ def test_error_is_within_half_the_widest_gap(case: Case) -> None:
     # positive scale can be in it.
     smallest = {"float32": 2.0**-149, "bfloat16": 2.0**-133, "float16": 2.0**-24}[case.scale_dtype]
     assert np.all(decoded[zero] == 0) and np.all(np.abs(x[zero]) <= smallest / 2)
-    x, decoded, scale = x[~zero], decoded[~zero], np.abs(scale[~zero])
-    y = np.abs(x) / scale  # values beyond the codebook's ends go to the end levels
+    x, decoded, scale = x[~zero], decoded[~zero], scale[~zero]
+    y = x / scale  # normalized values beyond the codebook's ends go to the end levels
     beyond = np.maximum(0.0, np.maximum(levels[0] - y, y - levels[-1]))
-    beyond = np.maximum(beyond, np.maximum(0.0, -y - levels[-1]))
-    bound = scale * (np.maximum(half_gap, beyond) + 2.0**-22) + np.abs(decoded) * 2.0**-23 + 2.0**-148
+    # float32 rounding: y near a threshold may take the other level; the product is rounded
+    slack = np.abs(scale) * 2.0**-22 + np.abs(decoded) * 2.0**-23 + 2.0**-148
+    bound = np.abs(scale) * np.maximum(half_gap, beyond) + slack
     excess = np.abs(x - decoded) - bound
     assert np.all(excess <= 0), f"worst excess {excess.max()} at {int(np.argmax(excess))}"
 

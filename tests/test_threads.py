@@ -33,21 +33,28 @@ def no_forced_switches() -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
-def iterations_while_inside(call: Callable[[], object], target: int = 1000, max_calls: int = 40) -> int:
-    """Runs ``call`` repeatedly in a background thread and counts the iterations of a
-    pure-Python loop the main thread completes while the background thread is inside it."""
+def iterations_while_inside(call: Callable[[], object], target: int = 1000, max_calls: int = 500) -> int:
+    """Runs ``call`` repeatedly in a background thread (until the count reaches ``target``) and
+    counts the iterations of a pure-Python loop the main thread completes while the background
+    thread is inside it."""
     inside = threading.Event()
     done = threading.Event()
+    errors: list[BaseException] = []
     count = 0
 
     def background() -> None:
-        for _ in range(max_calls):
-            inside.set()
-            call()
+        try:
+            for _ in range(max_calls):
+                inside.set()
+                call()
+                inside.clear()
+                if count >= target:
+                    break
+        except BaseException as err:  # re-raised by the main thread
+            errors.append(err)
+        finally:
             inside.clear()
-            if count >= target:
-                break
-        done.set()
+            done.set()
 
     worker = threading.Thread(target=background)
     worker.start()
@@ -59,6 +66,8 @@ def iterations_while_inside(call: Callable[[], object], target: int = 1000, max_
             total += i
         time.sleep(1e-4)  # lets the worker take the interpreter back when it needs it
     worker.join()
+    if errors:
+        raise errors[0]
     return count
 
 
@@ -123,7 +132,8 @@ def test_concurrent_dequantize_equals_sequential() -> None:
     outputs = run_concurrently([lambda: a.dequantize(torch.bfloat16), lambda: b.dequantize()])
     for i, results in enumerate(outputs):
         for decoded in results:
-            assert torch.equal(decoded.view(torch.int16), sequential[i].view(torch.int16))  # type: ignore[attr-defined]
+            assert isinstance(decoded, torch.Tensor)
+            assert torch.equal(decoded.view(torch.int16), sequential[i].view(torch.int16))
 
 
 def test_same_tensor_from_many_threads() -> None:

@@ -83,7 +83,8 @@ class Codebook:
     def thresholds(self) -> npt.NDArray[np.float32]:
         """The 15 float32 midpoints between neighbouring levels used by the encoder."""
         lv = self._levels
-        return ((lv[:-1] + lv[1:]) * np.float32(0.5)).astype(np.float32)
+        mids: npt.NDArray[np.float32] = ((lv[:-1] + lv[1:]) * np.float32(0.5)).astype(np.float32)
+        return mids
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able description (levels as exact float values)."""

@@ -31,10 +31,12 @@ class FlatInput:
 def as_tensor(value: object, name: str) -> torch.Tensor:
     """A torch view of a float torch tensor or numpy array; anything else raises TypeError."""
     if isinstance(value, np.ndarray):
-        if value.dtype not in _NUMPY_TO_TORCH:
+        if value.dtype.newbyteorder("=") not in _NUMPY_TO_TORCH:
             raise TypeError(
                 f"{name} must have a float dtype (float32, float16, float64), got {value.dtype}"
             )
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder("="))
         return torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, torch.Tensor):
         if not value.dtype.is_floating_point:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +43,10 @@ PathLike = str | os.PathLike[str]
 def _crc(tensor: torch.Tensor) -> int:
     raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     return int(_native.crc32(raw))
+
+
+def _text_crc(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8"))
 
 
 def save_file(
@@ -85,15 +90,16 @@ def save_file(
             stored[key] = tensor.detach().cpu().contiguous()
         manifest[name]["crc32"] = {key: _crc(stored[key]) for key in entries}
     header = {"format": "pt"}
-    for key, value in (metadata or {}).items():
-        if not isinstance(key, str) or not isinstance(value, str):
+    for key, text in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(text, str):
             raise TypeError("metadata must map str to str")
         if key.startswith(_RESERVED_PREFIX) or key == "format":
             raise ValueError(f"metadata key {key!r} is reserved")
-        header[key] = value
+        header[key] = text
     header["bofrs.format"] = FORMAT
     header["bofrs.format_version"] = str(FORMAT_VERSION)
     header["bofrs.manifest"] = json.dumps(manifest, separators=(",", ":"))
+    header["bofrs.manifest_crc32"] = str(_text_crc(header["bofrs.manifest"]))
     _safetensors_save(stored, os.fspath(path), metadata=header)
 
 
@@ -153,8 +159,11 @@ def _read_manifest(header: Mapping[str, str]) -> dict[str, dict[str, Any]]:
             f"bofrs file format version {version} is not supported by this bofrs "
             f"(reads version {FORMAT_VERSION}); upgrade or re-quantize"
         )
+    text = header.get("bofrs.manifest", "")
+    if header.get("bofrs.manifest_crc32") != str(_text_crc(text)):
+        raise FormatError("bofrs.manifest checksum mismatch (header corrupted or tampered with)")
     try:
-        manifest = json.loads(header.get("bofrs.manifest", ""))
+        manifest = json.loads(text)
     except json.JSONDecodeError as err:
         raise FormatError(f"corrupt bofrs.manifest: {err}") from err
     if not isinstance(manifest, dict) or not all(

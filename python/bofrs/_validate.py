@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import numbers
+
 MIN_BLOCK_SIZE = 16
 MAX_BLOCK_SIZE = 4096
 
 
 def check_block_size(block_size: object, name: str = "block_size") -> int:
-    """Returns ``block_size`` if it is a power of two in 16..4096."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
+    """Returns ``block_size`` as an int if it is a power of two in 16..4096 (numpy ints accepted)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(block_size).__name__}")
+    block_size = int(block_size)
     if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE) or block_size & (block_size - 1):
         raise ValueError(
             f"{name} must be a power of two in {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}, got {block_size}"

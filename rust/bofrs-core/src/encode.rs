@@ -160,7 +160,9 @@ fn encode_block<E: Element>(block: &[E], scale: f32, codebook: &Codebook, out: &
             *byte = ((pair[0] << 4) | pair[1]) as u8;
         }
     }
-    encode_tail(values.remainder(), scale, codebook, bytes.into_remainder());
+    // Index the tail (not `into_remainder`, which is empty when the loop never ran).
+    let done = block.len() / STEP * STEP;
+    encode_tail(values.remainder(), scale, codebook, &mut out[done / 2..]);
 }
 
 /// Scalar encoding of the values after the last full step (any count, possibly odd).
@@ -377,7 +379,7 @@ mod tests {
     #[test]
     fn every_isa_matches_scalar_reference() {
         let cb = Codebook::new(&NF4).unwrap();
-        for &n in &[0usize, 1, 7, 64, 65, 1000, 70001] {
+        for &n in &[0usize, 1, 7, 31, 63, 64, 65, 95, 1000, 4095, 70001] {
             let x = lcg(n, n as u64 + 1);
             for &bs in &[16usize, 64, 4096] {
                 for norm in [Normalization::Absmax, Normalization::SignedAbsmax] {
