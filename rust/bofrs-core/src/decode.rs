@@ -140,10 +140,20 @@ mod x86 {
         let vscale = _mm256_set1_ps(scale);
         let lo = _mm256_mul_ps(_mm256_loadu_ps(levels.as_ptr()), vscale);
         let hi = _mm256_mul_ps(_mm256_loadu_ps(levels.as_ptr().add(8)), vscale);
+        let kind = TypeId::of::<O>();
+        if kind == TypeId::of::<Bf16>() || kind == TypeId::of::<F16>() {
+            let table = if kind == TypeId::of::<Bf16>() {
+                let packed = _mm256_packus_epi32(round_bf16(lo), round_bf16(hi));
+                _mm256_permute4x64_epi64(packed, 0b11_01_10_00)
+            } else {
+                let l = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);
+                _mm256_set_m128i(_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT), l)
+            };
+            return decode_halves(codes, table, scale, levels, out);
+        }
         let shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
         let nibble = _mm256_set1_epi32(15);
         let full = (out.len() / 16).min(codes.len() / 8);
-        let kind = TypeId::of::<O>();
         for g in 0..full {
             let raw = (codes.as_ptr().add(g * 8) as *const u64).read_unaligned();
             let bytes = _mm_cvtsi64_si128(raw as i64);
@@ -168,6 +178,46 @@ mod x86 {
             }
         }
         decode_block_portable(&codes[full * 8..], scale, levels, &mut out[full * 16..]);
+    }
+
+    /// 16-bit outputs: the 16 rounded, scaled levels (`table`, 16 u16 in order) are split into a
+    /// low-byte and a high-byte table, and 32 codes at a time are looked up with byte shuffles.
+    /// The table entries are exactly the per-value roundings, so results match the portable path.
+    #[inline(always)]
+    unsafe fn decode_halves<O: Output>(
+        codes: &[u8],
+        table: __m256i,
+        scale: f32,
+        levels: &[f32; 16],
+        out: &mut [O],
+    ) {
+        // Per lane: even bytes (low halves) first, then odd bytes (high halves).
+        let split = _mm256_setr_epi8(
+            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, //
+            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+        );
+        let bytes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(table, split), 0b11_01_10_00);
+        let low_table = _mm256_permute2x128_si256(bytes, bytes, 0x00);
+        let high_table = _mm256_permute2x128_si256(bytes, bytes, 0x11);
+        let nibble = _mm_set1_epi8(15);
+        let full = (out.len() / 32).min(codes.len() / 16);
+        for g in 0..full {
+            let c = _mm_loadu_si128(codes.as_ptr().add(g * 16) as *const __m128i);
+            let high_nibbles = _mm_and_si128(_mm_srli_epi16(c, 4), nibble);
+            let low_nibbles = _mm_and_si128(c, nibble);
+            let idx = _mm256_set_m128i(
+                _mm_unpackhi_epi8(high_nibbles, low_nibbles),
+                _mm_unpacklo_epi8(high_nibbles, low_nibbles),
+            );
+            let low = _mm256_shuffle_epi8(low_table, idx);
+            let high = _mm256_shuffle_epi8(high_table, idx);
+            let a = _mm256_unpacklo_epi8(low, high); // values 0..7 | 16..23
+            let b = _mm256_unpackhi_epi8(low, high); // values 8..15 | 24..31
+            let dst = out.as_mut_ptr().add(g * 32) as *mut __m256i;
+            _mm256_storeu_si256(dst, _mm256_permute2x128_si256(a, b, 0x20));
+            _mm256_storeu_si256(dst.add(1), _mm256_permute2x128_si256(a, b, 0x31));
+        }
+        decode_block_portable(&codes[full * 16..], scale, levels, &mut out[full * 32..]);
     }
 
     /// 8 scaled levels for 8 doubled code bytes: shift out the nibble, look it up in the two
