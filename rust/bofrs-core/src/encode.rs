@@ -263,22 +263,28 @@ mod x86 {
         }
     }
 
-    /// 1 where `y > t`, else 0, per 32-bit lane.
+    /// All-ones where `y > t`, else 0, per 32-bit lane.
     #[inline(always)]
     unsafe fn above(y: __m256, t: __m256) -> __m256i {
-        _mm256_srli_epi32::<31>(_mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(y, t)))
+        _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(y, t))
     }
 
-    /// Codes of 8 normalized values, as 32-bit lanes.
+    /// Appends a search bit to the code: `2 c + 1` where `mask` is set, else `2 c`.
+    #[inline(always)]
+    unsafe fn push_bit(code: __m256i, mask: __m256i) -> __m256i {
+        _mm256_sub_epi32(_mm256_add_epi32(code, code), mask)
+    }
+
+    /// Codes of 8 normalized values, as 32-bit lanes (short dependency chain: masks feed the
+    /// blend and the codes directly).
     #[inline(always)]
     unsafe fn search(y: __m256, tables: &SearchTables) -> __m256i {
-        let b3 = above(y, tables.mid); // 0 or 1
-        let b2 = above(y, _mm256_blendv_ps(tables.q_lo, tables.q_hi, _mm256_castsi256_ps(_mm256_slli_epi32::<31>(b3))));
-        let c2 = _mm256_add_epi32(_mm256_add_epi32(b3, b3), b2); // bits 3..2
-        let b1 = above(y, _mm256_permutevar8x32_ps(tables.eighth, c2));
-        let c1 = _mm256_add_epi32(_mm256_add_epi32(c2, c2), b1); // bits 3..1
-        let b0 = above(y, _mm256_permutevar8x32_ps(tables.last, c1));
-        _mm256_add_epi32(_mm256_add_epi32(c1, c1), b0)
+        let m3 = above(y, tables.mid);
+        let code = _mm256_sub_epi32(_mm256_setzero_si256(), m3); // bit 3
+        let t2 = _mm256_blendv_ps(tables.q_lo, tables.q_hi, _mm256_castsi256_ps(m3));
+        let code = push_bit(code, above(y, t2)); // bits 3..2
+        let code = push_bit(code, above(y, _mm256_permutevar8x32_ps(tables.eighth, code)));
+        push_bit(code, above(y, _mm256_permutevar8x32_ps(tables.last, code)))
     }
 
     /// The blocks of one task: all scales, then all codes.
