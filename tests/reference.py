@@ -11,7 +11,9 @@ Specification:
 - blocks are ``block_size`` consecutive values, the last one possibly partial;
 - the raw block scale is ``max |x|`` (absmax) or ``x[j]`` for the first ``j`` with ``|x[j]|``
   maximal (signed_absmax); the stored scale ``S`` is that value rounded (nearest even) to the
-  scale dtype, kept as a float32 value; a scale that overflows the scale dtype is an error;
+  scale dtype, kept as a float32 value; a scale that overflows the scale dtype is an error; a
+  stored scale larger in magnitude than the input dtype's largest finite value (float16 input,
+  bfloat16 scale: 65504 -> 65536) is replaced by its neighbour toward zero in the scale dtype;
 - ``y = x / S`` in float32 (``y = 0`` when ``S == 0``);
 - thresholds ``t_k = (c_k + c_{k+1}) * 0.5`` in float32; ``code = #{k : y > t_k}``;
 - byte ``j`` is ``code[2j] << 4 | code[2j + 1]`` (an odd count leaves the last low nibble 0);
@@ -69,8 +71,20 @@ def round_to_bfloat16(values: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint32).view(np.float32)
 
 
-def round_scales(raw: np.ndarray, scale_dtype: str) -> np.ndarray:
-    """Raw float32 block scales rounded to the storage type (as float32 values)."""
+def _toward_zero(stored: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """The neighbour toward zero of each (nonzero) value in the scale dtype."""
+    if scale_dtype == "float16":
+        half = stored.astype(np.float16)
+        return np.nextafter(half, np.float16(0)).astype(np.float32)
+    if scale_dtype == "bfloat16":
+        bits = stored.astype(np.float32).view(np.uint32)
+        return (bits - np.uint32(0x10000)).view(np.float32)
+    return np.nextafter(stored.astype(np.float32), np.float32(0))
+
+
+def round_scales(raw: np.ndarray, scale_dtype: str, input_max: float = float(np.finfo(np.float32).max)) -> np.ndarray:
+    """Raw float32 block scales rounded to the storage type (as float32 values), kept within
+    ``input_max`` in magnitude (see the module doc)."""
     if scale_dtype == "float32":
         stored = raw.astype(np.float32)
     elif scale_dtype == "float16":
@@ -83,7 +97,21 @@ def round_scales(raw: np.ndarray, scale_dtype: str) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(stored))
     if bad.size:
         raise ValueError(f"scale of block {bad[0]} overflows {scale_dtype}")
+    over = np.abs(stored) > input_max
+    if over.any():
+        stored = stored.copy()
+        stored[over] = _toward_zero(stored[over], scale_dtype)
     return stored
+
+
+def input_max(tensor: torch.Tensor | np.ndarray) -> float:
+    """Largest finite value of the input's dtype (float64 inputs are narrowed to float32)."""
+    if isinstance(tensor, torch.Tensor):
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            return float(torch.finfo(tensor.dtype).max)
+    elif np.asarray(tensor).dtype == np.float16:
+        return float(np.finfo(np.float16).max)
+    return float(np.finfo(np.float32).max)
 
 
 def thresholds(levels: np.ndarray) -> np.ndarray:
@@ -118,7 +146,8 @@ def encode(
     """Codes and stored scales of ``tensor`` per the specification."""
     values = flat_float32(tensor)
     n = values.size
-    scales = round_scales(raw_scales(values, block_size, normalization), scale_dtype)
+    raw = raw_scales(values, block_size, normalization)
+    scales = round_scales(raw, scale_dtype, input_max(tensor))
     per_value = np.repeat(scales, block_size)[:n]
     normalized = np.zeros(n, dtype=np.float32)
     np.divide(values, per_value, out=normalized, where=per_value != 0)

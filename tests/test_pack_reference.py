@@ -263,3 +263,17 @@ def test_empty_tensors(isa: str, shape: tuple[int, ...], dtype: torch.dtype) -> 
         np.empty(0, np.uint8), np.empty(0, F32), bofrs.codebook("nf4").levels, 64, 0, "float16", isa=isa
     )
     assert raw.shape == (0,)
+
+
+@pytest.mark.parametrize("normalization", ["absmax", "signed_absmax"])
+def test_float16_extremes_never_decode_to_inf(normalization: str) -> None:
+    """bf16 scales would round 65504 up to 65536 (inf in float16): the scale steps down."""
+    x = torch.tensor([65504.0, -1.0, 3.0, 0.5] * 16, dtype=torch.float16)
+    x[5] = -65504.0
+    levels = bofrs.codebook("nf4").levels
+    book = bofrs.Codebook("nf4s", levels, normalization)
+    packed = bofrs.pack(x, book, 64)
+    expected = reference.encode(x, levels, 64, normalization, "bfloat16")
+    assert np.array_equal(packed.codes.numpy(), expected.codes)
+    assert abs(float(packed.scales[0])) == 65280.0
+    assert torch.isfinite(packed.dequantize()).all()

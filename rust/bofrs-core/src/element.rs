@@ -10,6 +10,8 @@ pub trait Element: Copy + Send + Sync + 'static {
     const NAME: &'static str;
     /// `abs_bits() >= NON_FINITE_ABS_BITS` exactly when the value is NaN or infinite.
     const NON_FINITE_ABS_BITS: u32;
+    /// The largest finite value of the type.
+    const MAX_FINITE: f32;
     /// The bits of `|self|`; for finite values their order is the order of magnitudes.
     fn abs_bits(self) -> u32;
     /// The value as f32 (exact for every type here).
@@ -31,6 +33,7 @@ pub struct F16(pub u16);
 impl Element for f32 {
     const NAME: &'static str = "float32";
     const NON_FINITE_ABS_BITS: u32 = 0x7f80_0000;
+    const MAX_FINITE: f32 = f32::MAX;
     #[inline(always)]
     fn abs_bits(self) -> u32 {
         self.to_bits() & 0x7fff_ffff
@@ -48,6 +51,7 @@ impl Element for f32 {
 impl Element for Bf16 {
     const NAME: &'static str = "bfloat16";
     const NON_FINITE_ABS_BITS: u32 = 0x7f80;
+    const MAX_FINITE: f32 = f32::from_bits(0x7f7f_0000);
     #[inline(always)]
     fn abs_bits(self) -> u32 {
         (self.0 & 0x7fff) as u32
@@ -65,6 +69,7 @@ impl Element for Bf16 {
 impl Element for F16 {
     const NAME: &'static str = "float16";
     const NON_FINITE_ABS_BITS: u32 = 0x7c00;
+    const MAX_FINITE: f32 = 65504.0;
     #[inline(always)]
     fn abs_bits(self) -> u32 {
         (self.0 & 0x7fff) as u32

@@ -45,15 +45,36 @@ impl ScaleDType {
     }
 
     /// Rounds a finite scale to this type (nearest, ties to even), returned as f32.
-    /// `None` when it overflows the type.
     #[inline(always)]
-    pub fn round(self, s: f32) -> Option<f32> {
-        let r = match self {
+    pub fn round(self, s: f32) -> f32 {
+        match self {
             Self::Float32 => s,
             Self::BFloat16 => bf16_to_f32(f32_to_bf16(s)),
             Self::Float16 => f16_to_f32(f32_to_f16(s)),
-        };
-        r.is_finite().then_some(r)
+        }
+    }
+
+    /// The neighbour of a nonzero value of this type one step toward zero.
+    #[inline(always)]
+    fn toward_zero(self, s: f32) -> f32 {
+        match self {
+            Self::Float32 => f32::from_bits(s.to_bits() - 1),
+            Self::BFloat16 => bf16_to_f32(f32_to_bf16(s) - 1),
+            Self::Float16 => f16_to_f32(f32_to_f16(s) - 1),
+        }
+    }
+
+    /// The stored scale of a block whose raw scale is `raw`, for input values bounded by
+    /// `input_max`: `raw` rounded to nearest (ties to even), then, if that exceeds `input_max`
+    /// (an f16 tensor with bf16 scales: 65504 rounds to 65536), one step toward zero, so decoding
+    /// in the input's own type never overflows. `None` when `raw` rounds to infinity.
+    #[inline(always)]
+    pub fn store(self, raw: f32, input_max: f32) -> Option<f32> {
+        let stored = self.round(raw);
+        if !stored.is_finite() {
+            return None;
+        }
+        Some(if stored.abs() > input_max { self.toward_zero(stored) } else { stored })
     }
 }
 
@@ -109,7 +130,7 @@ pub fn stored_block_scale_from_max<E: Element>(
 ) -> Result<f32> {
     let raw = raw_block_scale_from_max(block, max_bits, normalization)
         .map_err(|i| Error::NonFinite { index: first_index + i })?;
-    dtype.round(raw).ok_or(Error::ScaleOverflow {
+    dtype.store(raw, E::MAX_FINITE).ok_or(Error::ScaleOverflow {
         block: block_index,
         value: raw,
         dtype: dtype.name(),
@@ -156,6 +177,13 @@ mod tests {
     fn float16_scale_overflow_is_an_error() {
         let b = [70000.0f32];
         assert!(stored_block_scale(&b, Normalization::Absmax, ScaleDType::Float16, 0, 0).is_err());
-        assert_eq!(ScaleDType::BFloat16.round(70000.0), Some(70144.0));
+        assert_eq!(ScaleDType::BFloat16.store(70000.0, f32::MAX), Some(70144.0));
+        // f16 input, bf16 scale: 65504 would round up to 65536 (inf in f16); one step down.
+        assert_eq!(ScaleDType::BFloat16.store(65504.0, 65504.0), Some(65280.0));
+        assert_eq!(ScaleDType::BFloat16.store(-65504.0, 65504.0), Some(-65280.0));
+        assert_eq!(ScaleDType::Float16.store(65504.0, 65504.0), Some(65504.0));
+        assert_eq!(ScaleDType::Float16.store(65519.0, f32::MAX), Some(65504.0));
+        assert_eq!(ScaleDType::Float16.store(65520.0, f32::MAX), None);
+        assert_eq!(ScaleDType::BFloat16.store(f32::MAX, f32::MAX), None);
     }
 }
