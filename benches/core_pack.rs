@@ -30,7 +30,10 @@ fn weights(n: usize) -> Vec<Bf16> {
 
 fn bench(c: &mut Criterion) {
     let codebook = Codebook::new(&NF4).unwrap();
-    let block_size: usize = std::env::var("BENCH_BLOCK").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    let block_size: usize = std::env::var("BENCH_BLOCK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
     let options = EncodeOptions {
         codebook: &codebook,
         block_size,
@@ -55,8 +58,15 @@ fn bench(c: &mut Criterion) {
             });
             group.bench_function(BenchmarkId::new("unpack", isa.name()), |b| {
                 b.iter(|| {
-                    unpack_with_isa(isa, black_box(&codes), &scales, &codebook, block_size, &mut out)
-                        .unwrap()
+                    unpack_with_isa(
+                        isa,
+                        black_box(&codes),
+                        &scales,
+                        &codebook,
+                        block_size,
+                        &mut out,
+                    )
+                    .unwrap()
                 })
             });
         }

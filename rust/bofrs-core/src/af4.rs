@@ -39,7 +39,12 @@ impl NormalizedValue {
         let hi = bisect(1e-6, 12.0, |m| (1e-16f64).ln() - (k * erfc(m)).ln());
         let nodes = gauss_legendre(NODES, lo, hi)
             .into_iter()
-            .map(|(m, w)| (m, w * 2.0 * k * normal_pdf(m) * ((k - 2.0) * erf(m).ln()).exp()))
+            .map(|(m, w)| {
+                (
+                    m,
+                    w * 2.0 * k * normal_pdf(m) * ((k - 2.0) * erf(m).ln()).exp(),
+                )
+            })
             .collect();
         Self { nodes }
     }
@@ -55,7 +60,10 @@ impl NormalizedValue {
 
     /// Density of x on (-1, 0), with the same factor as [`Self::cdf`].
     fn pdf(&self, x: f64) -> f64 {
-        self.nodes.iter().map(|&(m, w)| w * m * normal_pdf(m * x)).sum()
+        self.nodes
+            .iter()
+            .map(|&(m, w)| w * m * normal_pdf(m * x))
+            .sum()
     }
 
     /// The x in [a, b] where the CDF reaches `target` (Newton, bisection when it leaves [a, b]).
@@ -69,7 +77,11 @@ impl NormalizedValue {
                 a = x;
             }
             let newton = x - f / self.pdf(x);
-            let next = if newton > a && newton < b { newton } else { 0.5 * (a + b) };
+            let next = if newton > a && newton < b {
+                newton
+            } else {
+                0.5 * (a + b)
+            };
             let step = (next - x).abs();
             x = next;
             if step < 1e-15 {
@@ -81,7 +93,9 @@ impl NormalizedValue {
 
     /// `free` levels in (-1, 0): medians of cells bounded by -1, midpoints, and 0.
     fn solve_half(&self, free: usize) -> Vec<f64> {
-        let mut levels: Vec<f64> = (0..free).map(|k| -1.0 + (k + 1) as f64 / (free + 1) as f64).collect();
+        let mut levels: Vec<f64> = (0..free)
+            .map(|k| -1.0 + (k + 1) as f64 / (free + 1) as f64)
+            .collect();
         for _ in 0..5000 {
             let mut cuts = Vec::with_capacity(free + 1);
             cuts.push(0.5 * (-1.0 + levels[0]));
@@ -135,11 +149,26 @@ pub fn af4_levels(block_size: usize) -> Result<[f32; LEVELS]> {
 }
 
 #[cfg(test)]
+#[allow(clippy::excessive_precision)]
 mod published {
     /// AF4 at block size 64 as published by Yoshida (2023).
     const AF4_64: [f32; 16] = [
-        -1.0, -0.69441008, -0.51243739, -0.3736951, -0.25607552, -0.14982478, -0.04934812, 0.0,
-        0.04273164, 0.12934483, 0.21961274, 0.31675666, 0.42563882, 0.55496234, 0.72424863, 1.0,
+        -1.0,
+        -0.69441008,
+        -0.51243739,
+        -0.3736951,
+        -0.25607552,
+        -0.14982478,
+        -0.04934812,
+        0.0,
+        0.04273164,
+        0.12934483,
+        0.21961274,
+        0.31675666,
+        0.42563882,
+        0.55496234,
+        0.72424863,
+        1.0,
     ];
 
     #[test]
@@ -147,7 +176,11 @@ mod published {
         let t = std::time::Instant::now();
         let got = super::af4_levels(64).unwrap();
         eprintln!("af4(64) = {got:?} in {:?}", t.elapsed());
-        let diff = got.iter().zip(AF4_64).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let diff = got
+            .iter()
+            .zip(AF4_64)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-7, "max diff {diff}");
     }
 
@@ -155,12 +188,31 @@ mod published {
     #[test]
     fn matches_published_other_block_sizes() {
         let cases: [(usize, [f32; 3]); 2] = [
-            (32, [-0.7238007498051318, -0.05258802050197225, 0.7529911616319447]),
-            (4096, [-0.5379003029555018, -0.03618635476397765, 0.5646875833531122]),
+            (
+                32,
+                [
+                    -0.7238007498051318,
+                    -0.05258802050197225,
+                    0.7529911616319447,
+                ],
+            ),
+            (
+                4096,
+                [
+                    -0.5379003029555018,
+                    -0.03618635476397765,
+                    0.5646875833531122,
+                ],
+            ),
         ];
         for (bs, [a, b, c]) in cases {
             let got = super::af4_levels(bs).unwrap();
-            assert!((got[1] - a).abs() < 1e-7 && (got[6] - b).abs() < 1e-7 && (got[14] - c).abs() < 1e-7, "bs={bs}: {got:?}");
+            assert!(
+                (got[1] - a).abs() < 1e-7
+                    && (got[6] - b).abs() < 1e-7
+                    && (got[14] - c).abs() < 1e-7,
+                "bs={bs}: {got:?}"
+            );
         }
     }
 }

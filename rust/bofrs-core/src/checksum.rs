@@ -11,7 +11,10 @@ pub fn crc32(bytes: &[u8]) -> u32 {
         return crc32fast::hash(bytes);
     }
     let pieces: Vec<(u32, usize)> = pool().install(|| {
-        bytes.par_chunks(PIECE).map(|c| (crc32fast::hash(c), c.len())).collect()
+        bytes
+            .par_chunks(PIECE)
+            .map(|c| (crc32fast::hash(c), c.len()))
+            .collect()
     });
     let mut total = crc32fast::Hasher::new();
     for (crc, len) in pieces {
@@ -24,7 +27,9 @@ pub fn crc32(bytes: &[u8]) -> u32 {
 mod tests {
     #[test]
     fn parallel_equals_serial() {
-        let data: Vec<u8> = (0..(super::PIECE * 3 + 12345)).map(|i| (i * 31 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(super::PIECE * 3 + 12345))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
         assert_eq!(super::crc32(&data), crc32fast::hash(&data));
         assert_eq!(super::crc32(b"123456789"), 0xCBF4_3926);
     }

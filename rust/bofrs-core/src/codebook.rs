@@ -63,7 +63,9 @@ impl Codebook {
             )));
         }
         if levels.windows(2).any(|w| w[0] > w[1]) {
-            return Err(Error::InvalidCodebook("levels must be sorted ascending".into()));
+            return Err(Error::InvalidCodebook(
+                "levels must be sorted ascending".into(),
+            ));
         }
         let mut table = [0f32; LEVELS];
         table.copy_from_slice(levels);
@@ -71,7 +73,10 @@ impl Codebook {
         for (k, t) in thresholds.iter_mut().enumerate() {
             *t = (table[k] + table[k + 1]) * 0.5;
         }
-        Ok(Self { levels: table, thresholds })
+        Ok(Self {
+            levels: table,
+            thresholds,
+        })
     }
 
     /// The 16 levels, ascending.
@@ -173,7 +178,10 @@ mod tests {
         let cb = Codebook::new(&NF4).unwrap();
         for (k, &t) in cb.thresholds().iter().enumerate() {
             assert_eq!(cb.encode_one(t) as usize, k, "tie goes to the lower level");
-            assert_eq!(cb.encode_one(f32::from_bits(t.to_bits()) + 1e-6) as usize, k + 1);
+            assert_eq!(
+                cb.encode_one(f32::from_bits(t.to_bits()) + 1e-6) as usize,
+                k + 1
+            );
         }
         for (k, &l) in cb.levels().iter().enumerate() {
             assert_eq!(cb.encode_one(l) as usize, k);

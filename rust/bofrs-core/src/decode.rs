@@ -74,8 +74,10 @@ pub fn unpack_with_isa<O: Output>(
             .zip(codes.par_chunks(task_values / 2))
             .zip(scales.par_chunks(bpt))
             .for_each(|((o, c), s)| {
-                for ((block, bytes), &scale) in
-                    o.chunks_mut(block_size).zip(c.chunks(block_size / 2)).zip(s)
+                for ((block, bytes), &scale) in o
+                    .chunks_mut(block_size)
+                    .zip(c.chunks(block_size / 2))
+                    .zip(s)
                 {
                     // SAFETY: `isa` was checked to be supported by this CPU above.
                     unsafe { decode_block(isa, bytes, scale, levels, block) };
@@ -174,7 +176,12 @@ mod x86 {
                 let b = _mm256_cvtps_ph(second, _MM_FROUND_TO_NEAREST_INT);
                 _mm256_storeu_si256(dst as *mut __m256i, _mm256_set_m128i(b, a));
             } else {
-                decode_block_portable(&codes[g * 8..g * 8 + 8], scale, levels, &mut out[g * 16..g * 16 + 16]);
+                decode_block_portable(
+                    &codes[g * 8..g * 8 + 8],
+                    scale,
+                    levels,
+                    &mut out[g * 16..g * 16 + 16],
+                );
             }
         }
         decode_block_portable(&codes[full * 8..], scale, levels, &mut out[full * 16..]);
@@ -223,11 +230,21 @@ mod x86 {
     /// 8 scaled levels for 8 doubled code bytes: shift out the nibble, look it up in the two
     /// 8-entry halves, blend on bit 3.
     #[inline(always)]
-    unsafe fn lookup(idx: __m256i, shifts: __m256i, nibble: __m256i, lo: __m256, hi: __m256) -> __m256 {
+    unsafe fn lookup(
+        idx: __m256i,
+        shifts: __m256i,
+        nibble: __m256i,
+        lo: __m256,
+        hi: __m256,
+    ) -> __m256 {
         let idx = _mm256_and_si256(_mm256_srlv_epi32(idx, shifts), nibble);
         let from_lo = _mm256_permutevar8x32_ps(lo, idx);
         let from_hi = _mm256_permutevar8x32_ps(hi, idx);
-        _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
+        _mm256_blendv_ps(
+            from_lo,
+            from_hi,
+            _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)),
+        )
     }
 
     /// f32 -> bf16 bits (nearest even) in the low half of each 32-bit lane; inputs are finite.
@@ -247,8 +264,12 @@ mod tests {
     use crate::element::{bf16_to_f32, f16_to_f32};
 
     fn data(n: usize, bs: usize) -> (Vec<u8>, Vec<f32>) {
-        let codes = (0..n.div_ceil(2)).map(|i| (i * 37 + 11) as u8).collect::<Vec<u8>>();
-        let scales = (0..n.div_ceil(bs)).map(|b| (b as f32 - 3.5) * 1.37e-3).collect();
+        let codes = (0..n.div_ceil(2))
+            .map(|i| (i * 37 + 11) as u8)
+            .collect::<Vec<u8>>();
+        let scales = (0..n.div_ceil(bs))
+            .map(|b| (b as f32 - 3.5) * 1.37e-3)
+            .collect();
         let mut codes = codes;
         if n % 2 == 1 {
             *codes.last_mut().unwrap() &= 0xf0;
@@ -264,7 +285,11 @@ mod tests {
                 let (codes, scales) = data(n, bs);
                 let expect: Vec<f32> = (0..n)
                     .map(|i| {
-                        let c = if i % 2 == 0 { codes[i / 2] >> 4 } else { codes[i / 2] & 15 };
+                        let c = if i % 2 == 0 {
+                            codes[i / 2] >> 4
+                        } else {
+                            codes[i / 2] & 15
+                        };
                         NF4[c as usize] * scales[i / bs]
                     })
                     .collect();
@@ -282,7 +307,9 @@ mod tests {
                     unpack_with_isa(isa, &codes, &scales, &cb, bs, &mut h).unwrap();
                     for (i, v) in h.iter().enumerate() {
                         assert_eq!(v.0, f32_to_f16(expect[i]), "{isa:?} f16 i={i}");
-                        assert!((f16_to_f32(v.0) - expect[i]).abs() <= 1e-3 * expect[i].abs() + 6e-8);
+                        assert!(
+                            (f16_to_f32(v.0) - expect[i]).abs() <= 1e-3 * expect[i].abs() + 6e-8
+                        );
                     }
                 }
             }

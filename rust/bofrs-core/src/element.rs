@@ -112,7 +112,11 @@ pub fn f16_to_f32(h: u16) -> f32 {
     // Placing exponent+mantissa 13 bits up and scaling by 2^112 rebiases normals and
     // subnormals alike (the product is exact).
     let scaled = (f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000)).to_bits();
-    let bits = if magnitude >= 0x7c00 { (magnitude << 13) | 0x7f80_0000 } else { scaled };
+    let bits = if magnitude >= 0x7c00 {
+        (magnitude << 13) | 0x7f80_0000
+    } else {
+        scaled
+    };
     f32::from_bits(bits | sign)
 }
 
@@ -180,8 +184,21 @@ mod tests {
     #[test]
     fn f16_rounding_matches_exhaustive_reference() {
         let samples = [
-            1.0f32, 1.0004883, 1.0009766, 65504.0, 65519.99, 65520.0, 1e-8, 2.9802322e-8,
-            5.9604645e-8, 8.940697e-8, 6.1035156e-5, 6.1e-5, 3.0517578e-5, 0.33333334, -2.5e-6,
+            1.0f32,
+            1.0004883,
+            1.0009766,
+            65504.0,
+            65519.99,
+            65520.0,
+            1e-8,
+            2.9802322e-8,
+            5.9604645e-8,
+            8.940697e-8,
+            6.1035156e-5,
+            6.1e-5,
+            3.0517578e-5,
+            0.33333334,
+            -2.5e-6,
         ];
         for f in samples {
             assert_eq!(f32_to_f16(f), nearest_f16(f), "f={f:e}");

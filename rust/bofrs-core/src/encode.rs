@@ -79,7 +79,10 @@ fn first_error<E: Element>(input: &[E], options: &EncodeOptions<'_>) -> Error {
             )
             .err()
         })
-        .unwrap_or(Error::InvalidArgument { name: "input", message: "encoding failed".into() })
+        .unwrap_or(Error::InvalidArgument {
+            name: "input",
+            message: "encoding failed".into(),
+        })
 }
 
 /// Dispatches one task to the kernel variant.
@@ -98,7 +101,9 @@ unsafe fn pack_task<E: Element>(
         Isa::Portable => pack_blocks(input, options, codes, scales, first_block),
         // AVX-512 CPUs run the AVX2 kernels (no AVX-512-specific encoder yet).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => x86::pack_blocks_avx2(input, options, codes, scales, first_block),
+        Isa::Avx2 | Isa::Avx512 => {
+            x86::pack_blocks_avx2(input, options, codes, scales, first_block)
+        }
         #[cfg(not(target_arch = "x86_64"))]
         _ => pack_blocks(input, options, codes, scales, first_block),
     }
@@ -116,9 +121,19 @@ fn pack_blocks<E: Element>(
     let bs = options.block_size;
     for (b, (block, scale)) in input.chunks(bs).zip(scales.iter_mut()).enumerate() {
         let index = first_block + b;
-        *scale = stored_block_scale(block, options.normalization, options.scale_dtype, index * bs, index)?;
+        *scale = stored_block_scale(
+            block,
+            options.normalization,
+            options.scale_dtype,
+            index * bs,
+            index,
+        )?;
     }
-    for ((block, out), &scale) in input.chunks(bs).zip(codes.chunks_mut(bs / 2)).zip(scales.iter()) {
+    for ((block, out), &scale) in input
+        .chunks(bs)
+        .zip(codes.chunks_mut(bs / 2))
+        .zip(scales.iter())
+    {
         encode_block(block, scale, options.codebook, out);
     }
     Ok(())
@@ -170,7 +185,9 @@ fn encode_block<E: Element>(block: &[E], scale: f32, codebook: &Codebook, out: &
 fn encode_tail<E: Element>(values: &[E], scale: f32, codebook: &Codebook, out: &mut [u8]) {
     for (byte, pair) in out.iter_mut().zip(values.chunks(2)) {
         let hi = codebook.encode_one(pair[0].to_f32() / scale);
-        let lo = pair.get(1).map_or(0, |v| codebook.encode_one(v.to_f32() / scale));
+        let lo = pair
+            .get(1)
+            .map_or(0, |v| codebook.encode_one(v.to_f32() / scale));
         *byte = (hi << 4) | lo;
     }
 }
@@ -178,10 +195,10 @@ fn encode_tail<E: Element>(values: &[E], scale: f32, codebook: &Codebook, out: &
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{encode_tail, encode_zero_block, EncodeOptions, STEP};
-    use crate::scale::stored_block_scale_from_max;
-    use crate::error::Result;
     use crate::codebook::Codebook;
     use crate::element::{Bf16, Element, F16};
+    use crate::error::Result;
+    use crate::scale::stored_block_scale_from_max;
     use std::any::TypeId;
     use std::arch::x86_64::*;
 
@@ -232,7 +249,10 @@ mod x86 {
                 acc = _mm256_max_epu32(acc, _mm256_and_si256(_mm256_loadu_si256(p.add(i)), mask));
             }
         }
-        let quad = _mm_max_epu32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256::<1>(acc));
+        let quad = _mm_max_epu32(
+            _mm256_castsi256_si128(acc),
+            _mm256_extracti128_si256::<1>(acc),
+        );
         let pair = _mm_max_epu32(quad, _mm_shuffle_epi32::<0b01_00_11_10>(quad));
         let one = _mm_max_epu32(pair, _mm_shuffle_epi32::<0b10_11_00_01>(pair));
         let vector_max = _mm_cvtsi128_si32(one) as u32;
@@ -244,11 +264,11 @@ mod x86 {
     /// remaining range. `#{k : y > t_k}` is the partition point of a monotone predicate, so the
     /// search gives exactly the count the portable kernel computes.
     struct SearchTables {
-        mid: __m256,   // t7
-        q_lo: __m256, // t3
-        q_hi: __m256, // t11
-        eighth: __m256,  // [t1, t5, t9, t13] by bits 3..2
-        last: __m256,    // [t0, t2, ..., t14] by bits 3..1
+        mid: __m256,    // t7
+        q_lo: __m256,   // t3
+        q_hi: __m256,   // t11
+        eighth: __m256, // [t1, t5, t9, t13] by bits 3..2
+        last: __m256,   // [t0, t2, ..., t14] by bits 3..1
     }
 
     #[inline(always)]
@@ -283,7 +303,10 @@ mod x86 {
         let code = _mm256_sub_epi32(_mm256_setzero_si256(), m3); // bit 3
         let t2 = _mm256_blendv_ps(tables.q_lo, tables.q_hi, _mm256_castsi256_ps(m3));
         let code = push_bit(code, above(y, t2)); // bits 3..2
-        let code = push_bit(code, above(y, _mm256_permutevar8x32_ps(tables.eighth, code)));
+        let code = push_bit(
+            code,
+            above(y, _mm256_permutevar8x32_ps(tables.eighth, code)),
+        );
         push_bit(code, above(y, _mm256_permutevar8x32_ps(tables.last, code)))
     }
 
@@ -309,7 +332,11 @@ mod x86 {
             )?;
         }
         let tables = search_tables(options.codebook);
-        for ((block, out), &scale) in input.chunks(bs).zip(codes.chunks_mut(bs / 2)).zip(scales.iter()) {
+        for ((block, out), &scale) in input
+            .chunks(bs)
+            .zip(codes.chunks_mut(bs / 2))
+            .zip(scales.iter())
+        {
             encode_block_avx2(block, scale, options.codebook, &tables, out);
         }
         Ok(())
@@ -348,7 +375,12 @@ mod x86 {
                 _mm256_castsi256_si128(packed),
             );
         }
-        encode_tail(&block[steps * STEP..], scale, codebook, &mut out[steps * STEP / 2..]);
+        encode_tail(
+            &block[steps * STEP..],
+            scale,
+            codebook,
+            &mut out[steps * STEP / 2..],
+        );
     }
 }
 
@@ -361,7 +393,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
             })
             .collect()
@@ -435,7 +469,9 @@ mod tests {
 
     #[test]
     fn signed_absmax_maps_extreme_to_top_level() {
-        let x = [0.1f32, -3.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let x = [
+            0.1f32, -3.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        ];
         let (codes, scales) = encode(Isa::Portable, &x, 16, Normalization::SignedAbsmax);
         assert_eq!(scales[0], -3.0);
         assert_eq!(codes[0] & 15, 15);

@@ -15,9 +15,17 @@ pub enum Error {
     /// The input holds NaN or an infinity at this flat index.
     NonFinite { index: usize },
     /// A block scale does not fit the chosen scale storage type.
-    ScaleOverflow { block: usize, value: f32, dtype: &'static str },
+    ScaleOverflow {
+        block: usize,
+        value: f32,
+        dtype: &'static str,
+    },
     /// A buffer has the wrong length for the layout it is used with.
-    LengthMismatch { what: &'static str, expected: usize, actual: usize },
+    LengthMismatch {
+        what: &'static str,
+        expected: usize,
+        actual: usize,
+    },
     /// Any other invalid argument, named.
     InvalidArgument { name: &'static str, message: String },
 }
@@ -34,12 +42,20 @@ impl fmt::Display for Error {
                 "tensor holds a non-finite value (NaN or inf) at flat index {index}; \
                  quantization needs finite weights"
             ),
-            Error::ScaleOverflow { block, value, dtype } => write!(
+            Error::ScaleOverflow {
+                block,
+                value,
+                dtype,
+            } => write!(
                 f,
                 "scale of block {block} ({value:e}) does not fit scale_dtype={dtype}; \
                  use scale_dtype='bfloat16' or 'float32'"
             ),
-            Error::LengthMismatch { what, expected, actual } => {
+            Error::LengthMismatch {
+                what,
+                expected,
+                actual,
+            } => {
                 write!(f, "{what} has length {actual}, expected {expected}")
             }
             Error::InvalidArgument { name, message } => write!(f, "{name}: {message}"),

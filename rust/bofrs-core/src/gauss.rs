@@ -28,7 +28,13 @@ pub fn gauss_legendre(n: usize, a: f64, b: f64) -> Vec<(f64, f64)> {
                 p0 = p1;
                 p1 = p2;
             }
-            let pn = if n == 0 { 1.0 } else if n == 1 { x } else { p1 };
+            let pn = if n == 0 {
+                1.0
+            } else if n == 1 {
+                x
+            } else {
+                p1
+            };
             let pn1 = if n == 1 { 1.0 } else { p0 };
             dp = n as f64 * (x * pn - pn1) / (x * x - 1.0);
             let step = pn / dp;
@@ -54,7 +60,8 @@ pub fn composite_rule(a: f64, b: f64, panels: usize, per_panel: usize) -> Vec<(f
     (0..panels)
         .flat_map(|p| {
             let start = a + p as f64 * width;
-            base.iter().map(move |&(x, w)| (start + x * width, w * width))
+            base.iter()
+                .map(move |&(x, w)| (start + x * width, w * width))
         })
         .collect()
 }

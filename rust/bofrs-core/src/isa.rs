@@ -21,7 +21,9 @@ impl Isa {
 
     /// Parses a name from [`Isa::name`].
     pub fn parse(name: &str) -> Option<Isa> {
-        [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().find(|i| i.name() == name)
+        [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .find(|i| i.name() == name)
     }
 
     /// Whether this CPU can run the variant.
@@ -60,7 +62,10 @@ impl Isa {
 
     /// Every variant this CPU supports, portable first, best last.
     pub fn supported() -> Vec<Isa> {
-        [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.is_supported()).collect()
+        [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.is_supported())
+            .collect()
     }
 
     /// The best supported variant (detected once).

@@ -14,13 +14,13 @@
 
 pub mod af4;
 pub mod buffer;
-pub mod gauss;
 pub mod checksum;
 pub mod codebook;
 pub mod decode;
 pub mod element;
 pub mod encode;
 pub mod error;
+pub mod gauss;
 pub mod isa;
 pub mod layout;
 pub mod pool;

@@ -31,7 +31,10 @@ pub fn pool() -> &'static rayon::ThreadPool {
             .build()
             .unwrap_or_else(|_| {
                 // Spawning threads failed (resource limits): fall back to running inline.
-                rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("one-thread pool")
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .expect("one-thread pool")
             })
     })
 }

@@ -74,7 +74,11 @@ impl ScaleDType {
         if !stored.is_finite() {
             return None;
         }
-        Some(if stored.abs() > input_max { self.toward_zero(stored) } else { stored })
+        Some(if stored.abs() > input_max {
+            self.toward_zero(stored)
+        } else {
+            stored
+        })
     }
 }
 
@@ -96,13 +100,18 @@ pub fn raw_block_scale_from_max<E: Element>(
     normalization: Normalization,
 ) -> std::result::Result<f32, usize> {
     if max_bits >= E::NON_FINITE_ABS_BITS {
-        let bad = block.iter().position(|v| v.abs_bits() >= E::NON_FINITE_ABS_BITS);
+        let bad = block
+            .iter()
+            .position(|v| v.abs_bits() >= E::NON_FINITE_ABS_BITS);
         return Err(bad.unwrap_or(0));
     }
     Ok(match normalization {
         Normalization::Absmax => E::abs_bits_to_f32(max_bits),
         Normalization::SignedAbsmax => {
-            let at = block.iter().position(|v| v.abs_bits() == max_bits).unwrap_or(0);
+            let at = block
+                .iter()
+                .position(|v| v.abs_bits() == max_bits)
+                .unwrap_or(0);
             block.get(at).map_or(0.0, |v| v.to_f32())
         }
     })
@@ -128,8 +137,10 @@ pub fn stored_block_scale_from_max<E: Element>(
     first_index: usize,
     block_index: usize,
 ) -> Result<f32> {
-    let raw = raw_block_scale_from_max(block, max_bits, normalization)
-        .map_err(|i| Error::NonFinite { index: first_index + i })?;
+    let raw =
+        raw_block_scale_from_max(block, max_bits, normalization).map_err(|i| Error::NonFinite {
+            index: first_index + i,
+        })?;
     dtype.store(raw, E::MAX_FINITE).ok_or(Error::ScaleOverflow {
         block: block_index,
         value: raw,
@@ -146,7 +157,14 @@ pub fn stored_block_scale<E: Element>(
     first_index: usize,
     block_index: usize,
 ) -> Result<f32> {
-    stored_block_scale_from_max(block, max_abs_bits(block), normalization, dtype, first_index, block_index)
+    stored_block_scale_from_max(
+        block,
+        max_abs_bits(block),
+        normalization,
+        dtype,
+        first_index,
+        block_index,
+    )
 }
 
 #[cfg(test)]
@@ -160,7 +178,10 @@ mod tests {
         assert_eq!(raw_block_scale(&b, Normalization::Absmax), Ok(2.0));
         // First element reaching the max magnitude wins: -2.0 comes before 2.0.
         assert_eq!(raw_block_scale(&b, Normalization::SignedAbsmax), Ok(-2.0));
-        assert_eq!(raw_block_scale(&[0.0f32; 4], Normalization::SignedAbsmax), Ok(0.0));
+        assert_eq!(
+            raw_block_scale(&[0.0f32; 4], Normalization::SignedAbsmax),
+            Ok(0.0)
+        );
     }
 
     #[test]
@@ -180,7 +201,10 @@ mod tests {
         assert_eq!(ScaleDType::BFloat16.store(70000.0, f32::MAX), Some(70144.0));
         // f16 input, bf16 scale: 65504 would round up to 65536 (inf in f16); one step down.
         assert_eq!(ScaleDType::BFloat16.store(65504.0, 65504.0), Some(65280.0));
-        assert_eq!(ScaleDType::BFloat16.store(-65504.0, 65504.0), Some(-65280.0));
+        assert_eq!(
+            ScaleDType::BFloat16.store(-65504.0, 65504.0),
+            Some(-65280.0)
+        );
         assert_eq!(ScaleDType::Float16.store(65504.0, 65504.0), Some(65504.0));
         assert_eq!(ScaleDType::Float16.store(65519.0, f32::MAX), Some(65504.0));
         assert_eq!(ScaleDType::Float16.store(65520.0, f32::MAX), None);

@@ -12,8 +12,12 @@ use pyo3::prelude::*;
 
 type Packed<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>);
 
-fn contiguous<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, name: &str) -> PyResult<&'a [T]> {
-    a.as_slice().map_err(|_| PyValueError::new_err(format!("{name} must be a contiguous 1-D array")))
+fn contiguous<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray1<'_, T>,
+    name: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{name} must be a contiguous 1-D array")))
 }
 
 fn codebook_from(levels: &PyReadonlyArray1<'_, f32>) -> PyResult<Codebook> {
@@ -104,7 +108,9 @@ fn unpack_into<O: Output>(
     out: &mut [O],
     isa: bofrs_core::Isa,
 ) -> PyResult<()> {
-    run(py, || unpack_with_isa(isa, codes, scales, codebook, block_size, out))
+    run(py, || {
+        unpack_with_isa(isa, codes, scales, codebook, block_size, out)
+    })
 }
 
 /// Decodes codes and scales back to `numel` values: float32, or uint16 bits of bfloat16 /
@@ -134,9 +140,25 @@ fn unpack<'py>(
         "bfloat16" | "float16" => {
             let mut out = zeroed_vec::<u16>(numel);
             if out_dtype == "bfloat16" {
-                unpack_into(py, c, s, &codebook, block_size, as_halfs_mut::<Bf16>(&mut out), isa)?;
+                unpack_into(
+                    py,
+                    c,
+                    s,
+                    &codebook,
+                    block_size,
+                    as_halfs_mut::<Bf16>(&mut out),
+                    isa,
+                )?;
             } else {
-                unpack_into(py, c, s, &codebook, block_size, as_halfs_mut::<F16>(&mut out), isa)?;
+                unpack_into(
+                    py,
+                    c,
+                    s,
+                    &codebook,
+                    block_size,
+                    as_halfs_mut::<F16>(&mut out),
+                    isa,
+                )?;
             }
             Ok(out.into_pyarray(py).into_any())
         }

@@ -21,7 +21,9 @@ fn supported_isas() -> Vec<&'static str> {
 /// CRC-32 (zlib's) of a contiguous uint8 array.
 #[pyfunction]
 fn crc32(py: Python<'_>, data: PyReadonlyArray1<'_, u8>) -> PyResult<u32> {
-    let bytes = data.as_slice().map_err(|_| PyValueError::new_err("data must be contiguous"))?;
+    let bytes = data
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("data must be contiguous"))?;
     run(py, || Ok(checksum::crc32(bytes)))
 }
 
