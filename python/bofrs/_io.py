@@ -105,9 +105,7 @@ def save_file(
 
 def load_file(path: PathLike, device: str | torch.device = "cpu") -> dict[str, PackedTensor | torch.Tensor]:
     """Reads a file written by :func:`save_file`, validating every field and checksum."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(path)
+    path = _existing(path)
     try:
         with safe_open(path, framework="pt") as handle:
             header = handle.metadata() or {}
@@ -136,9 +134,7 @@ def load_file(path: PathLike, device: str | torch.device = "cpu") -> dict[str, P
 
 def read_metadata(path: PathLike) -> dict[str, str]:
     """The user metadata of a bofrs file (without the reserved ``bofrs.`` keys)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(path)
+    path = _existing(path)
     try:
         with safe_open(path, framework="pt") as handle:
             header = handle.metadata() or {}
@@ -146,6 +142,14 @@ def read_metadata(path: PathLike) -> dict[str, str]:
         raise FormatError(f"{path}: not a readable safetensors file: {err}") from err
     _read_manifest(header)
     return {k: v for k, v in header.items() if not k.startswith(_RESERVED_PREFIX) and k != "format"}
+
+
+def _existing(path: PathLike) -> str:
+    """``path`` as a str; FileNotFoundError (not FormatError) when nothing is there."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    return path
 
 
 def _read_manifest(header: Mapping[str, str]) -> dict[str, dict[str, Any]]:
