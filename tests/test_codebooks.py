@@ -33,10 +33,14 @@ NF4_GAUSSIAN_MSE_BLOCK_64 = 8.46e-3
 
 
 def test_available_codebooks() -> None:
-    assert set(bofrs.available_codebooks()) == {"nf4", "af4", "fp4", "int4"}
+    assert set(bofrs.available_codebooks()) == {
+        "nf4", "af4", "fp4", "int4", "bof4", "bof4-mae", "bof4s", "bof4s-mae"
+    }
     for name in bofrs.available_codebooks():
         book = bofrs.codebook(name)
-        assert book.name == name and book.normalization == "absmax"
+        signed = name.startswith("bof4s")
+        assert book.name == name
+        assert book.normalization == ("signed_absmax" if signed else "absmax")
 
 
 def test_nf4_levels_equal_bitsandbytes_table() -> None:

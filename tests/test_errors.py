@@ -109,7 +109,7 @@ def test_invalid_block_size_types(block_size: object) -> None:
         bofrs.pack(weights(64), "nf4", block_size)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ["nf3", "NF4", "", "bof4"])
+@pytest.mark.parametrize("name", ["nf3", "NF4", "", "bof5"])
 def test_unknown_codebook_name(name: str) -> None:
     with pytest.raises(ValueError, match="codebook"):
         bofrs.pack(weights(64), name)

@@ -16,6 +16,7 @@ from ._codebooks import Codebook, available_codebooks, codebook
 from ._errors import FormatError
 from ._io import load_file, read_metadata, save_file
 from ._metrics import quantization_error
+from ._optimize import expected_error, optimize_codebook
 from ._pack import pack, unpack
 from ._packed import PackedTensor
 
@@ -38,8 +39,10 @@ __all__ = [
     "PackedTensor",
     "available_codebooks",
     "codebook",
+    "expected_error",
     "load_file",
     "num_threads",
+    "optimize_codebook",
     "pack",
     "quantization_error",
     "read_metadata",

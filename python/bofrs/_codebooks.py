@@ -1,4 +1,4 @@
-"""Codebooks: 16 sorted levels in [-1, 1] and how blocks are normalized before matching them."""
+"""Codebooks: sorted levels in [-1, 1] and how blocks are normalized before matching them."""
 
 from __future__ import annotations
 
@@ -19,11 +19,22 @@ _BUILTIN: dict[str, tuple[str, bool]] = {
     "af4": ("absmax", True),
     "fp4": ("absmax", False),
     "int4": ("absmax", False),
+    "bof4": ("absmax", True),
+    "bof4-mae": ("absmax", True),
+    "bof4s": ("signed_absmax", True),
+    "bof4s-mae": ("signed_absmax", True),
 }
+
+#: Bit widths a codebook may have (``2**bits`` levels); :func:`bofrs.pack` stores 4-bit codes.
+CODEBOOK_BITS = range(2, 9)
 
 
 class Codebook:
-    """A 4-bit codebook: 16 ascending float32 levels in [-1, 1] and a block normalization.
+    """A codebook: ``2**bits`` ascending float32 levels in [-1, 1] and a block normalization.
+
+    4-bit codebooks (16 levels) are what :func:`bofrs.pack` stores; other widths (2..8 bits)
+    come from :func:`bofrs.optimize_codebook` and can be evaluated with
+    :func:`bofrs.expected_error`.
 
     ``normalization`` is ``"absmax"`` (blocks divided by their largest magnitude) or
     ``"signed_absmax"`` (divided by the signed value of their largest-magnitude element, which
@@ -46,8 +57,12 @@ class Codebook:
         if block_size is not None:
             check_block_size(block_size)
         array = np.array(levels, dtype=np.float64)
-        if array.shape != (16,):
-            raise ValueError(f"levels must hold 16 values, got shape {array.shape}")
+        sizes = tuple(1 << b for b in CODEBOOK_BITS)
+        if array.ndim != 1 or array.shape[0] not in sizes:
+            raise ValueError(
+                f"levels must hold 2**bits values for bits in 2..8 {sizes}, "
+                f"got shape {array.shape}"
+            )
         if not np.all(np.isfinite(array)) or np.any(np.abs(array) > 1.0):
             raise ValueError("levels must be finite and within [-1, 1]")
         single = array.astype(np.float32)
@@ -66,8 +81,13 @@ class Codebook:
 
     @property
     def levels(self) -> npt.NDArray[np.float32]:
-        """The 16 levels, ascending, as a read-only float32 array."""
+        """The levels, ascending, as a read-only float32 array."""
         return self._levels
+
+    @property
+    def bits(self) -> int:
+        """Bits per code: ``log2(len(levels))``."""
+        return int(self._levels.shape[0]).bit_length() - 1
 
     @property
     def normalization(self) -> str:
@@ -81,7 +101,7 @@ class Codebook:
 
     @property
     def thresholds(self) -> npt.NDArray[np.float32]:
-        """The 15 float32 midpoints between neighbouring levels used by the encoder."""
+        """The float32 midpoints between neighbouring levels used by the encoder."""
         lv = self._levels
         mids: npt.NDArray[np.float32] = ((lv[:-1] + lv[1:]) * np.float32(0.5)).astype(np.float32)
         return mids

@@ -1,9 +1,22 @@
 """Type stubs of the native extension (checked by ``python -m mypy.stubtest bofrs._native``)."""
 
+from typing import final
+
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["__version__", "pack", "unpack", "builtin_levels", "num_threads", "supported_isas", "crc32"]
+__all__ = [
+    "__version__",
+    "pack",
+    "unpack",
+    "builtin_levels",
+    "num_threads",
+    "supported_isas",
+    "crc32",
+    "optimize_gaussian",
+    "expected_error",
+    "WeightHistogramBuilder",
+]
 
 __version__: str
 
@@ -29,3 +42,35 @@ def builtin_levels(name: str, block_size: int = 64) -> npt.NDArray[np.float32]: 
 def num_threads() -> int: ...
 def supported_isas() -> list[str]: ...
 def crc32(data: npt.NDArray[np.uint8]) -> int: ...
+
+_Solution = tuple[npt.NDArray[np.float64], int, bool, float]
+
+def optimize_gaussian(
+    block_size: int,
+    metric: str,
+    normalization: str,
+    bits: int,
+    pinned: list[float],
+    init: list[float] | None,
+    tolerance: float,
+    max_iterations: int,
+) -> _Solution: ...
+def expected_error(levels: list[float], block_size: int, metric: str, normalization: str) -> float: ...
+
+@final
+class WeightHistogramBuilder:
+    def __new__(
+        cls, block_size: int, metric: str, normalization: str, sample: float = 1.0, seed: int = 0
+    ) -> WeightHistogramBuilder: ...
+    def add(self, data: npt.NDArray[np.float32] | npt.NDArray[np.uint16], element: str) -> None: ...
+    @property
+    def values(self) -> int: ...
+    def optimize(
+        self,
+        bits: int,
+        pinned: list[float],
+        init: list[float] | None,
+        tolerance: float,
+        max_iterations: int,
+    ) -> _Solution: ...
+    def error(self, levels: list[float]) -> float: ...

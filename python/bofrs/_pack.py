@@ -36,6 +36,10 @@ def pack(
     block_size = check_block_size(block_size)
     check_choice(scale_dtype, tuple(SCALE_DTYPES), "scale_dtype")
     book = resolve(codebook, block_size)
+    if book.bits != 4:
+        raise ValueError(
+            f"codebook: pack stores 4-bit codes, {book.name!r} has {book.bits}-bit levels"
+        )
     flat = flatten_for_native(tensor)
     codes, scales = _native.pack(
         flat.data,

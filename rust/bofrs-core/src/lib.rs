@@ -2,6 +2,7 @@
 //!
 //! The crate knows nothing about Python. It works on slices:
 //! - [`codebook`]: 16-level codebooks (NF4, FP4, INT4, AF4) and their midpoint thresholds,
+//! - [`bof4`]: the BOF4 optimizer (Lloyd on the weight-domain error, Gaussian or data-driven),
 //! - [`element`]: the input element types (f32, bf16, f16) and exact conversions,
 //! - [`scale`]: per-block scales (absmax / signed absmax) and their storage rounding,
 //! - [`encode`] / [`decode`]: nearest-level encoding with 2-codes-per-byte packing, and back,
@@ -13,6 +14,7 @@
 //! its low nibble; an odd total leaves the last low nibble zero.
 
 pub mod af4;
+pub mod bof4;
 pub mod buffer;
 pub mod checksum;
 pub mod codebook;

@@ -2,11 +2,12 @@
 
 use crate::detach::run;
 use bofrs_core::codebook::{int4_levels, FP4, NF4};
-use bofrs_core::{af4, Error};
+use bofrs_core::{af4, bof4, Error};
 use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
 
-/// Levels of a built-in codebook ("nf4", "fp4", "int4", "af4"); `af4` depends on block_size.
+/// Levels of a built-in codebook ("nf4", "fp4", "int4", "af4", "bof4", "bof4-mae", "bof4s",
+/// "bof4s-mae"); af4 and the bof4 family depend on block_size.
 #[pyfunction]
 #[pyo3(signature = (name, block_size=64))]
 fn builtin_levels<'py>(
@@ -20,6 +21,7 @@ fn builtin_levels<'py>(
         "fp4" => Ok(FP4),
         "int4" => Ok(int4_levels()),
         "af4" => af4::af4_levels(block_size),
+        other if bof4::builtin::variant(other).is_some() => bof4::bof4_levels(other, block_size),
         other => Err(Error::InvalidArgument {
             name: "codebook",
             message: format!("unknown built-in codebook {other:?}"),

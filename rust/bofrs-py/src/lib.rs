@@ -7,6 +7,7 @@
 mod codebooks;
 mod detach;
 mod errors;
+mod optimizer;
 mod packing;
 mod runtime;
 
@@ -17,6 +18,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     packing::register(m)?;
     codebooks::register(m)?;
+    optimizer::register(m)?;
     runtime::register(m)?;
     Ok(())
 }

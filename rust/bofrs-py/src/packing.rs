@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 
 type Packed<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>);
 
-fn contiguous<'a, T: numpy::Element>(
+pub(crate) fn contiguous<'a, T: numpy::Element>(
     a: &'a PyReadonlyArray1<'_, T>,
     name: &str,
 ) -> PyResult<&'a [T]> {
@@ -25,7 +25,7 @@ fn codebook_from(levels: &PyReadonlyArray1<'_, f32>) -> PyResult<Codebook> {
 }
 
 /// Views raw u16 bits as a 16-bit float element type (both are `repr(transparent)` over u16).
-fn as_halfs<T>(bits: &[u16]) -> &[T] {
+pub(crate) fn as_halfs<T>(bits: &[u16]) -> &[T] {
     debug_assert_eq!(std::mem::size_of::<T>(), 2);
     // SAFETY: T is Bf16 or F16, `repr(transparent)` wrappers of u16 with the same layout.
     unsafe { std::slice::from_raw_parts(bits.as_ptr() as *const T, bits.len()) }
