@@ -44,7 +44,9 @@ def test_demo_prints_a_table() -> None:
     assert lines[0].startswith("bofrs demo: (1024, 4096) torch.bfloat16 weight, block size 64")
     assert lines[1].split() == ["codebook", "bits/w", "rel.", "MSE", "SQNR", "dB", "pack", "ms", "unpack", "ms"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:-1]}
-    assert set(rows) == set(bofrs.available_codebooks())
+    assert set(rows) == {*bofrs.available_codebooks(), "bof4s-fit"}
+    # BOF4-S fitted to the weight itself beats its Gaussian-optimal version, which beats NF4.
+    assert float(rows["bof4s-fit"][1]) < float(rows["bof4s"][1]) < float(rows["nf4"][1])
     for name, (bits, relative, sqnr, pack_ms, unpack_ms) in rows.items():
         assert float(bits) == 4.25, name  # 4 bits + a bfloat16 scale per 64 values
         assert 0 < float(relative) < 0.05, name
