@@ -16,7 +16,7 @@
 
 use crate::codebook::LEVELS;
 use crate::error::Result;
-use crate::gauss::{gauss_legendre, normal_pdf};
+use crate::gauss::{bisect, gauss_legendre, normal_pdf};
 use crate::layout::BlockLayout;
 use std::f64::consts::FRAC_1_SQRT_2;
 
@@ -114,19 +114,6 @@ impl NormalizedValue {
         }
         levels
     }
-}
-
-/// The root of an increasing function on [a, b] by bisection.
-fn bisect(mut a: f64, mut b: f64, f: impl Fn(f64) -> f64) -> f64 {
-    for _ in 0..200 {
-        let mid = 0.5 * (a + b);
-        if f(mid) > 0.0 {
-            b = mid;
-        } else {
-            a = mid;
-        }
-    }
-    0.5 * (a + b)
 }
 
 /// AF4 levels for a block size (ascending; -1, 0 and 1 pinned).

@@ -12,6 +12,19 @@ pub fn normal_cdf(z: f64) -> f64 {
     0.5 * libm::erfc(-z * FRAC_1_SQRT_2)
 }
 
+/// The root of an increasing function on [a, b] by bisection (200 halvings: to the last bit).
+pub fn bisect(mut a: f64, mut b: f64, f: impl Fn(f64) -> f64) -> f64 {
+    for _ in 0..200 {
+        let mid = 0.5 * (a + b);
+        if f(mid) > 0.0 {
+            b = mid;
+        } else {
+            a = mid;
+        }
+    }
+    0.5 * (a + b)
+}
+
 /// Nodes and weights of the n-point Gauss-Legendre rule on [a, b].
 pub fn gauss_legendre(n: usize, a: f64, b: f64) -> Vec<(f64, f64)> {
     let mut rule = Vec::with_capacity(n);

@@ -11,7 +11,7 @@
 use super::{region_bounds, Metric, Target};
 use crate::codebook::Normalization;
 use crate::error::{Error, Result};
-use crate::gauss::{composite_rule, normal_cdf, normal_pdf};
+use crate::gauss::{bisect, composite_rule, normal_cdf, normal_pdf};
 use crate::layout::BlockLayout;
 use std::f64::consts::FRAC_1_SQRT_2;
 
@@ -45,19 +45,6 @@ fn max_of_magnitudes(count: usize) -> Vec<(f64, f64)> {
             (m, w * density)
         })
         .collect()
-}
-
-/// The root of an increasing function on [a, b] by bisection.
-fn bisect(mut a: f64, mut b: f64, f: impl Fn(f64) -> f64) -> f64 {
-    for _ in 0..200 {
-        let mid = 0.5 * (a + b);
-        if f(mid) > 0.0 {
-            b = mid;
-        } else {
-            a = mid;
-        }
-    }
-    0.5 * (a + b)
 }
 
 impl GaussianTarget {
