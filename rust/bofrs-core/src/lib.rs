@@ -23,6 +23,8 @@ pub mod element;
 pub mod encode;
 pub mod error;
 pub mod gauss;
+pub mod hadamard;
+pub mod higgs;
 pub mod isa;
 pub mod layout;
 pub mod pool;

@@ -69,6 +69,17 @@ impl GaussianTarget {
         })
     }
 
+    /// A standard normal value seen through `x = w / range` (no block normalization, no point
+    /// masses): the scalar Lloyd-Max problem, solved by the same iteration. Mass beyond
+    /// `range` standard deviations is ignored.
+    pub fn standard_normal(range: f64) -> Self {
+        Self {
+            metric: Metric::Mse,
+            others: vec![(range, 1.0)],
+            points: Vec::new(),
+        }
+    }
+
     /// Point-mass weight that falls in region `l` of `regions`, and its weighted position sum.
     fn points_in(&self, l: usize, regions: usize) -> (f64, f64) {
         self.points
