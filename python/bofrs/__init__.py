@@ -12,8 +12,10 @@ True
 from __future__ import annotations
 
 from . import _native
+from ._allocate import Allocation, allocate
 from ._codebooks import Codebook, available_codebooks, codebook
 from ._errors import FormatError
+from ._higgs import HiggsTensor, hadamard, higgs_grid, pack_higgs
 from ._io import load_file, read_metadata, save_file
 from ._metrics import quantization_error
 from ._optimize import expected_error, optimize_codebook
@@ -34,16 +36,22 @@ def supported_isas() -> tuple[str, ...]:
 
 
 __all__ = [
+    "Allocation",
     "Codebook",
     "FormatError",
+    "HiggsTensor",
     "PackedTensor",
+    "allocate",
     "available_codebooks",
     "codebook",
     "expected_error",
+    "hadamard",
+    "higgs_grid",
     "load_file",
     "num_threads",
     "optimize_codebook",
     "pack",
+    "pack_higgs",
     "quantization_error",
     "read_metadata",
     "save_file",

@@ -16,6 +16,11 @@ __all__ = [
     "optimize_gaussian",
     "expected_error",
     "WeightHistogramBuilder",
+    "hadamard",
+    "generate_grid",
+    "pack_higgs",
+    "unpack_higgs",
+    "allocate",
 ]
 
 __version__: str
@@ -74,3 +79,27 @@ class WeightHistogramBuilder:
         max_iterations: int,
     ) -> _Solution: ...
     def error(self, levels: list[float]) -> float: ...
+
+def hadamard(data: npt.NDArray[np.float32], size: int, isa: str | None = None) -> npt.NDArray[np.float32]: ...
+def generate_grid(p: int, n: int, seed: int = 0) -> tuple[npt.NDArray[np.float64], float]: ...
+def pack_higgs(
+    data: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    element: str,
+    rows: int,
+    cols: int,
+    group_size: int,
+    p: int,
+    points: npt.NDArray[np.float32],
+    scale_dtype: str,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
+def unpack_higgs(
+    codes: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    rows: int,
+    cols: int,
+    group_size: int,
+    p: int,
+    points: npt.NDArray[np.float32],
+    rotated: bool,
+) -> npt.NDArray[np.float32]: ...
+def allocate(costs: list[int], losses: list[float], options: int, capacity: int) -> tuple[list[int], float, int]: ...

@@ -14,6 +14,7 @@
 //! its low nibble; an odd total leaves the last low nibble zero.
 
 pub mod af4;
+pub mod allocate;
 pub mod bof4;
 pub mod buffer;
 pub mod checksum;

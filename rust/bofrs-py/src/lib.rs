@@ -7,6 +7,7 @@
 mod codebooks;
 mod detach;
 mod errors;
+mod higgs;
 mod optimizer;
 mod packing;
 mod runtime;
@@ -19,6 +20,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     packing::register(m)?;
     codebooks::register(m)?;
     optimizer::register(m)?;
+    higgs::register(m)?;
     runtime::register(m)?;
     Ok(())
 }

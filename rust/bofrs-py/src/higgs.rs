@@ -1,0 +1,148 @@
+//! HIGGS: the Hadamard transform, Gaussian grids, group-wise pack/unpack; and the knapsack
+//! allocation of the linearity theorem.
+
+use crate::detach::run;
+use crate::errors::to_py;
+use crate::packing::{as_halfs, contiguous};
+use crate::runtime::parse_isa;
+use bofrs_core::buffer::zeroed_vec;
+use bofrs_core::hadamard::hadamard_rows_with_isa;
+use bofrs_core::higgs::{gaussian_grid, higgs_pack, higgs_unpack, GridSearch, HiggsLayout};
+use bofrs_core::{allocate, Bf16, Element, ScaleDType, F16};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+
+/// The orthonormal Walsh-Hadamard transform of every run of `size` values (a new array).
+#[pyfunction]
+#[pyo3(signature = (data, size, isa=None))]
+fn hadamard<'py>(
+    py: Python<'py>,
+    data: PyReadonlyArray1<'py, f32>,
+    size: usize,
+    isa: Option<&str>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let isa = parse_isa(isa)?;
+    let mut out = contiguous(&data, "data")?.to_vec();
+    run(py, || hadamard_rows_with_isa(isa, &mut out, size))?;
+    Ok(out.into_pyarray(py))
+}
+
+/// An MSE-optimal grid for N(0, I_p): `(points, mse per coordinate)`.
+#[pyfunction]
+#[pyo3(signature = (p, n, seed=0))]
+fn generate_grid<'py>(
+    py: Python<'py>,
+    p: usize,
+    n: usize,
+    seed: u64,
+) -> PyResult<(Bound<'py, PyArray1<f64>>, f64)> {
+    let grid = run(py, move || gaussian_grid(p, n, seed))?;
+    Ok((grid.points.into_pyarray(py), grid.mse))
+}
+
+fn search(p: usize, points: &PyReadonlyArray1<'_, f32>) -> PyResult<GridSearch> {
+    GridSearch::new(p, contiguous(points, "points")?).map_err(to_py)
+}
+
+fn pack_typed<'py, E: Element>(
+    py: Python<'py>,
+    data: &[E],
+    layout: HiggsLayout,
+    grid: &GridSearch,
+    scale_dtype: ScaleDType,
+) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+    let (codes, scales) = run(py, || {
+        let mut codes = zeroed_vec::<u8>(layout.code_bytes());
+        let mut scales = vec![0f32; layout.num_groups()];
+        higgs_pack(data, &layout, grid, scale_dtype, &mut codes, &mut scales)?;
+        Ok((codes, scales))
+    })?;
+    Ok((codes.into_pyarray(py), scales.into_pyarray(py)))
+}
+
+/// Packs a `rows x cols` weight (float32, or uint16 bits of bfloat16 / float16).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn pack_higgs<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    element: &str,
+    rows: usize,
+    cols: usize,
+    group_size: usize,
+    p: usize,
+    points: PyReadonlyArray1<'py, f32>,
+    scale_dtype: &str,
+) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+    let grid = search(p, &points)?;
+    let layout = HiggsLayout::new(rows, cols, group_size, &grid).map_err(to_py)?;
+    let scale_dtype = ScaleDType::parse(scale_dtype).map_err(to_py)?;
+    match element {
+        "float32" => {
+            let arr: PyReadonlyArray1<'py, f32> = data.extract()?;
+            pack_typed(py, contiguous(&arr, "data")?, layout, &grid, scale_dtype)
+        }
+        "bfloat16" | "float16" => {
+            let arr: PyReadonlyArray1<'py, u16> = data.extract()?;
+            let bits = contiguous(&arr, "data")?;
+            if element == "bfloat16" {
+                pack_typed(py, as_halfs::<Bf16>(bits), layout, &grid, scale_dtype)
+            } else {
+                pack_typed(py, as_halfs::<F16>(bits), layout, &grid, scale_dtype)
+            }
+        }
+        other => Err(PyTypeError::new_err(format!(
+            "element must be 'float32', 'bfloat16' or 'float16', got {other:?}"
+        ))),
+    }
+}
+
+/// Decodes HIGGS codes to float32: `rows x cols` in the original basis, or
+/// `rows x padded_cols` in the rotated basis when `rotated`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn unpack_higgs<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray1<'py, u8>,
+    scales: PyReadonlyArray1<'py, f32>,
+    rows: usize,
+    cols: usize,
+    group_size: usize,
+    p: usize,
+    points: PyReadonlyArray1<'py, f32>,
+    rotated: bool,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let grid = search(p, &points)?;
+    let layout = HiggsLayout::new(rows, cols, group_size, &grid).map_err(to_py)?;
+    let width = if rotated { layout.padded_cols() } else { cols };
+    let (c, s) = (contiguous(&codes, "codes")?, contiguous(&scales, "scales")?);
+    let out = run(py, || {
+        let mut out = zeroed_vec::<f32>(rows * width);
+        higgs_unpack(c, s, &layout, &grid, rotated, &mut out)?;
+        Ok(out)
+    })?;
+    Ok(out.into_pyarray(py))
+}
+
+/// Exact multiple-choice knapsack: `(choices, loss, cost)`.
+#[pyfunction(name = "allocate")]
+fn allocate_py(
+    py: Python<'_>,
+    costs: Vec<u64>,
+    losses: Vec<f64>,
+    options: usize,
+    capacity: u64,
+) -> PyResult<(Vec<usize>, f64, u64)> {
+    let a = run(py, move || allocate::allocate(&costs, &losses, options, capacity))?;
+    Ok((a.choices, a.loss, a.cost))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(hadamard, m)?)?;
+    m.add_function(wrap_pyfunction!(generate_grid, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_higgs, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_higgs, m)?)?;
+    m.add_function(wrap_pyfunction!(allocate_py, m)?)?;
+    Ok(())
+}
