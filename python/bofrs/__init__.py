@@ -16,6 +16,7 @@ from ._allocate import Allocation, allocate
 from ._codebooks import Codebook, available_codebooks, codebook
 from ._errors import FormatError
 from ._higgs import HiggsTensor, hadamard, higgs_grid, pack_higgs
+from ._linearity import build_menu, estimate_sensitivity, layer_errors, perplexity
 from ._io import load_file, read_metadata, save_file
 from ._metrics import quantization_error
 from ._optimize import expected_error, optimize_codebook
@@ -43,15 +44,19 @@ __all__ = [
     "PackedTensor",
     "allocate",
     "available_codebooks",
+    "build_menu",
+    "estimate_sensitivity",
     "codebook",
     "expected_error",
     "hadamard",
     "higgs_grid",
+    "layer_errors",
     "load_file",
     "num_threads",
     "optimize_codebook",
     "pack",
     "pack_higgs",
+    "perplexity",
     "quantization_error",
     "read_metadata",
     "save_file",

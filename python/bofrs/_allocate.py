@@ -33,7 +33,7 @@ def _floats(values: object, name: str, length: int | None = None) -> list[float]
 def allocate(
     alphas: Sequence[float],
     layer_sizes: Sequence[int],
-    menu: Mapping[str, tuple[float, Sequence[float]]],
+    menu: Mapping[str, tuple[float | Sequence[float], Sequence[float]]],
     budget_bits: float,
     *,
     resolution: float = 1e-3,
@@ -41,7 +41,8 @@ def allocate(
     """The per-layer formats minimizing ``sum_l alphas[l] * t2[l]`` within an average budget.
 
     ``menu`` maps a format name to ``(bits_per_weight, t2)``, ``t2[l]`` being the relative
-    squared error ``||W^ - W||^2 / ||W||^2`` that format gives layer ``l`` (measured on the layer).
+    squared error ``||W^ - W||^2 / ||W||^2`` that format gives layer ``l`` (measured on the layer);
+    ``bits_per_weight`` is one number or one per layer (exact storage, padding included).
     ``layer_sizes`` are the layers' weight counts; ``budget_bits`` the allowed average bits per
     weight. Solved exactly (multiple-choice knapsack, dynamic programming in Rust) after
     rounding each layer's bits *up* to ``resolution`` average bits, so the result always fits.
@@ -67,17 +68,22 @@ def allocate(
         entry = menu[name]
         if not isinstance(entry, (tuple, list)) or len(entry) != 2:
             raise TypeError(f"menu[{name!r}] must be (bits_per_weight, errors)")
-        bits = float(entry[0])
-        if not (bits > 0 and math.isfinite(bits)):
-            raise ValueError(f"menu[{name!r}] bits must be positive, got {entry[0]}")
-        table[name] = (bits, _floats(entry[1], f"menu[{name!r}] errors", len(alpha)))
+        raw_bits = entry[0]
+        per_layer = (
+            [float(raw_bits)] * len(alpha)
+            if isinstance(raw_bits, (int, float))
+            else _floats(raw_bits, f"menu[{name!r}] bits", len(alpha))
+        )
+        if any(not (b > 0 and math.isfinite(b)) for b in per_layer):
+            raise ValueError(f"menu[{name!r}] bits must be positive, got {raw_bits}")
+        table[name] = (per_layer, _floats(entry[1], f"menu[{name!r}] errors", len(alpha)))
     for layer in range(len(alpha)):
         for name in names:
             bits, errors = table[name]
-            costs.append(math.ceil(sizes[layer] * bits / unit - 1e-9))
+            costs.append(math.ceil(sizes[layer] * bits[layer] / unit - 1e-9))
             losses.append(alpha[layer] * errors[layer])
     capacity = math.floor(budget / resolution + 1e-9)
     choices, loss, _ = _native.allocate(costs, losses, len(names), capacity)
     picked = tuple(names[q] for q in choices)
-    bits_used = sum(sizes[l] * table[n][0] for l, n in enumerate(picked)) / total
+    bits_used = sum(sizes[l] * table[n][0][l] for l, n in enumerate(picked)) / total
     return Allocation(picked, float(loss), float(bits_used))

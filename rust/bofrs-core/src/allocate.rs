@@ -28,16 +28,26 @@ pub fn allocate(
     capacity: u64,
 ) -> Result<Allocation> {
     if options == 0 || options > 255 {
-        return Err(invalid("menu", format!("needs 1..255 formats, got {options}")));
+        return Err(invalid(
+            "menu",
+            format!("needs 1..255 formats, got {options}"),
+        ));
     }
     if costs.len() != losses.len() || costs.len() % options != 0 {
         return Err(invalid(
             "menu",
-            format!("{} costs and {} losses for {options} formats", costs.len(), losses.len()),
+            format!(
+                "{} costs and {} losses for {options} formats",
+                costs.len(),
+                losses.len()
+            ),
         ));
     }
     if losses.iter().any(|l| l.is_nan() || *l < 0.0) {
-        return Err(invalid("menu", "losses must be non-negative (inf forbids)".into()));
+        return Err(invalid(
+            "menu",
+            "losses must be non-negative (inf forbids)".into(),
+        ));
     }
     let cap = usize::try_from(capacity)
         .ok()
@@ -119,12 +129,16 @@ mod tests {
     fn equals_brute_force_on_random_instances() {
         let mut state = 99u64;
         let mut rand = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as f64 / (1u64 << 31) as f64
         };
         for _ in 0..200 {
             let (layers, options) = (1 + (rand() * 6.0) as usize, 1 + (rand() * 4.0) as usize);
-            let costs: Vec<u64> = (0..layers * options).map(|_| (rand() * 20.0) as u64).collect();
+            let costs: Vec<u64> = (0..layers * options)
+                .map(|_| (rand() * 20.0) as u64)
+                .collect();
             let losses: Vec<f64> = (0..layers * options).map(|_| rand()).collect();
             let capacity = (rand() * 20.0 * layers as f64) as u64;
             let expect = brute_force(&costs, &losses, options, capacity);
@@ -132,7 +146,12 @@ mod tests {
                 Ok(a) => {
                     assert!((a.loss - expect).abs() < 1e-12, "{} vs {expect}", a.loss);
                     assert!(a.cost <= capacity);
-                    let l: f64 = a.choices.iter().enumerate().map(|(i, &q)| losses[i * options + q]).sum();
+                    let l: f64 = a
+                        .choices
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &q)| losses[i * options + q])
+                        .sum();
                     assert!((l - a.loss).abs() < 1e-12);
                 }
                 Err(_) => assert!(expect.is_infinite()),

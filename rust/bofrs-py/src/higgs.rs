@@ -134,7 +134,9 @@ fn allocate_py(
     options: usize,
     capacity: u64,
 ) -> PyResult<(Vec<usize>, f64, u64)> {
-    let a = run(py, move || allocate::allocate(&costs, &losses, options, capacity))?;
+    let a = run(py, move || {
+        allocate::allocate(&costs, &losses, options, capacity)
+    })?;
     Ok((a.choices, a.loss, a.cost))
 }
 

@@ -1,0 +1,230 @@
+"""The linearity theorem: per-layer sensitivities by noise injection, and per-layer errors.
+
+For moderate bit widths the loss increase of a quantized model is close to
+``sum_l alpha_l * t_l^2`` with ``t_l^2 = ||W^_l - W_l||^2 / ||W_l||^2`` (HIGGS, Malinovskii et
+al. 2024). :func:`estimate_sensitivity` measures ``alpha_l`` by adding Gaussian noise of
+relative size ``t`` to one layer at a time; :func:`layer_errors` measures ``t^2`` of each
+format on each layer; :func:`bofrs.allocate` then picks a format per layer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ._higgs import pack_higgs
+from ._pack import pack
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    if hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 3:
+        raise TypeError("model(input_ids) must return logits of shape (batch, seq, vocab)")
+    return out.float()
+
+
+def _batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError("tokens must be an integer tensor of shape (seq,) or (batch, seq)")
+    if tokens.shape[1] < 2:
+        raise ValueError("tokens need at least 2 positions per sequence")
+    return list(torch.split(tokens.long(), batch_size))
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 1) -> float:
+    """exp of the mean next-token cross-entropy of ``model`` on ``tokens`` ((batch, seq))."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for batch in _batches(tokens, batch_size):
+        batch = batch.to(device)
+        logits = _logits(model, batch)[:, :-1]
+        loss = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def linear_layers(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict[str, nn.Linear]:
+    """The model's ``nn.Linear`` modules by name, without those matching a ``skip`` pattern."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not any(re.search(p, name) for p in skip)
+    }
+
+
+def _metric(
+    model: nn.Module, tokens: torch.Tensor | None, num_sequences: int, seq_len: int, seed: int,
+    batch_size: int,
+) -> Callable[[], float]:
+    """A function measuring the model now: perplexity on tokens, or KL to the original on random
+    tokens (data-free)."""
+    if tokens is not None:
+        return lambda: perplexity(model, tokens, batch_size=batch_size)
+    vocab = _vocab_size(model)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (num_sequences, seq_len), generator=gen).to(device)
+    with torch.no_grad():
+        reference = [torch.log_softmax(_logits(model, b), -1) for b in torch.split(ids, batch_size)]
+
+    @torch.no_grad()
+    def kl() -> float:
+        total = 0.0
+        for batch, ref in zip(torch.split(ids, batch_size), reference):
+            now = torch.log_softmax(_logits(model, batch), -1)
+            total += float((ref.exp() * (ref - now)).sum())
+        return total / ids.numel()
+
+    return kl
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:
+        return vocab
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not embeddings:
+        raise ValueError("cannot tell the vocabulary size: pass tokens")
+    return int(embeddings[0].num_embeddings)
+
+
+def _progress(items: list[str], enabled: bool) -> Iterable[str]:
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is optional
+        return items
+    return tqdm(items, desc="sensitivity", unit="layer")  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def estimate_sensitivity(
+    model: nn.Module,
+    tokens: torch.Tensor | None = None,
+    *,
+    noise_levels: Sequence[float] = (0.05, 0.1),
+    draws: int = 1,
+    layers: Sequence[str] | None = None,
+    skip: Sequence[str] = ("lm_head",),
+    num_sequences: int = 4,
+    seq_len: int = 128,
+    batch_size: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """``alpha_l`` for every Linear layer: the slope, through the origin, of the loss increase
+    against ``t^2`` when Gaussian noise of relative norm ``t`` (each of ``noise_levels``) is
+    added to that layer alone (averaged over ``draws`` noise draws per level; large layers
+    need one, the increase concentrates around its mean).
+
+    With ``tokens`` ((batch, seq) ids) the loss is the perplexity; without, data-free, it is the
+    KL divergence of the model to its unperturbed self on ``num_sequences`` random sequences of
+    ``seq_len`` tokens (per token). Weights are restored exactly after each measurement.
+    """
+    levels = [float(t) for t in noise_levels]
+    if not levels or any(not (0 < t < 10) for t in levels):
+        raise ValueError(f"noise_levels must be positive, got {noise_levels}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive int, got {draws!r}")
+    targets = linear_layers(model, skip)
+    if layers is not None:
+        unknown = [n for n in layers if n not in targets]
+        if unknown:
+            raise ValueError(f"layers: no Linear layer named {unknown[0]!r}")
+        targets = {n: targets[n] for n in layers}
+    if not targets:
+        raise ValueError("model has no Linear layer to measure")
+    measure = _metric(model, tokens, num_sequences, seq_len, seed, batch_size)
+    base = measure() if tokens is not None else 0.0
+    gen = torch.Generator().manual_seed(seed)
+    alphas = {}
+    for name in _progress(list(targets), progress):
+        weight = targets[name].weight
+        original = weight.detach().clone()
+        norm = float(original.float().norm())
+        numerator = denominator = 0.0
+        for t in levels:
+            for _ in range(draws):
+                noise = torch.randn(original.shape, generator=gen).to(weight.device)
+                noise *= t * norm / float(noise.norm())
+                weight.copy_((original.float() + noise).to(weight.dtype))
+                increase = measure() - base
+                weight.copy_(original)
+                numerator += t * t * increase
+                denominator += t**4
+        alphas[name] = numerator / denominator
+    return alphas
+
+
+def _format_error(weight: torch.Tensor, spec: str) -> tuple[float, float]:
+    """(bits per weight, relative squared error) of one format on one weight."""
+    w = weight.detach().float().cpu()
+    norm2 = float((w.double() ** 2).sum())
+    if spec in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if spec == "bf16" else torch.float16
+        err = float(((w.to(dtype).float() - w).double() ** 2).sum())
+        return 16.0, err / norm2 if norm2 else 0.0
+    higgs = re.fullmatch(r"higgs(\d)p(\d)(?:@(\d+))?", spec)
+    if higgs:
+        bits, p = int(higgs.group(1)), int(higgs.group(2))
+        group = int(higgs.group(3) or 1024)
+        packed_h = pack_higgs(w, bits, p, min(group, _pow2_at_least(w.shape[-1])))
+        back = packed_h.dequantize(torch.float32)
+        return packed_h.bits_per_weight, float(((back - w).double() ** 2).sum()) / norm2
+    blockwise = re.fullmatch(r"([a-z0-9-]+?)(?:@(\d+))?", spec)
+    if not blockwise:
+        raise ValueError(f"unknown format spec {spec!r}")
+    packed = pack(w, blockwise.group(1), int(blockwise.group(2) or 64))
+    back = packed.dequantize(torch.float32)
+    return packed.bits_per_weight, float(((back - w).double() ** 2).sum()) / norm2
+
+
+def _pow2_at_least(n: int) -> int:
+    return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
+def layer_errors(
+    model: nn.Module, formats: Sequence[str], *, skip: Sequence[str] = ("lm_head",)
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """For each Linear layer and format: ``(bits_per_weight, t^2)`` measured on the layer.
+
+    Formats: a block-wise codebook name with an optional block size (``"nf4"``,
+    ``"bof4s@128"``), HIGGS as ``"higgs{bits}p{p}"`` with an optional group size
+    (``"higgs4p2@1024"``; groups shrink to the row length), or ``"bf16"`` / ``"fp16"``.
+    """
+    return {
+        name: {spec: _format_error(module.weight, spec) for spec in formats}
+        for name, module in linear_layers(model, skip).items()
+    }
+
+
+def build_menu(
+    errors: dict[str, dict[str, tuple[float, float]]],
+) -> tuple[list[str], dict[str, tuple[list[float], list[float]]]]:
+    """Layer names and the :func:`bofrs.allocate` menu (per-layer bits and errors) from
+    :func:`layer_errors`."""
+    names = list(errors)
+    if not names:
+        raise ValueError("errors is empty")
+    formats = list(errors[names[0]])
+    menu = {
+        spec: ([errors[n][spec][0] for n in names], [errors[n][spec][1] for n in names])
+        for spec in formats
+    }
+    return names, menu
