@@ -202,7 +202,5 @@ def hadamard(tensor: object, group_size: int | None = None) -> torch.Tensor:
     if cols % g:
         raise ValueError(f"the last dimension ({cols}) must be a multiple of group_size ({g})")
     flat = x.detach().reshape(-1).cpu().float().contiguous()
-    if not torch.isfinite(flat).all():
-        raise ValueError("tensor holds NaN or infinity")
     out = torch.from_numpy(_native.hadamard(flat.numpy(), g))
     return out.reshape(x.shape).to(dtype=x.dtype, device=x.device)

@@ -172,31 +172,44 @@ def estimate_sensitivity(
     return alphas
 
 
-def _format_error(weight: torch.Tensor, spec: str) -> tuple[float, float]:
-    """(bits per weight, relative squared error) of one format on one weight."""
-    w = weight.detach().float().cpu()
-    norm2 = float((w.double() ** 2).sum())
+def _quantized(w: torch.Tensor, spec: str) -> tuple[float, torch.Tensor]:
+    """(bits per weight, float32 reconstruction) of a float32 CPU weight in one format."""
     if spec in ("bf16", "fp16"):
         dtype = torch.bfloat16 if spec == "bf16" else torch.float16
-        err = float(((w.to(dtype).float() - w).double() ** 2).sum())
-        return 16.0, err / norm2 if norm2 else 0.0
+        return 16.0, w.to(dtype).float()
     higgs = re.fullmatch(r"higgs(\d)p(\d)(?:@(\d+))?", spec)
     if higgs:
         bits, p = int(higgs.group(1)), int(higgs.group(2))
-        group = int(higgs.group(3) or 1024)
-        packed_h = pack_higgs(w, bits, p, min(group, _pow2_at_least(w.shape[-1])))
-        back = packed_h.dequantize(torch.float32)
-        return packed_h.bits_per_weight, float(((back - w).double() ** 2).sum()) / norm2
+        packed_h = pack_higgs(w, bits, p, int(higgs.group(3) or _natural_group(w.shape[-1])))
+        return packed_h.bits_per_weight, packed_h.dequantize(torch.float32)
     blockwise = re.fullmatch(r"([a-z0-9-]+?)(?:@(\d+))?", spec)
     if not blockwise:
         raise ValueError(f"unknown format spec {spec!r}")
     packed = pack(w, blockwise.group(1), int(blockwise.group(2) or 64))
-    back = packed.dequantize(torch.float32)
-    return packed.bits_per_weight, float(((back - w).double() ** 2).sum()) / norm2
+    return packed.bits_per_weight, packed.dequantize(torch.float32)
 
 
-def _pow2_at_least(n: int) -> int:
-    return max(16, 1 << max(0, int(n) - 1).bit_length())
+def dequantized(weight: torch.Tensor, spec: str) -> torch.Tensor:
+    """``weight`` quantized in format ``spec`` (see :func:`layer_errors`) and decoded again, in
+    the weight's dtype and device: fake quantization for evaluations."""
+    _, back = _quantized(weight.detach().float().cpu(), spec)
+    return back.to(dtype=weight.dtype, device=weight.device)
+
+
+def _format_error(weight: torch.Tensor, spec: str) -> tuple[float, float]:
+    """(bits per weight, relative squared error) of one format on one weight."""
+    w = weight.detach().float().cpu()
+    norm2 = float((w.double() ** 2).sum())
+    bits, back = _quantized(w, spec)
+    err = float(((back - w).double() ** 2).sum())
+    return bits, err / norm2 if norm2 else 0.0
+
+
+def _natural_group(cols: int) -> int:
+    """The largest power of two dividing the row length, within 16..1024 (no padding when the
+    row length allows it)."""
+    lowest = int(cols) & -int(cols)
+    return min(1024, max(16, lowest))
 
 
 def layer_errors(
@@ -206,7 +219,8 @@ def layer_errors(
 
     Formats: a block-wise codebook name with an optional block size (``"nf4"``,
     ``"bof4s@128"``), HIGGS as ``"higgs{bits}p{p}"`` with an optional group size
-    (``"higgs4p2@1024"``; groups shrink to the row length), or ``"bf16"`` / ``"fp16"``.
+    (``"higgs4p2@1024"``; default: the largest power of two dividing the row length, at most
+    1024), or ``"bf16"`` / ``"fp16"``.
     """
     return {
         name: {spec: _format_error(module.weight, spec) for spec in formats}

@@ -45,28 +45,31 @@ fn first_stages(v: &mut [f32]) {
     }
 }
 
+/// One butterfly stage of half-width `h` (`h >= 8`: contiguous halves, vectorized).
+#[inline(always)]
+fn stage(v: &mut [f32], h: usize) {
+    for block in v.chunks_exact_mut(2 * h) {
+        let (a, b) = block.split_at_mut(h);
+        for (x, y) in a.iter_mut().zip(b.iter_mut()) {
+            let (p, q) = (*x, *y);
+            *x = p + q;
+            *y = p - q;
+        }
+    }
+}
+
 #[inline(always)]
 fn transform_row(v: &mut [f32]) {
     let n = v.len();
     first_stages(v);
     let mut h = 8;
     while h < n {
-        let last = 2 * h == n;
-        let scale = if last { 1.0 / (n as f32).sqrt() } else { 1.0 };
-        for block in v.chunks_exact_mut(2 * h) {
-            let (a, b) = block.split_at_mut(h);
-            for (x, y) in a.iter_mut().zip(b.iter_mut()) {
-                let (p, q) = (*x, *y);
-                if last {
-                    *x = (p + q) * scale;
-                    *y = (p - q) * scale;
-                } else {
-                    *x = p + q;
-                    *y = p - q;
-                }
-            }
-        }
+        stage(v, h);
         h *= 2;
+    }
+    let scale = 1.0 / (n as f32).sqrt();
+    for x in v.iter_mut() {
+        *x *= scale;
     }
 }
 

@@ -23,8 +23,15 @@ fn hadamard<'py>(
     isa: Option<&str>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let isa = parse_isa(isa)?;
-    let mut out = contiguous(&data, "data")?.to_vec();
-    run(py, || hadamard_rows_with_isa(isa, &mut out, size))?;
+    let values = contiguous(&data, "data")?;
+    let out = run(py, || {
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(bofrs_core::Error::NonFinite { index });
+        }
+        let mut out = values.to_vec();
+        hadamard_rows_with_isa(isa, &mut out, size)?;
+        Ok(out)
+    })?;
     Ok(out.into_pyarray(py))
 }
 

@@ -1,0 +1,81 @@
+"""HIGGS pieces against plain references, in one run.
+
+    python benches/bench_higgs.py
+
+1. Hadamard transform of 4096 rows x g (g = 64 .. 4096): bofrs vs numpy/scipy (x @ H, the
+   dense matrix) and vs torch (x @ H), with the ratio.
+2. pack_higgs of a 4096x4096 weight for each grid, weights/s, with the relative error next to
+   the grid's MSE.
+3. The knapsack allocation: 300 layers x 20 formats at 1/1000-bit resolution.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import numpy as np
+import scipy.linalg
+import torch
+
+import bofrs
+
+
+def timed(fn, repeat: int = 5) -> float:  # type: ignore[no-untyped-def]
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return statistics.median(out)
+
+
+def hadamard() -> None:
+    print("1. Hadamard, 4096 rows (ms, median of 5)")
+    print(f"{'g':>6}{'bofrs':>10}{'numpy x@H':>12}{'torch x@H':>12}{'vs numpy':>10}{'vs torch':>10}")
+    for g in (64, 256, 1024, 4096):
+        x = torch.randn(4096, g)
+        h = torch.from_numpy(scipy.linalg.hadamard(g).astype(np.float32) / math.sqrt(g))
+        xn, hn = x.numpy(), h.numpy()
+        ours = timed(lambda: bofrs.hadamard(x))
+        dense_np = timed(lambda: xn @ hn, repeat=3)
+        dense_t = timed(lambda: x @ h, repeat=3)
+        err = float((bofrs.hadamard(x) - x @ h).abs().max())
+        print(f"{g:>6}{ours * 1e3:>10.2f}{dense_np * 1e3:>12.2f}{dense_t * 1e3:>12.2f}"
+              f"{dense_np / ours:>9.1f}x{dense_t / ours:>9.1f}x   max diff {err:.1e}")
+
+
+def pack() -> None:
+    print("\n2. pack_higgs, 4096x4096 float32, group 1024")
+    w = torch.randn(4096, 4096)
+    for bits, p in ((4, 1), (4, 2), (3, 2), (2, 2), (8, 1)):
+        seconds = timed(lambda: bofrs.pack_higgs(w, bits, p, 1024), repeat=3)
+        packed = bofrs.pack_higgs(w, bits, p, 1024)
+        unpack = timed(lambda: packed.dequantize(), repeat=3)
+        rel = float(((packed.dequantize() - w) ** 2).sum() / (w**2).sum())
+        print(f"bits={bits} p={p}: pack {seconds * 1e3:.0f} ms ({w.numel() / seconds / 1e6:.0f} M/s), "
+              f"unpack {unpack * 1e3:.0f} ms, rel. error {rel:.5f} (grid MSE {packed.grid.mse:.5f}), "
+              f"{packed.bits_per_weight:.4f} bits/w")
+
+
+def allocation() -> None:
+    rng = np.random.default_rng(0)
+    layers, formats = 300, 20
+    alphas = rng.uniform(0, 5, layers).tolist()
+    sizes = rng.integers(10**5, 10**7, layers).tolist()
+    menu = {
+        f"f{k}": (float(2 + 14 * k / formats), (rng.uniform(0.5, 1.5, layers) * 4.0 ** -(2 + 14 * k / formats)).tolist())
+        for k in range(formats)
+    }
+    seconds = timed(lambda: bofrs.allocate(alphas, sizes, menu, 4.25), repeat=3)
+    plan = bofrs.allocate(alphas, sizes, menu, 4.25)
+    print(f"\n3. allocate: {layers} layers x {formats} formats, budget 4.25 at 1/1000 bit: "
+          f"{seconds * 1e3:.0f} ms (average {plan.average_bits:.4f} bits)")
+
+
+if __name__ == "__main__":
+    print(f"bofrs {bofrs.__version__}, {bofrs.num_threads()} threads")
+    hadamard()
+    pack()
+    allocation()

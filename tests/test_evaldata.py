@@ -1,0 +1,62 @@
+"""The R lazy-load reader behind bofrs.evaldata, on databases the test writes itself."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from bofrs import evaldata
+
+
+def serialize(obj: list[str | None] | list[int]) -> bytes:
+    """R's XDR serialization (version 3) of a character or integer vector."""
+    out = b"X\n" + struct.pack(">III", 3, 0x40201, 0x30500) + struct.pack(">I", 5) + b"UTF-8"
+    if obj and isinstance(obj[0], int):
+        return out + struct.pack(">II", 13, len(obj)) + b"".join(struct.pack(">i", v) for v in obj)  # type: ignore[arg-type]
+    out += struct.pack(">II", 16, len(obj))
+    for s in obj:
+        if s is None:
+            out += struct.pack(">II", 9, 0xFFFFFFFF)
+        else:
+            raw = str(s).encode()
+            out += struct.pack(">II", 0x00040009, len(raw)) + raw
+    return out
+
+
+def database(objects: list[bytes]) -> bytes:
+    return b"".join(struct.pack(">I", len(o)) + zlib.compress(o) for o in objects)
+
+
+def test_reads_character_vectors_and_skips_other_objects(tmp_path: Path) -> None:
+    book1 = ["", "PRIDE AND PREJUDICE", "", "It is a truth universally acknowledged", None, "é"]
+    book2 = ["Persuasion", "Sir Walter Elliot"]
+    path = tmp_path / "data" / "Rdata.rdb"
+    path.parent.mkdir()
+    path.write_bytes(database([serialize(book1), serialize([1, 2, 3]), serialize(book2)]))
+    vectors = evaldata.read_rdb_strings(path)
+    assert vectors == [[s if s is not None else "" for s in book1], book2]
+    novels = evaldata.austen_novels(tmp_path)
+    assert list(novels) == ["PRIDE AND PREJUDICE", "Persuasion"]
+    assert novels["Persuasion"] == "Persuasion\nSir Walter Elliot"
+
+
+def test_corrupt_or_truncated_databases_raise(tmp_path: Path) -> None:
+    good = database([serialize(["a", "b"])])
+    path = tmp_path / "Rdata.rdb"
+    path.write_bytes(good[:-5])
+    with pytest.raises(ValueError, match="truncated"):
+        evaldata.read_rdb_strings(path)
+    path.write_bytes(good[:4] + b"garbage" + good[11:])
+    with pytest.raises(ValueError, match="corrupt"):
+        evaldata.read_rdb_strings(path)
+    path.write_bytes(database([b"Y\n" + serialize(["a"])[2:]]))
+    with pytest.raises(ValueError, match="XDR"):
+        evaldata.read_rdb_strings(path)
+    with pytest.raises(FileNotFoundError):
+        evaldata.austen_novels(tmp_path / "missing.rdb")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError):
+        evaldata.austen_novels(tmp_path / "empty")
