@@ -5,12 +5,14 @@
 //! the codebook's midpoint thresholds. Codes `2j` and `2j+1` share byte `j` (high, low nibble).
 
 use crate::codebook::{Codebook, Normalization};
+use crate::dq::{quantize_group, GROUP};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::layout::BlockLayout;
+use crate::opq::{block_outliers, threshold, zero_outliers, OpqOptions, Outlier};
 use crate::pool::{blocks_per_task, pool};
-use crate::scale::{stored_block_scale, ScaleDType};
+use crate::scale::{max_abs_bits, raw_block_scale, raw_block_scale_from_max, ScaleDType};
 use rayon::prelude::*;
 
 /// What to encode with.
@@ -24,6 +26,27 @@ pub struct EncodeOptions<'a> {
 
 /// Values encoded per inner step (16 code bytes).
 const STEP: usize = 32;
+
+/// Options beyond the basic format: OPQ outliers and double-quantized scales.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PackExtras {
+    /// Outlier-preserving quantization (see [`crate::opq`]); `None` disables it.
+    pub opq: Option<OpqOptions>,
+    /// Double-quantized ("dq8") scales (see [`crate::dq`]); `options.scale_dtype` is then unused.
+    pub double_quant: bool,
+}
+
+/// Output buffers of [`pack_ext_with_isa`].
+pub struct PackBuffers<'a> {
+    /// `numel.div_ceil(2)` bytes of codes.
+    pub codes: &'a mut [u8],
+    /// One decoded scale per block (the value the decoder uses).
+    pub scales: &'a mut [f32],
+    /// Double quantization only (else empty): one stored byte per block.
+    pub scale_codes: &'a mut [u8],
+    /// Double quantization only (else empty): `[lo, step]` per group of [`GROUP`] blocks.
+    pub scale_params: &'a mut [f32],
+}
 
 /// Packs `input` into `codes` (`numel.div_ceil(2)` bytes) and `scales` (one per block, already
 /// rounded to the storage type), on the pool, with the best instruction set of this CPU.
@@ -44,45 +67,143 @@ pub fn pack_with_isa<E: Element>(
     codes: &mut [u8],
     scales: &mut [f32],
 ) -> Result<()> {
-    isa.ensure_supported()?;
-    let layout = BlockLayout::new(input.len(), options.block_size)?;
-    layout.check_buffers(codes.len(), scales.len())?;
-    let bpt = blocks_per_task(options.block_size);
-    let task_values = bpt * options.block_size;
-    let outcome = pool().install(|| {
-        input
-            .par_chunks(task_values)
-            .zip(codes.par_chunks_mut(task_values / 2))
-            .zip(scales.par_chunks_mut(bpt))
-            .enumerate()
-            .try_for_each(|(task, ((x, c), s))| {
-                // SAFETY: `isa` was checked to be supported by this CPU above.
-                unsafe { pack_task(isa, x, options, c, s, task * bpt) }
-            })
-    });
-    // Parallel tasks may fail in any order; report the first failure in flat order.
-    outcome.map_err(|_| first_error(input, options))
+    let buffers = PackBuffers {
+        codes,
+        scales,
+        scale_codes: &mut [],
+        scale_params: &mut [],
+    };
+    pack_ext_with_isa(isa, input, options, &PackExtras::default(), buffers).map(|_| ())
 }
 
-/// The first error of a sequential scan (only called once a task has failed).
-fn first_error<E: Element>(input: &[E], options: &EncodeOptions<'_>) -> Error {
-    input
-        .chunks(options.block_size)
-        .enumerate()
-        .find_map(|(b, block)| {
-            stored_block_scale(
-                block,
-                options.normalization,
-                options.scale_dtype,
-                b * options.block_size,
-                b,
+/// [`pack_with_isa`] with OPQ and / or double-quantized scales. Returns the outliers (flat
+/// index ascending, stored 16-bit value); empty without OPQ. Errors name the first bad block in
+/// flat order.
+pub fn pack_ext_with_isa<E: Element>(
+    isa: Isa,
+    input: &[E],
+    options: &EncodeOptions<'_>,
+    extras: &PackExtras,
+    out: PackBuffers<'_>,
+) -> Result<Vec<Outlier>> {
+    isa.ensure_supported()?;
+    let bs = options.block_size;
+    let layout = BlockLayout::new(input.len(), bs)?;
+    layout.check_buffers(out.codes.len(), out.scales.len())?;
+    let blocks = layout.num_blocks();
+    let dq = extras.double_quant;
+    let (want_codes, want_params) = if dq {
+        (blocks, 2 * blocks.div_ceil(GROUP))
+    } else {
+        (0, 0)
+    };
+    for (what, expected, actual) in [
+        ("scale_codes", want_codes, out.scale_codes.len()),
+        ("scale_scales", want_params, out.scale_params.len()),
+    ] {
+        if expected != actual {
+            return Err(Error::LengthMismatch {
+                what,
+                expected,
+                actual,
+            });
+        }
+    }
+    let mut bpt = blocks_per_task(bs);
+    if dq {
+        // A task holds whole scale groups.
+        bpt = bpt.next_multiple_of(GROUP);
+    }
+    let task_values = bpt * bs;
+    let tail = input.len() % bs;
+    let context = TaskContext {
+        options,
+        opq: extras
+            .opq
+            .map(|o| (o, threshold(bs, o.q), threshold(tail.max(1), o.q))),
+        double_quant: dq,
+        signed: options.normalization == Normalization::SignedAbsmax,
+    };
+    let tasks = blocks.div_ceil(bpt);
+    let mut scale_codes: Vec<&mut [u8]> = if dq {
+        out.scale_codes.chunks_mut(bpt).collect()
+    } else {
+        (0..tasks).map(|_| Default::default()).collect()
+    };
+    let mut scale_params: Vec<&mut [f32]> = if dq {
+        out.scale_params.chunks_mut(2 * bpt / GROUP).collect()
+    } else {
+        (0..tasks).map(|_| Default::default()).collect()
+    };
+    let results: Vec<Result<Vec<Outlier>>> = pool().install(|| {
+        input
+            .par_chunks(task_values)
+            .zip(out.codes.par_chunks_mut(task_values / 2))
+            .zip(out.scales.par_chunks_mut(bpt))
+            .zip(scale_codes.par_iter_mut())
+            .zip(scale_params.par_iter_mut())
+            .enumerate()
+            .map(
+                |(task, ((((x, codes), scales), scale_codes), scale_params))| {
+                    let out = TaskOut {
+                        codes,
+                        scales,
+                        scale_codes,
+                        scale_params,
+                    };
+                    // SAFETY: `isa` was checked to be supported by this CPU above.
+                    unsafe { pack_task(isa, x, &context, out, task * bpt) }
+                },
             )
-            .err()
-        })
-        .unwrap_or(Error::InvalidArgument {
-            name: "input",
-            message: "encoding failed".into(),
-        })
+            .collect()
+    });
+    // Tasks are in flat order and each stops at its first bad block.
+    let mut outliers = Vec::new();
+    for result in results {
+        outliers.extend(result?);
+    }
+    Ok(outliers)
+}
+
+/// What every task needs to know.
+struct TaskContext<'a> {
+    options: &'a EncodeOptions<'a>,
+    /// OPQ settings with the threshold factor for full blocks and for the partial last block.
+    opq: Option<(OpqOptions, f64, f64)>,
+    double_quant: bool,
+    signed: bool,
+}
+
+/// The slices of the outputs one task writes.
+struct TaskOut<'a> {
+    codes: &'a mut [u8],
+    scales: &'a mut [f32],
+    scale_codes: &'a mut [u8],
+    scale_params: &'a mut [f32],
+}
+
+/// The per-ISA pieces of the encoder.
+trait Kernel {
+    /// Largest `abs_bits` of a block.
+    fn max_abs_bits<T: Element>(&self, block: &[T]) -> u32;
+    /// Codes of one block against its (decoded) scale.
+    fn encode<T: Element>(&self, block: &[T], scale: f32, out: &mut [u8]);
+}
+
+/// The portable kernels: the definition of the results.
+struct Portable<'a> {
+    codebook: &'a Codebook,
+}
+
+impl Kernel for Portable<'_> {
+    #[inline(always)]
+    fn max_abs_bits<T: Element>(&self, block: &[T]) -> u32 {
+        max_abs_bits(block)
+    }
+    #[inline(always)]
+    fn encode<T: Element>(&self, block: &[T], scale: f32, out: &mut [u8]) {
+        encode_block(block, scale, self.codebook, out)
+    }
 }
 
 /// Dispatches one task to the kernel variant.
@@ -92,51 +213,101 @@ fn first_error<E: Element>(input: &[E], options: &EncodeOptions<'_>) -> Error {
 unsafe fn pack_task<E: Element>(
     isa: Isa,
     input: &[E],
-    options: &EncodeOptions<'_>,
-    codes: &mut [u8],
-    scales: &mut [f32],
+    context: &TaskContext<'_>,
+    out: TaskOut<'_>,
     first_block: usize,
-) -> Result<()> {
+) -> Result<Vec<Outlier>> {
     match isa {
-        Isa::Portable => pack_blocks(input, options, codes, scales, first_block),
         // AVX-512 CPUs run the AVX2 kernels (no AVX-512-specific encoder yet).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => {
-            x86::pack_blocks_avx2(input, options, codes, scales, first_block)
+        Isa::Avx2 | Isa::Avx512 => x86::pack_task_avx2(input, context, out, first_block),
+        _ => {
+            let kernel = Portable {
+                codebook: context.options.codebook,
+            };
+            run_task(&kernel, input, context, out, first_block)
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => pack_blocks(input, options, codes, scales, first_block),
     }
 }
 
-/// The portable body: scales of all blocks of one task, then their codes.
+/// One task: the raw scale of every block (after removing its outliers), the scales' storage
+/// rounding or double quantization, then the codes against the decoded scales.
 #[inline(always)]
-fn pack_blocks<E: Element>(
+fn run_task<E: Element, K: Kernel>(
+    kernel: &K,
     input: &[E],
-    options: &EncodeOptions<'_>,
-    codes: &mut [u8],
-    scales: &mut [f32],
+    context: &TaskContext<'_>,
+    out: TaskOut<'_>,
     first_block: usize,
-) -> Result<()> {
+) -> Result<Vec<Outlier>> {
+    let options = context.options;
     let bs = options.block_size;
-    for (b, (block, scale)) in input.chunks(bs).zip(scales.iter_mut()).enumerate() {
+    let mut outliers: Vec<Outlier> = Vec::new();
+    let mut scratch: Vec<f32> = Vec::new();
+    for (b, (block, scale)) in input.chunks(bs).zip(out.scales.iter_mut()).enumerate() {
         let index = first_block + b;
-        *scale = stored_block_scale(
-            block,
-            options.normalization,
-            options.scale_dtype,
-            index * bs,
-            index,
-        )?;
+        let start = index * bs;
+        let max_bits = kernel.max_abs_bits(block);
+        let mut raw = raw_block_scale_from_max(block, max_bits, options.normalization)
+            .map_err(|i| Error::NonFinite { index: start + i })?;
+        if let Some((opq, t_full, t_tail)) = &context.opq {
+            let t = if block.len() == bs { *t_full } else { *t_tail };
+            let from = outliers.len();
+            let max_abs = E::abs_bits_to_f32(max_bits);
+            if block_outliers(block, max_abs, t, opq, start, E::MAX_FINITE, &mut outliers)? > 0 {
+                let zeroed = zero_outliers(block, &outliers[from..], start, &mut scratch);
+                raw = raw_block_scale(zeroed, options.normalization).unwrap_or(0.0);
+            }
+        }
+        *scale = if context.double_quant {
+            raw
+        } else {
+            options
+                .scale_dtype
+                .store(raw, E::MAX_FINITE)
+                .ok_or(Error::ScaleOverflow {
+                    block: index,
+                    value: raw,
+                    dtype: options.scale_dtype.name(),
+                })?
+        };
     }
-    for ((block, out), &scale) in input
+    if context.double_quant {
+        for ((scales, codes), params) in out
+            .scales
+            .chunks_mut(GROUP)
+            .zip(out.scale_codes.chunks_mut(GROUP))
+            .zip(out.scale_params.chunks_mut(2))
+        {
+            params.copy_from_slice(&quantize_group(
+                scales,
+                context.signed,
+                E::MAX_FINITE,
+                codes,
+            ));
+        }
+    }
+    let mut next = 0;
+    for (b, ((block, codes), &scale)) in input
         .chunks(bs)
-        .zip(codes.chunks_mut(bs / 2))
-        .zip(scales.iter())
+        .zip(out.codes.chunks_mut(bs / 2))
+        .zip(out.scales.iter())
+        .enumerate()
     {
-        encode_block(block, scale, options.codebook, out);
+        let start = (first_block + b) * bs;
+        let end = (start + block.len()) as u64;
+        let from = next;
+        while next < outliers.len() && outliers[next].0 < end {
+            next += 1;
+        }
+        if from == next {
+            kernel.encode(block, scale, codes);
+        } else {
+            let zeroed = zero_outliers(block, &outliers[from..next], start, &mut scratch);
+            kernel.encode(zeroed, scale, codes);
+        }
     }
-    Ok(())
+    Ok(outliers)
 }
 
 /// Fills the codes of a block whose stored scale is 0: every value encodes as 0.
@@ -194,11 +365,11 @@ fn encode_tail<E: Element>(values: &[E], scale: f32, codebook: &Codebook, out: &
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{encode_tail, encode_zero_block, EncodeOptions, STEP};
+    use super::{encode_tail, encode_zero_block, run_task, Kernel, TaskContext, TaskOut, STEP};
     use crate::codebook::Codebook;
     use crate::element::{Bf16, Element, F16};
     use crate::error::Result;
-    use crate::scale::stored_block_scale_from_max;
+    use crate::opq::Outlier;
     use std::any::TypeId;
     use std::arch::x86_64::*;
 
@@ -310,36 +481,40 @@ mod x86 {
         push_bit(code, above(y, _mm256_permutevar8x32_ps(tables.last, code)))
     }
 
-    /// The blocks of one task: all scales, then all codes.
+    /// The AVX2 kernels. Only built inside [`pack_task_avx2`], so only where AVX2 runs.
+    struct Avx2<'a> {
+        codebook: &'a Codebook,
+        tables: SearchTables,
+    }
+
+    impl Kernel for Avx2<'_> {
+        #[inline(always)]
+        fn max_abs_bits<T: Element>(&self, block: &[T]) -> u32 {
+            // SAFETY: an `Avx2` exists only inside `pack_task_avx2` (AVX2 checked by caller).
+            unsafe { max_abs_bits_avx2(block) }
+        }
+        #[inline(always)]
+        fn encode<T: Element>(&self, block: &[T], scale: f32, out: &mut [u8]) {
+            // SAFETY: as above.
+            unsafe { encode_block_avx2(block, scale, self.codebook, &self.tables, out) }
+        }
+    }
+
+    /// One task with the AVX2 kernels (the shared driver is inlined here, so its loops are
+    /// compiled for AVX2 too).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn pack_blocks_avx2<E: Element>(
+    pub(super) unsafe fn pack_task_avx2<E: Element>(
         input: &[E],
-        options: &EncodeOptions<'_>,
-        codes: &mut [u8],
-        scales: &mut [f32],
+        context: &TaskContext<'_>,
+        out: TaskOut<'_>,
         first_block: usize,
-    ) -> Result<()> {
-        let bs = options.block_size;
-        for (b, (block, scale)) in input.chunks(bs).zip(scales.iter_mut()).enumerate() {
-            let index = first_block + b;
-            *scale = stored_block_scale_from_max(
-                block,
-                max_abs_bits_avx2(block),
-                options.normalization,
-                options.scale_dtype,
-                index * bs,
-                index,
-            )?;
-        }
-        let tables = search_tables(options.codebook);
-        for ((block, out), &scale) in input
-            .chunks(bs)
-            .zip(codes.chunks_mut(bs / 2))
-            .zip(scales.iter())
-        {
-            encode_block_avx2(block, scale, options.codebook, &tables, out);
-        }
-        Ok(())
+    ) -> Result<Vec<Outlier>> {
+        let codebook = context.options.codebook;
+        let kernel = Avx2 {
+            codebook,
+            tables: search_tables(codebook),
+        };
+        run_task(&kernel, input, context, out, first_block)
     }
 
     /// AVX2 encoder of one block: 32 values per step, packed to 16 bytes.
@@ -433,6 +608,79 @@ mod tests {
                     }
                     for isa in Isa::supported() {
                         assert_eq!(encode(isa, &x, bs, norm), (codes.clone(), scales.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn encode_ext<E: Element>(
+        isa: Isa,
+        x: &[E],
+        bs: usize,
+        norm: Normalization,
+        extras: &PackExtras,
+    ) -> (Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>, Vec<Outlier>) {
+        let cb = Codebook::new(&NF4).unwrap();
+        let opts = EncodeOptions {
+            codebook: &cb,
+            block_size: bs,
+            normalization: norm,
+            scale_dtype: ScaleDType::BFloat16,
+        };
+        let layout = BlockLayout::new(x.len(), bs).unwrap();
+        let blocks = layout.num_blocks();
+        let mut codes = vec![0u8; layout.code_bytes()];
+        let mut scales = vec![0f32; blocks];
+        let dq = extras.double_quant;
+        let mut sc = vec![0u8; if dq { blocks } else { 0 }];
+        let mut sp = vec![0f32; if dq { 2 * blocks.div_ceil(GROUP) } else { 0 }];
+        let buffers = PackBuffers {
+            codes: &mut codes,
+            scales: &mut scales,
+            scale_codes: &mut sc,
+            scale_params: &mut sp,
+        };
+        let outliers = pack_ext_with_isa(isa, x, &opts, extras, buffers).unwrap();
+        (codes, scales, sc, sp, outliers)
+    }
+
+    #[test]
+    fn opq_and_double_quant_agree_across_isas_and_zero_the_outliers() {
+        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        use crate::opq::OutlierDType;
+        let cb = Codebook::new(&NF4).unwrap();
+        for &n in &[1usize, 2, 17, 64, 100, 1000, 70001, 140_000] {
+            let mut x = lcg(n, n as u64 + 7);
+            for i in (0..n).step_by(97) {
+                x[i] *= 40.0;
+            }
+            let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect();
+            let xh: Vec<F16> = x.iter().map(|&v| F16(f32_to_f16(v))).collect();
+            for &bs in &[16usize, 64, 4096] {
+                for norm in [Normalization::Absmax, Normalization::SignedAbsmax] {
+                    for dq in [false, true] {
+                        let extras = PackExtras {
+                            opq: Some(OpqOptions::new(0.95, OutlierDType::BFloat16).unwrap()),
+                            double_quant: dq,
+                        };
+                        let want = encode_ext(Isa::Portable, &x, bs, norm, &extras);
+                        if n >= 1000 {
+                            assert!(!want.4.is_empty(), "n={n} bs={bs}: outliers expected");
+                        }
+                        // Outlier positions encode as 0 against the block's scale.
+                        for &(i, _) in &want.4 {
+                            let i = i as usize;
+                            let byte = want.0[i / 2];
+                            let code = if i % 2 == 0 { byte >> 4 } else { byte & 15 };
+                            assert_eq!(code, cb.encode_one(0.0), "n={n} i={i}");
+                        }
+                        for isa in Isa::supported() {
+                            assert_eq!(encode_ext(isa, &x, bs, norm, &extras), want);
+                            encode_ext(isa, &xb, bs, norm, &extras);
+                            let a = encode_ext(isa, &xh, bs, norm, &extras);
+                            assert_eq!(a, encode_ext(Isa::Portable, &xh, bs, norm, &extras));
+                        }
                     }
                 }
             }
