@@ -16,6 +16,7 @@ from ._codebooks import Codebook, available_codebooks, codebook
 from ._errors import FormatError
 from ._io import load_file, read_metadata, save_file
 from ._metrics import quantization_error
+from ._outliers import Outliers
 from ._pack import pack, unpack
 from ._packed import PackedTensor
 
@@ -27,6 +28,19 @@ def num_threads() -> int:
     return int(_native.num_threads())
 
 
+def opq_threshold(block_size: int, q: float) -> float:
+    """OPQ threshold factor ``t(I, q) = Phi^-1((q^(1/I) + 1) / 2)``: a value is an outlier when
+    its magnitude exceeds ``t`` times its block's sample standard deviation."""
+    from ._outliers import check_quantile
+
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    checked = check_quantile(q)
+    if checked is None:
+        raise TypeError("q must be a float in (0, 1)")
+    return float(_native.opq_threshold(block_size, checked))
+
+
 def supported_isas() -> tuple[str, ...]:
     """Kernel variants this CPU runs ("portable" first, the default last); all give identical results."""
     return tuple(_native.supported_isas())
@@ -35,11 +49,13 @@ def supported_isas() -> tuple[str, ...]:
 __all__ = [
     "Codebook",
     "FormatError",
+    "Outliers",
     "PackedTensor",
     "available_codebooks",
     "codebook",
     "load_file",
     "num_threads",
+    "opq_threshold",
     "pack",
     "quantization_error",
     "read_metadata",

@@ -614,13 +614,15 @@ mod tests {
         }
     }
 
+    type Encoded = (Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>, Vec<Outlier>);
+
     fn encode_ext<E: Element>(
         isa: Isa,
         x: &[E],
         bs: usize,
         norm: Normalization,
         extras: &PackExtras,
-    ) -> (Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>, Vec<Outlier>) {
+    ) -> Encoded {
         let cb = Codebook::new(&NF4).unwrap();
         let opts = EncodeOptions {
             codebook: &cb,

@@ -111,6 +111,7 @@ pub type Outlier = (u64, u16);
 ///
 /// Acklam's rational approximation (relative error 1.2e-9) refined by two Halley steps on the
 /// exact tail `erfc`: accurate to a few ulp over the whole range.
+#[allow(clippy::excessive_precision)] // the published coefficients, verbatim
 pub fn normal_upper_quantile(tail: f64) -> f64 {
     const A: [f64; 6] = [
         -3.969683028665376e1,
@@ -221,7 +222,7 @@ pub fn block_outliers<E: Element>(
 ) -> Result<usize> {
     let sigma = block_sigma(block);
     let limit = sigma * t;
-    if !(sigma > 0.0) || (max_abs as f64) <= limit {
+    if sigma <= 0.0 || (max_abs as f64) <= limit {
         return Ok(0);
     }
     let before = out.len();
