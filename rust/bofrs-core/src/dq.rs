@@ -32,6 +32,18 @@ fn max_code(signed: bool) -> u32 {
     }
 }
 
+/// Round half to even of a non-negative value (values from 2^23 up are already integers): the
+/// classic add-and-subtract of 2^23, so no libm call on CPUs without SSE4.1.
+#[inline(always)]
+fn round_half_even(v: f32) -> f32 {
+    const BIG: f32 = 8_388_608.0;
+    if v < BIG {
+        (v + BIG) - BIG
+    } else {
+        v
+    }
+}
+
 /// The decoded scale of one stored byte.
 #[inline(always)]
 pub fn decode_one(byte: u8, lo: f32, step: f32, signed: bool) -> f32 {
@@ -85,7 +97,7 @@ pub fn quantize_group(
         } else if step == 0.0 {
             1
         } else {
-            (1.0 + ((m - lo) / step).round_ties_even()).clamp(1.0, k as f32) as u32
+            (1.0 + round_half_even((m - lo) / step)).clamp(1.0, k as f32) as u32
         };
         while code > 1 {
             let v = lo + (code - 1) as f32 * step;
@@ -215,6 +227,21 @@ mod tests {
         let mut m = vec![f32::MAX, 1.0];
         quantize_group(&mut m, false, f32::MAX, &mut codes[..2]);
         assert!(m.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn rounding_is_half_even() {
+        for (v, want) in [
+            (0.0, 0.0),
+            (0.5, 0.0),
+            (1.5, 2.0),
+            (2.5, 2.0),
+            (2.4999, 2.0),
+            (253.5, 254.0),
+            (1e9, 1e9),
+        ] {
+            assert_eq!(round_half_even(v), want, "{v}");
+        }
     }
 
     #[test]

@@ -10,7 +10,9 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::layout::BlockLayout;
-use crate::opq::{block_outliers, threshold, zero_outliers, OpqOptions, Outlier};
+use crate::opq::{
+    block_outliers, block_sums, zero_outliers, FilterBound, OpqOptions, Outlier, Threshold,
+};
 use crate::pool::{blocks_per_task, pool};
 use crate::scale::{max_abs_bits, raw_block_scale, raw_block_scale_from_max, ScaleDType};
 use rayon::prelude::*;
@@ -118,9 +120,14 @@ pub fn pack_ext_with_isa<E: Element>(
     let tail = input.len() % bs;
     let context = TaskContext {
         options,
-        opq: extras
-            .opq
-            .map(|o| (o, threshold(bs, o.q), threshold(tail.max(1), o.q))),
+        opq: extras.opq.map(|o| OpqContext {
+            options: o,
+            full: (Threshold::new(bs, o.q), FilterBound::new(bs)),
+            tail: (
+                Threshold::new(tail.max(1), o.q),
+                FilterBound::new(tail.max(1)),
+            ),
+        }),
         double_quant: dq,
         signed: options.normalization == Normalization::SignedAbsmax,
     };
@@ -168,10 +175,17 @@ pub fn pack_ext_with_isa<E: Element>(
 /// What every task needs to know.
 struct TaskContext<'a> {
     options: &'a EncodeOptions<'a>,
-    /// OPQ settings with the threshold factor for full blocks and for the partial last block.
-    opq: Option<(OpqOptions, f64, f64)>,
+    /// OPQ settings with the thresholds of full blocks and of the partial last block.
+    opq: Option<OpqContext>,
     double_quant: bool,
     signed: bool,
+}
+
+/// OPQ settings and the per-length constants.
+struct OpqContext {
+    options: OpqOptions,
+    full: (Threshold, FilterBound),
+    tail: (Threshold, FilterBound),
 }
 
 /// The slices of the outputs one task writes.
@@ -188,6 +202,10 @@ trait Kernel {
     fn max_abs_bits<T: Element>(&self, block: &[T]) -> u32;
     /// Codes of one block against its (decoded) scale.
     fn encode<T: Element>(&self, block: &[T], scale: f32, out: &mut [u8]);
+    /// The block's shifted sums, exactly as [`block_sums`] computes them.
+    fn sums<T: Element>(&self, block: &[T]) -> (f64, f64);
+    /// Cheap f32 shifted sums for [`Threshold::provably_clean`], or `None` (no filter).
+    fn f32_sums<T: Element>(&self, block: &[T]) -> Option<(f32, f32)>;
 }
 
 /// The portable kernels: the definition of the results.
@@ -203,6 +221,14 @@ impl Kernel for Portable<'_> {
     #[inline(always)]
     fn encode<T: Element>(&self, block: &[T], scale: f32, out: &mut [u8]) {
         encode_block(block, scale, self.codebook, out)
+    }
+    #[inline(always)]
+    fn sums<T: Element>(&self, block: &[T]) -> (f64, f64) {
+        block_sums(block)
+    }
+    #[inline(always)]
+    fn f32_sums<T: Element>(&self, _block: &[T]) -> Option<(f32, f32)> {
+        None
     }
 }
 
@@ -250,11 +276,33 @@ fn run_task<E: Element, K: Kernel>(
         let max_bits = kernel.max_abs_bits(block);
         let mut raw = raw_block_scale_from_max(block, max_bits, options.normalization)
             .map_err(|i| Error::NonFinite { index: start + i })?;
-        if let Some((opq, t_full, t_tail)) = &context.opq {
-            let t = if block.len() == bs { *t_full } else { *t_tail };
+        if let Some(opq) = &context.opq {
+            let (threshold, bound) = if block.len() == bs {
+                &opq.full
+            } else {
+                &opq.tail
+            };
             let from = outliers.len();
             let max_abs = E::abs_bits_to_f32(max_bits);
-            if block_outliers(block, max_abs, t, opq, start, E::MAX_FINITE, &mut outliers)? > 0 {
+            let clean = kernel
+                .f32_sums(block)
+                .is_some_and(|(s, q)| threshold.provably_clean(max_abs, s, q, bound));
+            let limit2 = if clean {
+                0.0
+            } else {
+                threshold.limit2(kernel.sums(block))
+            };
+            let input_max = E::MAX_FINITE;
+            let found = block_outliers(
+                block,
+                limit2,
+                max_abs,
+                &opq.options,
+                start,
+                input_max,
+                &mut outliers,
+            )?;
+            if found > 0 {
                 let zeroed = zero_outliers(block, &outliers[from..], start, &mut scratch);
                 raw = raw_block_scale(zeroed, options.normalization).unwrap_or(0.0);
             }
@@ -498,6 +546,104 @@ mod x86 {
             // SAFETY: as above.
             unsafe { encode_block_avx2(block, scale, self.codebook, &self.tables, out) }
         }
+        #[inline(always)]
+        fn sums<T: Element>(&self, block: &[T]) -> (f64, f64) {
+            // SAFETY: as above.
+            unsafe { sums_avx2(block) }
+        }
+        #[inline(always)]
+        fn f32_sums<T: Element>(&self, block: &[T]) -> Option<(f32, f32)> {
+            // SAFETY: as above.
+            unsafe { f32_sums_avx2(block) }
+        }
+    }
+
+    /// f32 shifted sums for the outlier filter (FMA for the squares; any order is fine, the
+    /// filter's bound covers it). `None` for other element types or lengths not a multiple
+    /// of 16.
+    #[inline(always)]
+    pub(super) unsafe fn f32_sums_avx2<E: Element>(block: &[E]) -> Option<(f32, f32)> {
+        let kind = TypeId::of::<E>();
+        let known = kind == TypeId::of::<f32>()
+            || kind == TypeId::of::<Bf16>()
+            || kind == TypeId::of::<F16>();
+        if !known || block.is_empty() || block.len() % 16 != 0 {
+            return None;
+        }
+        let vk = _mm256_set1_ps(block[0].to_f32());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut q0, mut q1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in 0..block.len() / 16 {
+            let p = block.as_ptr().add(i * 16);
+            let d0 = _mm256_sub_ps(load8(p), vk);
+            let d1 = _mm256_sub_ps(load8(p.add(8)), vk);
+            s0 = _mm256_add_ps(s0, d0);
+            s1 = _mm256_add_ps(s1, d1);
+            q0 = _mm256_fmadd_ps(d0, d0, q0);
+            q1 = _mm256_fmadd_ps(d1, d1, q1);
+        }
+        let hsum = |v: __m256| {
+            let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+            _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps::<0b01>(x, x)))
+        };
+        Some((hsum(_mm256_add_ps(s0, s1)), hsum(_mm256_add_ps(q0, q1))))
+    }
+
+    /// [`crate::opq::block_sums`] with the sixteen f64 lanes in four registers (values
+    /// `16k+4r..16k+4r+3` in register `r`): the same operations in the same order
+    /// (multiply then add, no FMA; lanes combined pairwise as the portable code does), so the
+    /// same result.
+    #[inline(always)]
+    pub(super) unsafe fn sums_avx2<E: Element>(block: &[E]) -> (f64, f64) {
+        let kind = TypeId::of::<E>();
+        let known = kind == TypeId::of::<f32>()
+            || kind == TypeId::of::<Bf16>()
+            || kind == TypeId::of::<F16>();
+        if block.is_empty() || !known {
+            return crate::opq::block_sums(block);
+        }
+        let shift = block[0].to_f32() as f64;
+        let vshift = _mm256_set1_pd(shift);
+        // Lanes 0-3, 4-7, 8-11, 12-15 of S and SS.
+        let mut s = [_mm256_setzero_pd(); 4];
+        let mut q = [_mm256_setzero_pd(); 4];
+        let full = block.len() / 16;
+        for i in 0..full {
+            let p = block.as_ptr().add(i * 16);
+            let (v0, v1) = (load8(p), load8(p.add(8)));
+            let d = [
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v0)), vshift),
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v0)), vshift),
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v1)), vshift),
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v1)), vshift),
+            ];
+            for k in 0..4 {
+                s[k] = _mm256_add_pd(s[k], d[k]);
+                q[k] = _mm256_add_pd(q[k], _mm256_mul_pd(d[k], d[k]));
+            }
+        }
+        let rest = &block[full * 16..];
+        if rest.is_empty() {
+            // m = [l0+l8 .. l3+l11], [l4+l12 .. l7+l15]; then [m0+m4 .. m3+m7];
+            // then [(m0+m4)+(m2+m6), (m1+m5)+(m3+m7)]; then their sum.
+            let combine = |l: [__m256d; 4]| {
+                let pairs = _mm256_add_pd(_mm256_add_pd(l[0], l[2]), _mm256_add_pd(l[1], l[3]));
+                let halves = _mm_add_pd(
+                    _mm256_castpd256_pd128(pairs),
+                    _mm256_extractf128_pd::<1>(pairs),
+                );
+                _mm_cvtsd_f64(_mm_add_sd(halves, _mm_unpackhi_pd(halves, halves)))
+            };
+            return (combine(s), combine(q));
+        }
+        let mut sl = [0f64; 16];
+        let mut ql = [0f64; 16];
+        for k in 0..4 {
+            _mm256_storeu_pd(sl.as_mut_ptr().add(4 * k), s[k]);
+            _mm256_storeu_pd(ql.as_mut_ptr().add(4 * k), q[k]);
+        }
+        crate::opq::sums_from_lanes(rest, shift, sl, ql)
     }
 
     /// One task with the AVX2 kernels (the shared driver is inlined here, so its loops are
@@ -685,6 +831,31 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn sum_kernels_are_bit_identical() {
+        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        if !Isa::Avx2.is_supported() {
+            return;
+        }
+        for n in [
+            0usize, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 100, 4096,
+        ] {
+            let x: Vec<f32> = lcg(n, 99 + n as u64)
+                .iter()
+                .map(|v| v * 3.0 + 7.0)
+                .collect();
+            let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect();
+            let xh: Vec<F16> = x.iter().map(|&v| F16(f32_to_f16(v))).collect();
+            // SAFETY: AVX2 checked above.
+            unsafe {
+                let bits = |p: (f64, f64)| (p.0.to_bits(), p.1.to_bits());
+                assert_eq!(bits(x86::sums_avx2(&x)), bits(block_sums(&x)));
+                assert_eq!(bits(x86::sums_avx2(&xb)), bits(block_sums(&xb)));
+                assert_eq!(bits(x86::sums_avx2(&xh)), bits(block_sums(&xh)));
             }
         }
     }

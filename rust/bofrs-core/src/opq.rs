@@ -4,22 +4,22 @@
 //! Rule, for a block of `n` values `w` (`n` = block size, or the length of the partial last
 //! block: the threshold always uses the block's *actual* length):
 //!
-//! - `sigma` = sample standard deviation of the block (mean subtracted, divisor `n - 1`),
-//!   computed in f64;
+//! - `sigma` = sample standard deviation of the block (mean subtracted, divisor `n - 1`);
 //! - `t(n, q) = Phi^-1((q^(1/n) + 1) / 2)`: the q-quantile of the largest magnitude of `n`
 //!   standard normal values;
-//! - `w_i` is an outlier iff `sigma > 0` and `|w_i| > sigma * t(n, q)` (f64 comparison, strict).
-//!   A block with fewer than two values, or with zero spread (constant, all zero), has none.
+//! - `w_i` is an outlier iff `|w_i| > sigma * t(n, q)`, strictly. A block with fewer than two
+//!   values, or with zero spread (constant, all zero), has none.
 //!
 //! Outliers are replaced by 0 before the block scale is taken, encoded as part of the block as
 //! the value 0, and stored separately: their flat indices (ascending) and their values rounded
 //! to 16 bits ([`OutlierDType`]). Decoding writes the stored value back.
 //!
-//! `sigma` uses the shifted one-pass formula with the block's first value as shift `K`, eight
-//! f64 accumulator lanes (value `i` into lane `i % 8`) combined as
-//! `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`: `S = sum(d)`, `SS = sum(d*d)`, `d = w - K`,
-//! `var = max(0, (SS - S*S/n) / (n - 1))`. The order is fixed so every kernel variant gives the
-//! same result; a constant block gives exactly `sigma = 0`.
+//! Exact evaluation (f64, every kernel variant alike): shifted sums with the block's first value
+//! as shift `K`, `d = w - K`, sixteen accumulator lanes (value `i` into lane `i % 16`, multiply
+//! then add, no FMA) combined as `m_j = l_j + l_(j+8)`, `((m0+m4)+(m2+m6)) + ((m1+m5)+(m3+m7))`
+//! into `S = sum(d)` and `SS = sum(d*d)`; then `limit2 = max(0, SS - (S*S) * (1/n)) * (t^2 / (n-1))` and `w_i` is an
+//! outlier iff `w_i * w_i > limit2` (the squared form of the rule; a constant block gives
+//! exactly `limit2 = 0`).
 
 use crate::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Element};
 use crate::error::{Error, Result};
@@ -176,59 +176,152 @@ pub fn threshold(n: usize, q: f64) -> f64 {
     normal_upper_quantile(tail)
 }
 
-/// Sample standard deviation of a block (see the module doc for the exact computation); 0 for
-/// fewer than two values.
-#[inline(always)]
-pub fn block_sigma<E: Element>(block: &[E]) -> f64 {
-    let n = block.len();
-    if n < 2 {
-        return 0.0;
+/// The threshold of blocks of one length `n`, in the squared form the kernels compare:
+/// `limit2 = max(0, SS - (S * S) * (1 / n)) * (t(n, q)^2 / (n - 1))`, i.e. `(sigma * t)^2`.
+/// Blocks of fewer than two values get `limit2 = 0` (no outliers).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Threshold {
+    inv_n: f64,
+    factor: f64,
+}
+
+impl Threshold {
+    /// The constants for blocks of `n` values and quantile `q`.
+    pub fn new(n: usize, q: f64) -> Self {
+        let t = threshold(n, q);
+        Self {
+            inv_n: 1.0 / n.max(1) as f64,
+            factor: if n < 2 { 0.0 } else { t * t / (n - 1) as f64 },
+        }
     }
-    let shift = block[0].to_f32() as f64;
-    let mut s = [0f64; 8];
-    let mut ss = [0f64; 8];
-    let mut chunks = block.chunks_exact(8);
+
+    /// Whether a block of `n` values provably has no outlier, judged from f32 sums (any order)
+    /// `s32 = sum(fl(w - K))` and `ss32 = sum(fl(w - K)^2)` (fused or not) and its largest
+    /// magnitude: a cheap filter in front of the exact f64 test. `true` only when the exact
+    /// test would find `max_abs^2 <= limit2` (see [`FilterBound`]); never for non-finite sums.
+    #[inline(always)]
+    pub fn provably_clean(&self, max_abs: f32, s32: f32, ss32: f32, bound: &FilterBound) -> bool {
+        let (s, ss) = (s32 as f64, ss32 as f64);
+        let a = s.abs() + bound.c_tiny;
+        let m2_lo = ss * bound.c_ss - a * a * bound.c_a - bound.c_0;
+        let max = max_abs as f64;
+        // Overflowed sums (inf, or NaN from inf - inf) prove nothing.
+        let finite = s32.is_finite() && ss32.is_finite();
+        finite && m2_lo > 0.0 && max * max <= m2_lo * self.factor * (1.0 - 1e-12)
+    }
+
+    /// `(sigma * t)^2` from a block's shifted sums ([`block_sums`]).
+    #[inline(always)]
+    pub fn limit2(&self, sums: (f64, f64)) -> f64 {
+        let (s, ss) = sums;
+        (ss - (s * s) * self.inv_n).max(0.0) * self.factor
+    }
+}
+
+/// Constants of the lower bound used by [`Threshold::provably_clean`] for blocks of `n` values.
+///
+/// With `u = 2^-24`, `e = 2 gamma_(n+4) = 2 (n+4) u / (1 - (n+4) u)` bounds the relative error of
+/// f32 sums of `n` terms in any order (squares by FMA or not), and `T = 2^-149` the absolute
+/// error of underflow. With `S, SS` the exact sums: `SS <= ss/(1-e) + nT =: SS_hi`,
+/// `|S| <= |s| + nT + e sqrt(n SS_hi)`, and `S^2 <= (|s| + nT)^2 (1+e) + e (1+e) n SS_hi`
+/// (by `2ab <= e a^2 + b^2 / e`). So `M2 = SS - S^2/n >= (ss - nT)/(1+e) - (|s| + nT)^2 (1+e)/n
+/// - e (1+e) SS_hi`, and a further `1e-12 SS_hi` covers the f64 rounding of the exact path:
+/// `m2_lo = ss c_ss - (|s| + c_tiny)^2 c_a - c_0`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FilterBound {
+    c_ss: f64,
+    c_a: f64,
+    c_0: f64,
+    c_tiny: f64,
+}
+
+impl FilterBound {
+    /// The constants for blocks of `n` values.
+    pub fn new(n: usize) -> Self {
+        const U: f64 = 1.0 / 16_777_216.0; // 2^-24
+        const TINY: f64 = 1.401298464324817e-45; // 2^-149
+        let nf = n.max(1) as f64;
+        let k = (nf + 4.0) * U;
+        let e = 2.0 * k / (1.0 - k);
+        let slack = e * (1.0 + e) + 1e-12; // times SS_hi
+        let nt = nf * TINY;
+        Self {
+            c_ss: 1.0 / (1.0 + e) - slack / (1.0 - e),
+            c_a: (1.0 + e) / nf,
+            c_0: nt / (1.0 + e) + slack * nt,
+            c_tiny: nt,
+        }
+    }
+}
+
+/// Accumulator lanes of [`block_sums`].
+pub const LANES: usize = 16;
+
+/// The shifted sums `(S, SS)` of a block (see the module doc for the exact order). The
+/// portable definition; vector kernels reproduce it bit for bit.
+#[inline(always)]
+pub fn block_sums<E: Element>(block: &[E]) -> (f64, f64) {
+    let Some(first) = block.first() else {
+        return (0.0, 0.0);
+    };
+    let shift = first.to_f32() as f64;
+    let mut s = [0f64; LANES];
+    let mut ss = [0f64; LANES];
+    let mut chunks = block.chunks_exact(LANES);
     for c in &mut chunks {
-        for j in 0..8 {
+        for j in 0..LANES {
             let d = c[j].to_f32() as f64 - shift;
             s[j] += d;
             ss[j] += d * d;
         }
     }
-    for (j, v) in chunks.remainder().iter().enumerate() {
+    sums_from_lanes(chunks.remainder(), shift, s, ss)
+}
+
+/// Adds the last `len % 16` values of a block (`rest`, into lanes 0..) to the lane sums and
+/// combines the lanes: `m_j = l_j + l_(j+8)`, then `((m0+m4)+(m2+m6)) + ((m1+m5)+(m3+m7))`.
+#[inline(always)]
+pub fn sums_from_lanes<E: Element>(
+    rest: &[E],
+    shift: f64,
+    mut s: [f64; LANES],
+    mut ss: [f64; LANES],
+) -> (f64, f64) {
+    for (j, v) in rest.iter().enumerate() {
         let d = v.to_f32() as f64 - shift;
         s[j] += d;
         ss[j] += d * d;
     }
-    let combine = |l: [f64; 8]| ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-    let (s, ss) = (combine(s), combine(ss));
-    let var = (ss - s * s / n as f64) / (n - 1) as f64;
-    var.max(0.0).sqrt()
+    let combine = |l: [f64; LANES]| {
+        let m: [f64; 8] = std::array::from_fn(|j| l[j] + l[j + 8]);
+        ((m[0] + m[4]) + (m[2] + m[6])) + ((m[1] + m[5]) + (m[3] + m[7]))
+    };
+    (combine(s), combine(ss))
 }
 
 /// Appends the outliers of one block to `out` (flat indices from `first_index`) and returns
-/// how many there were. `max_abs` is the block's largest magnitude (a shortcut: no scan when
-/// it is within the threshold), `t` the threshold factor for the block's length, `input_max`
-/// the input dtype's largest finite value.
+/// how many there were: the values with `w * w > limit2` (f64). `limit2` is
+/// [`Threshold::limit2`] of the block, `max_abs` its largest magnitude (a shortcut: no scan when
+/// it is within the limit), `input_max` the input dtype's largest finite value.
 #[inline(always)]
 pub fn block_outliers<E: Element>(
     block: &[E],
+    limit2: f64,
     max_abs: f32,
-    t: f64,
     opq: &OpqOptions,
     first_index: usize,
     input_max: f32,
     out: &mut Vec<Outlier>,
 ) -> Result<usize> {
-    let sigma = block_sigma(block);
-    let limit = sigma * t;
-    if sigma <= 0.0 || (max_abs as f64) <= limit {
+    let max = max_abs as f64;
+    if limit2 <= 0.0 || max * max <= limit2 {
         return Ok(0);
     }
     let before = out.len();
     for (i, v) in block.iter().enumerate() {
         let x = v.to_f32();
-        if (x.abs() as f64) > limit {
+        let x64 = x as f64;
+        if x64 * x64 > limit2 {
             let index = first_index + i;
             let bits = opq
                 .dtype
@@ -302,16 +395,72 @@ mod tests {
     }
 
     #[test]
-    fn sigma_is_the_sample_std() {
+    fn limit_is_sigma_times_t_squared() {
         let x: Vec<f32> = (0..37)
             .map(|i| ((i * 7919) % 101) as f32 * 0.37 - 11.0)
             .collect();
         let mean = x.iter().map(|&v| v as f64).sum::<f64>() / 37.0;
         let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 36.0;
-        assert!((block_sigma(&x) - var.sqrt()).abs() < 1e-12 * var.sqrt());
-        assert_eq!(block_sigma(&[3.5f32; 64]), 0.0);
-        assert_eq!(block_sigma(&[3.5f32]), 0.0);
-        assert_eq!(block_sigma::<f32>(&[]), 0.0);
+        let th = Threshold::new(37, 0.9);
+        let want = var * threshold(37, 0.9).powi(2);
+        assert!((th.limit2(block_sums(&x)) - want).abs() < 1e-12 * want);
+        let th64 = Threshold::new(64, 0.95);
+        assert_eq!(th64.limit2(block_sums(&[3.5f32; 64])), 0.0);
+        assert_eq!(Threshold::new(1, 0.95).limit2(block_sums(&[3.5f32])), 0.0);
+        assert_eq!(block_sums::<f32>(&[]), (0.0, 0.0));
+    }
+
+    /// f32 sums in one sequential pass (the worst order for the error bound's assumptions is
+    /// covered by the bound; this is one legitimate order).
+    fn f32_sums(x: &[f32]) -> (f32, f32) {
+        let k = x[0];
+        x.iter().fold((0f32, 0f32), |(s, q), &v| {
+            let d = v - k;
+            (s + d, d.mul_add(d, q))
+        })
+    }
+
+    #[test]
+    fn the_filter_never_clears_a_block_with_outliers() {
+        let th = Threshold::new(64, 0.95);
+        let mut state = 7u64;
+        let mut rand = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let (mut plain, mut plain_cleared) = (0, 0);
+        for trial in 0..20000 {
+            let offset = [0.0, 100.0, 1e6, -3.0][trial % 4] as f32;
+            let scale = [1.0f32, 1e-20, 1e-40, 1e30][(trial / 4) % 4];
+            let mut x: Vec<f32> = (0..64)
+                .map(|_| ((rand() - 0.5) * 3.46) as f32 * scale + offset * scale)
+                .collect();
+            // Put one value right at the exact limit (both sides), sometimes at position 0.
+            let limit2 = th.limit2(block_sums(&x));
+            let at = if trial % 3 == 0 { 0 } else { trial % 64 };
+            if (trial / 16) % 2 == 0 && limit2 > 0.0 {
+                x[at] = (limit2.sqrt() * (1.0 + (rand() - 0.5) * 1e-6)) as f32;
+            }
+            let max_abs = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let exact = th.limit2(block_sums(&x));
+            let (s32, ss32) = f32_sums(&x);
+            let clean = th.provably_clean(max_abs, s32, ss32, &FilterBound::new(64));
+            if offset == 0.0 && scale == 1.0 && (trial / 16) % 2 == 1 {
+                plain += 1;
+                plain_cleared += clean as usize;
+            }
+            if clean {
+                let m = max_abs as f64;
+                assert!(
+                    m * m <= exact,
+                    "trial {trial}: filter cleared a block with an outlier"
+                );
+            }
+        }
+        // Gaussian-like blocks without an outlier: nearly all cleared by the filter.
+        assert!(plain_cleared * 10 > plain * 9, "{plain_cleared} of {plain}");
     }
 
     #[test]
@@ -339,8 +488,9 @@ mod tests {
         x[50] = -35.0;
         let opq = OpqOptions::new(0.95, OutlierDType::BFloat16).unwrap();
         let mut out = Vec::new();
-        let t = threshold(64, 0.95);
-        let n = block_outliers(&x, 40.0, t, &opq, 128, f32::MAX, &mut out).unwrap();
+        let th = Threshold::new(64, 0.95);
+        let limit2 = th.limit2(block_sums(&x));
+        let n = block_outliers(&x, limit2, 40.0, &opq, 128, f32::MAX, &mut out).unwrap();
         assert_eq!(n, 2);
         assert_eq!(out, vec![(138, 0x4220), (178, 0xc20c)]);
         let mut scratch = Vec::new();
@@ -348,7 +498,7 @@ mod tests {
         assert_eq!((z[10], z[50], z[11]), (0.0, 0.0, x[11]));
         // Constant block: no spread, no outliers.
         assert_eq!(
-            block_outliers(&[5f32; 64], 5.0, t, &opq, 0, f32::MAX, &mut out).unwrap(),
+            block_outliers(&[5f32; 64], 0.0, 5.0, &opq, 0, f32::MAX, &mut out).unwrap(),
             0
         );
         assert!(OpqOptions::new(1.0, OutlierDType::BFloat16).is_err());
