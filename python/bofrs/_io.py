@@ -51,6 +51,8 @@ PathLike = str | os.PathLike[str]
 
 
 def _crc(tensor: torch.Tensor) -> int:
+    if tensor.numel() == 0:
+        return 0  # CRC-32 of no bytes (an empty tensor may have strides .view() refuses)
     raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     return int(_native.crc32(raw))
 

@@ -1,3 +1,6 @@
+//! Quick timing of the core pack with and without OPQ / dq8 (one run, ratios):
+//! `cargo run --release --example opq_time [isa] [variant]`; with a variant, just loops it (for perf).
+
 use bofrs_core::codebook::NF4;
 use bofrs_core::element::f32_to_bf16;
 use bofrs_core::encode::{pack_ext_with_isa, EncodeOptions, PackBuffers, PackExtras};
