@@ -210,7 +210,7 @@ def _read_manifest(header: Mapping[str, str]) -> dict[str, dict[str, Any]]:
 def _stored_keys(name: str, entry: Mapping[str, Any]) -> tuple[str, ...]:
     kind = entry.get("kind")
     if kind == "packed":
-        keys = (name + _CODES, name + _SCALES)
+        keys: tuple[str, ...] = (name + _CODES, name + _SCALES)
         if entry.get("scale_dtype") == DQ8:
             keys += (name + _SCALE_SCALES,)
         if "outliers" in entry:
