@@ -11,10 +11,11 @@ use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::layout::BlockLayout;
 use crate::opq::{
-    block_outliers, block_sums, zero_outliers, FilterBound, OpqOptions, Outlier, Threshold,
+    block_sums, collect, f32_limit, raw_scale_within, scan, FilterBound, OpqOptions, Outlier,
+    Threshold, MASK_WORDS,
 };
 use crate::pool::{blocks_per_task, pool};
-use crate::scale::{max_abs_bits, raw_block_scale, raw_block_scale_from_max, ScaleDType};
+use crate::scale::{max_abs_bits, raw_block_scale_from_max, ScaleDType};
 use rayon::prelude::*;
 
 /// What to encode with.
@@ -206,6 +207,11 @@ trait Kernel {
     fn sums<T: Element>(&self, block: &[T]) -> (f64, f64);
     /// Cheap f32 shifted sums for [`Threshold::provably_clean`], or `None` (no filter).
     fn f32_sums<T: Element>(&self, block: &[T]) -> Option<(f32, f32)>;
+    /// The outlier mask of a block, exactly as [`scan`] computes it (`t32` = [`f32_limit`]).
+    fn scan<T: Element>(&self, block: &[T], limit2: f64, t32: f32, mask: &mut [u64; MASK_WORDS]);
+    /// The raw scale without outliers, exactly as [`raw_scale_within`] computes it.
+    fn raw_scale<T: Element>(&self, block: &[T], limit2: f64, t32: f32, norm: Normalization)
+        -> f32;
 }
 
 /// The portable kernels: the definition of the results.
@@ -229,6 +235,20 @@ impl Kernel for Portable<'_> {
     #[inline(always)]
     fn f32_sums<T: Element>(&self, _block: &[T]) -> Option<(f32, f32)> {
         None
+    }
+    #[inline(always)]
+    fn scan<T: Element>(&self, block: &[T], limit2: f64, _t32: f32, mask: &mut [u64; MASK_WORDS]) {
+        scan(block, limit2, mask)
+    }
+    #[inline(always)]
+    fn raw_scale<T: Element>(
+        &self,
+        block: &[T],
+        limit2: f64,
+        _t32: f32,
+        norm: Normalization,
+    ) -> f32 {
+        raw_scale_within(block, limit2, norm)
     }
 }
 
@@ -269,7 +289,7 @@ fn run_task<E: Element, K: Kernel>(
     let options = context.options;
     let bs = options.block_size;
     let mut outliers: Vec<Outlier> = Vec::new();
-    let mut scratch: Vec<f32> = Vec::new();
+    let mut mask = [0u64; MASK_WORDS];
     for (b, (block, scale)) in input.chunks(bs).zip(out.scales.iter_mut()).enumerate() {
         let index = first_block + b;
         let start = index * bs;
@@ -282,29 +302,20 @@ fn run_task<E: Element, K: Kernel>(
             } else {
                 &opq.tail
             };
-            let from = outliers.len();
             let max_abs = E::abs_bits_to_f32(max_bits);
             let clean = kernel
                 .f32_sums(block)
                 .is_some_and(|(s, q)| threshold.provably_clean(max_abs, s, q, bound));
-            let limit2 = if clean {
-                0.0
-            } else {
-                threshold.limit2(kernel.sums(block))
-            };
-            let input_max = E::MAX_FINITE;
-            let found = block_outliers(
-                block,
-                limit2,
-                max_abs,
-                &opq.options,
-                start,
-                input_max,
-                &mut outliers,
-            )?;
-            if found > 0 {
-                let zeroed = zero_outliers(block, &outliers[from..], start, &mut scratch);
-                raw = raw_block_scale(zeroed, options.normalization).unwrap_or(0.0);
+            if !clean {
+                let limit2 = threshold.limit2(kernel.sums(block));
+                let max = max_abs as f64;
+                if limit2 > 0.0 && max * max > limit2 {
+                    let t32 = f32_limit(limit2);
+                    kernel.scan(block, limit2, t32, &mut mask);
+                    let input_max = E::MAX_FINITE;
+                    collect(block, &mask, &opq.options, start, input_max, &mut outliers)?;
+                    raw = kernel.raw_scale(block, limit2, t32, options.normalization);
+                }
             }
         }
         *scale = if context.double_quant {
@@ -335,6 +346,7 @@ fn run_task<E: Element, K: Kernel>(
             ));
         }
     }
+    let zero = options.codebook.encode_one(0.0);
     let mut next = 0;
     for (b, ((block, codes), &scale)) in input
         .chunks(bs)
@@ -348,11 +360,16 @@ fn run_task<E: Element, K: Kernel>(
         while next < outliers.len() && outliers[next].0 < end {
             next += 1;
         }
-        if from == next {
-            kernel.encode(block, scale, codes);
-        } else {
-            let zeroed = zero_outliers(block, &outliers[from..next], start, &mut scratch);
-            kernel.encode(zeroed, scale, codes);
+        kernel.encode(block, scale, codes);
+        // Outliers are coded as the value 0 (codes depend only on the value and the scale).
+        for &(index, _) in &outliers[from..next] {
+            let i = index as usize - start;
+            let byte = &mut codes[i / 2];
+            *byte = if i % 2 == 0 {
+                (*byte & 0x0f) | (zero << 4)
+            } else {
+                (*byte & 0xf0) | zero
+            };
         }
     }
     Ok(outliers)
@@ -413,8 +430,10 @@ fn encode_tail<E: Element>(values: &[E], scale: f32, codebook: &Codebook, out: &
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{encode_tail, encode_zero_block, run_task, Kernel, TaskContext, TaskOut, STEP};
-    use crate::codebook::Codebook;
+    use super::{
+        encode_tail, encode_zero_block, run_task, Kernel, TaskContext, TaskOut, MASK_WORDS, STEP,
+    };
+    use crate::codebook::{Codebook, Normalization};
     use crate::element::{Bf16, Element, F16};
     use crate::error::Result;
     use crate::opq::Outlier;
@@ -556,6 +575,83 @@ mod x86 {
             // SAFETY: as above.
             unsafe { f32_sums_avx2(block) }
         }
+        #[inline(always)]
+        fn scan<T: Element>(
+            &self,
+            block: &[T],
+            limit2: f64,
+            t32: f32,
+            mask: &mut [u64; MASK_WORDS],
+        ) {
+            // SAFETY: as above.
+            unsafe { scan_avx2(block, limit2, t32, mask) }
+        }
+        #[inline(always)]
+        fn raw_scale<T: Element>(
+            &self,
+            block: &[T],
+            limit2: f64,
+            t32: f32,
+            norm: Normalization,
+        ) -> f32 {
+            // SAFETY: as above.
+            match unsafe { kept_max_avx2(block, t32) } {
+                None => crate::opq::raw_scale_within(block, limit2, norm),
+                Some(max) if norm == Normalization::Absmax => max,
+                Some(max) => crate::opq::signed_scale_within(block, limit2, max),
+            }
+        }
+    }
+
+    /// [`crate::opq::scan`] 8 values at a time in f32: `|x| > t32` (`t32` from
+    /// [`crate::opq::f32_limit`]) is exactly the f64 test `x * x > limit2`.
+    #[inline(always)]
+    pub(super) unsafe fn scan_avx2<E: Element>(
+        block: &[E],
+        limit2: f64,
+        t32: f32,
+        mask: &mut [u64; MASK_WORDS],
+    ) {
+        if !known::<E>() || block.len() % 64 != 0 {
+            return crate::opq::scan(block, limit2, mask);
+        }
+        let limit = _mm256_set1_ps(t32);
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for (w, word) in mask[..block.len() / 64].iter_mut().enumerate() {
+            let mut bits = 0u64;
+            for k in 0..8 {
+                let v = _mm256_and_ps(load8(block.as_ptr().add(w * 64 + k * 8)), abs);
+                let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, limit));
+                bits |= (m as u8 as u64) << (k * 8);
+            }
+            *word = bits;
+        }
+    }
+
+    /// The largest magnitude `<= t32` of a block, as f32 (`None`: use the portable code).
+    #[inline(always)]
+    pub(super) unsafe fn kept_max_avx2<E: Element>(block: &[E], t32: f32) -> Option<f32> {
+        if !known::<E>() || block.len() % 8 != 0 {
+            return None;
+        }
+        let limit = _mm256_set1_ps(t32);
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut acc = _mm256_setzero_ps();
+        for k in 0..block.len() / 8 {
+            let v = _mm256_and_ps(load8(block.as_ptr().add(k * 8)), abs);
+            let kept = _mm256_cmp_ps::<_CMP_LE_OQ>(v, limit);
+            acc = _mm256_max_ps(acc, _mm256_and_ps(v, kept));
+        }
+        let x = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+        Some(_mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps::<0b01>(x, x))))
+    }
+
+    /// Whether the vector kernels read this element type natively.
+    #[inline(always)]
+    fn known<E: Element>() -> bool {
+        let kind = TypeId::of::<E>();
+        kind == TypeId::of::<f32>() || kind == TypeId::of::<Bf16>() || kind == TypeId::of::<F16>()
     }
 
     /// f32 shifted sums for the outlier filter (FMA for the squares; any order is fine, the
@@ -644,6 +740,21 @@ mod x86 {
             _mm256_storeu_pd(ql.as_mut_ptr().add(4 * k), q[k]);
         }
         crate::opq::sums_from_lanes(rest, shift, sl, ql)
+    }
+
+    /// The AVX2 raw-scale kernel, for tests (AVX2 must be supported).
+    #[cfg(test)]
+    pub(super) fn kernel_for_tests(
+        codebook: &Codebook,
+    ) -> impl Fn(&[Bf16], f64, f32, crate::codebook::Normalization) -> f32 + '_ {
+        move |block, limit2, t32, norm| {
+            // SAFETY: only called by tests that checked AVX2 support.
+            let kernel = Avx2 {
+                codebook,
+                tables: unsafe { search_tables(codebook) },
+            };
+            kernel.raw_scale(block, limit2, t32, norm)
+        }
     }
 
     /// One task with the AVX2 kernels (the shared driver is inlined here, so its loops are
@@ -838,6 +949,7 @@ mod tests {
     #[test]
     fn sum_kernels_are_bit_identical() {
         use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        let cb = Codebook::new(&NF4).unwrap();
         if !Isa::Avx2.is_supported() {
             return;
         }
@@ -856,6 +968,24 @@ mod tests {
                 assert_eq!(bits(x86::sums_avx2(&x)), bits(block_sums(&x)));
                 assert_eq!(bits(x86::sums_avx2(&xb)), bits(block_sums(&xb)));
                 assert_eq!(bits(x86::sums_avx2(&xh)), bits(block_sums(&xh)));
+                // The scan at a limit that splits the block, and at the exact square of a value.
+                let first = x.first().copied().unwrap_or(1.0) as f64;
+                for limit2 in [50.0, first * first, 1e-30] {
+                    let t32 = crate::opq::f32_limit(limit2);
+                    let (mut a, mut b) = ([0u64; MASK_WORDS], [0u64; MASK_WORDS]);
+                    x86::scan_avx2(&x, limit2, t32, &mut a);
+                    crate::opq::scan(&x, limit2, &mut b);
+                    assert_eq!(a, b, "n={n}");
+                    x86::scan_avx2(&xh, limit2, t32, &mut a);
+                    crate::opq::scan(&xh, limit2, &mut b);
+                    assert_eq!(a, b, "n={n}");
+                    for norm in [Normalization::Absmax, Normalization::SignedAbsmax] {
+                        let want = crate::opq::raw_scale_within(&xb, limit2, norm);
+                        let kernel = x86::kernel_for_tests(&cb);
+                        let got = kernel(&xb, limit2, t32, norm);
+                        assert_eq!(got.to_bits(), want.to_bits(), "n={n}");
+                    }
+                }
             }
         }
     }

@@ -21,6 +21,7 @@
 //! outlier iff `w_i * w_i > limit2` (the squared form of the rule; a constant block gives
 //! exactly `limit2 = 0`).
 
+use crate::codebook::Normalization;
 use crate::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Element};
 use crate::error::{Error, Result};
 use crate::gauss::{normal_cdf, normal_pdf};
@@ -299,61 +300,110 @@ pub fn sums_from_lanes<E: Element>(
     (combine(s), combine(ss))
 }
 
-/// Appends the outliers of one block to `out` (flat indices from `first_index`) and returns
-/// how many there were: the values with `w * w > limit2` (f64). `limit2` is
-/// [`Threshold::limit2`] of the block, `max_abs` its largest magnitude (a shortcut: no scan when
-/// it is within the limit), `input_max` the input dtype's largest finite value.
+/// Words of a block's outlier bit mask (bit `i % 64` of word `i / 64` marks value `i`).
+pub const MASK_WORDS: usize = crate::layout::MAX_BLOCK_SIZE / 64;
+
+/// Marks the values of a block with `w * w > limit2` (f64): the portable definition of the scan.
 #[inline(always)]
-pub fn block_outliers<E: Element>(
+pub fn scan<E: Element>(block: &[E], limit2: f64, mask: &mut [u64; MASK_WORDS]) {
+    mask[..block.len().div_ceil(64)].fill(0);
+    for (i, v) in block.iter().enumerate() {
+        let x = v.to_f32() as f64;
+        mask[i / 64] |= ((x * x > limit2) as u64) << (i % 64);
+    }
+}
+
+/// Appends the values a [`scan`] marked as outliers (flat indices from `first_index`, values
+/// stored per [`OutlierDType::store`]) and returns how many there were.
+#[inline(always)]
+pub fn collect<E: Element>(
     block: &[E],
-    limit2: f64,
-    max_abs: f32,
+    mask: &[u64; MASK_WORDS],
     opq: &OpqOptions,
     first_index: usize,
     input_max: f32,
     out: &mut Vec<Outlier>,
 ) -> Result<usize> {
-    let max = max_abs as f64;
-    if limit2 <= 0.0 || max * max <= limit2 {
-        return Ok(0);
-    }
     let before = out.len();
-    for (i, v) in block.iter().enumerate() {
-        let x = v.to_f32();
-        let x64 = x as f64;
-        if x64 * x64 > limit2 {
+    for (w, &word) in mask[..block.len().div_ceil(64)].iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let i = w * 64 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let x = block[i].to_f32();
             let index = first_index + i;
-            let bits = opq
+            let stored = opq
                 .dtype
                 .store(x, input_max)
-                .ok_or(Error::InvalidArgument {
+                .ok_or_else(|| Error::InvalidArgument {
                     name: "outlier_dtype",
                     message: format!(
                         "outlier {x:e} at flat index {index} is beyond the float16 range; \
                      use outlier_dtype='bfloat16'"
                     ),
                 })?;
-            out.push((index as u64, bits));
+            out.push((index as u64, stored));
         }
     }
     Ok(out.len() - before)
 }
 
-/// The block as f32 with its outliers (given by flat index, `first_index` = flat index of the
-/// block's first value) replaced by 0, written to the front of `scratch`.
+/// The largest f32 `T >= 0` with `(T as f64)^2 <= limit2` (`limit2 > 0`): for every f32 `x`,
+/// `x * x > limit2` (f64) iff `|x| > T`, because f64 rounding of squares is monotone. Lets
+/// vector kernels test outliers in f32 with exactly the f64 rule's result.
 #[inline(always)]
-pub fn zero_outliers<'a, E: Element>(
-    block: &[E],
-    outliers: &[Outlier],
-    first_index: usize,
-    scratch: &'a mut Vec<f32>,
-) -> &'a [f32] {
-    scratch.clear();
-    scratch.extend(block.iter().map(|v| v.to_f32()));
-    for &(index, _) in outliers {
-        scratch[index as usize - first_index] = 0.0;
+pub fn f32_limit(limit2: f64) -> f32 {
+    let square = |t: f32| (t as f64) * (t as f64);
+    let mut t = (limit2.sqrt() as f32).min(f32::MAX);
+    while t > 0.0 && square(t) > limit2 {
+        t = f32::from_bits(t.to_bits() - 1);
     }
-    scratch
+    while t < f32::MAX && square(f32::from_bits(t.to_bits() + 1)) <= limit2 {
+        t = f32::from_bits(t.to_bits() + 1);
+    }
+    t
+}
+
+/// The raw scale of a block with its outliers (the values with `w * w > limit2`, as in
+/// [`scan`]) counted as 0: the largest kept magnitude (absmax), or the first kept value reaching
+/// it (signed absmax); 0 if every value is an outlier. Portable definition.
+#[inline(always)]
+pub fn raw_scale_within<E: Element>(block: &[E], limit2: f64, normalization: Normalization) -> f32 {
+    let max = block
+        .iter()
+        .map(|v| {
+            let x = v.to_f32() as f64;
+            if x * x > limit2 {
+                0
+            } else {
+                v.abs_bits()
+            }
+        })
+        .fold(0u32, u32::max);
+    let max = E::abs_bits_to_f32(max);
+    match normalization {
+        Normalization::Absmax => max,
+        Normalization::SignedAbsmax => signed_scale_within(block, limit2, max),
+    }
+}
+
+/// The signed-absmax raw scale given the largest kept magnitude `max`: the first kept value of
+/// that magnitude; when every kept value is zero, the first value if it is kept (a +-0), else +0
+/// (as if the outliers had been replaced by +0 first).
+#[inline(always)]
+pub fn signed_scale_within<E: Element>(block: &[E], limit2: f64, max: f32) -> f32 {
+    let kept = |x: f32| (x as f64) * (x as f64) <= limit2;
+    if max == 0.0 {
+        return match block.first() {
+            Some(v) if kept(v.to_f32()) => v.to_f32(),
+            _ => 0.0,
+        };
+    }
+    block
+        .iter()
+        .map(|v| v.to_f32())
+        .find(|&x| x.abs() == max && kept(x))
+        .unwrap_or(0.0)
 }
 
 #[cfg(test)]
@@ -490,17 +540,38 @@ mod tests {
         let mut out = Vec::new();
         let th = Threshold::new(64, 0.95);
         let limit2 = th.limit2(block_sums(&x));
-        let n = block_outliers(&x, limit2, 40.0, &opq, 128, f32::MAX, &mut out).unwrap();
+        let mut mask = [0u64; MASK_WORDS];
+        scan(&x, limit2, &mut mask);
+        assert_eq!(mask[0], (1 << 10) | (1 << 50));
+        let n = collect(&x, &mask, &opq, 128, f32::MAX, &mut out).unwrap();
         assert_eq!(n, 2);
         assert_eq!(out, vec![(138, 0x4220), (178, 0xc20c)]);
-        let mut scratch = Vec::new();
-        let z = zero_outliers(&x, &out, 128, &mut scratch);
-        assert_eq!((z[10], z[50], z[11]), (0.0, 0.0, x[11]));
+        let largest_kept = x.iter().enumerate().filter(|(i, _)| *i != 10 && *i != 50);
+        let want = largest_kept.fold(0f32, |m, (_, v)| m.max(v.abs()));
+        assert_eq!(raw_scale_within(&x, limit2, Normalization::Absmax), want);
+        let signed = raw_scale_within(&x, limit2, Normalization::SignedAbsmax);
+        let first = x.iter().find(|v| v.abs() == want).copied();
+        assert_eq!(Some(signed), first);
+        // The f32 form of the limit.
+        for l2 in [limit2, 1e-80, 2.0, 1e300, 1.1754943508222875e-38] {
+            let t = f32_limit(l2);
+            assert!((t as f64).powi(2) <= l2, "{l2}");
+            let up = f32::from_bits(t.to_bits() + 1);
+            assert!(t == f32::MAX || (up as f64) * (up as f64) > l2, "{l2}");
+        }
+        // Every value an outlier: scale +0.
+        let all = raw_scale_within(&x, -1.0, Normalization::SignedAbsmax);
+        assert!(all == 0.0 && all.is_sign_positive());
+        let z = raw_scale_within(&[-0.0f32, 9.0], 1.0, Normalization::SignedAbsmax);
+        assert!(z == 0.0 && z.is_sign_negative());
         // Constant block: no spread, no outliers.
-        assert_eq!(
-            block_outliers(&[5f32; 64], 0.0, 5.0, &opq, 0, f32::MAX, &mut out).unwrap(),
-            0
-        );
+        assert_eq!(th.limit2(block_sums(&[5f32; 64])), 0.0);
+        let h = [F16(0x3c00); 3];
+        let mut m3 = [0u64; MASK_WORDS];
+        m3[0] = 0b10;
+        let half = OpqOptions::new(0.9, OutlierDType::Float16).unwrap();
+        assert_eq!(collect(&h, &m3, &half, 7, 65504.0, &mut out).unwrap(), 1);
+        assert_eq!(out.last(), Some(&(8, 0x3c00)));
         assert!(OpqOptions::new(1.0, OutlierDType::BFloat16).is_err());
         assert!(OpqOptions::new(f64::NAN, OutlierDType::BFloat16).is_err());
     }
