@@ -3,7 +3,7 @@
 use crate::detach::run;
 use crate::runtime::parse_isa;
 use bofrs_core::buffer::zeroed_vec;
-use bofrs_core::decode::{unpack_ext_with_isa, unpack_with_isa, OutlierView, Output};
+use bofrs_core::decode::{unpack_ext_with_isa, OutlierView, Output};
 use bofrs_core::dq::{decode_scales as dq_decode_scales, GROUP};
 use bofrs_core::encode::{
     pack_ext_with_isa, pack_with_isa, EncodeOptions, PackBuffers, PackExtras,
