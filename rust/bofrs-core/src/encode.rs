@@ -3,6 +3,11 @@
 //! For each block with stored scale `S` (see [`crate::scale`]), each value `x` becomes
 //! `y = x / S` (f32 division; `y = 0` when `S == 0`) and then the code `#{k : y > t_k}` against
 //! the codebook's midpoint thresholds. Codes `2j` and `2j+1` share byte `j` (high, low nibble).
+//!
+//! With OPQ ([`crate::opq`]) a block's outliers are found first, the scale is taken without
+//! them and their codes are set to the code of 0; with double quantization ([`crate::dq`]) the
+//! raw scales of a group of 256 blocks are quantized before any code is chosen, so the codes are
+//! chosen against the decoded scales.
 
 use crate::codebook::{Codebook, Normalization};
 use crate::dq::{quantize_group, GROUP};

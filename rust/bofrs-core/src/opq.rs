@@ -17,9 +17,14 @@
 //! Exact evaluation (f64, every kernel variant alike): shifted sums with the block's first value
 //! as shift `K`, `d = w - K`, sixteen accumulator lanes (value `i` into lane `i % 16`, multiply
 //! then add, no FMA) combined as `m_j = l_j + l_(j+8)`, `((m0+m4)+(m2+m6)) + ((m1+m5)+(m3+m7))`
-//! into `S = sum(d)` and `SS = sum(d*d)`; then `limit2 = max(0, SS - (S*S) * (1/n)) * (t^2 / (n-1))` and `w_i` is an
-//! outlier iff `w_i * w_i > limit2` (the squared form of the rule; a constant block gives
-//! exactly `limit2 = 0`).
+//! into `S = sum(d)` and `SS = sum(d*d)`; then
+//! `limit2 = max(0, SS - (S*S) * (1/n)) * (t^2 / (n-1))` and `w_i` is an outlier iff
+//! `w_i * w_i > limit2` (the squared form of the rule; a constant block gives exactly
+//! `limit2 = 0`).
+//!
+//! Speed (results unchanged): vector kernels first try [`Threshold::provably_clean`], a float32
+//! estimate of the sums with a rigorous error bound that clears most blocks without the f64
+//! sums, and test values in f32 against [`f32_limit`], which is exactly equivalent.
 
 use crate::codebook::Normalization;
 use crate::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Element};
