@@ -296,3 +296,19 @@ def test_file_round_trip(tmp_path: Path) -> None:
         else:
             assert back.outliers is not None and back.outliers.q == packed.outliers.q
             assert torch.equal(back.outliers.indices, packed.outliers.indices)
+
+
+@pytest.mark.parametrize("scale_dtype", ["bfloat16", "dq8"])
+def test_non_finite_input_is_refused_with_its_index(scale_dtype: str, isa: str) -> None:
+    w = heavy(10_000, seed=4)
+    w[7777] = float("nan")
+    w[9000] = float("inf")
+    with pytest.raises(ValueError, match="flat index 7777"):
+        bofrs.pack(w, "nf4", 64, opq=0.95, scale_dtype=scale_dtype, isa=isa)
+
+
+def test_numpy_inputs_and_quantile() -> None:
+    values = heavy(3000, seed=6).numpy()
+    packed = bofrs.pack(values, "nf4", 64, opq=np.float64(0.95))
+    assert_matches(packed, expected(torch.from_numpy(values), "nf4", 64, "bfloat16", 0.95))
+    assert packed.outliers is not None and packed.outliers.q == 0.95
