@@ -252,14 +252,14 @@ def test_tampered_manifest(saved: Path, tampering: str) -> None:
 @pytest.mark.parametrize(
     "metadata",
     [
-        {"bofrs.format_version": "2"},
+        {"bofrs.format_version": "3"},
         {"bofrs.format_version": "0"},
         {"bofrs.format_version": "one"},
         {"bofrs.format": "something.else"},
         {"bofrs.manifest": "{not json"},
         {"bofrs.manifest": "[1, 2]"},
     ],
-    ids=["version_2", "version_0", "version_text", "foreign_format", "manifest_not_json", "manifest_list"],
+    ids=["version_3", "version_0", "version_text", "foreign_format", "manifest_not_json", "manifest_list"],
 )
 def test_tampered_reserved_metadata(saved: Path, metadata: dict[str, str]) -> None:
     edit_header(saved, lambda header: header["__metadata__"].update(metadata))
@@ -269,9 +269,9 @@ def test_tampered_reserved_metadata(saved: Path, metadata: dict[str, str]) -> No
         bofrs.read_metadata(saved)
 
 
-def test_format_version_2_is_named_in_the_error(saved: Path) -> None:
-    edit_header(saved, lambda header: header["__metadata__"].update({"bofrs.format_version": "2"}))
-    with pytest.raises(bofrs.FormatError, match="version 2"):
+def test_newer_format_version_is_named_in_the_error(saved: Path) -> None:
+    edit_header(saved, lambda header: header["__metadata__"].update({"bofrs.format_version": "3"}))
+    with pytest.raises(bofrs.FormatError, match="version 3"):
         bofrs.load_file(saved)
 
 

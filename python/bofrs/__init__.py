@@ -20,6 +20,7 @@ from ._linearity import build_menu, estimate_sensitivity, layer_errors, perplexi
 from ._io import load_file, read_metadata, save_file
 from ._metrics import quantization_error
 from ._optimize import expected_error, optimize_codebook
+from ._outliers import Outliers
 from ._pack import pack, unpack
 from ._packed import PackedTensor
 
@@ -29,6 +30,19 @@ __version__: str = _native.__version__
 def num_threads() -> int:
     """Threads the heavy calls use (``BOFRS_NUM_THREADS`` before the first call; default: all cores)."""
     return int(_native.num_threads())
+
+
+def opq_threshold(block_size: int, q: float) -> float:
+    """OPQ threshold factor ``t(I, q) = Phi^-1((q^(1/I) + 1) / 2)``: a value is an outlier when
+    its magnitude exceeds ``t`` times its block's sample standard deviation."""
+    from ._outliers import check_quantile
+
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    checked = check_quantile(q)
+    if checked is None:
+        raise TypeError("q must be a float in (0, 1)")
+    return float(_native.opq_threshold(block_size, checked))
 
 
 def supported_isas() -> tuple[str, ...]:
@@ -41,6 +55,7 @@ __all__ = [
     "Codebook",
     "FormatError",
     "HiggsTensor",
+    "Outliers",
     "PackedTensor",
     "allocate",
     "available_codebooks",
@@ -54,6 +69,7 @@ __all__ = [
     "load_file",
     "num_threads",
     "optimize_codebook",
+    "opq_threshold",
     "pack",
     "pack_higgs",
     "perplexity",

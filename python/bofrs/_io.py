@@ -1,13 +1,18 @@
 """Saving and loading packed and plain tensors in the safetensors format.
 
 A bofrs file is an ordinary safetensors file. A packed tensor ``name`` is stored as two entries,
-``name.codes`` (uint8) and ``name.scales`` (bf16 / f16 / f32); plain tensors keep their name. The
-header metadata holds:
+``name.codes`` (uint8) and ``name.scales`` (bf16 / f16 / f32, or uint8 for double-quantized
+scales), plus, when used, ``name.scale_scales`` (float32 ``[lo, step]`` per group of 256 dq8
+scales), ``name.outlier_indices`` (uint16 / uint32 / uint64) and ``name.outlier_values`` (bf16 /
+f16); plain tensors keep their name. The header metadata holds:
 
 - ``format``: ``"pt"`` (what safetensors tools expect),
-- ``bofrs.format``: ``"bofrs.packed"`` and ``bofrs.format_version``: ``"1"``,
+- ``bofrs.format``: ``"bofrs.packed"`` and ``bofrs.format_version``: ``"1"``, or ``"2"`` when
+  some tensor uses OPQ outliers or dq8 scales (so a version-1 reader refuses such a file
+  cleanly; this reader reads both, and files of version 1 written before them),
 - ``bofrs.manifest``: JSON mapping every name to its description (kind, shape, dtype, block size,
-  codebook levels and normalization, scale dtype) and the CRC-32 of each stored buffer.
+  codebook levels and normalization, scale dtype; version 2 adds ``outliers``: q, value dtype,
+  index dtype, count) and the CRC-32 of each stored buffer.
 
 Loading checks the whole manifest against the stored entries and every checksum: a truncated,
 tampered or foreign file raises :class:`bofrs.FormatError`.
@@ -29,18 +34,25 @@ from . import _native
 from ._codebooks import Codebook
 from ._errors import FormatError
 from ._inputs import dtype_from_name, dtype_name
-from ._packed import SCALE_DTYPES, PackedTensor
+from ._outliers import OUTLIER_DTYPES, Outliers, check_quantile, index_dtype
+from ._packed import DQ8, DQ_GROUP, SCALE_DTYPES, PackedTensor
 from ._validate import check_block_size
 
 FORMAT = "bofrs.packed"
-FORMAT_VERSION = 1
+#: The newest version written and read; files without outliers or dq8 scales are written as 1.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _RESERVED_PREFIX = "bofrs."
 _CODES, _SCALES = ".codes", ".scales"
+_SCALE_SCALES, _OUTLIER_INDICES, _OUTLIER_VALUES = ".scale_scales", ".outlier_indices", ".outlier_values"
+_SUFFIXES = (_CODES, _SCALES, _SCALE_SCALES, _OUTLIER_INDICES, _OUTLIER_VALUES)
 
 PathLike = str | os.PathLike[str]
 
 
 def _crc(tensor: torch.Tensor) -> int:
+    if tensor.numel() == 0:
+        return 0  # CRC-32 of no bytes (an empty tensor may have strides .view() refuses)
     raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     return int(_native.crc32(raw))
 
@@ -62,6 +74,7 @@ def save_file(
         raise TypeError(f"tensors must be a mapping of names to tensors, got {type(tensors).__name__}")
     stored: dict[str, torch.Tensor] = {}
     manifest: dict[str, dict[str, Any]] = {}
+    version = 1
     for name, value in tensors.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"tensor names must be non-empty str, got {name!r}")
@@ -72,9 +85,22 @@ def save_file(
                 "shape": list(value.shape),
                 "dtype": dtype_name(value.dtype),
                 "block_size": value.block_size,
-                "scale_dtype": dtype_name(value.scale_dtype),
+                "scale_dtype": value.scale_format,
                 "codebook": value.codebook.to_dict(),
             }
+            if value.scale_scales is not None:
+                entries[name + _SCALE_SCALES] = value.scale_scales
+                version = 2
+            if value.outliers is not None:
+                entries[name + _OUTLIER_INDICES] = value.outliers.indices
+                entries[name + _OUTLIER_VALUES] = value.outliers.values
+                manifest[name]["outliers"] = {
+                    "q": value.outliers.q,
+                    "dtype": dtype_name(value.outliers.dtype),
+                    "index_dtype": dtype_name(value.outliers.indices.dtype),
+                    "count": value.outliers.count,
+                }
+                version = 2
         elif isinstance(value, torch.Tensor):
             entries = {name: value}
             manifest[name] = {"kind": "tensor"}
@@ -86,7 +112,7 @@ def save_file(
         for key, tensor in entries.items():
             if key in stored:
                 raise ValueError(f"tensor name {key!r} is used twice (check names ending in "
-                                 f"{_CODES!r} / {_SCALES!r})")
+                                 f"{' / '.join(map(repr, _SUFFIXES))})")
             stored[key] = tensor.detach().cpu().contiguous()
         manifest[name]["crc32"] = {key: _crc(stored[key]) for key in entries}
     header = {"format": "pt"}
@@ -97,7 +123,7 @@ def save_file(
             raise ValueError(f"metadata key {key!r} is reserved")
         header[key] = text
     header["bofrs.format"] = FORMAT
-    header["bofrs.format_version"] = str(FORMAT_VERSION)
+    header["bofrs.format_version"] = str(version)
     header["bofrs.manifest"] = json.dumps(manifest, separators=(",", ":"))
     header["bofrs.manifest_crc32"] = str(_text_crc(header["bofrs.manifest"]))
     _safetensors_save(stored, os.fspath(path), metadata=header)
@@ -110,6 +136,10 @@ def load_file(path: PathLike, device: str | torch.device = "cpu") -> dict[str, P
         with safe_open(path, framework="pt") as handle:
             header = handle.metadata() or {}
             manifest = _read_manifest(header)
+            version = int(header["bofrs.format_version"])
+            for name, entry in manifest.items():
+                if version < 2 and ("outliers" in entry or entry.get("scale_dtype") == DQ8):
+                    raise FormatError(f"{name}: outliers / dq8 scales need format version 2")
             keys = set(handle.keys())
             expected = {k for name, entry in manifest.items() for k in _stored_keys(name, entry)}
             if keys != expected:
@@ -158,10 +188,10 @@ def _read_manifest(header: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     version = header.get("bofrs.format_version", "")
     if not version.isdigit():
         raise FormatError(f"invalid bofrs.format_version {version!r}")
-    if int(version) != FORMAT_VERSION:
+    if int(version) not in _READABLE_VERSIONS:
         raise FormatError(
             f"bofrs file format version {version} is not supported by this bofrs "
-            f"(reads version {FORMAT_VERSION}); upgrade or re-quantize"
+            f"(reads versions {', '.join(map(str, _READABLE_VERSIONS))}); upgrade or re-quantize"
         )
     text = header.get("bofrs.manifest", "")
     if header.get("bofrs.manifest_crc32") != str(_text_crc(text)):
@@ -180,7 +210,12 @@ def _read_manifest(header: Mapping[str, str]) -> dict[str, dict[str, Any]]:
 def _stored_keys(name: str, entry: Mapping[str, Any]) -> tuple[str, ...]:
     kind = entry.get("kind")
     if kind == "packed":
-        return (name + _CODES, name + _SCALES)
+        keys: tuple[str, ...] = (name + _CODES, name + _SCALES)
+        if entry.get("scale_dtype") == DQ8:
+            keys += (name + _SCALE_SCALES,)
+        if "outliers" in entry:
+            keys += (name + _OUTLIER_INDICES, name + _OUTLIER_VALUES)
+        return keys
     if kind == "tensor":
         return (name,)
     raise FormatError(f"entry {name!r} has unknown kind {kind!r}")
@@ -206,7 +241,7 @@ def _rebuild(name: str, entry: Mapping[str, Any], raw: Mapping[str, torch.Tensor
     block_size = check_block_size(entry["block_size"])
     dtype = dtype_from_name(entry["dtype"])
     scale_dtype = entry["scale_dtype"]
-    if scale_dtype not in SCALE_DTYPES:
+    if scale_dtype not in SCALE_DTYPES and scale_dtype != DQ8:
         raise FormatError(f"{name}: invalid scale_dtype {scale_dtype!r}")
     book = entry["codebook"]
     if not isinstance(book, dict):
@@ -214,11 +249,71 @@ def _rebuild(name: str, entry: Mapping[str, Any], raw: Mapping[str, torch.Tensor
     codebook = Codebook.from_dict(book)
     codes = _checked(entry, name + _CODES, raw[name + _CODES])
     scales = _checked(entry, name + _SCALES, raw[name + _SCALES])
-    if scales.dtype != SCALE_DTYPES[scale_dtype]:
+    want = torch.uint8 if scale_dtype == DQ8 else SCALE_DTYPES[scale_dtype]
+    if scales.dtype != want:
         raise FormatError(f"{name}: scales stored as {scales.dtype}, manifest says {scale_dtype}")
     if not bool(torch.isfinite(scales).all()):
         raise FormatError(f"{name}: non-finite scale")
-    packed = PackedTensor(codes, scales, tuple(shape), dtype, block_size, codebook)
+    scale_scales = None
+    if scale_dtype == DQ8:
+        scale_scales = _checked(entry, name + _SCALE_SCALES, raw[name + _SCALE_SCALES])
+        if scale_scales.dtype != torch.float32 or scale_scales.dim() != 2:
+            raise FormatError(f"{name}: scale_scales must be a 2-D float32 tensor")
+        if not bool((torch.isfinite(scale_scales) & (scale_scales >= 0)).all()):
+            raise FormatError(f"{name}: scale_scales must be finite and non-negative")
+        blocks = scales.numel()
+        if scale_scales.shape != (-(-blocks // DQ_GROUP), 2):
+            raise FormatError(f"{name}: scale_scales has shape {tuple(scale_scales.shape)}")
+    outliers = _rebuild_outliers(name, entry, raw, torch.Size(shape).numel())
+    packed = PackedTensor(
+        codes,
+        scales,
+        tuple(shape),
+        dtype,
+        block_size,
+        codebook,
+        scale_scales=scale_scales,
+        outliers=outliers,
+    )
+    if scale_scales is not None and not bool(torch.isfinite(packed.decoded_scales()).all()):
+        raise FormatError(f"{name}: double-quantized scales decode to non-finite values")
     if packed.numel % 2 and int(codes[-1]) & 15:
         raise FormatError(f"{name}: padding nibble of the last code byte is not zero")
     return packed
+
+
+def _rebuild_outliers(
+    name: str, entry: Mapping[str, Any], raw: Mapping[str, torch.Tensor], numel: int
+) -> Outliers | None:
+    """The outliers of a packed entry, validated (None when the entry has none)."""
+    if "outliers" not in entry:
+        return None
+    info = entry["outliers"]
+    if not isinstance(info, dict):
+        raise FormatError(f"{name}: invalid outliers entry {info!r}")
+    indices = _checked(entry, name + _OUTLIER_INDICES, raw[name + _OUTLIER_INDICES])
+    values = _checked(entry, name + _OUTLIER_VALUES, raw[name + _OUTLIER_VALUES])
+    value_dtype = info.get("dtype")
+    if value_dtype not in OUTLIER_DTYPES or values.dtype != OUTLIER_DTYPES[value_dtype]:
+        raise FormatError(f"{name}: outlier values stored as {values.dtype}, manifest says {value_dtype!r}")
+    expected_index = index_dtype(numel)
+    if info.get("index_dtype") != dtype_name(expected_index) or indices.dtype != expected_index:
+        raise FormatError(
+            f"{name}: outlier indices must be {dtype_name(expected_index)} for {numel} values, "
+            f"stored as {indices.dtype} (manifest: {info.get('index_dtype')!r})"
+        )
+    count = info.get("count")
+    if indices.dim() != 1 or values.dim() != 1 or count != indices.numel() or count != values.numel():
+        raise FormatError(f"{name}: outlier count does not match the manifest ({count!r})")
+    flat = indices.numpy().astype("uint64")
+    if flat.size and (bool((flat[1:] <= flat[:-1]).any()) or int(flat[-1]) >= numel):
+        raise FormatError(f"{name}: outlier indices must be strictly ascending and below {numel}")
+    if not bool(torch.isfinite(values).all()):
+        raise FormatError(f"{name}: non-finite outlier value")
+    try:
+        q = check_quantile(info.get("q"))
+    except (TypeError, ValueError) as err:
+        raise FormatError(f"{name}: invalid outlier quantile: {err}") from err
+    if q is None:
+        raise FormatError(f"{name}: missing outlier quantile")
+    return Outliers(indices, values, q)

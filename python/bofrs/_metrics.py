@@ -16,8 +16,8 @@ def quantization_error(original: object, packed: PackedTensor) -> dict[str, floa
     """Error statistics of ``packed`` against ``original`` (computed in float64).
 
     Returns ``mse``, ``mae``, ``max_abs_error``, ``relative_mse`` (mse over the mean square of
-    the original; 0 when both are 0), ``sqnr_db`` (``-10 log10 relative_mse``; inf when exact)
-    and ``bits_per_weight``.
+    the original; 0 when both are 0), ``sqnr_db`` (``-10 log10 relative_mse``; inf when exact),
+    ``bits_per_weight`` and ``outlier_fraction`` (OPQ outliers over all values; 0 without OPQ).
     """
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"packed must be a bofrs.PackedTensor, got {type(packed).__name__}")
@@ -50,4 +50,5 @@ def quantization_error(original: object, packed: PackedTensor) -> dict[str, floa
         "relative_mse": relative,
         "sqnr_db": -10.0 * math.log10(relative) if relative > 0 else math.inf,
         "bits_per_weight": packed.bits_per_weight,
+        "outlier_fraction": (packed.outliers.count / n) if packed.outliers is not None and n else 0.0,
     }

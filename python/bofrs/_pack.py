@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _native
 from ._codebooks import Codebook, resolve
 from ._inputs import flatten_for_native
-from ._packed import SCALE_DTYPES, PackedTensor, scales_from_native
+from ._outliers import OUTLIER_DTYPES, Outliers, check_quantile, index_dtype
+from ._packed import DQ8, DQ_GROUP, SCALE_FORMATS, PackedTensor, scales_from_native
 from ._validate import check_block_size, check_choice
 
 
@@ -17,6 +19,8 @@ def pack(
     block_size: int = 64,
     *,
     scale_dtype: str = "bfloat16",
+    opq: float | None = None,
+    outlier_dtype: str = "bfloat16",
     isa: str | None = None,
 ) -> PackedTensor:
     """Quantizes a float tensor to 4-bit codes in blocks of ``block_size`` consecutive values.
@@ -25,7 +29,13 @@ def pack(
     not, any device) or a numpy float array. ``codebook``: a name from
     :func:`bofrs.available_codebooks` or a :class:`bofrs.Codebook`. ``scale_dtype``: storage of
     the block scales, ``"bfloat16"`` (default, 4.25 bits per weight at block size 64),
-    ``"float16"`` or ``"float32"``; scales are rounded before encoding. ``isa`` forces a kernel
+    ``"float16"``, ``"float32"``, or ``"dq8"`` (double quantization: 8 bits per scale plus two
+    float32 per group of 256 scales, 4.129 bits per weight at block size 64); scales are
+    rounded (or double-quantized) before encoding. ``opq``: OPQ quantile ``q`` in (0, 1) (the
+    paper uses 0.95) or None (default, off): values beyond ``sigma_b * t(I, q)`` in their
+    block are outliers, zeroed before the scale is taken and stored separately as
+    ``outlier_dtype`` (``"bfloat16"`` or ``"float16"``) with their flat indices; see
+    :attr:`PackedTensor.outliers`. ``isa`` forces a kernel
     variant (``"portable"``, ``"avx2"``, ``"avx512"``; default: the best this CPU has) — all
     give identical results.
 
@@ -34,31 +44,58 @@ def pack(
     Raises ValueError naming the first flat index of a NaN or infinity.
     """
     block_size = check_block_size(block_size)
-    check_choice(scale_dtype, tuple(SCALE_DTYPES), "scale_dtype")
+    check_choice(scale_dtype, SCALE_FORMATS, "scale_dtype")
+    q = check_quantile(opq)
+    check_choice(outlier_dtype, tuple(OUTLIER_DTYPES), "outlier_dtype")
+    if isa is not None and not isinstance(isa, str):
+        raise TypeError(f"isa must be a str or None, got {type(isa).__name__}")
     book = resolve(codebook, block_size)
     if book.bits != 4:
         raise ValueError(
             f"codebook: pack stores 4-bit codes, {book.name!r} has {book.bits}-bit levels"
         )
     flat = flatten_for_native(tensor)
-    codes, scales = _native.pack(
+    codes, scales, scale_codes, scale_params, indices, values = _native.pack_ext(
         flat.data,
         flat.element,
         book.levels,
         block_size,
         book.normalization,
         scale_dtype,
+        q,
+        outlier_dtype,
         isa,
     )
+    numel = flat.shape.numel()
+    outliers = None
+    if q is not None:
+        outliers = Outliers(
+            torch.from_numpy(indices.astype(_NUMPY_INDEX[index_dtype(numel)])),
+            torch.from_numpy(values.view(np.int16)).view(OUTLIER_DTYPES[outlier_dtype]),
+            q,
+        )
+    if scale_dtype == DQ8:
+        assert scale_codes is not None and scale_params is not None
+        stored_scales = torch.from_numpy(scale_codes)
+        scale_scales: torch.Tensor | None = torch.from_numpy(scale_params).reshape(-1, 2)
+        assert scale_scales is not None and scale_scales.shape[0] == -(-stored_scales.numel() // DQ_GROUP)
+    else:
+        stored_scales = scales_from_native(scales, scale_dtype)
+        scale_scales = None
     packed = PackedTensor(
         torch.from_numpy(codes),
-        scales_from_native(scales, scale_dtype),
+        stored_scales,
         flat.shape,
         flat.dtype,
         block_size,
         book,
+        scale_scales=scale_scales,
+        outliers=outliers,
     )
     return packed.to(flat.device)
+
+
+_NUMPY_INDEX = {torch.uint16: np.uint16, torch.uint32: np.uint32, torch.uint64: np.uint64}
 
 
 def unpack(packed: PackedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -8,12 +8,18 @@ import torch
 from . import _native
 from ._codebooks import Codebook
 from ._inputs import dtype_name
+from ._outliers import Outliers
 from ._validate import check_block_size
 
 #: Decoder output types of the native layer (others are decoded to float32, then cast).
 _NATIVE_OUTPUTS = (torch.float32, torch.bfloat16, torch.float16)
 #: Scale storage types.
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: Double-quantized scales: one byte per block, ``[lo, step]`` (float32) per group of this many.
+DQ8 = "dq8"
+DQ_GROUP = 256
+#: Every ``scale_dtype`` accepted by :func:`bofrs.pack`.
+SCALE_FORMATS = (*SCALE_DTYPES, DQ8)
 
 
 class PackedTensor:
@@ -23,10 +29,24 @@ class PackedTensor:
     values (the last may be partial). ``codes`` is a flat uint8 tensor of ``ceil(numel / 2)``
     bytes: value ``2j`` in the high nibble of byte ``j``, value ``2j + 1`` in its low nibble (an
     odd count leaves the last low nibble 0). ``scales`` holds one scale per block. Value ``i``
-    decodes to ``codebook.levels[code_i] * scales[i // block_size]``.
+    decodes to ``codebook.levels[code_i] * decoded_scales()[i // block_size]``, except the
+    OPQ outliers (:attr:`outliers`), which decode to their stored values.
+
+    With double-quantized scales (:attr:`scale_format` ``"dq8"``), ``scales`` is one uint8 per
+    block and ``scale_scales`` a float32 ``(ceil(blocks / 256), 2)`` tensor of ``[lo, step]``
+    per group of 256 scales (see the README for the code).
     """
 
-    __slots__ = ("_codes", "_scales", "_shape", "_dtype", "_block_size", "_codebook")
+    __slots__ = (
+        "_codes",
+        "_scales",
+        "_shape",
+        "_dtype",
+        "_block_size",
+        "_codebook",
+        "_scale_scales",
+        "_outliers",
+    )
 
     def __init__(
         self,
@@ -36,6 +56,9 @@ class PackedTensor:
         dtype: torch.dtype,
         block_size: int,
         codebook: Codebook,
+        *,
+        scale_scales: torch.Tensor | None = None,
+        outliers: Outliers | None = None,
     ) -> None:
         check_block_size(block_size)
         if not isinstance(codebook, Codebook):
@@ -48,13 +71,36 @@ class PackedTensor:
                 f"{tuple(shape)}, got {codes.dtype} of shape {tuple(codes.shape)}"
             )
         blocks = -(-numel // block_size)
-        if scales.dtype not in SCALE_DTYPES.values() or scales.shape != (blocks,):
+        dq = scales.dtype == torch.uint8
+        if (not dq and scales.dtype not in SCALE_DTYPES.values()) or scales.shape != (blocks,):
             raise ValueError(
-                f"scales must be a 1-D float tensor of {blocks} values, got {scales.dtype} "
-                f"of shape {tuple(scales.shape)}"
+                f"scales must be a 1-D float (or uint8, double-quantized) tensor of {blocks} "
+                f"values, got {scales.dtype} of shape {tuple(scales.shape)}"
             )
+        if dq:
+            groups = -(-blocks // DQ_GROUP)
+            if (
+                not isinstance(scale_scales, torch.Tensor)
+                or scale_scales.dtype != torch.float32
+                or scale_scales.shape != (groups, 2)
+            ):
+                raise ValueError(
+                    f"double-quantized scales need scale_scales: a float32 tensor of shape "
+                    f"({groups}, 2)"
+                )
+            if scale_scales.device != scales.device:
+                raise ValueError("scales and scale_scales must be on the same device")
+        elif scale_scales is not None:
+            raise ValueError("scale_scales is only used with double-quantized (uint8) scales")
         if codes.device != scales.device:
             raise ValueError("codes and scales must be on the same device")
+        if outliers is not None:
+            if not isinstance(outliers, Outliers):
+                raise TypeError("outliers must be a bofrs.Outliers or None")
+            if outliers.indices.device != codes.device:
+                raise ValueError("outliers must be on the same device as the codes")
+        self._scale_scales = scale_scales
+        self._outliers = outliers
         self._codes = codes
         self._scales = scales
         self._shape = shape
@@ -94,8 +140,37 @@ class PackedTensor:
 
     @property
     def scale_dtype(self) -> torch.dtype:
-        """Storage dtype of the scales."""
+        """Storage dtype of :attr:`scales` (``torch.uint8`` for double-quantized scales)."""
         return self._scales.dtype
+
+    @property
+    def scale_format(self) -> str:
+        """How scales are stored: ``"bfloat16"``, ``"float16"``, ``"float32"`` or ``"dq8"``."""
+        return DQ8 if self._scales.dtype == torch.uint8 else dtype_name(self._scales.dtype)
+
+    @property
+    def scale_scales(self) -> torch.Tensor | None:
+        """dq8 only: float32 ``[lo, step]`` per group of 256 scales (else None)."""
+        return self._scale_scales
+
+    @property
+    def outliers(self) -> Outliers | None:
+        """The OPQ outliers (None when packed without OPQ)."""
+        return self._outliers
+
+    def decoded_scales(self) -> torch.Tensor:
+        """The float32 scale of every block, as the decoder uses it, on :attr:`device`."""
+        if self._scale_scales is None:
+            return self._scales.float()
+        signed = self._codebook.normalization == "signed_absmax"
+        if self.device.type == "cpu":
+            raw = _native.decode_scales(
+                self._scales.contiguous().numpy(),
+                self._scale_scales.contiguous().reshape(-1).numpy(),
+                signed,
+            )
+            return torch.from_numpy(raw)
+        return _dq_scales_torch(self._scales, self._scale_scales, signed)
 
     @property
     def device(self) -> torch.device:
@@ -109,14 +184,24 @@ class PackedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Exact storage in bytes: codes plus scales."""
-        return self._codes.numel() + self._scales.numel() * self._scales.element_size()
+        """Exact storage in bytes: codes + scales + scale groups (dq8) + outlier indices and
+        values. No fixed header is counted (shape, codebook, dtypes: file metadata)."""
+        total = self._codes.numel() + self._scales.numel() * self._scales.element_size()
+        if self._scale_scales is not None:
+            total += self._scale_scales.numel() * self._scale_scales.element_size()
+        if self._outliers is not None:
+            total += self._outliers.nbytes
+        return total
 
     @property
     def bits_per_weight(self) -> float:
-        """Storage bits per original value (``8 * nbytes / numel``; the nominal rate if empty)."""
+        """Storage bits per original value (``8 * nbytes / numel``; for an empty tensor the
+        nominal rate of codes and scales)."""
         if self.numel == 0:
-            return 4.0 + 8.0 * self._scales.element_size() / self._block_size
+            rate = 4.0 + 8.0 * self._scales.element_size() / self._block_size
+            if self._scale_scales is not None:
+                rate += 64.0 / (DQ_GROUP * self._block_size)
+            return rate
         return 8.0 * self.nbytes / self.numel
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -132,13 +217,21 @@ class PackedTensor:
 
     def _dequantize_native(self, dtype: torch.dtype) -> torch.Tensor:
         out_dtype = dtype if dtype in _NATIVE_OUTPUTS else torch.float32
+        extra: dict[str, object] = {}
+        if self._outliers is not None:
+            extra = {
+                "outlier_indices": self._outliers.indices.numpy().astype(np.uint64),
+                "outlier_values": self._outliers.values.view(torch.int16).numpy().view(np.uint16),
+                "outlier_dtype": dtype_name(self._outliers.dtype),
+            }
         raw = _native.unpack(
             self._codes.contiguous().numpy(),
-            self._scales.float().contiguous().numpy(),
+            self.decoded_scales().contiguous().numpy(),
             self._codebook.levels,
             self._block_size,
             self.numel,
             dtype_name(out_dtype),
+            **extra,  # type: ignore[arg-type]
         )
         flat = torch.from_numpy(raw)
         if out_dtype != torch.float32:
@@ -147,11 +240,14 @@ class PackedTensor:
 
     def _dequantize_torch(self, dtype: torch.dtype) -> torch.Tensor:
         """Device-agnostic decoder with the same float32 arithmetic as the native one."""
-        levels = torch.from_numpy(self._codebook.levels).to(self.device)
+        levels = torch.from_numpy(self._codebook.levels.copy()).to(self.device)
         nibbles = torch.stack((self._codes >> 4, self._codes & 15), dim=-1).reshape(-1)
         nibbles = nibbles[: self.numel].long()
-        scales = self._scales.float().repeat_interleave(self._block_size)[: self.numel]
-        return (levels[nibbles] * scales).to(dtype)
+        scales = self.decoded_scales().repeat_interleave(self._block_size)[: self.numel]
+        values = levels[nibbles] * scales
+        if self._outliers is not None and self._outliers.count:
+            values[self._outliers.indices.long()] = self._outliers.values.float()
+        return values.to(dtype)
 
     def to(self, device: torch.device | str) -> PackedTensor:
         """A copy on ``device`` (itself if already there)."""
@@ -165,13 +261,16 @@ class PackedTensor:
             self._dtype,
             self._block_size,
             self._codebook,
+            scale_scales=None if self._scale_scales is None else self._scale_scales.to(device),
+            outliers=None if self._outliers is None else self._outliers.to(device),
         )
 
     def __repr__(self) -> str:
         return (
             f"PackedTensor(shape={tuple(self._shape)}, dtype={dtype_name(self._dtype)}, "
             f"codebook={self._codebook.name!r}, block_size={self._block_size}, "
-            f"scale_dtype={dtype_name(self.scale_dtype)}, "
+            f"scale_dtype={self.scale_format}, "
+            f"outliers={'off' if self._outliers is None else self._outliers.count}, "
             f"bits_per_weight={self.bits_per_weight:.4f}, device={self.device})"
         )
 
@@ -179,3 +278,17 @@ class PackedTensor:
 def scales_from_native(scales: np.ndarray, scale_dtype: str) -> torch.Tensor:
     """Native float32 scales (already rounded) as a tensor of the storage dtype (exact)."""
     return torch.from_numpy(scales).to(SCALE_DTYPES[scale_dtype])
+
+
+def _dq_scales_torch(codes: torch.Tensor, params: torch.Tensor, signed: bool) -> torch.Tensor:
+    """dq8 decoding with torch ops, the same float32 arithmetic as the native one (multiply,
+    then add: no fused multiply-add)."""
+    magnitude_code = (codes & 0x7F) if signed else codes
+    c = magnitude_code.float()
+    blocks = codes.numel()
+    lo = params[:, 0].repeat_interleave(DQ_GROUP)[:blocks]
+    step = params[:, 1].repeat_interleave(DQ_GROUP)[:blocks]
+    magnitude = torch.where(c == 0, torch.zeros_like(c), lo + (c - 1.0) * step)
+    if signed:
+        magnitude = torch.where((codes & 0x80) != 0, -magnitude, magnitude)
+    return magnitude

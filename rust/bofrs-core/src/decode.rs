@@ -6,6 +6,7 @@ use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
 use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::layout::BlockLayout;
+use crate::opq::OutlierDType;
 use crate::pool::{blocks_per_task, pool};
 use rayon::prelude::*;
 
@@ -57,6 +58,66 @@ pub fn unpack_with_isa<O: Output>(
     block_size: usize,
     out: &mut [O],
 ) -> Result<()> {
+    unpack_ext_with_isa(isa, codes, scales, codebook, block_size, None, out)
+}
+
+/// Stored OPQ outliers: flat indices (strictly ascending) and 16-bit values.
+#[derive(Debug, Clone, Copy)]
+pub struct OutlierView<'a> {
+    pub indices: &'a [u64],
+    pub values: &'a [u16],
+    pub dtype: OutlierDType,
+}
+
+impl OutlierView<'_> {
+    /// Checks lengths, order, range and finiteness against a tensor of `numel` values.
+    pub fn validate(&self, numel: usize) -> Result<()> {
+        if self.indices.len() != self.values.len() {
+            return Err(Error::LengthMismatch {
+                what: "outlier_values",
+                expected: self.indices.len(),
+                actual: self.values.len(),
+            });
+        }
+        if let Some(i) = self.indices.windows(2).position(|w| w[0] >= w[1]) {
+            return Err(Error::InvalidArgument {
+                name: "outlier_indices",
+                message: format!("must be strictly ascending (position {})", i + 1),
+            });
+        }
+        if let Some(&last) = self.indices.last() {
+            if last >= numel as u64 {
+                return Err(Error::InvalidArgument {
+                    name: "outlier_indices",
+                    message: format!("index {last} is out of range for {numel} values"),
+                });
+            }
+        }
+        if let Some(i) = self
+            .values
+            .iter()
+            .position(|&v| !self.dtype.to_f32(v).is_finite())
+        {
+            return Err(Error::InvalidArgument {
+                name: "outlier_values",
+                message: format!("outlier {i} is not finite"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// [`unpack_with_isa`] that also writes OPQ outliers back (the decoded value of an outlier is
+/// its stored 16-bit value, rounded to the output type).
+pub fn unpack_ext_with_isa<O: Output>(
+    isa: Isa,
+    codes: &[u8],
+    scales: &[f32],
+    codebook: &Codebook,
+    block_size: usize,
+    outliers: Option<OutlierView<'_>>,
+    out: &mut [O],
+) -> Result<()> {
     isa.ensure_supported()?;
     let layout = BlockLayout::new(out.len(), block_size)?;
     layout.check_buffers(codes.len(), scales.len())?;
@@ -66,6 +127,9 @@ pub fn unpack_with_isa<O: Output>(
             message: format!("scale of block {b} is not finite"),
         });
     }
+    if let Some(view) = &outliers {
+        view.validate(out.len())?;
+    }
     let bpt = blocks_per_task(block_size);
     let task_values = bpt * block_size;
     let levels = codebook.levels();
@@ -73,7 +137,8 @@ pub fn unpack_with_isa<O: Output>(
         out.par_chunks_mut(task_values)
             .zip(codes.par_chunks(task_values / 2))
             .zip(scales.par_chunks(bpt))
-            .for_each(|((o, c), s)| {
+            .enumerate()
+            .for_each(|(task, ((o, c), s))| {
                 for ((block, bytes), &scale) in o
                     .chunks_mut(block_size)
                     .zip(c.chunks(block_size / 2))
@@ -81,6 +146,15 @@ pub fn unpack_with_isa<O: Output>(
                 {
                     // SAFETY: `isa` was checked to be supported by this CPU above.
                     unsafe { decode_block(isa, bytes, scale, levels, block) };
+                }
+                if let Some(view) = &outliers {
+                    let base = (task * task_values) as u64;
+                    let end = base + o.len() as u64;
+                    let from = view.indices.partition_point(|&i| i < base);
+                    let to = view.indices.partition_point(|&i| i < end);
+                    for (&i, &v) in view.indices[from..to].iter().zip(&view.values[from..to]) {
+                        o[(i - base) as usize] = O::from_f32(view.dtype.to_f32(v));
+                    }
                 }
             })
     });

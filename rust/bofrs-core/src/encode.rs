@@ -3,14 +3,24 @@
 //! For each block with stored scale `S` (see [`crate::scale`]), each value `x` becomes
 //! `y = x / S` (f32 division; `y = 0` when `S == 0`) and then the code `#{k : y > t_k}` against
 //! the codebook's midpoint thresholds. Codes `2j` and `2j+1` share byte `j` (high, low nibble).
+//!
+//! With OPQ ([`crate::opq`]) a block's outliers are found first, the scale is taken without
+//! them and their codes are set to the code of 0; with double quantization ([`crate::dq`]) the
+//! raw scales of a group of 256 blocks are quantized before any code is chosen, so the codes are
+//! chosen against the decoded scales.
 
 use crate::codebook::{Codebook, Normalization};
+use crate::dq::{quantize_group, GROUP};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::layout::BlockLayout;
+use crate::opq::{
+    block_sums, collect, f32_limit, raw_scale_within, scan, FilterBound, OpqOptions, Outlier,
+    Threshold, MASK_WORDS,
+};
 use crate::pool::{blocks_per_task, pool};
-use crate::scale::{stored_block_scale, ScaleDType};
+use crate::scale::{max_abs_bits, raw_block_scale_from_max, ScaleDType};
 use rayon::prelude::*;
 
 /// What to encode with.
@@ -24,6 +34,27 @@ pub struct EncodeOptions<'a> {
 
 /// Values encoded per inner step (16 code bytes).
 const STEP: usize = 32;
+
+/// Options beyond the basic format: OPQ outliers and double-quantized scales.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PackExtras {
+    /// Outlier-preserving quantization (see [`crate::opq`]); `None` disables it.
+    pub opq: Option<OpqOptions>,
+    /// Double-quantized ("dq8") scales (see [`crate::dq`]); `options.scale_dtype` is then unused.
+    pub double_quant: bool,
+}
+
+/// Output buffers of [`pack_ext_with_isa`].
+pub struct PackBuffers<'a> {
+    /// `numel.div_ceil(2)` bytes of codes.
+    pub codes: &'a mut [u8],
+    /// One decoded scale per block (the value the decoder uses).
+    pub scales: &'a mut [f32],
+    /// Double quantization only (else empty): one stored byte per block.
+    pub scale_codes: &'a mut [u8],
+    /// Double quantization only (else empty): `[lo, step]` per group of [`GROUP`] blocks.
+    pub scale_params: &'a mut [f32],
+}
 
 /// Packs `input` into `codes` (`numel.div_ceil(2)` bytes) and `scales` (one per block, already
 /// rounded to the storage type), on the pool, with the best instruction set of this CPU.
@@ -44,45 +75,186 @@ pub fn pack_with_isa<E: Element>(
     codes: &mut [u8],
     scales: &mut [f32],
 ) -> Result<()> {
-    isa.ensure_supported()?;
-    let layout = BlockLayout::new(input.len(), options.block_size)?;
-    layout.check_buffers(codes.len(), scales.len())?;
-    let bpt = blocks_per_task(options.block_size);
-    let task_values = bpt * options.block_size;
-    let outcome = pool().install(|| {
-        input
-            .par_chunks(task_values)
-            .zip(codes.par_chunks_mut(task_values / 2))
-            .zip(scales.par_chunks_mut(bpt))
-            .enumerate()
-            .try_for_each(|(task, ((x, c), s))| {
-                // SAFETY: `isa` was checked to be supported by this CPU above.
-                unsafe { pack_task(isa, x, options, c, s, task * bpt) }
-            })
-    });
-    // Parallel tasks may fail in any order; report the first failure in flat order.
-    outcome.map_err(|_| first_error(input, options))
+    let buffers = PackBuffers {
+        codes,
+        scales,
+        scale_codes: &mut [],
+        scale_params: &mut [],
+    };
+    pack_ext_with_isa(isa, input, options, &PackExtras::default(), buffers).map(|_| ())
 }
 
-/// The first error of a sequential scan (only called once a task has failed).
-fn first_error<E: Element>(input: &[E], options: &EncodeOptions<'_>) -> Error {
-    input
-        .chunks(options.block_size)
-        .enumerate()
-        .find_map(|(b, block)| {
-            stored_block_scale(
-                block,
-                options.normalization,
-                options.scale_dtype,
-                b * options.block_size,
-                b,
+/// [`pack_with_isa`] with OPQ and / or double-quantized scales. Returns the outliers (flat
+/// index ascending, stored 16-bit value); empty without OPQ. Errors name the first bad block in
+/// flat order.
+pub fn pack_ext_with_isa<E: Element>(
+    isa: Isa,
+    input: &[E],
+    options: &EncodeOptions<'_>,
+    extras: &PackExtras,
+    out: PackBuffers<'_>,
+) -> Result<Vec<Outlier>> {
+    isa.ensure_supported()?;
+    let bs = options.block_size;
+    let layout = BlockLayout::new(input.len(), bs)?;
+    layout.check_buffers(out.codes.len(), out.scales.len())?;
+    let blocks = layout.num_blocks();
+    let dq = extras.double_quant;
+    let (want_codes, want_params) = if dq {
+        (blocks, 2 * blocks.div_ceil(GROUP))
+    } else {
+        (0, 0)
+    };
+    for (what, expected, actual) in [
+        ("scale_codes", want_codes, out.scale_codes.len()),
+        ("scale_scales", want_params, out.scale_params.len()),
+    ] {
+        if expected != actual {
+            return Err(Error::LengthMismatch {
+                what,
+                expected,
+                actual,
+            });
+        }
+    }
+    let mut bpt = blocks_per_task(bs);
+    if dq {
+        // A task holds whole scale groups.
+        bpt = bpt.next_multiple_of(GROUP);
+    }
+    let task_values = bpt * bs;
+    let tail = input.len() % bs;
+    let context = TaskContext {
+        options,
+        opq: extras.opq.map(|o| OpqContext {
+            options: o,
+            full: (Threshold::new(bs, o.q), FilterBound::new(bs)),
+            tail: (
+                Threshold::new(tail.max(1), o.q),
+                FilterBound::new(tail.max(1)),
+            ),
+        }),
+        double_quant: dq,
+        signed: options.normalization == Normalization::SignedAbsmax,
+    };
+    let tasks = blocks.div_ceil(bpt);
+    let mut scale_codes: Vec<&mut [u8]> = if dq {
+        out.scale_codes.chunks_mut(bpt).collect()
+    } else {
+        (0..tasks).map(|_| Default::default()).collect()
+    };
+    let mut scale_params: Vec<&mut [f32]> = if dq {
+        out.scale_params.chunks_mut(2 * bpt / GROUP).collect()
+    } else {
+        (0..tasks).map(|_| Default::default()).collect()
+    };
+    let results: Vec<Result<Vec<Outlier>>> = pool().install(|| {
+        input
+            .par_chunks(task_values)
+            .zip(out.codes.par_chunks_mut(task_values / 2))
+            .zip(out.scales.par_chunks_mut(bpt))
+            .zip(scale_codes.par_iter_mut())
+            .zip(scale_params.par_iter_mut())
+            .enumerate()
+            .map(
+                |(task, ((((x, codes), scales), scale_codes), scale_params))| {
+                    let out = TaskOut {
+                        codes,
+                        scales,
+                        scale_codes,
+                        scale_params,
+                    };
+                    // SAFETY: `isa` was checked to be supported by this CPU above.
+                    unsafe { pack_task(isa, x, &context, out, task * bpt) }
+                },
             )
-            .err()
-        })
-        .unwrap_or(Error::InvalidArgument {
-            name: "input",
-            message: "encoding failed".into(),
-        })
+            .collect()
+    });
+    // Tasks are in flat order and each stops at its first bad block.
+    let mut outliers = Vec::new();
+    for result in results {
+        outliers.extend(result?);
+    }
+    Ok(outliers)
+}
+
+/// What every task needs to know.
+struct TaskContext<'a> {
+    options: &'a EncodeOptions<'a>,
+    /// OPQ settings with the thresholds of full blocks and of the partial last block.
+    opq: Option<OpqContext>,
+    double_quant: bool,
+    signed: bool,
+}
+
+/// OPQ settings and the per-length constants.
+struct OpqContext {
+    options: OpqOptions,
+    full: (Threshold, FilterBound),
+    tail: (Threshold, FilterBound),
+}
+
+/// The slices of the outputs one task writes.
+struct TaskOut<'a> {
+    codes: &'a mut [u8],
+    scales: &'a mut [f32],
+    scale_codes: &'a mut [u8],
+    scale_params: &'a mut [f32],
+}
+
+/// The per-ISA pieces of the encoder.
+trait Kernel {
+    /// Largest `abs_bits` of a block.
+    fn max_abs_bits<T: Element>(&self, block: &[T]) -> u32;
+    /// Codes of one block against its (decoded) scale.
+    fn encode<T: Element>(&self, block: &[T], scale: f32, out: &mut [u8]);
+    /// The block's shifted sums, exactly as [`block_sums`] computes them.
+    fn sums<T: Element>(&self, block: &[T]) -> (f64, f64);
+    /// Cheap f32 shifted sums for [`Threshold::provably_clean`], or `None` (no filter).
+    fn f32_sums<T: Element>(&self, block: &[T]) -> Option<(f32, f32)>;
+    /// The outlier mask of a block, exactly as [`scan`] computes it (`t32` = [`f32_limit`]).
+    fn scan<T: Element>(&self, block: &[T], limit2: f64, t32: f32, mask: &mut [u64; MASK_WORDS]);
+    /// The raw scale without outliers, exactly as [`raw_scale_within`] computes it.
+    fn raw_scale<T: Element>(&self, block: &[T], limit2: f64, t32: f32, norm: Normalization)
+        -> f32;
+}
+
+/// The portable kernels: the definition of the results.
+struct Portable<'a> {
+    codebook: &'a Codebook,
+}
+
+impl Kernel for Portable<'_> {
+    #[inline(always)]
+    fn max_abs_bits<T: Element>(&self, block: &[T]) -> u32 {
+        max_abs_bits(block)
+    }
+    #[inline(always)]
+    fn encode<T: Element>(&self, block: &[T], scale: f32, out: &mut [u8]) {
+        encode_block(block, scale, self.codebook, out)
+    }
+    #[inline(always)]
+    fn sums<T: Element>(&self, block: &[T]) -> (f64, f64) {
+        block_sums(block)
+    }
+    #[inline(always)]
+    fn f32_sums<T: Element>(&self, _block: &[T]) -> Option<(f32, f32)> {
+        None
+    }
+    #[inline(always)]
+    fn scan<T: Element>(&self, block: &[T], limit2: f64, _t32: f32, mask: &mut [u64; MASK_WORDS]) {
+        scan(block, limit2, mask)
+    }
+    #[inline(always)]
+    fn raw_scale<T: Element>(
+        &self,
+        block: &[T],
+        limit2: f64,
+        _t32: f32,
+        norm: Normalization,
+    ) -> f32 {
+        raw_scale_within(block, limit2, norm)
+    }
 }
 
 /// Dispatches one task to the kernel variant.
@@ -92,51 +264,120 @@ fn first_error<E: Element>(input: &[E], options: &EncodeOptions<'_>) -> Error {
 unsafe fn pack_task<E: Element>(
     isa: Isa,
     input: &[E],
-    options: &EncodeOptions<'_>,
-    codes: &mut [u8],
-    scales: &mut [f32],
+    context: &TaskContext<'_>,
+    out: TaskOut<'_>,
     first_block: usize,
-) -> Result<()> {
+) -> Result<Vec<Outlier>> {
     match isa {
-        Isa::Portable => pack_blocks(input, options, codes, scales, first_block),
         // AVX-512 CPUs run the AVX2 kernels (no AVX-512-specific encoder yet).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => {
-            x86::pack_blocks_avx2(input, options, codes, scales, first_block)
+        Isa::Avx2 | Isa::Avx512 => x86::pack_task_avx2(input, context, out, first_block),
+        _ => {
+            let kernel = Portable {
+                codebook: context.options.codebook,
+            };
+            run_task(&kernel, input, context, out, first_block)
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => pack_blocks(input, options, codes, scales, first_block),
     }
 }
 
-/// The portable body: scales of all blocks of one task, then their codes.
+/// One task: the raw scale of every block (after removing its outliers), the scales' storage
+/// rounding or double quantization, then the codes against the decoded scales.
 #[inline(always)]
-fn pack_blocks<E: Element>(
+fn run_task<E: Element, K: Kernel>(
+    kernel: &K,
     input: &[E],
-    options: &EncodeOptions<'_>,
-    codes: &mut [u8],
-    scales: &mut [f32],
+    context: &TaskContext<'_>,
+    out: TaskOut<'_>,
     first_block: usize,
-) -> Result<()> {
+) -> Result<Vec<Outlier>> {
+    let options = context.options;
     let bs = options.block_size;
-    for (b, (block, scale)) in input.chunks(bs).zip(scales.iter_mut()).enumerate() {
+    let mut outliers: Vec<Outlier> = Vec::new();
+    let mut mask = [0u64; MASK_WORDS];
+    for (b, (block, scale)) in input.chunks(bs).zip(out.scales.iter_mut()).enumerate() {
         let index = first_block + b;
-        *scale = stored_block_scale(
-            block,
-            options.normalization,
-            options.scale_dtype,
-            index * bs,
-            index,
-        )?;
+        let start = index * bs;
+        let max_bits = kernel.max_abs_bits(block);
+        let mut raw = raw_block_scale_from_max(block, max_bits, options.normalization)
+            .map_err(|i| Error::NonFinite { index: start + i })?;
+        if let Some(opq) = &context.opq {
+            let (threshold, bound) = if block.len() == bs {
+                &opq.full
+            } else {
+                &opq.tail
+            };
+            let max_abs = E::abs_bits_to_f32(max_bits);
+            let clean = kernel
+                .f32_sums(block)
+                .is_some_and(|(s, q)| threshold.provably_clean(max_abs, s, q, bound));
+            if !clean {
+                let limit2 = threshold.limit2(kernel.sums(block));
+                let max = max_abs as f64;
+                if limit2 > 0.0 && max * max > limit2 {
+                    let t32 = f32_limit(limit2);
+                    kernel.scan(block, limit2, t32, &mut mask);
+                    let input_max = E::MAX_FINITE;
+                    collect(block, &mask, &opq.options, start, input_max, &mut outliers)?;
+                    raw = kernel.raw_scale(block, limit2, t32, options.normalization);
+                }
+            }
+        }
+        *scale = if context.double_quant {
+            raw
+        } else {
+            options
+                .scale_dtype
+                .store(raw, E::MAX_FINITE)
+                .ok_or(Error::ScaleOverflow {
+                    block: index,
+                    value: raw,
+                    dtype: options.scale_dtype.name(),
+                })?
+        };
     }
-    for ((block, out), &scale) in input
+    if context.double_quant {
+        for ((scales, codes), params) in out
+            .scales
+            .chunks_mut(GROUP)
+            .zip(out.scale_codes.chunks_mut(GROUP))
+            .zip(out.scale_params.chunks_mut(2))
+        {
+            params.copy_from_slice(&quantize_group(
+                scales,
+                context.signed,
+                E::MAX_FINITE,
+                codes,
+            ));
+        }
+    }
+    let zero = options.codebook.encode_one(0.0);
+    let mut next = 0;
+    for (b, ((block, codes), &scale)) in input
         .chunks(bs)
-        .zip(codes.chunks_mut(bs / 2))
-        .zip(scales.iter())
+        .zip(out.codes.chunks_mut(bs / 2))
+        .zip(out.scales.iter())
+        .enumerate()
     {
-        encode_block(block, scale, options.codebook, out);
+        let start = (first_block + b) * bs;
+        let end = (start + block.len()) as u64;
+        let from = next;
+        while next < outliers.len() && outliers[next].0 < end {
+            next += 1;
+        }
+        kernel.encode(block, scale, codes);
+        // Outliers are coded as the value 0 (codes depend only on the value and the scale).
+        for &(index, _) in &outliers[from..next] {
+            let i = index as usize - start;
+            let byte = &mut codes[i / 2];
+            *byte = if i % 2 == 0 {
+                (*byte & 0x0f) | (zero << 4)
+            } else {
+                (*byte & 0xf0) | zero
+            };
+        }
     }
-    Ok(())
+    Ok(outliers)
 }
 
 /// Fills the codes of a block whose stored scale is 0: every value encodes as 0.
@@ -194,11 +435,13 @@ fn encode_tail<E: Element>(values: &[E], scale: f32, codebook: &Codebook, out: &
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{encode_tail, encode_zero_block, EncodeOptions, STEP};
-    use crate::codebook::Codebook;
+    use super::{
+        encode_tail, encode_zero_block, run_task, Kernel, TaskContext, TaskOut, MASK_WORDS, STEP,
+    };
+    use crate::codebook::{Codebook, Normalization};
     use crate::element::{Bf16, Element, F16};
     use crate::error::Result;
-    use crate::scale::stored_block_scale_from_max;
+    use crate::opq::Outlier;
     use std::any::TypeId;
     use std::arch::x86_64::*;
 
@@ -310,36 +553,230 @@ mod x86 {
         push_bit(code, above(y, _mm256_permutevar8x32_ps(tables.last, code)))
     }
 
-    /// The blocks of one task: all scales, then all codes.
+    /// The AVX2 kernels. Only built inside [`pack_task_avx2`], so only where AVX2 runs.
+    struct Avx2<'a> {
+        codebook: &'a Codebook,
+        tables: SearchTables,
+    }
+
+    impl Kernel for Avx2<'_> {
+        #[inline(always)]
+        fn max_abs_bits<T: Element>(&self, block: &[T]) -> u32 {
+            // SAFETY: an `Avx2` exists only inside `pack_task_avx2` (AVX2 checked by caller).
+            unsafe { max_abs_bits_avx2(block) }
+        }
+        #[inline(always)]
+        fn encode<T: Element>(&self, block: &[T], scale: f32, out: &mut [u8]) {
+            // SAFETY: as above.
+            unsafe { encode_block_avx2(block, scale, self.codebook, &self.tables, out) }
+        }
+        #[inline(always)]
+        fn sums<T: Element>(&self, block: &[T]) -> (f64, f64) {
+            // SAFETY: as above.
+            unsafe { sums_avx2(block) }
+        }
+        #[inline(always)]
+        fn f32_sums<T: Element>(&self, block: &[T]) -> Option<(f32, f32)> {
+            // SAFETY: as above.
+            unsafe { f32_sums_avx2(block) }
+        }
+        #[inline(always)]
+        fn scan<T: Element>(
+            &self,
+            block: &[T],
+            limit2: f64,
+            t32: f32,
+            mask: &mut [u64; MASK_WORDS],
+        ) {
+            // SAFETY: as above.
+            unsafe { scan_avx2(block, limit2, t32, mask) }
+        }
+        #[inline(always)]
+        fn raw_scale<T: Element>(
+            &self,
+            block: &[T],
+            limit2: f64,
+            t32: f32,
+            norm: Normalization,
+        ) -> f32 {
+            // SAFETY: as above.
+            match unsafe { kept_max_avx2(block, t32) } {
+                None => crate::opq::raw_scale_within(block, limit2, norm),
+                Some(max) if norm == Normalization::Absmax => max,
+                Some(max) => crate::opq::signed_scale_within(block, limit2, max),
+            }
+        }
+    }
+
+    /// [`crate::opq::scan`] 8 values at a time in f32: `|x| > t32` (`t32` from
+    /// [`crate::opq::f32_limit`]) is exactly the f64 test `x * x > limit2`.
+    #[inline(always)]
+    pub(super) unsafe fn scan_avx2<E: Element>(
+        block: &[E],
+        limit2: f64,
+        t32: f32,
+        mask: &mut [u64; MASK_WORDS],
+    ) {
+        if !known::<E>() || block.len() % 64 != 0 {
+            return crate::opq::scan(block, limit2, mask);
+        }
+        let limit = _mm256_set1_ps(t32);
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for (w, word) in mask[..block.len() / 64].iter_mut().enumerate() {
+            let mut bits = 0u64;
+            for k in 0..8 {
+                let v = _mm256_and_ps(load8(block.as_ptr().add(w * 64 + k * 8)), abs);
+                let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, limit));
+                bits |= (m as u8 as u64) << (k * 8);
+            }
+            *word = bits;
+        }
+    }
+
+    /// The largest magnitude `<= t32` of a block, as f32 (`None`: use the portable code).
+    #[inline(always)]
+    pub(super) unsafe fn kept_max_avx2<E: Element>(block: &[E], t32: f32) -> Option<f32> {
+        if !known::<E>() || block.len() % 8 != 0 {
+            return None;
+        }
+        let limit = _mm256_set1_ps(t32);
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut acc = _mm256_setzero_ps();
+        for k in 0..block.len() / 8 {
+            let v = _mm256_and_ps(load8(block.as_ptr().add(k * 8)), abs);
+            let kept = _mm256_cmp_ps::<_CMP_LE_OQ>(v, limit);
+            acc = _mm256_max_ps(acc, _mm256_and_ps(v, kept));
+        }
+        let x = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+        Some(_mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps::<0b01>(x, x))))
+    }
+
+    /// Whether the vector kernels read this element type natively.
+    #[inline(always)]
+    fn known<E: Element>() -> bool {
+        let kind = TypeId::of::<E>();
+        kind == TypeId::of::<f32>() || kind == TypeId::of::<Bf16>() || kind == TypeId::of::<F16>()
+    }
+
+    /// f32 shifted sums for the outlier filter (FMA for the squares; any order is fine, the
+    /// filter's bound covers it). `None` for other element types or lengths not a multiple
+    /// of 16.
+    #[inline(always)]
+    pub(super) unsafe fn f32_sums_avx2<E: Element>(block: &[E]) -> Option<(f32, f32)> {
+        let kind = TypeId::of::<E>();
+        let known = kind == TypeId::of::<f32>()
+            || kind == TypeId::of::<Bf16>()
+            || kind == TypeId::of::<F16>();
+        if !known || block.is_empty() || block.len() % 16 != 0 {
+            return None;
+        }
+        let vk = _mm256_set1_ps(block[0].to_f32());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut q0, mut q1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in 0..block.len() / 16 {
+            let p = block.as_ptr().add(i * 16);
+            let d0 = _mm256_sub_ps(load8(p), vk);
+            let d1 = _mm256_sub_ps(load8(p.add(8)), vk);
+            s0 = _mm256_add_ps(s0, d0);
+            s1 = _mm256_add_ps(s1, d1);
+            q0 = _mm256_fmadd_ps(d0, d0, q0);
+            q1 = _mm256_fmadd_ps(d1, d1, q1);
+        }
+        let hsum = |v: __m256| {
+            let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+            _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps::<0b01>(x, x)))
+        };
+        Some((hsum(_mm256_add_ps(s0, s1)), hsum(_mm256_add_ps(q0, q1))))
+    }
+
+    /// [`crate::opq::block_sums`] with the sixteen f64 lanes in four registers (values
+    /// `16k+4r..16k+4r+3` in register `r`): the same operations in the same order
+    /// (multiply then add, no FMA; lanes combined pairwise as the portable code does), so the
+    /// same result.
+    #[inline(always)]
+    pub(super) unsafe fn sums_avx2<E: Element>(block: &[E]) -> (f64, f64) {
+        let kind = TypeId::of::<E>();
+        let known = kind == TypeId::of::<f32>()
+            || kind == TypeId::of::<Bf16>()
+            || kind == TypeId::of::<F16>();
+        if block.is_empty() || !known {
+            return crate::opq::block_sums(block);
+        }
+        let shift = block[0].to_f32() as f64;
+        let vshift = _mm256_set1_pd(shift);
+        // Lanes 0-3, 4-7, 8-11, 12-15 of S and SS.
+        let mut s = [_mm256_setzero_pd(); 4];
+        let mut q = [_mm256_setzero_pd(); 4];
+        let full = block.len() / 16;
+        for i in 0..full {
+            let p = block.as_ptr().add(i * 16);
+            let (v0, v1) = (load8(p), load8(p.add(8)));
+            let d = [
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v0)), vshift),
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v0)), vshift),
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v1)), vshift),
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v1)), vshift),
+            ];
+            for k in 0..4 {
+                s[k] = _mm256_add_pd(s[k], d[k]);
+                q[k] = _mm256_add_pd(q[k], _mm256_mul_pd(d[k], d[k]));
+            }
+        }
+        let rest = &block[full * 16..];
+        if rest.is_empty() {
+            // m = [l0+l8 .. l3+l11], [l4+l12 .. l7+l15]; then [m0+m4 .. m3+m7];
+            // then [(m0+m4)+(m2+m6), (m1+m5)+(m3+m7)]; then their sum.
+            let combine = |l: [__m256d; 4]| {
+                let pairs = _mm256_add_pd(_mm256_add_pd(l[0], l[2]), _mm256_add_pd(l[1], l[3]));
+                let halves = _mm_add_pd(
+                    _mm256_castpd256_pd128(pairs),
+                    _mm256_extractf128_pd::<1>(pairs),
+                );
+                _mm_cvtsd_f64(_mm_add_sd(halves, _mm_unpackhi_pd(halves, halves)))
+            };
+            return (combine(s), combine(q));
+        }
+        let mut sl = [0f64; 16];
+        let mut ql = [0f64; 16];
+        for k in 0..4 {
+            _mm256_storeu_pd(sl.as_mut_ptr().add(4 * k), s[k]);
+            _mm256_storeu_pd(ql.as_mut_ptr().add(4 * k), q[k]);
+        }
+        crate::opq::sums_from_lanes(rest, shift, sl, ql)
+    }
+
+    /// The AVX2 raw-scale kernel, for tests (AVX2 must be supported).
+    #[cfg(test)]
+    pub(super) fn kernel_for_tests(
+        codebook: &Codebook,
+    ) -> impl Fn(&[Bf16], f64, f32, crate::codebook::Normalization) -> f32 + '_ {
+        move |block, limit2, t32, norm| {
+            // SAFETY: only called by tests that checked AVX2 support.
+            let kernel = Avx2 {
+                codebook,
+                tables: unsafe { search_tables(codebook) },
+            };
+            kernel.raw_scale(block, limit2, t32, norm)
+        }
+    }
+
+    /// One task with the AVX2 kernels (the shared driver is inlined here, so its loops are
+    /// compiled for AVX2 too).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn pack_blocks_avx2<E: Element>(
+    pub(super) unsafe fn pack_task_avx2<E: Element>(
         input: &[E],
-        options: &EncodeOptions<'_>,
-        codes: &mut [u8],
-        scales: &mut [f32],
+        context: &TaskContext<'_>,
+        out: TaskOut<'_>,
         first_block: usize,
-    ) -> Result<()> {
-        let bs = options.block_size;
-        for (b, (block, scale)) in input.chunks(bs).zip(scales.iter_mut()).enumerate() {
-            let index = first_block + b;
-            *scale = stored_block_scale_from_max(
-                block,
-                max_abs_bits_avx2(block),
-                options.normalization,
-                options.scale_dtype,
-                index * bs,
-                index,
-            )?;
-        }
-        let tables = search_tables(options.codebook);
-        for ((block, out), &scale) in input
-            .chunks(bs)
-            .zip(codes.chunks_mut(bs / 2))
-            .zip(scales.iter())
-        {
-            encode_block_avx2(block, scale, options.codebook, &tables, out);
-        }
-        Ok(())
+    ) -> Result<Vec<Outlier>> {
+        let codebook = context.options.codebook;
+        let kernel = Avx2 {
+            codebook,
+            tables: search_tables(codebook),
+        };
+        run_task(&kernel, input, context, out, first_block)
     }
 
     /// AVX2 encoder of one block: 32 values per step, packed to 16 bytes.
@@ -433,6 +870,125 @@ mod tests {
                     }
                     for isa in Isa::supported() {
                         assert_eq!(encode(isa, &x, bs, norm), (codes.clone(), scales.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    type Encoded = (Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>, Vec<Outlier>);
+
+    fn encode_ext<E: Element>(
+        isa: Isa,
+        x: &[E],
+        bs: usize,
+        norm: Normalization,
+        extras: &PackExtras,
+    ) -> Encoded {
+        let cb = Codebook::new(&NF4).unwrap();
+        let opts = EncodeOptions {
+            codebook: &cb,
+            block_size: bs,
+            normalization: norm,
+            scale_dtype: ScaleDType::BFloat16,
+        };
+        let layout = BlockLayout::new(x.len(), bs).unwrap();
+        let blocks = layout.num_blocks();
+        let mut codes = vec![0u8; layout.code_bytes()];
+        let mut scales = vec![0f32; blocks];
+        let dq = extras.double_quant;
+        let mut sc = vec![0u8; if dq { blocks } else { 0 }];
+        let mut sp = vec![0f32; if dq { 2 * blocks.div_ceil(GROUP) } else { 0 }];
+        let buffers = PackBuffers {
+            codes: &mut codes,
+            scales: &mut scales,
+            scale_codes: &mut sc,
+            scale_params: &mut sp,
+        };
+        let outliers = pack_ext_with_isa(isa, x, &opts, extras, buffers).unwrap();
+        (codes, scales, sc, sp, outliers)
+    }
+
+    #[test]
+    fn opq_and_double_quant_agree_across_isas_and_zero_the_outliers() {
+        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        use crate::opq::OutlierDType;
+        let cb = Codebook::new(&NF4).unwrap();
+        for &n in &[1usize, 2, 17, 64, 100, 1000, 70001, 140_000] {
+            let mut x = lcg(n, n as u64 + 7);
+            for i in (0..n).step_by(97) {
+                x[i] *= 40.0;
+            }
+            let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect();
+            let xh: Vec<F16> = x.iter().map(|&v| F16(f32_to_f16(v))).collect();
+            for &bs in &[16usize, 64, 4096] {
+                for norm in [Normalization::Absmax, Normalization::SignedAbsmax] {
+                    for dq in [false, true] {
+                        let extras = PackExtras {
+                            opq: Some(OpqOptions::new(0.95, OutlierDType::BFloat16).unwrap()),
+                            double_quant: dq,
+                        };
+                        let want = encode_ext(Isa::Portable, &x, bs, norm, &extras);
+                        if n >= 1000 {
+                            assert!(!want.4.is_empty(), "n={n} bs={bs}: outliers expected");
+                        }
+                        // Outlier positions encode as 0 against the block's scale.
+                        for &(i, _) in &want.4 {
+                            let i = i as usize;
+                            let byte = want.0[i / 2];
+                            let code = if i % 2 == 0 { byte >> 4 } else { byte & 15 };
+                            assert_eq!(code, cb.encode_one(0.0), "n={n} i={i}");
+                        }
+                        for isa in Isa::supported() {
+                            assert_eq!(encode_ext(isa, &x, bs, norm, &extras), want);
+                            encode_ext(isa, &xb, bs, norm, &extras);
+                            let a = encode_ext(isa, &xh, bs, norm, &extras);
+                            assert_eq!(a, encode_ext(Isa::Portable, &xh, bs, norm, &extras));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sum_kernels_are_bit_identical() {
+        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        let cb = Codebook::new(&NF4).unwrap();
+        if !Isa::Avx2.is_supported() {
+            return;
+        }
+        for n in [
+            0usize, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 100, 4096,
+        ] {
+            let x: Vec<f32> = lcg(n, 99 + n as u64)
+                .iter()
+                .map(|v| v * 3.0 + 7.0)
+                .collect();
+            let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect();
+            let xh: Vec<F16> = x.iter().map(|&v| F16(f32_to_f16(v))).collect();
+            // SAFETY: AVX2 checked above.
+            unsafe {
+                let bits = |p: (f64, f64)| (p.0.to_bits(), p.1.to_bits());
+                assert_eq!(bits(x86::sums_avx2(&x)), bits(block_sums(&x)));
+                assert_eq!(bits(x86::sums_avx2(&xb)), bits(block_sums(&xb)));
+                assert_eq!(bits(x86::sums_avx2(&xh)), bits(block_sums(&xh)));
+                // The scan at a limit that splits the block, and at the exact square of a value.
+                let first = x.first().copied().unwrap_or(1.0) as f64;
+                for limit2 in [50.0, first * first, 1e-30] {
+                    let t32 = crate::opq::f32_limit(limit2);
+                    let (mut a, mut b) = ([0u64; MASK_WORDS], [0u64; MASK_WORDS]);
+                    x86::scan_avx2(&x, limit2, t32, &mut a);
+                    crate::opq::scan(&x, limit2, &mut b);
+                    assert_eq!(a, b, "n={n}");
+                    x86::scan_avx2(&xh, limit2, t32, &mut a);
+                    crate::opq::scan(&xh, limit2, &mut b);
+                    assert_eq!(a, b, "n={n}");
+                    for norm in [Normalization::Absmax, Normalization::SignedAbsmax] {
+                        let want = crate::opq::raw_scale_within(&xb, limit2, norm);
+                        let kernel = x86::kernel_for_tests(&cb);
+                        let got = kernel(&xb, limit2, t32, norm);
+                        assert_eq!(got.to_bits(), want.to_bits(), "n={n}");
                     }
                 }
             }

@@ -6,6 +6,8 @@
 //! - [`element`]: the input element types (f32, bf16, f16) and exact conversions,
 //! - [`scale`]: per-block scales (absmax / signed absmax) and their storage rounding,
 //! - [`encode`] / [`decode`]: nearest-level encoding with 2-codes-per-byte packing, and back,
+//! - [`opq`]: OPQ outliers (per-block sample std threshold) and their 16-bit storage,
+//! - [`dq`]: double quantization of block scales (8 bits in groups of 256),
 //! - [`pool`]: the dedicated rayon pool (size from `BOFRS_NUM_THREADS`),
 //! - [`checksum`]: CRC-32 of stored buffers, used to validate files.
 //!
@@ -20,6 +22,7 @@ pub mod buffer;
 pub mod checksum;
 pub mod codebook;
 pub mod decode;
+pub mod dq;
 pub mod element;
 pub mod encode;
 pub mod error;
@@ -28,6 +31,7 @@ pub mod hadamard;
 pub mod higgs;
 pub mod isa;
 pub mod layout;
+pub mod opq;
 pub mod pool;
 pub mod scale;
 mod simd;

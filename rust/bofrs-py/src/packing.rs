@@ -3,8 +3,12 @@
 use crate::detach::run;
 use crate::runtime::parse_isa;
 use bofrs_core::buffer::zeroed_vec;
-use bofrs_core::decode::{unpack_with_isa, Output};
-use bofrs_core::encode::{pack_with_isa, EncodeOptions};
+use bofrs_core::decode::{unpack_ext_with_isa, OutlierView, Output};
+use bofrs_core::dq::{decode_scales as dq_decode_scales, GROUP};
+use bofrs_core::encode::{
+    pack_ext_with_isa, pack_with_isa, EncodeOptions, PackBuffers, PackExtras,
+};
+use bofrs_core::opq::{OpqOptions, OutlierDType};
 use bofrs_core::{Bf16, BlockLayout, Codebook, Element, Normalization, ScaleDType, F16};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -99,6 +103,142 @@ fn pack<'py>(
     }
 }
 
+/// What `pack_ext` returns: codes, decoded f32 scales, dq8 scale bytes and group parameters
+/// (`None` without double quantization), outlier indices (u64) and values (u16 bits).
+type PackedExt<'py> = (
+    Bound<'py, PyArray1<u8>>,
+    Bound<'py, PyArray1<f32>>,
+    Option<Bound<'py, PyArray1<u8>>>,
+    Option<Bound<'py, PyArray1<f32>>>,
+    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyArray1<u16>>,
+);
+
+fn pack_ext_slice<'py, E: Element>(
+    py: Python<'py>,
+    data: &[E],
+    options: EncodeOptions<'_>,
+    extras: PackExtras,
+    isa: bofrs_core::Isa,
+) -> PyResult<PackedExt<'py>> {
+    let layout = BlockLayout::new(data.len(), options.block_size).map_err(crate::errors::to_py)?;
+    let blocks = layout.num_blocks();
+    let dq = extras.double_quant;
+    let (codes, scales, scale_codes, params, outliers) = run(py, || {
+        let mut codes = zeroed_vec::<u8>(layout.code_bytes());
+        let mut scales = vec![0f32; blocks];
+        let mut scale_codes = vec![0u8; if dq { blocks } else { 0 }];
+        let mut params = vec![0f32; if dq { 2 * blocks.div_ceil(GROUP) } else { 0 }];
+        let buffers = PackBuffers {
+            codes: &mut codes,
+            scales: &mut scales,
+            scale_codes: &mut scale_codes,
+            scale_params: &mut params,
+        };
+        let outliers = pack_ext_with_isa(isa, data, &options, &extras, buffers)?;
+        Ok((codes, scales, scale_codes, params, outliers))
+    })?;
+    let (indices, values): (Vec<u64>, Vec<u16>) = outliers.into_iter().unzip();
+    Ok((
+        codes.into_pyarray(py),
+        scales.into_pyarray(py),
+        dq.then(|| scale_codes.into_pyarray(py)),
+        dq.then(|| params.into_pyarray(py)),
+        indices.into_pyarray(py),
+        values.into_pyarray(py),
+    ))
+}
+
+/// `pack` with OPQ outliers (`opq`: the quantile q, or None) and double-quantized scales
+/// (`scale_dtype="dq8"`). Returns `(codes, scales, scale_codes, scale_scales, outlier_indices,
+/// outlier_values)`: scales are the decoded float32 values; `scale_codes` (uint8 per block) and
+/// `scale_scales` (float32 `[lo, step]` per group of 256) are None without dq8; outlier
+/// indices are uint64 ascending, values the uint16 bits of `outlier_dtype`.
+#[pyfunction]
+#[pyo3(signature = (data, element, levels, block_size, normalization, scale_dtype, opq=None, outlier_dtype="bfloat16", isa=None))]
+#[allow(clippy::too_many_arguments)]
+fn pack_ext<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    element: &str,
+    levels: PyReadonlyArray1<'py, f32>,
+    block_size: usize,
+    normalization: &str,
+    scale_dtype: &str,
+    opq: Option<f64>,
+    outlier_dtype: &str,
+    isa: Option<&str>,
+) -> PyResult<PackedExt<'py>> {
+    let codebook = codebook_from(&levels)?;
+    let double_quant = scale_dtype == "dq8";
+    let options = EncodeOptions {
+        codebook: &codebook,
+        block_size,
+        normalization: Normalization::parse(normalization).map_err(crate::errors::to_py)?,
+        scale_dtype: if double_quant {
+            ScaleDType::Float32
+        } else {
+            ScaleDType::parse(scale_dtype).map_err(crate::errors::to_py)?
+        },
+    };
+    let dtype = OutlierDType::parse(outlier_dtype).map_err(crate::errors::to_py)?;
+    let extras = PackExtras {
+        opq: opq
+            .map(|q| OpqOptions::new(q, dtype))
+            .transpose()
+            .map_err(crate::errors::to_py)?,
+        double_quant,
+    };
+    let isa = parse_isa(isa)?;
+    match element {
+        "float32" => {
+            let arr: PyReadonlyArray1<'py, f32> = data.extract()?;
+            pack_ext_slice(py, contiguous(&arr, "data")?, options, extras, isa)
+        }
+        "bfloat16" | "float16" => {
+            let arr: PyReadonlyArray1<'py, u16> = data.extract()?;
+            let bits = contiguous(&arr, "data")?;
+            if element == "bfloat16" {
+                pack_ext_slice(py, as_halfs::<Bf16>(bits), options, extras, isa)
+            } else {
+                pack_ext_slice(py, as_halfs::<F16>(bits), options, extras, isa)
+            }
+        }
+        other => Err(PyTypeError::new_err(format!(
+            "element must be 'float32', 'bfloat16' or 'float16', got {other:?}"
+        ))),
+    }
+}
+
+/// OPQ threshold factor t(n, q) = Phi^-1((q^(1/n) + 1) / 2) for a block of n values.
+#[pyfunction]
+fn opq_threshold(n: usize, q: f64) -> PyResult<f64> {
+    OpqOptions::new(q, OutlierDType::BFloat16).map_err(crate::errors::to_py)?;
+    if n == 0 {
+        return Err(PyValueError::new_err("n must be at least 1"));
+    }
+    Ok(bofrs_core::opq::threshold(n, q))
+}
+
+/// Decodes dq8 scale bytes with their group parameters (`[lo, step]` per 256 scales) to
+/// float32; `signed`: the bytes carry a sign bit (signed_absmax codebooks).
+#[pyfunction]
+fn decode_scales<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray1<'py, u8>,
+    params: PyReadonlyArray1<'py, f32>,
+    signed: bool,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let (c, p) = (contiguous(&codes, "codes")?, contiguous(&params, "params")?);
+    let out = run(py, || {
+        let mut out = vec![0f32; c.len()];
+        dq_decode_scales(c, p, signed, &mut out)?;
+        Ok(out)
+    })?;
+    Ok(out.into_pyarray(py))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn unpack_into<O: Output>(
     py: Python<'_>,
     codes: &[u8],
@@ -107,16 +247,18 @@ fn unpack_into<O: Output>(
     block_size: usize,
     out: &mut [O],
     isa: bofrs_core::Isa,
+    outliers: Option<OutlierView<'_>>,
 ) -> PyResult<()> {
     run(py, || {
-        unpack_with_isa(isa, codes, scales, codebook, block_size, out)
+        unpack_ext_with_isa(isa, codes, scales, codebook, block_size, outliers, out)
     })
 }
 
 /// Decodes codes and scales back to `numel` values: float32, or uint16 bits of bfloat16 /
-/// float16 (named by `out_dtype`).
+/// float16 (named by `out_dtype`). With `outlier_indices` (uint64, ascending) and
+/// `outlier_values` (uint16 bits of `outlier_dtype`), writes the OPQ outliers back.
 #[pyfunction]
-#[pyo3(signature = (codes, scales, levels, block_size, numel, out_dtype, isa=None))]
+#[pyo3(signature = (codes, scales, levels, block_size, numel, out_dtype, isa=None, outlier_indices=None, outlier_values=None, outlier_dtype="bfloat16"))]
 #[allow(clippy::too_many_arguments)]
 fn unpack<'py>(
     py: Python<'py>,
@@ -127,14 +269,30 @@ fn unpack<'py>(
     numel: usize,
     out_dtype: &str,
     isa: Option<&str>,
+    outlier_indices: Option<PyReadonlyArray1<'py, u64>>,
+    outlier_values: Option<PyReadonlyArray1<'py, u16>>,
+    outlier_dtype: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
     let codebook = codebook_from(&levels)?;
     let isa = parse_isa(isa)?;
     let (c, s) = (contiguous(&codes, "codes")?, contiguous(&scales, "scales")?);
+    let view = match (&outlier_indices, &outlier_values) {
+        (None, None) => None,
+        (Some(i), Some(v)) => Some(OutlierView {
+            indices: contiguous(i, "outlier_indices")?,
+            values: contiguous(v, "outlier_values")?,
+            dtype: OutlierDType::parse(outlier_dtype).map_err(crate::errors::to_py)?,
+        }),
+        _ => {
+            return Err(PyValueError::new_err(
+                "outlier_indices and outlier_values must be given together",
+            ))
+        }
+    };
     match out_dtype {
         "float32" => {
             let mut out = zeroed_vec::<f32>(numel);
-            unpack_into(py, c, s, &codebook, block_size, &mut out, isa)?;
+            unpack_into(py, c, s, &codebook, block_size, &mut out, isa, view)?;
             Ok(out.into_pyarray(py).into_any())
         }
         "bfloat16" | "float16" => {
@@ -148,6 +306,7 @@ fn unpack<'py>(
                     block_size,
                     as_halfs_mut::<Bf16>(&mut out),
                     isa,
+                    view,
                 )?;
             } else {
                 unpack_into(
@@ -158,6 +317,7 @@ fn unpack<'py>(
                     block_size,
                     as_halfs_mut::<F16>(&mut out),
                     isa,
+                    view,
                 )?;
             }
             Ok(out.into_pyarray(py).into_any())
@@ -171,5 +331,8 @@ fn unpack<'py>(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(unpack, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_ext, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_scales, m)?)?;
+    m.add_function(wrap_pyfunction!(opq_threshold, m)?)?;
     Ok(())
 }

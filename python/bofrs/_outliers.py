@@ -1,0 +1,105 @@
+"""OPQ outliers of a packed tensor: flat indices and their stored 16-bit values."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+#: Storage types of outlier values.
+OUTLIER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Index types, smallest first: the smallest one whose range holds every flat index is used.
+INDEX_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The smallest unsigned integer type that holds every flat index of ``numel`` values."""
+    if numel <= 1 << 16:
+        return torch.uint16
+    if numel <= 1 << 32:
+        return torch.uint32
+    return torch.uint64
+
+
+def check_quantile(opq: object) -> float | None:
+    """``opq`` as a float in (0, 1), or None; TypeError / ValueError naming ``opq`` otherwise."""
+    if opq is None:
+        return None
+    if isinstance(opq, bool) or not isinstance(opq, numbers.Real):
+        raise TypeError(f"opq must be a float in (0, 1) or None, got {type(opq).__name__}")
+    q = float(opq)
+    if not (0.0 < q < 1.0) or math.isnan(q):
+        raise ValueError(f"opq must be strictly between 0 and 1, got {opq!r}")
+    return q
+
+
+class Outliers:
+    """The outliers OPQ took out of a packed tensor (read-only).
+
+    ``indices``: flat indices into the original tensor, strictly ascending, in the smallest
+    unsigned type that holds ``numel - 1`` (uint16 / uint32 / uint64). ``values``: the outliers
+    rounded to ``bfloat16`` or ``float16``; decoding writes exactly these back. ``q``: the
+    quantile the threshold was built from.
+    """
+
+    __slots__ = ("_indices", "_values", "_q")
+
+    def __init__(self, indices: torch.Tensor, values: torch.Tensor, q: float) -> None:
+        if not isinstance(indices, torch.Tensor) or indices.dtype not in INDEX_DTYPES or indices.dim() != 1:
+            raise ValueError("outlier indices must be a 1-D uint16 / uint32 / uint64 tensor")
+        if not isinstance(values, torch.Tensor) or values.dtype not in OUTLIER_DTYPES.values():
+            raise ValueError("outlier values must be a bfloat16 or float16 tensor")
+        if values.shape != indices.shape:
+            raise ValueError(
+                f"{indices.numel()} outlier indices but {values.numel()} values"
+            )
+        if values.device != indices.device:
+            raise ValueError("outlier indices and values must be on the same device")
+        self._indices = indices
+        self._values = values
+        self._q = check_quantile(q)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """Flat indices, strictly ascending."""
+        return self._indices
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Stored outlier values (bfloat16 or float16)."""
+        return self._values
+
+    @property
+    def q(self) -> float:
+        """The OPQ quantile."""
+        assert self._q is not None
+        return self._q
+
+    @property
+    def count(self) -> int:
+        """Number of outliers."""
+        return int(self._indices.numel())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage type of the values."""
+        return self._values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Storage of indices plus values."""
+        return self.count * (self._indices.element_size() + self._values.element_size())
+
+    def to(self, device: torch.device | str) -> Outliers:
+        """A copy on ``device``."""
+        return Outliers(self._indices.to(device), self._values.to(device), self.q)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return (
+            f"Outliers(count={self.count}, q={self.q}, dtype={str(self.dtype).removeprefix('torch.')}, "
+            f"index_dtype={str(self._indices.dtype).removeprefix('torch.')})"
+        )

@@ -1,0 +1,99 @@
+//! Quick timing of the core pack with and without OPQ / dq8 (one run, ratios):
+//! `cargo run --release --example opq_time [isa] [variant]`; with a variant, just loops it (for perf).
+
+use bofrs_core::codebook::NF4;
+use bofrs_core::element::f32_to_bf16;
+use bofrs_core::encode::{pack_ext_with_isa, EncodeOptions, PackBuffers, PackExtras};
+use bofrs_core::opq::{OpqOptions, OutlierDType};
+use bofrs_core::{Bf16, Codebook, Isa, Normalization, ScaleDType};
+use std::time::Instant;
+
+fn main() {
+    let n = 4096 * 4096;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let input: Vec<Bf16> = (0..n)
+        .map(|_| {
+            let mut acc = 0f32;
+            for _ in 0..4 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                acc += (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            }
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let u = ((state >> 40) as f32 + 1.0) / (1u64 << 24) as f32;
+            let heavy = std::env::var("HEAVY").is_ok();
+            Bf16(f32_to_bf16(if heavy { acc / u.powf(0.25) } else { acc }))
+        })
+        .collect();
+    let cb = Codebook::new(&NF4).unwrap();
+    let opts = EncodeOptions {
+        codebook: &cb,
+        block_size: 64,
+        normalization: Normalization::Absmax,
+        scale_dtype: ScaleDType::BFloat16,
+    };
+    let mut codes = vec![0u8; n / 2];
+    let mut scales = vec![0f32; n / 64];
+    let mut sc = vec![0u8; n / 64];
+    let mut sp = vec![0f32; 2 * n / 64 / 256];
+    let variants: Vec<(&str, PackExtras)> = vec![
+        ("plain", PackExtras::default()),
+        (
+            "opq95",
+            PackExtras {
+                opq: Some(OpqOptions::new(0.95, OutlierDType::BFloat16).unwrap()),
+                double_quant: false,
+            },
+        ),
+        (
+            "dq8",
+            PackExtras {
+                opq: None,
+                double_quant: true,
+            },
+        ),
+    ];
+    let isa = std::env::args()
+        .nth(1)
+        .and_then(|s| Isa::parse(&s))
+        .unwrap_or(Isa::best());
+    if let Some(only) = std::env::args().nth(2) {
+        let ex = variants.iter().find(|v| v.0 == only).unwrap().1;
+        let dq = ex.double_quant;
+        for _ in 0..60 {
+            let b = PackBuffers {
+                codes: &mut codes,
+                scales: &mut scales,
+                scale_codes: if dq { &mut sc } else { &mut [] },
+                scale_params: if dq { &mut sp } else { &mut [] },
+            };
+            pack_ext_with_isa(isa, &input, &opts, &ex, b).unwrap();
+        }
+        return;
+    }
+    let mut best = vec![f64::INFINITY; variants.len()];
+    for _ in 0..30 {
+        for (k, (_, ex)) in variants.iter().enumerate() {
+            let dq = ex.double_quant;
+            let t = Instant::now();
+            let b = PackBuffers {
+                codes: &mut codes,
+                scales: &mut scales,
+                scale_codes: if dq { &mut sc } else { &mut [] },
+                scale_params: if dq { &mut sp } else { &mut [] },
+            };
+            pack_ext_with_isa(isa, &input, &opts, ex, b).unwrap();
+            best[k] = best[k].min(t.elapsed().as_secs_f64());
+        }
+    }
+    for (k, (name, _)) in variants.iter().enumerate() {
+        println!(
+            "{name}: {:.2} ms ({:.2}x)",
+            best[k] * 1e3,
+            best[k] / best[0]
+        );
+    }
+}
