@@ -214,3 +214,13 @@ def test_allocation_bad_input() -> None:
         bofrs.allocate([-1.0, 1.0], [10, 10], menu, 4.0)
     with pytest.raises(TypeError, match="menu"):
         bofrs.allocate([1.0, 1.0], [10, 10], {}, 4.0)
+
+
+def test_pack_dispatches_higgs() -> None:
+    w = torch.randn(16, 256)
+    via_pack = bofrs.pack(w, "higgs", bits=4, p=2, group_size=128, scale_dtype="float16")
+    direct = bofrs.pack_higgs(w, 4, 2, 128, scale_dtype="float16")
+    assert isinstance(via_pack, bofrs.HiggsTensor)
+    assert torch.equal(via_pack.codes, direct.codes) and torch.equal(via_pack.scales, direct.scales)
+    with pytest.raises(ValueError, match="higgs"):
+        bofrs.pack(w, "higgs", opq=0.95)

@@ -15,7 +15,8 @@ from . import _native
 from ._allocate import Allocation, allocate
 from ._codebooks import Codebook, available_codebooks, codebook
 from ._errors import FormatError
-from ._higgs import HiggsTensor, hadamard, higgs_grid, pack_higgs
+from ._hadamard import hadamard
+from ._higgs import HiggsTensor, higgs_grid, pack_higgs
 from ._linearity import build_menu, estimate_sensitivity, layer_errors, perplexity
 from ._io import load_file, read_metadata, save_file
 from ._metrics import quantization_error

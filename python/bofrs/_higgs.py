@@ -9,22 +9,13 @@ import torch
 
 from . import _native
 from ._grids import Grid, grid
-from ._inputs import as_tensor, dtype_name, flatten_for_native
+from ._hadamard import check_group_size
+from ._inputs import dtype_name, flatten_for_native
 from ._packed import SCALE_DTYPES
 from ._validate import check_choice
 
 #: Bits per weight -> (p, n) of the default grid for that width.
 GRIDS_FOR_BITS = {2: {1: 4, 2: 16}, 3: {1: 8, 2: 64}, 4: {1: 16, 2: 256}, 8: {1: 256}}
-MIN_GROUP, MAX_GROUP = 16, 1 << 15
-
-
-def _check_group_size(group_size: object) -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    g = int(group_size)
-    if not (MIN_GROUP <= g <= MAX_GROUP) or g & (g - 1):
-        raise ValueError(f"group_size must be a power of two in {MIN_GROUP}..{MAX_GROUP}, got {g}")
-    return g
 
 
 def higgs_grid(bits: int = 4, p: int = 2) -> Grid:
@@ -178,7 +169,7 @@ def pack_higgs(
     weight's distribution. Scales are stored in ``scale_dtype`` (float16 by default, as HIGGS).
     """
     g = higgs_grid(bits, p)
-    group_size = _check_group_size(group_size)
+    group_size = check_group_size(group_size)
     check_choice(scale_dtype, tuple(SCALE_DTYPES), "scale_dtype")
     flat = flatten_for_native(tensor)
     rows, cols = _rows_cols(flat.shape)
@@ -190,17 +181,3 @@ def pack_higgs(
     return HiggsTensor(torch.from_numpy(codes), stored, flat.shape, flat.dtype, group_size, g).to(
         flat.device
     )
-
-
-def hadamard(tensor: object, group_size: int | None = None) -> torch.Tensor:
-    """The orthonormal Walsh-Hadamard transform along the last dimension, per group of
-    ``group_size`` values (default: the whole last dimension, which must then be a power of two
-    in 16..32768). It is its own inverse. Computed in float32, returned in the input's dtype."""
-    x = as_tensor(tensor, "tensor")
-    cols = int(x.shape[-1]) if x.dim() else 1
-    g = _check_group_size(cols if group_size is None else group_size)
-    if cols % g:
-        raise ValueError(f"the last dimension ({cols}) must be a multiple of group_size ({g})")
-    flat = x.detach().reshape(-1).cpu().float().contiguous()
-    out = torch.from_numpy(_native.hadamard(flat.numpy(), g))
-    return out.reshape(x.shape).to(dtype=x.dtype, device=x.device)

@@ -91,6 +91,9 @@ def save_file(
             if value.scale_scales is not None:
                 entries[name + _SCALE_SCALES] = value.scale_scales
                 version = 2
+            if value.rotation is not None:
+                manifest[name]["rotation"] = value.rotation
+                version = 2
             if value.outliers is not None:
                 entries[name + _OUTLIER_INDICES] = value.outliers.indices
                 entries[name + _OUTLIER_VALUES] = value.outliers.values
@@ -138,8 +141,10 @@ def load_file(path: PathLike, device: str | torch.device = "cpu") -> dict[str, P
             manifest = _read_manifest(header)
             version = int(header["bofrs.format_version"])
             for name, entry in manifest.items():
-                if version < 2 and ("outliers" in entry or entry.get("scale_dtype") == DQ8):
-                    raise FormatError(f"{name}: outliers / dq8 scales need format version 2")
+                if version < 2 and (
+                    "outliers" in entry or "rotation" in entry or entry.get("scale_dtype") == DQ8
+                ):
+                    raise FormatError(f"{name}: outliers / dq8 scales / rotation need format version 2")
             keys = set(handle.keys())
             expected = {k for name, entry in manifest.items() for k in _stored_keys(name, entry)}
             if keys != expected:
@@ -265,6 +270,12 @@ def _rebuild(name: str, entry: Mapping[str, Any], raw: Mapping[str, torch.Tensor
         if scale_scales.shape != (-(-blocks // DQ_GROUP), 2):
             raise FormatError(f"{name}: scale_scales has shape {tuple(scale_scales.shape)}")
     outliers = _rebuild_outliers(name, entry, raw, torch.Size(shape).numel())
+    rotation = entry.get("rotation")
+    if rotation is not None and (
+        isinstance(rotation, bool) or not isinstance(rotation, int) or not shape
+        or rotation < 16 or rotation & (rotation - 1) or shape[-1] % rotation
+    ):
+        raise FormatError(f"{name}: invalid rotation {rotation!r}")
     packed = PackedTensor(
         codes,
         scales,
@@ -274,6 +285,7 @@ def _rebuild(name: str, entry: Mapping[str, Any], raw: Mapping[str, torch.Tensor
         codebook,
         scale_scales=scale_scales,
         outliers=outliers,
+        rotation=rotation,
     )
     if scale_scales is not None and not bool(torch.isfinite(packed.decoded_scales()).all()):
         raise FormatError(f"{name}: double-quantized scales decode to non-finite values")

@@ -7,6 +7,7 @@ import torch
 
 from . import _native
 from ._codebooks import Codebook
+from ._hadamard import check_group_size, hadamard
 from ._inputs import dtype_name
 from ._outliers import Outliers
 from ._validate import check_block_size
@@ -46,6 +47,7 @@ class PackedTensor:
         "_codebook",
         "_scale_scales",
         "_outliers",
+        "_rotation",
     )
 
     def __init__(
@@ -59,6 +61,7 @@ class PackedTensor:
         *,
         scale_scales: torch.Tensor | None = None,
         outliers: Outliers | None = None,
+        rotation: int | None = None,
     ) -> None:
         check_block_size(block_size)
         if not isinstance(codebook, Codebook):
@@ -99,6 +102,13 @@ class PackedTensor:
                 raise TypeError("outliers must be a bofrs.Outliers or None")
             if outliers.indices.device != codes.device:
                 raise ValueError("outliers must be on the same device as the codes")
+        if rotation is not None:
+            rotation = check_group_size(rotation)
+            if len(shape) == 0 or shape[-1] % rotation:
+                raise ValueError(
+                    f"rotation group {rotation} does not divide the last dimension of {tuple(shape)}"
+                )
+        self._rotation = rotation
         self._scale_scales = scale_scales
         self._outliers = outliers
         self._codes = codes
@@ -107,6 +117,17 @@ class PackedTensor:
         self._dtype = dtype
         self._block_size = block_size
         self._codebook = codebook
+
+    @property
+    def rotation(self) -> int | None:
+        """Group size of the Hadamard rotation the codes were taken in (``None``: no rotation).
+
+        With a rotation the codes encode ``hadamard(W, rotation)``, the rows rotated per group
+        of ``rotation`` values; :meth:`dequantize` rotates back (the transform is its own
+        inverse) and :meth:`dequantize_rotated` returns the rotated weight, for kernels that
+        rotate activations instead (``W x == W_rot hadamard(x)``).
+        """
+        return self._rotation
 
     @property
     def shape(self) -> torch.Size:
@@ -209,11 +230,22 @@ class PackedTensor:
         dtype = self._dtype if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a torch float dtype, got {dtype!r}")
+        if self._rotation is None:
+            return self._decode(dtype).reshape(self._shape)
+        rotated = self._decode(torch.float32).reshape(self._shape)
+        return hadamard(rotated, self._rotation).to(dtype)
+
+    def dequantize_rotated(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The decoded tensor without undoing the rotation (see :attr:`rotation`)."""
+        dtype = self._dtype if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a torch float dtype, got {dtype!r}")
+        return self._decode(dtype).reshape(self._shape)
+
+    def _decode(self, dtype: torch.dtype) -> torch.Tensor:
         if self.device.type == "cpu":
-            flat = self._dequantize_native(dtype)
-        else:
-            flat = self._dequantize_torch(dtype)
-        return flat.reshape(self._shape)
+            return self._dequantize_native(dtype)
+        return self._dequantize_torch(dtype)
 
     def _dequantize_native(self, dtype: torch.dtype) -> torch.Tensor:
         out_dtype = dtype if dtype in _NATIVE_OUTPUTS else torch.float32
@@ -263,6 +295,7 @@ class PackedTensor:
             self._codebook,
             scale_scales=None if self._scale_scales is None else self._scale_scales.to(device),
             outliers=None if self._outliers is None else self._outliers.to(device),
+            rotation=self._rotation,
         )
 
     def __repr__(self) -> str:
@@ -271,6 +304,7 @@ class PackedTensor:
             f"codebook={self._codebook.name!r}, block_size={self._block_size}, "
             f"scale_dtype={self.scale_format}, "
             f"outliers={'off' if self._outliers is None else self._outliers.count}, "
+            f"rotation={self._rotation}, "
             f"bits_per_weight={self.bits_per_weight:.4f}, device={self.device})"
         )
 
