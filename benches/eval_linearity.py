@@ -60,7 +60,10 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--calib-blocks", type=int, default=2)
     parser.add_argument("--budget", type=float, default=4.25)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.time()
     model, tokenizer = evaldata.load_gguf(evaldata.smollm2_path())

@@ -224,3 +224,53 @@ def test_pack_dispatches_higgs() -> None:
     assert torch.equal(via_pack.codes, direct.codes) and torch.equal(via_pack.scales, direct.scales)
     with pytest.raises(ValueError, match="higgs"):
         bofrs.pack(w, "higgs", opq=0.95)
+
+
+def test_higgs_tensors_round_trip_through_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import zlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file as raw_save
+
+    w = torch.randn(24, 200, dtype=torch.bfloat16)
+    tensors = {
+        "a": bofrs.pack_higgs(w, 4, 2, 64),
+        "b": bofrs.pack_higgs(w, 3, 1, 128, scale_dtype="float32"),
+        "bias": torch.ones(3),
+    }
+    path = tmp_path / "h.safetensors"
+    bofrs.save_file(tensors, path)
+    loaded = bofrs.load_file(path)
+    for key in ("a", "b"):
+        got, want = loaded[key], tensors[key]
+        assert isinstance(got, bofrs.HiggsTensor) and isinstance(want, bofrs.HiggsTensor)
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+        assert torch.equal(got.dequantize(), want.dequantize())
+        assert got.group_size == want.group_size and got.shape == want.shape
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata())
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    assert header["bofrs.format_version"] == "2"
+
+    def rewrite(mutate) -> None:  # type: ignore[no-untyped-def]
+        manifest = json.loads(header["bofrs.manifest"])
+        mutate(manifest)
+        text = json.dumps(manifest, separators=(",", ":"))
+        raw_save(raw, str(path), metadata={**header, "bofrs.manifest": text,
+                                           "bofrs.manifest_crc32": str(zlib.crc32(text.encode()))})
+
+    def bad_grid(m) -> None:  # type: ignore[no-untyped-def]
+        m["a"]["grid"]["points"] = m["a"]["grid"]["points"][:-2]
+
+    def bad_group(m) -> None:  # type: ignore[no-untyped-def]
+        m["a"]["group_size"] = 48
+
+    for mutate, match in ((bad_grid, "grid"), (bad_group, "group_size")):
+        rewrite(mutate)
+        with pytest.raises(bofrs.FormatError, match=match):
+            bofrs.load_file(path)
+    header["bofrs.format_version"] = "1"
+    rewrite(lambda m: None)
+    with pytest.raises(bofrs.FormatError, match="version 2"):
+        bofrs.load_file(path)

@@ -4,11 +4,12 @@ A bofrs file is an ordinary safetensors file. A packed tensor ``name`` is stored
 ``name.codes`` (uint8) and ``name.scales`` (bf16 / f16 / f32, or uint8 for double-quantized
 scales), plus, when used, ``name.scale_scales`` (float32 ``[lo, step]`` per group of 256 dq8
 scales), ``name.outlier_indices`` (uint16 / uint32 / uint64) and ``name.outlier_values`` (bf16 /
-f16); plain tensors keep their name. The header metadata holds:
+f16); a HIGGS tensor (:class:`bofrs.HiggsTensor`) as ``name.codes`` and ``name.scales`` with
+its grid in the manifest; plain tensors keep their name. The header metadata holds:
 
 - ``format``: ``"pt"`` (what safetensors tools expect),
 - ``bofrs.format``: ``"bofrs.packed"`` and ``bofrs.format_version``: ``"1"``, or ``"2"`` when
-  some tensor uses OPQ outliers or dq8 scales (so a version-1 reader refuses such a file
+  some tensor uses OPQ outliers, dq8 scales, a rotation or HIGGS (so a version-1 reader refuses such a file
   cleanly; this reader reads both, and files of version 1 written before them),
 - ``bofrs.manifest``: JSON mapping every name to its description (kind, shape, dtype, block size,
   codebook levels and normalization, scale dtype; version 2 adds ``outliers``: q, value dtype,
@@ -34,6 +35,8 @@ from . import _native
 from ._codebooks import Codebook
 from ._errors import FormatError
 from ._inputs import dtype_from_name, dtype_name
+from ._grids import Grid
+from ._higgs import HiggsTensor
 from ._outliers import OUTLIER_DTYPES, Outliers, check_quantile, index_dtype
 from ._packed import DQ8, DQ_GROUP, SCALE_DTYPES, PackedTensor
 from ._validate import check_block_size
@@ -61,8 +64,11 @@ def _text_crc(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
+Stored = PackedTensor | HiggsTensor | torch.Tensor
+
+
 def save_file(
-    tensors: Mapping[str, PackedTensor | torch.Tensor],
+    tensors: Mapping[str, Stored],
     path: PathLike,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
@@ -104,12 +110,28 @@ def save_file(
                     "count": value.outliers.count,
                 }
                 version = 2
+        elif isinstance(value, HiggsTensor):
+            entries = {name + _CODES: value.codes, name + _SCALES: value.scales}
+            manifest[name] = {
+                "kind": "higgs",
+                "shape": list(value.shape),
+                "dtype": dtype_name(value.dtype),
+                "group_size": value.group_size,
+                "scale_dtype": dtype_name(value.scales.dtype),
+                "grid": {
+                    "p": value.grid.p,
+                    "n": value.grid.n,
+                    "mse": value.grid.mse,
+                    "points": [float(v) for v in value.grid.points.ravel()],
+                },
+            }
+            version = 2
         elif isinstance(value, torch.Tensor):
             entries = {name: value}
             manifest[name] = {"kind": "tensor"}
         else:
             raise TypeError(
-                f"tensors[{name!r}] must be a bofrs.PackedTensor or torch.Tensor, "
+                f"tensors[{name!r}] must be a bofrs.PackedTensor, bofrs.HiggsTensor or torch.Tensor, "
                 f"got {type(value).__name__}"
             )
         for key, tensor in entries.items():
@@ -132,7 +154,7 @@ def save_file(
     _safetensors_save(stored, os.fspath(path), metadata=header)
 
 
-def load_file(path: PathLike, device: str | torch.device = "cpu") -> dict[str, PackedTensor | torch.Tensor]:
+def load_file(path: PathLike, device: str | torch.device = "cpu") -> dict[str, Stored]:
     """Reads a file written by :func:`save_file`, validating every field and checksum."""
     path = _existing(path)
     try:
@@ -142,9 +164,14 @@ def load_file(path: PathLike, device: str | torch.device = "cpu") -> dict[str, P
             version = int(header["bofrs.format_version"])
             for name, entry in manifest.items():
                 if version < 2 and (
-                    "outliers" in entry or "rotation" in entry or entry.get("scale_dtype") == DQ8
+                    "outliers" in entry
+                    or "rotation" in entry
+                    or entry.get("scale_dtype") == DQ8
+                    or entry.get("kind") == "higgs"
                 ):
-                    raise FormatError(f"{name}: outliers / dq8 scales / rotation need format version 2")
+                    raise FormatError(
+                        f"{name}: outliers / dq8 scales / rotation / HIGGS need format version 2"
+                    )
             keys = set(handle.keys())
             expected = {k for name, entry in manifest.items() for k in _stored_keys(name, entry)}
             if keys != expected:
@@ -156,7 +183,7 @@ def load_file(path: PathLike, device: str | torch.device = "cpu") -> dict[str, P
         raise
     except Exception as err:  # safetensors raises its own error types for broken files
         raise FormatError(f"{path}: not a readable safetensors file: {err}") from err
-    out: dict[str, PackedTensor | torch.Tensor] = {}
+    out: dict[str, Stored] = {}
     for name, entry in manifest.items():
         try:
             out[name] = _rebuild(name, entry, raw).to(device)
@@ -221,6 +248,8 @@ def _stored_keys(name: str, entry: Mapping[str, Any]) -> tuple[str, ...]:
         if "outliers" in entry:
             keys += (name + _OUTLIER_INDICES, name + _OUTLIER_VALUES)
         return keys
+    if kind == "higgs":
+        return (name + _CODES, name + _SCALES)
     if kind == "tensor":
         return (name,)
     raise FormatError(f"entry {name!r} has unknown kind {kind!r}")
@@ -235,14 +264,48 @@ def _checked(entry: Mapping[str, Any], key: str, tensor: torch.Tensor) -> torch.
     return tensor
 
 
-def _rebuild(name: str, entry: Mapping[str, Any], raw: Mapping[str, torch.Tensor]) -> PackedTensor | torch.Tensor:
-    if entry["kind"] == "tensor":
-        return _checked(entry, name, raw[name])
+def _shape(name: str, entry: Mapping[str, Any]) -> list[int]:
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise FormatError(f"{name}: invalid shape {shape!r}")
+    return shape
+
+
+def _rebuild_higgs(name: str, entry: Mapping[str, Any], raw: Mapping[str, torch.Tensor]) -> HiggsTensor:
+    shape = _shape(name, entry)
+    spec = entry["grid"]
+    if not isinstance(spec, dict):
+        raise FormatError(f"{name}: invalid grid {spec!r}")
+    p, n, points = spec.get("p"), spec.get("n"), spec.get("points")
+    if p not in (1, 2) or n not in (4, 8, 16, 64, 256) or not isinstance(points, list) or len(points) != n * p:
+        raise FormatError(f"{name}: invalid grid (p={p!r}, n={n!r})")
+    grid_points = torch.tensor(points, dtype=torch.float64)
+    if not bool(torch.isfinite(grid_points).all()) or (p == 1 and not bool((grid_points.diff() > 0).all())):
+        raise FormatError(f"{name}: grid points must be finite (and ascending in 1-D)")
+    grid = Grid(p, n, grid_points.float().numpy().reshape(n, p), float(spec.get("mse", 0.0)))
+    scale_dtype = entry["scale_dtype"]
+    if scale_dtype not in SCALE_DTYPES:
+        raise FormatError(f"{name}: invalid scale_dtype {scale_dtype!r}")
+    codes = _checked(entry, name + _CODES, raw[name + _CODES])
+    scales = _checked(entry, name + _SCALES, raw[name + _SCALES])
+    if scales.dtype != SCALE_DTYPES[scale_dtype]:
+        raise FormatError(f"{name}: scales stored as {scales.dtype}, manifest says {scale_dtype}")
+    if not bool((torch.isfinite(scales) & (scales >= 0)).all()):
+        raise FormatError(f"{name}: scales must be finite and non-negative")
+    group_size = entry["group_size"]
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
+        raise FormatError(f"{name}: invalid group_size {group_size!r}")
+    return HiggsTensor(codes, scales, torch.Size(shape), dtype_from_name(entry["dtype"]), group_size, grid)
+
+
+def _rebuild(name: str, entry: Mapping[str, Any], raw: Mapping[str, torch.Tensor]) -> Stored:
+    if entry["kind"] == "tensor":
+        return _checked(entry, name, raw[name])
+    if entry["kind"] == "higgs":
+        return _rebuild_higgs(name, entry, raw)
+    shape = _shape(name, entry)
     block_size = check_block_size(entry["block_size"])
     dtype = dtype_from_name(entry["dtype"])
     scale_dtype = entry["scale_dtype"]
