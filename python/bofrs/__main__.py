@@ -5,13 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import _cli_codebook
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bofrs", description="4-bit weight quantization")
     commands = parser.add_subparsers(dest="command")
     demo = commands.add_parser("demo", help="quantize the embedded example with every format")
     demo.add_argument("--block-size", type=int, default=64)
+    _cli_codebook.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "codebook":
+        try:
+            print(_cli_codebook.run(args))
+        except (TypeError, ValueError) as err:
+            print(f"bofrs: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.command in (None, "demo"):
         from ._demo import run
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._codebooks import resolve
+from ._codebooks import Codebook, resolve
 from ._optimize import METRICS, expected_error
 from ._validate import check_block_size, check_choice
 
@@ -36,9 +36,10 @@ def _axes(ax: Axes | None) -> Axes:
 
 
 def plot_codebooks(
-    block_size: int = 64, names: Sequence[str] = DEFAULT_NAMES, ax: Axes | None = None
+    block_size: int = 64, names: Sequence[str | Codebook] = DEFAULT_NAMES, ax: Axes | None = None
 ) -> Axes:
-    """The levels of each named codebook at a block size, one row of markers per codebook."""
+    """The levels of each codebook (a name or a :class:`bofrs.Codebook`) at a block size, one
+    row of markers per codebook."""
     block_size = check_block_size(block_size)
     books = [resolve(name, block_size) for name in names]
     ax = _axes(ax)
