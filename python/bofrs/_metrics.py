@@ -7,20 +7,23 @@ import math
 import torch
 
 from ._inputs import as_tensor
+from ._higgs import HiggsTensor
 from ._packed import PackedTensor
 
 _CHUNK = 1 << 22
 
 
-def quantization_error(original: object, packed: PackedTensor) -> dict[str, float]:
+def quantization_error(original: object, packed: PackedTensor | HiggsTensor) -> dict[str, float]:
     """Error statistics of ``packed`` against ``original`` (computed in float64).
 
     Returns ``mse``, ``mae``, ``max_abs_error``, ``relative_mse`` (mse over the mean square of
     the original; 0 when both are 0), ``sqnr_db`` (``-10 log10 relative_mse``; inf when exact),
     ``bits_per_weight`` and ``outlier_fraction`` (OPQ outliers over all values; 0 without OPQ).
     """
-    if not isinstance(packed, PackedTensor):
-        raise TypeError(f"packed must be a bofrs.PackedTensor, got {type(packed).__name__}")
+    if not isinstance(packed, (PackedTensor, HiggsTensor)):
+        raise TypeError(
+            f"packed must be a bofrs.PackedTensor or bofrs.HiggsTensor, got {type(packed).__name__}"
+        )
     reference = as_tensor(original, "original")
     if reference.shape != packed.shape:
         raise ValueError(
@@ -50,5 +53,11 @@ def quantization_error(original: object, packed: PackedTensor) -> dict[str, floa
         "relative_mse": relative,
         "sqnr_db": -10.0 * math.log10(relative) if relative > 0 else math.inf,
         "bits_per_weight": packed.bits_per_weight,
-        "outlier_fraction": (packed.outliers.count / n) if packed.outliers is not None and n else 0.0,
+        "outlier_fraction": _outlier_fraction(packed, n),
     }
+
+
+def _outlier_fraction(packed: PackedTensor | HiggsTensor, n: int) -> float:
+    if isinstance(packed, HiggsTensor) or packed.outliers is None or not n:
+        return 0.0
+    return packed.outliers.count / n
