@@ -83,7 +83,7 @@ impl HiggsLayout {
 }
 
 /// Writes `code` (`bits` wide) at position `index` of an LSB-first bit stream.
-#[inline(always)]
+#[cfg(test)]
 fn put(out: &mut [u8], index: usize, bits: usize, code: u8) {
     let pos = index * bits;
     let (byte, shift) = (pos / 8, pos % 8);
@@ -126,8 +126,8 @@ pub fn higgs_pack<E: Element>(
             .zip(scales.par_iter_mut())
             .enumerate()
             .map_init(
-                || vec![0f32; g],
-                |buf, (index, (out, scale))| -> Result<()> {
+                || (vec![0f32; g], vec![0u8; g / layout.dim]),
+                |(buf, codes), (index, (out, scale))| -> Result<()> {
                     let (row, group) = (index / per_row, index % per_row);
                     let start = group * g;
                     let take = g.min(cols - start);
@@ -145,7 +145,7 @@ pub fn higgs_pack<E: Element>(
                     }
                     buf[take..].fill(0.0);
                     transform_one(isa, buf);
-                    let power: f64 = buf.iter().map(|&u| u as f64 * u as f64).sum();
+                    let power = sum_of_squares(buf);
                     let rms = (power / g as f64).sqrt() as f32;
                     let stored = scale_dtype
                         .store(rms, f32::MAX)
@@ -156,7 +156,7 @@ pub fn higgs_pack<E: Element>(
                         })?;
                     *scale = stored;
                     let inv = if stored > 0.0 { 1.0 / stored } else { 0.0 };
-                    encode_group(buf, inv, grid, layout, out);
+                    encode_group(buf, inv, grid, layout, codes, out);
                     Ok(())
                 },
             )
@@ -170,17 +170,56 @@ pub fn higgs_pack<E: Element>(
 }
 
 #[inline(always)]
-fn encode_group(buf: &[f32], inv: f32, grid: &GridSearch, layout: &HiggsLayout, out: &mut [u8]) {
-    let bits = layout.bits;
+fn encode_group(
+    buf: &[f32],
+    inv: f32,
+    grid: &GridSearch,
+    layout: &HiggsLayout,
+    codes: &mut [u8],
+    out: &mut [u8],
+) {
     if layout.dim == 1 {
-        for (i, &u) in buf.iter().enumerate() {
-            put(out, i, bits, grid.nearest_1d(u * inv));
+        for (c, &u) in codes.iter_mut().zip(buf) {
+            *c = grid.nearest_1d(u * inv);
         }
     } else {
-        for (i, pair) in buf.chunks_exact(2).enumerate() {
-            put(out, i, bits, grid.nearest_2d(pair[0] * inv, pair[1] * inv));
+        for (c, pair) in codes.iter_mut().zip(buf.chunks_exact(2)) {
+            *c = grid.nearest_2d(pair[0] * inv, pair[1] * inv);
         }
     }
+    write_stream(codes, layout.bits, out);
+}
+
+/// Writes codes as an LSB-first stream of `bits`-wide fields (the layout [`get`] reads).
+#[inline(always)]
+fn write_stream(codes: &[u8], bits: usize, out: &mut [u8]) {
+    let (mut acc, mut filled, mut pos) = (0u64, 0usize, 0usize);
+    for &c in codes {
+        acc |= (c as u64) << filled;
+        filled += bits;
+        while filled >= 8 {
+            out[pos] = acc as u8;
+            acc >>= 8;
+            filled -= 8;
+            pos += 1;
+        }
+    }
+    if filled > 0 {
+        out[pos] = acc as u8;
+    }
+}
+
+/// Sum of squares in f64 with four interleaved accumulators (one long chain of dependent
+/// f64 adds would cost 4 cycles a value).
+#[inline(always)]
+fn sum_of_squares(values: &[f32]) -> f64 {
+    let mut acc = [0f64; 4];
+    for chunk in values.chunks_exact(4) {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += v as f64 * v as f64;
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
 }
 
 /// Decodes to `rows x cols` weights in the original basis (`rotated = false`) or to
@@ -265,6 +304,9 @@ mod tests {
             for (i, &c) in codes.iter().enumerate() {
                 assert_eq!(get(&buf, i, bits), c as usize, "bits={bits}");
             }
+            let mut streamed = vec![0u8; buf.len()];
+            write_stream(&codes, bits, &mut streamed);
+            assert_eq!(streamed, buf, "bits={bits}");
         }
     }
 

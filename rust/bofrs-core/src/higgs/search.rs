@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 /// Half-width of the 2-D lookup square and cells per side.
 const LOOKUP_RANGE: f64 = 4.5;
 const LOOKUP_CELLS: usize = 64;
+/// Cells of the 1-D lookup over [-LOOKUP_RANGE, LOOKUP_RANGE].
+const LINE_CELLS: usize = 4096;
 
 /// A grid ready for encoding: `n` points of dimension 1 or 2.
 #[derive(Debug, Clone)]
@@ -19,6 +21,9 @@ pub struct GridSearch {
     dim: usize,
     points: Vec<f32>,
     thresholds: Vec<f32>,
+    /// 1-D: per cell of a uniform partition of the line, the number of thresholds below the
+    /// cell's start (a starting point that a step or two of local search corrects).
+    line_start: Vec<u8>,
     /// Per cell: start offset into `candidates` (CELLS^2 + 1 offsets).
     cell_start: Vec<u32>,
     candidates: Vec<u16>,
@@ -54,6 +59,7 @@ impl GridSearch {
             dim,
             points: points.to_vec(),
             thresholds: Vec::new(),
+            line_start: Vec::new(),
             cell_start: Vec::new(),
             candidates: Vec::new(),
         };
@@ -62,6 +68,16 @@ impl GridSearch {
                 return Err(bad("1-D points must be strictly ascending".into()));
             }
             search.thresholds = points.windows(2).map(|w| (w[0] + w[1]) * 0.5).collect();
+            search.line_start = (0..LINE_CELLS)
+                .map(|i| {
+                    let start = -LOOKUP_RANGE + i as f64 * 2.0 * LOOKUP_RANGE / LINE_CELLS as f64;
+                    search
+                        .thresholds
+                        .iter()
+                        .filter(|&&t| (t as f64) < start)
+                        .count() as u8
+                })
+                .collect();
         } else {
             search.build_lookup();
         }
@@ -120,20 +136,26 @@ impl GridSearch {
         }
     }
 
-    /// The nearest point to a scalar (1-D grids).
+    /// The nearest point to a scalar (1-D grids): `#{k : y > t_k}`, exactly. The lookup gives
+    /// the count at the start of `y`'s cell; the local search fixes it whatever the cell
+    /// (rounding of the cell index, several thresholds in a cell, values beyond the range).
     #[inline(always)]
     pub fn nearest_1d(&self, y: f32) -> u8 {
-        // Branch-free binary search: the count of thresholds below y.
         let t = &self.thresholds;
-        let mut lo = 0usize;
-        let mut size = t.len() + 1;
-        while size > 1 {
-            let half = size / 2;
-            let probe = lo + half - 1;
-            lo = if y > t[probe] { lo + half } else { lo };
-            size -= half;
+        let scaled = (y + LOOKUP_RANGE as f32) * (LINE_CELLS as f32 / (2.0 * LOOKUP_RANGE as f32));
+        let cell = if scaled >= 0.0 {
+            (scaled as usize).min(LINE_CELLS - 1)
+        } else {
+            0
+        };
+        let mut code = self.line_start[cell] as usize;
+        while code < t.len() && y > t[code] {
+            code += 1;
         }
-        lo as u8
+        while code > 0 && !(y > t[code - 1]) {
+            code -= 1;
+        }
+        code as u8
     }
 
     /// The nearest point to `(x, y)` (2-D grids).
