@@ -3,7 +3,7 @@
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["__version__", "pack", "unpack", "builtin_levels", "num_threads", "supported_isas", "crc32"]
+__all__ = ["__version__", "pack", "unpack", "builtin_levels", "num_threads", "supported_isas", "crc32", "matvec"]
 
 __version__: str
 
@@ -29,3 +29,15 @@ def builtin_levels(name: str, block_size: int = 64) -> npt.NDArray[np.float32]: 
 def num_threads() -> int: ...
 def supported_isas() -> list[str]: ...
 def crc32(data: npt.NDArray[np.uint8]) -> int: ...
+def matvec(
+    x: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    element: str,
+    batch: int,
+    codes: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    levels: npt.NDArray[np.float32],
+    out_features: int,
+    in_features: int,
+    block_size: int,
+    isa: str | None = None,
+) -> npt.NDArray[np.float32]: ...

@@ -5,6 +5,7 @@
 //! - [`element`]: the input element types (f32, bf16, f16) and exact conversions,
 //! - [`scale`]: per-block scales (absmax / signed absmax) and their storage rounding,
 //! - [`encode`] / [`decode`]: nearest-level encoding with 2-codes-per-byte packing, and back,
+//! - [`matvec`]: fused 4-bit matrix-vector products (never materializing the weight),
 //! - [`pool`]: the dedicated rayon pool (size from `BOFRS_NUM_THREADS`),
 //! - [`checksum`]: CRC-32 of stored buffers, used to validate files.
 //!
@@ -23,6 +24,7 @@ pub mod error;
 pub mod gauss;
 pub mod isa;
 pub mod layout;
+pub mod matvec;
 pub mod pool;
 pub mod scale;
 mod simd;

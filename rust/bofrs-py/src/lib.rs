@@ -7,6 +7,7 @@
 mod codebooks;
 mod detach;
 mod errors;
+mod matvec;
 mod packing;
 mod runtime;
 
@@ -18,5 +19,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     packing::register(m)?;
     codebooks::register(m)?;
     runtime::register(m)?;
+    matvec::register(m)?;
     Ok(())
 }
