@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from . import _native
 from ._codebooks import Codebook, available_codebooks, codebook
+from ._checkpoint import load_quantized, save_quantized
 from ._errors import FormatError
 from ._io import load_file, read_metadata, save_file
 from ._metrics import quantization_error
 from ._pack import pack, unpack
 from ._packed import PackedTensor
+from ._quantize import QuantConfig, quantize_model
+from . import nn
 
 __version__: str = _native.__version__
 
@@ -36,14 +39,19 @@ __all__ = [
     "Codebook",
     "FormatError",
     "PackedTensor",
+    "QuantConfig",
     "available_codebooks",
     "codebook",
     "load_file",
+    "load_quantized",
+    "nn",
     "num_threads",
     "pack",
     "quantization_error",
+    "quantize_model",
     "read_metadata",
     "save_file",
+    "save_quantized",
     "supported_isas",
     "unpack",
 ]

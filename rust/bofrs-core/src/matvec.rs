@@ -291,6 +291,7 @@ mod x86 {
 
     /// AVX2 row kernel for `NB` activation rows (x permuted per 8 values).
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)]
     pub unsafe fn row_dot<const NB: usize>(
         codes: &[u8],
         scales: &[f32],
