@@ -55,3 +55,12 @@ __all__ = [
     "supported_isas",
     "unpack",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # transformers is optional (the `hf` extra): BofrsConfig imports it on first use.
+    if name == "BofrsConfig":
+        from .hf import BofrsConfig
+
+        return BofrsConfig
+    raise AttributeError(f"module 'bofrs' has no attribute {name!r}")
