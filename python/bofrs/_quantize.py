@@ -152,7 +152,7 @@ def matches(name: str, pattern: str) -> bool:
 def linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
     """``(name, parent, attribute, layer)`` for every ``nn.Linear`` under ``model``."""
     for parent_name, parent in list(model.named_modules()):
-        for attr, child in list(parent.named_children()):
+        for attr, child in list(parent._modules.items()):  # shared children under every name
             if isinstance(child, nn.Linear):
                 yield (f"{parent_name}.{attr}" if parent_name else attr), parent, attr, child
 
