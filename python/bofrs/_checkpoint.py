@@ -38,7 +38,7 @@ PathLike = str | os.PathLike[str]
 
 
 def _quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)}
 
 
 def _entries(model: nn.Module) -> tuple[dict[str, PackedTensor | torch.Tensor], dict[str, str]]:
@@ -219,21 +219,20 @@ def load_quantized(
             raise FormatError(f"{file}: holds {sorted(tensors)}, the index says {sorted(names)}")
         plain: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
-            for target in [key, *by_source.get(key, [])]:
-                if isinstance(value, PackedTensor):
-                    layer_name = target.removesuffix(".weight").removesuffix("weight")
-                    if layer_name not in layers:
-                        raise FormatError(f"{file}: packed entry {target!r} is not a listed layer")
-                    if layer_name in placed:
-                        _set_module(model, layer_name, placed[layer_name])
-                        loaded.update(_keys(layer_name, placed[layer_name]))
-                        continue
+            targets = [key, *by_source.get(key, [])]
+            if not isinstance(value, PackedTensor):
+                plain.update({target: value for target in targets})
+                continue
+            quant: QuantLinear | None = None
+            for target in targets:
+                layer_name = target.removesuffix("weight").removesuffix(".")
+                if layer_name not in layers:
+                    raise FormatError(f"{file}: packed entry {target!r} is not a listed layer")
+                if quant is None:  # one module for the entry, shared by its aliases
                     quant = _placeholder(target, layers[layer_name], value)
-                    _set_module(model, layer_name, quant)
-                    placed[layer_name] = quant
-                    loaded.update(_keys(layer_name, quant))
-                else:
-                    plain[target] = value
+                _set_module(model, layer_name, quant)
+                placed[layer_name] = quant
+                loaded.update(_keys(layer_name, quant))
         _load_plain(model, plain, placed, loaded)
         del tensors, plain
     missing = sorted(set(layers) - set(placed))
