@@ -29,7 +29,7 @@ from ._inputs import dtype_from_name, dtype_name
 from ._io import load_file, save_file
 from ._packed import PackedTensor
 from ._quantize import QuantConfig
-from .nn.linear import QuantLinear
+from .nn.linear import FUSED_MAX_TOKENS, QuantLinear
 
 INDEX = "bofrs_model.json"
 MODEL_FORMAT = "bofrs.model"
@@ -124,7 +124,7 @@ def save_quantized(
         "layers": layers,
         "shards": shards,
         "aliases": aliases,
-        "hf_config": hf_config.to_dict() if hasattr(hf_config, "to_dict") else None,
+        "hf_config": hf_config.to_dict() if hf_config is not None and hasattr(hf_config, "to_dict") else None,
     }
     with open(os.path.join(directory, INDEX), "w", encoding="utf-8") as handle:
         json.dump(index, handle, indent=1, default=str)
@@ -177,7 +177,7 @@ def _skeleton(index: Mapping[str, Any]) -> nn.Module:
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
         dtype = None
-    model: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     return model
 
 
@@ -188,7 +188,7 @@ def _placeholder(name: str, spec: Mapping[str, Any], packed: PackedTensor) -> Qu
         bias = torch.zeros(spec["out_features"], dtype=dtype_from_name(spec["bias"]))
     if tuple(packed.shape) != (spec["out_features"], spec["in_features"]):
         raise FormatError(f"{name}: packed shape {tuple(packed.shape)} does not match the index")
-    return QuantLinear(packed, bias, fused_max_tokens=int(spec.get("fused_max_tokens", 8)))
+    return QuantLinear(packed, bias, fused_max_tokens=int(spec.get("fused_max_tokens", FUSED_MAX_TOKENS)))
 
 
 def load_quantized(
@@ -257,7 +257,7 @@ def _load_plain(
     loaded: set[str],
 ) -> None:
     """Copies plain tensors into the model's parameters and buffers (bias of new layers too)."""
-    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
     for key, value in plain.items():
         target = targets.get(key)

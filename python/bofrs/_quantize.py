@@ -118,7 +118,7 @@ class QuantConfig:
         """Inverse of :meth:`to_dict`."""
 
         def book(value: Any) -> str | Codebook:
-            return Codebook.from_dict(value) if isinstance(value, dict) else value  # type: ignore[no-any-return]
+            return Codebook.from_dict(value) if isinstance(value, dict) else value
 
         overrides = {
             p: {k: book(v) if k == "codebook" else v for k, v in o.items()}

@@ -55,7 +55,7 @@ class BofrsConfig(QuantizationConfigMixin):
         fused_max_tokens: int = FUSED_MAX_TOKENS,
         **kwargs: Any,
     ) -> None:
-        self.quant_method = METHOD
+        self.quant_method = METHOD  # type: ignore[assignment]  # a registered custom method
         if isinstance(codebook, Codebook):
             codebook = codebook.to_dict()
         self.codebook = codebook

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -15,10 +15,22 @@ from .._pack import pack
 from .._packed import PackedTensor
 
 #: Token counts up to this use the fused kernel on CPU; larger batches decode the weight once and
-#: call ``F.linear`` (measured with ``benches/bench_matvec_vs_peers.py --crossover``: on the
-#: 2-core AVX2 machine the fused kernel stays ahead of decode + bf16/fp32 ``F.linear`` up to
-#: about 8-16 tokens at 4096x4096, NF4 block 64).
-FUSED_MAX_TOKENS = 8
+#: call ``F.linear``. Measured with ``benches/bench_matvec_vs_peers.py --crossover`` (4096x4096,
+#: NF4 block 64, bf16 activations, 2-core AVX2 machine): the fused kernel is ~10x faster than
+#: decode + matmul at 1-8 tokens, ~2x at 64, and even at ~128 tokens.
+FUSED_MAX_TOKENS = 64
+
+
+def _decoded_matmul(x: torch.Tensor, packed: PackedTensor, *, transpose: bool) -> torch.Tensor:
+    """``x @ W.T`` (``transpose``) or ``x @ W`` with ``W`` decoded, in ``x.dtype``. On CPU, 16-bit
+    inputs are multiplied in float32 (faster there without native 16-bit matmul units, and
+    more exact)."""
+    compute = x.dtype
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        compute = torch.float32
+    weight = packed.to(x.device).dequantize(compute)
+    y = F.linear(x.to(compute), weight) if transpose else x.to(compute) @ weight
+    return y.to(x.dtype)
 
 
 class _FrozenQuantMatmul(torch.autograd.Function):
@@ -34,8 +46,7 @@ class _FrozenQuantMatmul(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         layer: QuantLinear = ctx.layer
-        weight = layer.packed.to(grad.device).dequantize(grad.dtype)
-        return grad @ weight, None
+        return _decoded_matmul(grad, layer.packed, transpose=False), None
 
 
 class QuantLinear(nn.Module):
@@ -141,7 +152,7 @@ class QuantLinear(nn.Module):
                 f"input must have shape [..., {self.in_features}], got {tuple(input.shape)}"
             )
         if torch.is_grad_enabled() and input.requires_grad:
-            y = _FrozenQuantMatmul.apply(input, self)
+            y = cast(torch.Tensor, _FrozenQuantMatmul.apply(input, self))
         else:
             y = self._matmul(input)
         if self.bias is not None:
@@ -160,7 +171,7 @@ class QuantLinear(nn.Module):
         ):
             y = fused_matmul(rows, self._operands())
         else:
-            y = F.linear(rows, self.packed.to(x.device).dequantize(x.dtype))
+            y = _decoded_matmul(rows, self.packed, transpose=True)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _operands(self) -> Operands:
@@ -177,7 +188,7 @@ class QuantLinear(nn.Module):
         dtype = self.scales.dtype
         self._buffers["scales"] = self.scales.view(torch.uint8)
         try:
-            super()._apply(fn, recurse)
+            super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         finally:
             self._buffers["scales"] = self._buffers["scales"].view(dtype)  # type: ignore[union-attr]
             self._cache = None
