@@ -13,7 +13,6 @@ import numpy.typing as npt
 import torch
 
 from . import _native
-from ._inputs import dtype_name
 from ._packed import PackedTensor
 
 #: Activation dtypes the fused kernel reads directly.
@@ -59,6 +58,9 @@ def operands(packed: PackedTensor) -> Operands:
     )
 
 
+_ELEMENT = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 def fused_matmul(x: torch.Tensor, ops: Operands, isa: str | None = None) -> torch.Tensor:
     """``x @ W.T`` for 2-D CPU ``x`` ``[tokens, in_features]`` (float32 / bfloat16 / float16):
     float32 accumulation, result in ``x.dtype``."""
@@ -66,14 +68,18 @@ def fused_matmul(x: torch.Tensor, ops: Operands, isa: str | None = None) -> torc
         raise ValueError(
             f"input must have shape [tokens, {ops.in_features}], got {tuple(x.shape)}"
         )
-    if x.dtype not in FUSED_DTYPES:
+    element = _ELEMENT.get(x.dtype)
+    if element is None:
         raise TypeError(f"input dtype must be float32, bfloat16 or float16, got {x.dtype}")
-    flat = x.detach().contiguous().reshape(-1)
-    data = flat.numpy() if x.dtype == torch.float32 else flat.view(torch.int16).numpy().view(np.uint16)
+    flat = x.reshape(-1)  # contiguous (a view when x is, a copy otherwise)
+    if flat.requires_grad:
+        flat = flat.detach()
+    data = flat.numpy() if element == "float32" else flat.view(torch.int16).numpy().view(np.uint16)
+    tokens = int(x.shape[0])
     out = _native.matvec(
         data,
-        dtype_name(x.dtype),
-        int(x.shape[0]),
+        element,
+        tokens,
         ops.codes,
         ops.scales,
         ops.levels,
@@ -82,8 +88,8 @@ def fused_matmul(x: torch.Tensor, ops: Operands, isa: str | None = None) -> torc
         ops.block_size,
         isa,
     )
-    y = torch.from_numpy(out).reshape(x.shape[0], ops.out_features)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    y = torch.from_numpy(out).view(tokens, ops.out_features)
+    return y if element == "float32" else y.to(x.dtype)
 
 
 def quant_matmul(

@@ -93,7 +93,7 @@ class QuantLinear(nn.Module):
             self.bias: nn.Parameter | None = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._cache: tuple[tuple[int, int, int], Operands] | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor, tuple[int, int], Operands | None] | None = None
 
     # peft / GPTQ-style introspection: in and out features under the names peft looks for.
     @property
@@ -162,26 +162,33 @@ class QuantLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` without bias, fused for few tokens on CPU."""
         rows = x.reshape(-1, self.in_features)
-        if (
-            x.device.type == "cpu"
-            and x.dtype in FUSED_DTYPES
-            and rows.shape[0] <= self.fused_max_tokens
-            and self.codes.device.type == "cpu"
-            and self.in_features % self.block_size == 0
-        ):
-            y = fused_matmul(rows, self._operands())
+        ops = None
+        if rows.shape[0] <= self.fused_max_tokens and x.dtype in FUSED_DTYPES and x.device.type == "cpu":
+            ops = self._operands()
+        if ops is not None:
+            y = fused_matmul(rows, ops)
         else:
             y = _decoded_matmul(rows, self.packed, transpose=True)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
-    def _operands(self) -> Operands:
-        """Kernel operands, cached until the buffers are replaced or modified in place."""
-        key = (self.codes.data_ptr(), self.scales.data_ptr(), self.scales._version + self.codes._version)
-        if self._cache is None or self._cache[0] != key:
-            packed = self.packed
-            assert fusable(packed)
-            self._cache = (key, operands(packed))
-        return self._cache[1]
+    def _operands(self) -> Operands | None:
+        """Kernel operands (``None`` if the weight is not fusable: not on CPU, or rows that do
+        not hold whole blocks); cached until the buffers are replaced or modified in place."""
+        codes, scales = self._buffers["codes"], self._buffers["scales"]
+        assert codes is not None and scales is not None
+        cache = self._cache
+        if (
+            cache is not None
+            and cache[0] is codes
+            and cache[1] is scales
+            and cache[2] == (codes._version, scales._version)
+        ):
+            return cache[3]
+        packed = self.packed
+        ops = operands(packed) if fusable(packed) else None
+        # Holding the tensors keeps their ids unique while cached.
+        self._cache = (codes, scales, (codes._version, scales._version), ops)
+        return ops
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         # Scales keep their storage dtype under module.to(dtype) / .half(): cast as raw bytes.

@@ -23,8 +23,8 @@ use crate::isa::Isa;
 use crate::pool::pool;
 use rayon::prelude::*;
 
-/// Weights per parallel task, about (whole rows).
-const TASK_WEIGHTS: usize = 1 << 17;
+/// Weights per parallel task, about (whole rows); smaller products run on the calling thread.
+const TASK_WEIGHTS: usize = 1 << 16;
 /// Activation rows decoded weights are reused for.
 const TILE: usize = 4;
 
@@ -154,26 +154,32 @@ pub fn matvec_with_isa<X: Activation>(
     let scales_per_row = n_in / shape.block_size;
     // Results row-major by output feature ([out, batch]), transposed at the end.
     let mut by_row = vec![0f32; n_out * batch];
-    pool().install(|| {
-        by_row
-            .par_chunks_mut(rows_per_task * batch)
-            .enumerate()
-            .for_each(|(t, dst)| {
-                let first = t * rows_per_task;
-                for (r, y) in dst.chunks_exact_mut(batch).enumerate() {
-                    let o = first + r;
-                    let c = &codes[o * bytes_per_row..(o + 1) * bytes_per_row];
-                    let s = &scales[o * scales_per_row..(o + 1) * scales_per_row];
-                    for b0 in (0..batch).step_by(TILE) {
-                        let nb = (batch - b0).min(TILE);
-                        let xt = &xs[b0 * n_in..(b0 + nb) * n_in];
-                        let yt = &mut y[b0..b0 + nb];
-                        // SAFETY: `isa` was checked to be supported by this CPU above.
-                        unsafe { row_dot(isa, c, s, levels, shape.block_size, xt, yt) };
-                    }
-                }
-            })
-    });
+    let task = |t: usize, dst: &mut [f32]| {
+        let first = t * rows_per_task;
+        for (r, y) in dst.chunks_exact_mut(batch).enumerate() {
+            let o = first + r;
+            let c = &codes[o * bytes_per_row..(o + 1) * bytes_per_row];
+            let s = &scales[o * scales_per_row..(o + 1) * scales_per_row];
+            for b0 in (0..batch).step_by(TILE) {
+                let nb = (batch - b0).min(TILE);
+                let xt = &xs[b0 * n_in..(b0 + nb) * n_in];
+                let yt = &mut y[b0..b0 + nb];
+                // SAFETY: `isa` was checked to be supported by this CPU above.
+                unsafe { row_dot(isa, c, s, levels, shape.block_size, xt, yt) };
+            }
+        }
+    };
+    if n_out * n_in * batch.min(TILE) <= TASK_WEIGHTS {
+        // One task's worth: waking the pool would cost more than the work.
+        task(0, &mut by_row);
+    } else {
+        pool().install(|| {
+            by_row
+                .par_chunks_mut(rows_per_task * batch)
+                .enumerate()
+                .for_each(|(t, dst)| task(t, dst))
+        });
+    }
     for (o, row) in by_row.chunks_exact(batch).enumerate() {
         for (b, &v) in row.iter().enumerate() {
             out[b * n_out + o] = v;
