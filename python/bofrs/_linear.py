@@ -58,6 +58,7 @@ def operands(packed: PackedTensor) -> Operands:
     )
 
 
+#: Activation dtypes of the fused kernel and their native element names.
 _ELEMENT = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -71,26 +72,22 @@ def fused_matmul(x: torch.Tensor, ops: Operands, isa: str | None = None) -> torc
     element = _ELEMENT.get(x.dtype)
     if element is None:
         raise TypeError(f"input dtype must be float32, bfloat16 or float16, got {x.dtype}")
+    return fused_rows(x, ops, element, isa)
+
+
+def fused_rows(x: torch.Tensor, ops: Operands, element: str, isa: str | None = None) -> torch.Tensor:
+    """:func:`fused_matmul` without argument checks (``x`` 2-D CPU, ``element`` its dtype name)."""
     flat = x.reshape(-1)  # contiguous (a view when x is, a copy otherwise)
     if flat.requires_grad:
         flat = flat.detach()
     data = flat.numpy() if element == "float32" else flat.view(torch.int16).numpy().view(np.uint16)
-    tokens = int(x.shape[0])
+    tokens = x.shape[0]
     out = _native.matvec(
-        data,
-        element,
-        tokens,
-        ops.codes,
-        ops.scales,
-        ops.levels,
-        ops.out_features,
-        ops.in_features,
-        ops.block_size,
-        isa,
-    )
+        data, element, tokens, ops.codes, ops.scales, ops.levels,
+        ops.out_features, ops.in_features, ops.block_size, isa,
+    )  # fmt: skip
     y = torch.from_numpy(out).view(tokens, ops.out_features)
     return y if element == "float32" else y.to(x.dtype)
-
 
 def quant_matmul(
     x: torch.Tensor, packed: PackedTensor, *, isa: str | None = None

@@ -10,15 +10,15 @@ from torch.nn import functional as F
 
 from .._codebooks import Codebook
 from .._inputs import dtype_name
-from .._linear import FUSED_DTYPES, Operands, fusable, fused_matmul, operands
+from .._linear import _ELEMENT, Operands, fusable, fused_rows, operands
 from .._pack import pack
 from .._packed import PackedTensor
 
 #: Token counts up to this use the fused kernel on CPU; larger batches decode the weight once and
 #: call ``F.linear``. Measured with ``benches/bench_matvec_vs_peers.py --crossover`` (4096x4096,
-#: NF4 block 64, bf16 activations, 2-core AVX2 machine): the fused kernel is ~10x faster than
-#: decode + matmul at 1-8 tokens, ~2x at 64, and even at ~128 tokens.
-FUSED_MAX_TOKENS = 64
+#: NF4 block 64, bf16 activations, 2-core AVX2 machine, two runs): the fused kernel is 5-15x
+#: faster than decode + matmul at 1-8 tokens, 1.4-2x at 32, and about even at 64.
+FUSED_MAX_TOKENS = 32
 
 
 def _decoded_matmul(x: torch.Tensor, packed: PackedTensor, *, transpose: bool) -> torch.Tensor:
@@ -162,11 +162,12 @@ class QuantLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` without bias, fused for few tokens on CPU."""
         rows = x.reshape(-1, self.in_features)
+        element = _ELEMENT.get(x.dtype)
         ops = None
-        if rows.shape[0] <= self.fused_max_tokens and x.dtype in FUSED_DTYPES and x.device.type == "cpu":
+        if element is not None and x.is_cpu and rows.shape[0] <= self.fused_max_tokens:
             ops = self._operands()
         if ops is not None:
-            y = fused_matmul(rows, ops)
+            y = fused_rows(rows, ops, element)  # type: ignore[arg-type]
         else:
             y = _decoded_matmul(rows, self.packed, transpose=True)
         return y.view(*x.shape[:-1], self.out_features)
