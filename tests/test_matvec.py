@@ -159,6 +159,9 @@ def test_native_checks_lengths_and_scales() -> None:
         _native.matvec(x[:48], "float32", 1, codes[:48], np.ones(2, np.float32), levels, 2, 48, 32)
     with pytest.raises(ValueError, match="block_size"):
         _native.matvec(x, "float32", 1, codes, np.ones(2, np.float32), levels, 2, 64, 48)
+    for batch in (2**40, 2**62):  # refused before anything is allocated
+        with pytest.raises(ValueError):
+            _native.matvec(x, "float32", batch, codes, np.ones(2, np.float32), levels, 2, 64, 64)
     with pytest.raises(TypeError, match="element"):
         _native.matvec(x, "int8", 1, codes, np.ones(2, np.float32), levels, 2, 64, 64)
 

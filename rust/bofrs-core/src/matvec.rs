@@ -41,7 +41,14 @@ pub struct MatShape {
 
 impl MatShape {
     /// Checks the shape and the buffer lengths that go with it for `batch` activation rows.
-    fn check(&self, batch: usize, codes: usize, scales: usize, x: usize, out: usize) -> Result<()> {
+    pub fn check(
+        &self,
+        batch: usize,
+        codes: usize,
+        scales: usize,
+        x: usize,
+        out: usize,
+    ) -> Result<()> {
         let bs = self.block_size;
         if !(16..=4096).contains(&bs) || !bs.is_power_of_two() {
             return Err(Error::InvalidBlockSize(bs));

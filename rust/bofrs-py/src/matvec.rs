@@ -35,8 +35,15 @@ fn product<X: Activation>(
     codebook: &Codebook,
     x: &[X],
 ) -> PyResult<Vec<f32>> {
+    // Validate before allocating the output (its size comes from the caller's numbers).
+    let n_out = batch
+        .checked_mul(shape.out_features)
+        .ok_or_else(|| PyValueError::new_err("batch * out_features overflows"))?;
+    shape
+        .check(batch, codes.len(), scales.len(), x.len(), n_out)
+        .map_err(crate::errors::to_py)?;
     run(py, || {
-        let mut out = zeroed_vec::<f32>(batch.saturating_mul(shape.out_features));
+        let mut out = zeroed_vec::<f32>(n_out);
         matvec_with_isa(isa, shape, batch, codes, scales, codebook, x, &mut out)?;
         Ok(out)
     })
