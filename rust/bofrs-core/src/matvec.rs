@@ -156,6 +156,7 @@ pub fn matvec_with_isa<X: Activation>(
         x.iter().map(|v| v.to_f32()).collect()
     };
     let levels = codebook.levels();
+    let bytes = byte_tables(levels);
     let rows_per_task = (TASK_WEIGHTS / n_in).max(1);
     let bytes_per_row = n_in / 2;
     let scales_per_row = n_in / shape.block_size;
@@ -172,7 +173,7 @@ pub fn matvec_with_isa<X: Activation>(
                 let xt = &xs[b0 * n_in..(b0 + nb) * n_in];
                 let yt = &mut y[b0..b0 + nb];
                 // SAFETY: `isa` was checked to be supported by this CPU above.
-                unsafe { row_dot(isa, c, s, levels, shape.block_size, xt, yt) };
+                unsafe { row_dot(isa, c, s, levels, &bytes, shape.block_size, xt, yt) };
             }
         }
     };
@@ -195,16 +196,29 @@ pub fn matvec_with_isa<X: Activation>(
     Ok(())
 }
 
+/// Byte `k` of every level's f32 bits, per `k` (the AVX2 decoder's lookup tables).
+fn byte_tables(levels: &[f32; 16]) -> [[u8; 16]; 4] {
+    let mut bytes = [[0u8; 16]; 4];
+    for (i, l) in levels.iter().enumerate() {
+        for (k, b) in l.to_bits().to_le_bytes().into_iter().enumerate() {
+            bytes[k][i] = b;
+        }
+    }
+    bytes
+}
+
 /// Dot products of one weight row with `y.len()` (1..=TILE) activation rows.
 ///
 /// # Safety
 /// `isa` must be supported by the running CPU.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn row_dot(
     isa: Isa,
     codes: &[u8],
     scales: &[f32],
     levels: &[f32; 16],
+    bytes: &[[u8; 16]; 4],
     block_size: usize,
     x: &[f32],
     y: &mut [f32],
@@ -212,10 +226,10 @@ unsafe fn row_dot(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => match y.len() {
-            1 => x86::row_dot::<1>(codes, scales, levels, block_size, x, y),
-            2 => x86::row_dot::<2>(codes, scales, levels, block_size, x, y),
-            3 => x86::row_dot::<3>(codes, scales, levels, block_size, x, y),
-            _ => x86::row_dot::<4>(codes, scales, levels, block_size, x, y),
+            1 => x86::row_dot::<1>(codes, scales, bytes, block_size, x, y),
+            2 => x86::row_dot::<2>(codes, scales, bytes, block_size, x, y),
+            3 => x86::row_dot::<3>(codes, scales, bytes, block_size, x, y),
+            _ => x86::row_dot::<4>(codes, scales, bytes, block_size, x, y),
         },
         _ => row_dot_portable(codes, scales, levels, block_size, x, y),
     }
@@ -254,15 +268,9 @@ fn row_dot_portable(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Four byte tables (byte k of each level), each broadcast to both 128-bit lanes.
+    /// The four byte tables, each broadcast to both 128-bit lanes.
     #[inline(always)]
-    unsafe fn tables(levels: &[f32; 16]) -> [__m256i; 4] {
-        let mut bytes = [[0u8; 16]; 4];
-        for (i, l) in levels.iter().enumerate() {
-            for (k, b) in l.to_bits().to_le_bytes().into_iter().enumerate() {
-                bytes[k][i] = b;
-            }
-        }
+    unsafe fn tables(bytes: &[[u8; 16]; 4]) -> [__m256i; 4] {
         bytes.map(|t| _mm256_broadcastsi128_si256(_mm_loadu_si128(t.as_ptr() as *const __m128i)))
     }
 
@@ -308,14 +316,14 @@ mod x86 {
     pub unsafe fn row_dot<const NB: usize>(
         codes: &[u8],
         scales: &[f32],
-        levels: &[f32; 16],
+        bytes: &[[u8; 16]; 4],
         block_size: usize,
         x: &[f32],
         y: &mut [f32],
     ) {
         let n_in = codes.len() * 2;
         debug_assert!(x.len() >= NB * n_in && y.len() >= NB);
-        let t = tables(levels);
+        let t = tables(bytes);
         let shifts = _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0);
         let nib = _mm256_set1_epi8(15);
         let cp = codes.as_ptr();
