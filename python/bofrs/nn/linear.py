@@ -16,8 +16,8 @@ from .._packed import PackedTensor
 
 #: Token counts up to this use the fused kernel on CPU; larger batches decode the weight once and
 #: call ``F.linear``. Measured with ``benches/bench_matvec_vs_peers.py --crossover`` (4096x4096,
-#: NF4 block 64, bf16 activations, 2-core AVX2 machine, two runs): the fused kernel is 5-15x
-#: faster than decode + matmul at 1-8 tokens, 1.4-2x at 32, and about even at 64.
+#: NF4 block 64, bf16 activations, 2-core AVX2 machine, four runs): the fused kernel is 5-15x
+#: faster than decode + matmul at 1-8 tokens, 1.4-2.3x at 32, and 0.9-1.3x at 64.
 FUSED_MAX_TOKENS = 32
 
 
