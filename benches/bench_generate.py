@@ -13,9 +13,9 @@ one process, same prompt, greedy decoding with the KV cache:
 * ``bofrs nf4``: the bf16 model with every Linear layer but ``lm_head`` replaced by
   ``QuantLinear`` (NF4, block 64, bf16 scales; ``bofrs.quantize_model``);
 * ``bofrs nf4 + lm_head``: also ``lm_head`` quantized (its embedding stays bf16);
-* ``bofrs nf4 + lm_head, fp32 act``: that model with float32 activations (``model.float()``: the
-  packed weights are unchanged, norms, embeddings and attention run in float32, which CPUs
-  without native bf16 arithmetic run faster).
+* ``bofrs nf4 + lm_head, fp32 act``: the float32 model quantized the same way (norms,
+  embeddings and attention run in float32, which CPUs without native bf16 arithmetic run
+  faster).
 
 Reported: prefill time, decode tokens/s (median of ``--rounds``), and whether the greedy tokens
 match the bf16 model's. Caveat (eval-data.md): the file's weights are already Q4_1 (4-bit, blocks
@@ -87,8 +87,10 @@ def main() -> None:
     models["bofrs nf4 + lm_head"] = bofrs.quantize_model(
         copy.deepcopy(models["bf16"]), bofrs.QuantConfig(skip=()), progress=False
     )
-    # The same weights (packed from bf16) with float32 activations, norms and attention.
-    models["bofrs nf4 + lm_head, fp32 act"] = copy.deepcopy(models["bofrs nf4 + lm_head"]).float()
+    # Packed from the float32 model: float32 activations, norms and attention.
+    models["bofrs nf4 + lm_head, fp32 act"] = bofrs.quantize_model(
+        copy.deepcopy(base), bofrs.QuantConfig(skip=()), progress=False
+    )
     results: dict[str, dict[str, Any]] = {}
     reference: list[int] | None = None
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
