@@ -71,3 +71,22 @@ def test_bofrs_config_validates() -> None:
     restored = AutoQuantizationConfig.from_dict(config.to_dict())
     assert isinstance(restored, bofrs.BofrsConfig)
     assert restored.quant_config() == config.quant_config()
+
+
+def test_bfloat16_load_with_float32_scales_round_trips(
+    llama_dir: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    path, _ = llama_dir
+    config = bofrs.BofrsConfig(block_size=64, scale_dtype="float32")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16)
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, QuantLinear) and layer.scales.dtype == torch.float32
+    assert layer.weight_dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 96, (2, 5))
+    out = logits(model, ids)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    again = reloaded.model.layers[0].mlp.up_proj
+    assert again.scales.dtype == torch.float32 and torch.equal(again.scales, layer.scales)
+    assert torch.equal(logits(reloaded, ids), out)
