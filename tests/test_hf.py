@@ -90,3 +90,17 @@ def test_bfloat16_load_with_float32_scales_round_trips(
     again = reloaded.model.layers[0].mlp.up_proj
     assert again.scales.dtype == torch.float32 and torch.equal(again.scales, layer.scales)
     assert torch.equal(logits(reloaded, ids), out)
+
+
+def test_load_quantized_rebuilds_a_transformers_model(
+    llama_dir: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    _, original = llama_dir
+    model = bofrs.quantize_model(copy.deepcopy(original), bofrs.QuantConfig(block_size=32), progress=False)
+    bofrs.save_quantized(model, tmp_path, max_shard_bytes=50_000)
+    loaded = bofrs.load_quantized(tmp_path)  # no skeleton: built from the recorded config
+    assert type(loaded) is type(model)
+    for (name, a), (name_b, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert name == name_b and a.dtype == b.dtype and torch.equal(a, b), name
+    ids = torch.randint(0, 96, (1, 9))
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
