@@ -1,4 +1,5 @@
-//! Criterion benches of the core: pack and unpack of a bf16 weight, per kernel variant.
+//! Criterion benches of the core: pack and unpack of a bf16 weight, and the fused 4-bit matvec,
+//! per kernel variant.
 //!
 //! `cargo bench` (from the repository root). Sizes: one 4096x11008 LLM projection, and 1M
 //! values (cache-resident) to show the kernels without memory traffic.
@@ -7,6 +8,7 @@ use bofrs_core::codebook::NF4;
 use bofrs_core::decode::unpack_with_isa;
 use bofrs_core::element::f32_to_bf16;
 use bofrs_core::encode::{pack_with_isa, EncodeOptions};
+use bofrs_core::matvec::{matvec_with_isa, MatShape};
 use bofrs_core::{Bf16, BlockLayout, Codebook, Isa, Normalization, ScaleDType};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
@@ -74,5 +76,55 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// Fused matvec (NF4, block 64, bf16 activations) for the Python benchmark's shapes; throughput
+/// in weights per second.
+fn bench_matvec(c: &mut Criterion) {
+    let codebook = Codebook::new(&NF4).unwrap();
+    let block_size = 64;
+    let options = EncodeOptions {
+        codebook: &codebook,
+        block_size,
+        normalization: Normalization::Absmax,
+        scale_dtype: ScaleDType::BFloat16,
+    };
+    for (out_features, in_features) in [(4096usize, 4096usize), (4096, 11008)] {
+        let n = out_features * in_features;
+        let layout = BlockLayout::new(n, block_size).unwrap();
+        let mut codes = vec![0u8; layout.code_bytes()];
+        let mut scales = vec![0f32; layout.num_blocks()];
+        pack_with_isa(Isa::best(), &weights(n), &options, &mut codes, &mut scales).unwrap();
+        let shape = MatShape {
+            out_features,
+            in_features,
+            block_size,
+        };
+        let mut group = c.benchmark_group(format!("matvec-nf4-b64-{out_features}x{in_features}"));
+        group.throughput(Throughput::Elements(n as u64));
+        group.sample_size(20);
+        for batch in [1usize, 4] {
+            let x = weights(batch * in_features);
+            let mut out = vec![0f32; batch * out_features];
+            for isa in Isa::supported() {
+                group.bench_function(BenchmarkId::new(format!("batch{batch}"), isa.name()), |b| {
+                    b.iter(|| {
+                        matvec_with_isa(
+                            isa,
+                            shape,
+                            batch,
+                            black_box(&codes),
+                            &scales,
+                            &codebook,
+                            &x,
+                            &mut out,
+                        )
+                        .unwrap()
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench, bench_matvec);
 criterion_main!(benches);

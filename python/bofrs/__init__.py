@@ -14,6 +14,7 @@ from __future__ import annotations
 from . import _native
 from ._allocate import Allocation, allocate
 from ._codebooks import Codebook, available_codebooks, codebook
+from ._checkpoint import load_quantized, save_quantized
 from ._errors import FormatError
 from ._hadamard import hadamard
 from ._higgs import HiggsTensor, higgs_grid, pack_higgs
@@ -24,6 +25,8 @@ from ._optimize import expected_error, optimize_codebook
 from ._outliers import Outliers
 from ._pack import pack, unpack
 from ._packed import PackedTensor
+from ._quantize import QuantConfig, quantize_model
+from . import nn
 
 __version__: str = _native.__version__
 
@@ -58,6 +61,7 @@ __all__ = [
     "HiggsTensor",
     "Outliers",
     "PackedTensor",
+    "QuantConfig",
     "allocate",
     "available_codebooks",
     "build_menu",
@@ -68,6 +72,8 @@ __all__ = [
     "higgs_grid",
     "layer_errors",
     "load_file",
+    "load_quantized",
+    "nn",
     "num_threads",
     "optimize_codebook",
     "opq_threshold",
@@ -75,8 +81,19 @@ __all__ = [
     "pack_higgs",
     "perplexity",
     "quantization_error",
+    "quantize_model",
     "read_metadata",
     "save_file",
+    "save_quantized",
     "supported_isas",
     "unpack",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # transformers is optional (the `hf` extra): BofrsConfig imports it on first use.
+    if name == "BofrsConfig":
+        from .hf import BofrsConfig
+
+        return BofrsConfig
+    raise AttributeError(f"module 'bofrs' has no attribute {name!r}")

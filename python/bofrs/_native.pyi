@@ -24,6 +24,7 @@ __all__ = [
     "pack_higgs",
     "unpack_higgs",
     "allocate",
+    "matvec",
 ]
 
 __version__: str
@@ -131,3 +132,16 @@ def unpack_higgs(
     rotated: bool,
 ) -> npt.NDArray[np.float32]: ...
 def allocate(costs: list[int], losses: list[float], options: int, capacity: int) -> tuple[list[int], float, int]: ...
+
+def matvec(
+    x: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    element: str,
+    batch: int,
+    codes: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    levels: npt.NDArray[np.float32],
+    out_features: int,
+    in_features: int,
+    block_size: int,
+    isa: str | None = None,
+) -> npt.NDArray[np.float32]: ...

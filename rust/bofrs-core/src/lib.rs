@@ -8,6 +8,7 @@
 //! - [`encode`] / [`decode`]: nearest-level encoding with 2-codes-per-byte packing, and back,
 //! - [`opq`]: OPQ outliers (per-block sample std threshold) and their 16-bit storage,
 //! - [`dq`]: double quantization of block scales (8 bits in groups of 256),
+//! - [`matvec`]: fused 4-bit matrix-vector products (never materializing the weight),
 //! - [`pool`]: the dedicated rayon pool (size from `BOFRS_NUM_THREADS`),
 //! - [`checksum`]: CRC-32 of stored buffers, used to validate files.
 //!
@@ -31,6 +32,7 @@ pub mod hadamard;
 pub mod higgs;
 pub mod isa;
 pub mod layout;
+pub mod matvec;
 pub mod opq;
 pub mod pool;
 pub mod scale;

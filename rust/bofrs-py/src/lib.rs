@@ -8,6 +8,7 @@ mod codebooks;
 mod detach;
 mod errors;
 mod higgs;
+mod matvec;
 mod optimizer;
 mod packing;
 mod runtime;
@@ -22,5 +23,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     optimizer::register(m)?;
     higgs::register(m)?;
     runtime::register(m)?;
+    matvec::register(m)?;
     Ok(())
 }

@@ -1,0 +1,112 @@
+"""The fused 4-bit linear product: ``x @ W.T`` for a packed 2-D weight, without decoding ``W``.
+
+:func:`operands` is the one place that turns a :class:`PackedTensor` into what the native kernel
+reads (codes, float32 scales per block, 16 levels); formats with more parts extend it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from . import _native
+from ._packed import PackedTensor
+
+#: Activation dtypes the fused kernel reads directly.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Operands:
+    """What the fused kernel reads for a weight ``[out_features, in_features]``."""
+
+    codes: npt.NDArray[np.uint8]
+    scales: npt.NDArray[np.float32]
+    levels: npt.NDArray[np.float32]
+    out_features: int
+    in_features: int
+    block_size: int
+
+
+def fusable(packed: PackedTensor) -> bool:
+    """Whether the fused kernel can run this weight: 2-D, on CPU, whole blocks per row (the
+    kernel multiplies by the codes as stored: rotated weights and OPQ outliers need the extra
+    steps of :class:`bofrs.nn.QuantLinear`)."""
+    return (
+        len(packed.shape) == 2
+        and packed.device.type == "cpu"
+        and packed.shape[1] % packed.block_size == 0
+    )
+
+
+def operands(packed: PackedTensor) -> Operands:
+    """The kernel's view of a packed 2-D CPU weight (no copy of the codes)."""
+    if not fusable(packed):
+        raise ValueError(
+            "the fused kernel needs a 2-D CPU weight whose rows hold whole blocks, got "
+            f"shape {tuple(packed.shape)} with block_size={packed.block_size} on {packed.device}"
+        )
+    out_features, in_features = packed.shape
+    return Operands(
+        packed.codes.contiguous().numpy(),
+        packed.decoded_scales().float().contiguous().numpy(),
+        packed.codebook.levels,
+        int(out_features),
+        int(in_features),
+        packed.block_size,
+    )
+
+
+#: Activation dtypes of the fused kernel and their native element names.
+_ELEMENT = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def fused_matmul(x: torch.Tensor, ops: Operands, isa: str | None = None) -> torch.Tensor:
+    """``x @ W.T`` for 2-D CPU ``x`` ``[tokens, in_features]`` (float32 / bfloat16 / float16):
+    float32 accumulation, result in ``x.dtype``."""
+    if x.dim() != 2 or x.shape[1] != ops.in_features:
+        raise ValueError(
+            f"input must have shape [tokens, {ops.in_features}], got {tuple(x.shape)}"
+        )
+    element = _ELEMENT.get(x.dtype)
+    if element is None:
+        raise TypeError(f"input dtype must be float32, bfloat16 or float16, got {x.dtype}")
+    return fused_rows(x, ops, element, isa)
+
+
+def fused_rows(x: torch.Tensor, ops: Operands, element: str, isa: str | None = None) -> torch.Tensor:
+    """:func:`fused_matmul` without argument checks (``x`` 2-D CPU, ``element`` its dtype name)."""
+    flat = x.reshape(-1)  # contiguous (a view when x is, a copy otherwise)
+    if flat.requires_grad:
+        flat = flat.detach()
+    data = flat.numpy() if element == "float32" else flat.view(torch.int16).numpy().view(np.uint16)
+    tokens = x.shape[0]
+    out = _native.matvec(
+        data, element, tokens, ops.codes, ops.scales, ops.levels,
+        ops.out_features, ops.in_features, ops.block_size, isa,
+    )  # fmt: skip
+    y = torch.from_numpy(out).view(tokens, ops.out_features)
+    return y if element == "float32" else y.to(x.dtype)
+
+def quant_matmul(
+    x: torch.Tensor, packed: PackedTensor, *, isa: str | None = None
+) -> torch.Tensor:
+    """``x @ packed.dequantize().T`` for any batch shape ``[..., in_features]``, with the fused
+    kernel (CPU, float32 / bfloat16 / float16 input, 2-D weight with whole blocks per row)."""
+    if not isinstance(packed, PackedTensor):
+        raise TypeError(f"packed must be a bofrs.PackedTensor, got {type(packed).__name__}")
+    if packed.rotation is not None or packed.outliers is not None:
+        raise ValueError("quant_matmul takes plain packed weights; use bofrs.nn.QuantLinear for "
+                         "rotated weights or OPQ outliers")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x must be on the CPU for the fused kernel, got {x.device}")
+    ops = operands(packed)
+    if x.dim() == 0 or x.shape[-1] != ops.in_features:
+        raise ValueError(f"x must end in {ops.in_features} features, got shape {tuple(x.shape)}")
+    y = fused_matmul(x.reshape(-1, ops.in_features), ops, isa)
+    return y.reshape(*x.shape[:-1], ops.out_features)

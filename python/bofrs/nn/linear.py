@@ -1,0 +1,293 @@
+"""QuantLinear: a drop-in ``nn.Linear`` replacement holding a 4-bit packed weight."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .._codebooks import Codebook
+from .._inputs import dtype_name
+from .._hadamard import hadamard
+from .._linear import _ELEMENT, Operands, fusable, fused_rows, operands
+from .._outliers import Outliers
+from .._pack import pack
+from .._packed import PackedTensor
+
+#: Token counts up to this use the fused kernel on CPU; larger batches decode the weight once and
+#: call ``F.linear``. Measured with ``benches/bench_matvec_vs_peers.py --crossover`` (4096x4096,
+#: NF4 block 64, bf16 activations, 2-core AVX2 machine, four runs): the fused kernel is 5-15x
+#: faster than decode + matmul at 1-8 tokens, 1.4-2.3x at 32, and 0.9-1.3x at 64.
+FUSED_MAX_TOKENS = 32
+
+
+def _decoded_matmul(x: torch.Tensor, packed: PackedTensor, *, transpose: bool) -> torch.Tensor:
+    """``x @ W.T`` (``transpose``) or ``x @ W`` with ``W`` decoded, in ``x.dtype``. On CPU, 16-bit
+    inputs are multiplied in float32 (faster there without native 16-bit matmul units, and
+    more exact)."""
+    compute = x.dtype
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        compute = torch.float32
+    weight = packed.to(x.device).dequantize(compute)
+    y = F.linear(x.to(compute), weight) if transpose else x.to(compute) @ weight
+    return y.to(x.dtype)
+
+
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """``x @ W.T`` with the packed weight frozen: gradients flow to ``x`` only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        layer: QuantLinear = ctx.layer
+        return _decoded_matmul(grad, layer.packed, transpose=False), None
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` stored as a 4-bit :class:`bofrs.PackedTensor`.
+
+    Inputs of any batch shape ``[..., in_features]`` in float32, bfloat16 or float16 (float64
+    too, by decoding); the output has the input's dtype. On CPU, up to ``fused_max_tokens`` rows
+    run through the fused Rust kernel (the weight is never decoded); larger batches, other
+    devices and weights whose rows do not hold whole blocks decode the weight to the input dtype
+    and call ``F.linear``. The weight is frozen; gradients flow to the input (and to ``bias`` if
+    it requires grad), so LoRA adapters train on top (see :func:`bofrs.nn.lora_config`).
+
+    Every packed-tensor feature is supported: double-quantized scales, OPQ outliers (added as a
+    sparse correction after the fused product) and a Hadamard rotation (the input is rotated
+    per group, then multiplied by the rotated weight: ``W x = W_rot hadamard(x)``).
+
+    State: buffers ``codes`` (uint8) and ``scales`` (their storage dtype), and when used
+    ``scale_scales`` (float32, dq8), ``outlier_indices`` / ``outlier_values``; none of them is
+    cast by ``module.to(dtype)``. Parameter ``bias`` or ``None``.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(
+        self,
+        packed: PackedTensor,
+        bias: torch.Tensor | None = None,
+        *,
+        fused_max_tokens: int = FUSED_MAX_TOKENS,
+    ) -> None:
+        super().__init__()
+        if not isinstance(packed, PackedTensor):
+            raise TypeError(f"packed must be a bofrs.PackedTensor, got {type(packed).__name__}")
+        if len(packed.shape) != 2:
+            raise ValueError(f"packed must hold a 2-D weight, got shape {tuple(packed.shape)}")
+        if isinstance(fused_max_tokens, bool) or not isinstance(fused_max_tokens, int) or fused_max_tokens < 0:
+            raise ValueError(f"fused_max_tokens must be an int >= 0, got {fused_max_tokens!r}")
+        self.out_features, self.in_features = (int(d) for d in packed.shape)
+        self.block_size = packed.block_size
+        self.codebook: Codebook = packed.codebook
+        self.weight_dtype: torch.dtype = packed.dtype
+        self.fused_max_tokens = fused_max_tokens
+        self.register_buffer("codes", packed.codes)
+        self.register_buffer("scales", packed.scales)
+        self.rotation: int | None = packed.rotation
+        self.outlier_q: float | None = None
+        if packed.scale_scales is not None:
+            self.register_buffer("scale_scales", packed.scale_scales)
+        if packed.outliers is not None:
+            self.outlier_q = packed.outliers.q
+            self.register_buffer("outlier_indices", packed.outliers.indices)
+            self.register_buffer("outlier_values", packed.outliers.values)
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
+                raise ValueError(f"bias must be a tensor of shape ({self.out_features},)")
+            self.bias: nn.Parameter | None = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._cache: tuple[tuple[torch.Tensor, ...], tuple[int, ...], _Fused | None] | None = None
+
+    def packed_buffer_names(self) -> tuple[str, ...]:
+        """The buffers that together hold the packed weight."""
+        return tuple(n for n in _PACKED_BUFFERS if n in self._buffers)
+
+    # peft / GPTQ-style introspection: in and out features under the names peft looks for.
+    @property
+    def infeatures(self) -> int:
+        return self.in_features
+
+    @property
+    def outfeatures(self) -> int:
+        return self.out_features
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes (uint8): tells peft the device, and that the weight is not float."""
+        return self.codes
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        codebook: str | Codebook = "nf4",
+        block_size: int = 64,
+        *,
+        scale_dtype: str = "bfloat16",
+        opq: float | None = None,
+        rotation: str | int | None = None,
+        fused_max_tokens: int = FUSED_MAX_TOKENS,
+    ) -> QuantLinear:
+        """Quantizes ``linear.weight`` (kept on its device; options as :func:`bofrs.pack`) and
+        copies its bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        packed = pack(
+            linear.weight.detach(), codebook, block_size, scale_dtype=scale_dtype, opq=opq,
+            rotation=rotation,
+        )
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(packed, bias, fused_max_tokens=fused_max_tokens)
+
+    @property
+    def packed(self) -> PackedTensor:
+        """The weight as a :class:`PackedTensor` (views of the buffers, no copy)."""
+        outliers = None
+        if self.outlier_q is not None:
+            outliers = Outliers(
+                self._buffers["outlier_indices"],  # type: ignore[arg-type]
+                self._buffers["outlier_values"],  # type: ignore[arg-type]
+                self.outlier_q,
+            )
+        return PackedTensor(
+            self.codes,
+            self.scales,
+            (self.out_features, self.in_features),
+            self.weight_dtype,
+            self.block_size,
+            self.codebook,
+            scale_scales=self._buffers.get("scale_scales"),
+            outliers=outliers,
+            rotation=self.rotation,
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The decoded weight ``[out_features, in_features]`` (default: the original dtype)."""
+        return self.packed.dequantize(dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if not input.dtype.is_floating_point:
+            raise TypeError(f"input must have a float dtype, got {input.dtype}")
+        if input.dim() == 0 or input.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input must have shape [..., {self.in_features}], got {tuple(input.shape)}"
+            )
+        if torch.is_grad_enabled() and input.requires_grad:
+            y = cast(torch.Tensor, _FrozenQuantMatmul.apply(input, self))
+        else:
+            y = self._matmul(input)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` without bias, fused for few tokens on CPU."""
+        rows = x.reshape(-1, self.in_features)
+        element = _ELEMENT.get(x.dtype)
+        ops = None
+        if element is not None and x.is_cpu and rows.shape[0] <= self.fused_max_tokens:
+            ops = self._operands()
+        if ops is not None:
+            y = ops.apply(rows, element)  # type: ignore[arg-type]
+        else:
+            y = _decoded_matmul(rows, self.packed, transpose=True)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _operands(self) -> _Fused | None:
+        """Kernel operands (``None`` if the weight is not fusable: not on CPU, or rows that do
+        not hold whole blocks); cached until the buffers are replaced or modified in place."""
+        buffers = tuple(self._buffers[n] for n in self.packed_buffer_names())
+        versions = tuple(b._version for b in buffers if b is not None)
+        cache = self._cache
+        if (
+            cache is not None
+            and len(cache[0]) == len(buffers)
+            and all(a is b for a, b in zip(cache[0], buffers))
+            and cache[1] == versions
+        ):
+            return cache[2]
+        packed = self.packed
+        ops = _Fused.of(packed) if fusable(packed) else None
+        # Holding the tensors keeps their ids unique while cached.
+        self._cache = (tuple(b for b in buffers if b is not None), versions, ops)
+        return ops
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        # Packed parts keep their storage dtype under module.to(dtype) / .half(): moved as bytes.
+        kept = {n: b.dtype for n in _KEEP_DTYPE if (b := self._buffers.get(n)) is not None}
+        for name in kept:
+            self._buffers[name] = self._buffers[name].view(torch.uint8)  # type: ignore[union-attr]
+        try:
+            super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        finally:
+            for name, dtype in kept.items():
+                self._buffers[name] = self._buffers[name].view(dtype)  # type: ignore[union-attr]
+            self._cache = None
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, codebook={self.codebook.name!r}, "
+            f"block_size={self.block_size}, scale_dtype={dtype_name(self.scales.dtype)}"
+            + ("" if self.outlier_q is None else f", opq={self.outlier_q}")
+            + ("" if self.rotation is None else f", rotation={self.rotation}")
+        )
+
+
+#: Buffers of a QuantLinear that hold its packed weight, and those whose dtype never changes.
+_PACKED_BUFFERS = ("codes", "scales", "scale_scales", "outlier_indices", "outlier_values")
+_KEEP_DTYPE = ("scales", "scale_scales", "outlier_values")
+
+
+class _Fused:
+    """The fused product of one packed weight: kernel operands, plus the input rotation and
+    the sparse outlier correction ``y[:, r] += x[:, c] * (outlier - decoded code)``."""
+
+    def __init__(
+        self, ops: Operands, rotation: int | None, correction: tuple[torch.Tensor, ...] | None
+    ) -> None:
+        self.ops, self.rotation, self.correction = ops, rotation, correction
+
+    @classmethod
+    def of(cls, packed: PackedTensor) -> _Fused:
+        correction = None
+        if packed.outliers is not None and packed.outliers.count:
+            flat = packed.outliers.indices.long()
+            plain = PackedTensor(
+                packed.codes, packed.scales, packed.shape, packed.dtype, packed.block_size,
+                packed.codebook, scale_scales=packed.scale_scales, rotation=packed.rotation,
+            )  # fmt: skip
+            base = plain.dequantize_rotated(torch.float32).reshape(-1)[flat]
+            delta = packed.outliers.values.float() - base
+            cols = packed.shape[1]
+            correction = (flat // cols, flat % cols, delta)
+        return cls(operands(packed), packed.rotation, correction)
+
+    def apply(self, rows: torch.Tensor, element: str) -> torch.Tensor:
+        """``rows @ W.T`` for 2-D CPU ``rows`` of dtype ``element``."""
+        x = rows
+        if self.rotation is not None:
+            x = hadamard(rows.float(), self.rotation)
+            element = "float32"
+        y = fused_rows(x, self.ops, element)
+        if self.correction is not None:
+            out_rows, in_cols, delta = self.correction
+            y = y.float()
+            y.index_add_(1, out_rows, x.float()[:, in_cols] * delta)
+        return y.to(rows.dtype)
+

@@ -1,0 +1,174 @@
+"""The fused 4-bit matvec against a float64 numpy reference, for every kernel variant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import bofrs
+from bofrs import _native
+from bofrs.nn import quant_matmul
+from reference import unpack_codes
+from test_threads import iterations_while_inside, no_forced_switches  # noqa: F401
+
+EPS32 = float(np.finfo(np.float32).eps)
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def packed_weight(
+    out_features: int,
+    in_features: int,
+    block_size: int,
+    codebook: str = "nf4",
+    *,
+    seed: int = 0,
+    scales: np.ndarray | None = None,
+) -> bofrs.PackedTensor:
+    """Random codes and float32 scales (or the given ones), built directly."""
+    rng = np.random.default_rng(seed)
+    n = out_features * in_features
+    codes = rng.integers(0, 256, size=n // 2, dtype=np.uint8)
+    if scales is None:
+        scales = (rng.standard_normal(n // block_size) * 10.0 ** rng.uniform(-3, 1, n // block_size))
+    return bofrs.PackedTensor(
+        torch.from_numpy(codes),
+        torch.from_numpy(np.asarray(scales, dtype=np.float32)),
+        (out_features, in_features),
+        torch.float32,
+        block_size,
+        bofrs.codebook(codebook, block_size),
+    )
+
+
+def reference(x: torch.Tensor, packed: bofrs.PackedTensor) -> tuple[np.ndarray, np.ndarray]:
+    """``x @ W.T`` in float64 from the exact weight values, and ``|x| @ |W|.T`` (error scale)."""
+    levels = packed.codebook.levels.astype(np.float64)
+    codes = unpack_codes(packed.codes.numpy(), packed.numel)
+    scales = np.repeat(packed.scales.double().numpy(), packed.block_size)[: packed.numel]
+    w = (levels[codes] * scales).reshape(tuple(packed.shape))
+    xs = x.double().reshape(-1, w.shape[1]).numpy()
+    return xs @ w.T, np.abs(xs) @ np.abs(w).T
+
+
+def assert_close(y: torch.Tensor, x: torch.Tensor, packed: bofrs.PackedTensor, out_dtype: torch.dtype) -> None:
+    want, magnitude = reference(x, packed)
+    got = y.double().reshape(want.shape).numpy()
+    blocks = packed.shape[1] // packed.block_size
+    bound = (packed.block_size + blocks + 8) * EPS32 * magnitude
+    if out_dtype != torch.float32:  # the float32 result is rounded once to the output dtype
+        bound = bound + np.abs(want) * float(torch.finfo(out_dtype).eps) + float(torch.finfo(out_dtype).tiny)
+    excess = np.abs(got - want) - bound
+    assert np.all(excess <= 0), f"max excess {excess.max():.3e} at {np.unravel_index(excess.argmax(), excess.shape)}"
+
+
+@pytest.mark.parametrize("codebook", bofrs.available_codebooks())
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "block_size"),
+    [(1, 16, 16), (3, 48, 16), (7, 96, 32), (5, 64, 64), (33, 640, 128), (9, 4096, 4096), (130, 1024, 64)],
+)
+def test_every_isa_and_codebook_matches_float64(
+    isa: str, codebook: str, out_features: int, in_features: int, block_size: int
+) -> None:
+    packed = packed_weight(out_features, in_features, block_size, codebook, seed=out_features)
+    gen = torch.Generator().manual_seed(in_features)
+    for batch in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(batch, in_features, generator=gen) * 3
+        for dtype in ACTIVATION_DTYPES:
+            xd = x.to(dtype)
+            y = quant_matmul(xd, packed, isa=isa)
+            assert y.dtype == dtype and y.shape == (batch, out_features)
+            assert_close(y, xd, packed, dtype)
+
+
+@pytest.mark.parametrize("case", ["zero_blocks", "huge_scales", "tiny_scales", "extreme_codes"])
+def test_adversarial_values(isa: str, case: str) -> None:
+    out_features, in_features, block_size = 6, 256, 32
+    blocks = out_features * in_features // block_size
+    rng = np.random.default_rng(1)
+    scales = rng.uniform(0.5, 2.0, blocks)
+    if case == "zero_blocks":
+        scales[::2] = 0.0
+    elif case == "huge_scales":
+        scales *= 1e30
+    elif case == "tiny_scales":
+        scales *= 1e-30
+    packed = packed_weight(out_features, in_features, block_size, scales=scales)
+    if case == "extreme_codes":
+        codes = packed.codes.clone()
+        codes[: codes.numel() // 2] = 0xFF  # every weight at the top level
+        codes[codes.numel() // 2 :] = 0x00  # ... and at the bottom one
+        packed = bofrs.PackedTensor(codes, packed.scales, packed.shape, packed.dtype, block_size, packed.codebook)
+    x = torch.from_numpy(rng.standard_normal((3, in_features)).astype(np.float32))
+    y = quant_matmul(x, packed, isa=isa)
+    assert torch.isfinite(y).all()
+    assert_close(y, x, packed, torch.float32)
+    if case == "zero_blocks":
+        zero_rows = packed.scales.reshape(out_features, -1).abs().sum(1) == 0
+        assert torch.all(y[:, zero_rows] == 0)
+
+
+def test_variants_agree_to_float_tolerance() -> None:
+    packed = packed_weight(64, 512, 64, seed=3)
+    x = torch.randn(4, 512)
+    results = [quant_matmul(x, packed, isa=isa) for isa in bofrs.supported_isas()]
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_any_batch_shape() -> None:
+    packed = packed_weight(10, 64, 32)
+    x = torch.randn(2, 3, 64)
+    y = quant_matmul(x, packed)
+    assert y.shape == (2, 3, 10)
+    torch.testing.assert_close(y, quant_matmul(x.reshape(6, 64), packed).reshape(2, 3, 10))
+    assert quant_matmul(torch.randn(64), packed).shape == (10,)
+    assert quant_matmul(torch.randn(0, 64), packed).shape == (0, 10)
+
+
+def test_bad_arguments_raise_named_errors() -> None:
+    packed = packed_weight(4, 64, 32)
+    with pytest.raises(ValueError, match="x must end in 64"):
+        quant_matmul(torch.randn(3, 63), packed)
+    with pytest.raises(TypeError, match="packed"):
+        quant_matmul(torch.randn(3, 64), torch.randn(4, 64))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="input dtype"):
+        quant_matmul(torch.randn(3, 64, dtype=torch.float64), packed)
+    odd = bofrs.pack(torch.randn(4, 48), "nf4", 32)  # rows do not hold whole blocks
+    with pytest.raises(ValueError, match="whole blocks"):
+        quant_matmul(torch.randn(1, 48), odd)
+    with pytest.raises(ValueError, match="isa"):
+        quant_matmul(torch.randn(1, 64), packed, isa="sse9")
+
+
+def test_native_checks_lengths_and_scales() -> None:
+    codes = np.zeros(64, np.uint8)
+    levels = bofrs.codebook("nf4").levels
+    x = np.ones(64, np.float32)
+    ok = _native.matvec(x, "float32", 1, codes, np.ones(2, np.float32), levels, 2, 64, 64)
+    assert ok.shape == (2,)
+    with pytest.raises(ValueError, match="codes"):
+        _native.matvec(x, "float32", 1, codes[:63], np.ones(2, np.float32), levels, 2, 64, 64)
+    with pytest.raises(ValueError, match="scales"):
+        _native.matvec(x, "float32", 1, codes, np.ones(3, np.float32), levels, 2, 64, 64)
+    with pytest.raises(ValueError, match="x has length"):
+        _native.matvec(x, "float32", 2, codes, np.ones(2, np.float32), levels, 2, 64, 64)
+    with pytest.raises(ValueError, match="not finite"):
+        _native.matvec(x, "float32", 1, codes, np.array([1, np.nan], np.float32), levels, 2, 64, 64)
+    with pytest.raises(ValueError, match="in_features"):
+        _native.matvec(x[:48], "float32", 1, codes[:48], np.ones(2, np.float32), levels, 2, 48, 32)
+    with pytest.raises(ValueError, match="block_size"):
+        _native.matvec(x, "float32", 1, codes, np.ones(2, np.float32), levels, 2, 64, 48)
+    for batch in (2**40, 2**62):  # refused before anything is allocated
+        with pytest.raises(ValueError):
+            _native.matvec(x, "float32", batch, codes, np.ones(2, np.float32), levels, 2, 64, 64)
+    with pytest.raises(TypeError, match="element"):
+        _native.matvec(x, "int8", 1, codes, np.ones(2, np.float32), levels, 2, 64, 64)
+
+
+@pytest.mark.usefixtures("no_forced_switches")
+def test_releases_the_interpreter() -> None:
+    packed = packed_weight(4096, 4096, 64)
+    x = torch.randn(8, 4096)
+    count = iterations_while_inside(lambda: quant_matmul(x, packed))
+    assert count >= 1000, f"main thread ran only {count} iterations during the fused matvec"
