@@ -152,7 +152,7 @@ impl GridSearch {
         while code < t.len() && y > t[code] {
             code += 1;
         }
-        while code > 0 && !(y > t[code - 1]) {
+        while code > 0 && y <= t[code - 1] {
             code -= 1;
         }
         code as u8
