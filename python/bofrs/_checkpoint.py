@@ -30,7 +30,11 @@ from ._io import load_file, save_file
 from ._higgs import HiggsTensor
 from ._packed import PackedTensor
 from ._quantize import QuantConfig
+from .nn.higgs_linear import HiggsLinear
 from .nn.linear import FUSED_MAX_TOKENS, QuantLinear
+
+#: Modules whose weight is stored packed.
+QuantModule = QuantLinear | HiggsLinear
 
 INDEX = "bofrs_model.json"
 MODEL_FORMAT = "bofrs.model"
@@ -38,14 +42,20 @@ MODEL_FORMAT_VERSION = 1
 PathLike = str | os.PathLike[str]
 
 
-def _quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)}
+def _quant_layers(model: nn.Module) -> dict[str, QuantModule]:
+    return {
+        n: m
+        for n, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, (QuantLinear, HiggsLinear))
+    }
 
 
-def _entries(model: nn.Module) -> tuple[dict[str, PackedTensor | torch.Tensor], dict[str, str]]:
+def _entries(
+    model: nn.Module,
+) -> tuple[dict[str, PackedTensor | HiggsTensor | torch.Tensor], dict[str, str]]:
     """What gets stored (name -> packed or plain tensor) and aliases (name -> stored name)."""
     layers = _quant_layers(model)
-    entries: dict[str, PackedTensor | torch.Tensor] = {}
+    entries: dict[str, PackedTensor | HiggsTensor | torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
     quant_keys: set[str] = set()
@@ -70,8 +80,8 @@ def _entries(model: nn.Module) -> tuple[dict[str, PackedTensor | torch.Tensor], 
     return entries, aliases
 
 
-def _nbytes(value: PackedTensor | torch.Tensor) -> int:
-    if isinstance(value, PackedTensor):
+def _nbytes(value: PackedTensor | HiggsTensor | torch.Tensor) -> int:
+    if isinstance(value, (PackedTensor, HiggsTensor)):
         return value.nbytes
     return value.numel() * value.element_size()
 
@@ -182,14 +192,19 @@ def _skeleton(index: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def _placeholder(name: str, spec: Mapping[str, Any], packed: PackedTensor) -> QuantLinear:
+def _placeholder(
+    name: str, spec: Mapping[str, Any], packed: PackedTensor | HiggsTensor
+) -> QuantModule:
     """A QuantLinear around the loaded packed weight (bias filled later from the state dict)."""
     bias = None
     if spec.get("bias") is not None:
         bias = torch.zeros(spec["out_features"], dtype=dtype_from_name(spec["bias"]))
     if tuple(packed.shape) != (spec["out_features"], spec["in_features"]):
         raise FormatError(f"{name}: packed shape {tuple(packed.shape)} does not match the index")
-    return QuantLinear(packed, bias, fused_max_tokens=int(spec.get("fused_max_tokens", FUSED_MAX_TOKENS)))
+    fused = int(spec.get("fused_max_tokens", FUSED_MAX_TOKENS))
+    if isinstance(packed, HiggsTensor):
+        return HiggsLinear(packed, bias, fused_max_tokens=fused)
+    return QuantLinear(packed, bias, fused_max_tokens=fused)
 
 
 def load_quantized(
@@ -212,7 +227,7 @@ def load_quantized(
     by_source: dict[str, list[str]] = {}
     for alias, source in aliases.items():
         by_source.setdefault(source, []).append(alias)
-    placed: dict[str, QuantLinear] = {}
+    placed: dict[str, QuantModule] = {}
     loaded: set[str] = set()
     for file, names in index["shards"].items():
         tensors = load_file(os.path.join(os.fspath(directory), file))
@@ -221,12 +236,10 @@ def load_quantized(
         plain: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
             targets = [key, *by_source.get(key, [])]
-            if isinstance(value, HiggsTensor):
-                raise FormatError(f"{file}: {key!r} is a HIGGS tensor; checkpoints hold QuantLinear weights")
-            if not isinstance(value, PackedTensor):
+            if not isinstance(value, (PackedTensor, HiggsTensor)):
                 plain.update({target: value for target in targets})
                 continue
-            quant: QuantLinear | None = None
+            quant: QuantModule | None = None
             for target in targets:
                 layer_name = target.removesuffix("weight").removesuffix(".")
                 if layer_name not in layers:
@@ -248,7 +261,7 @@ def load_quantized(
     return model
 
 
-def _keys(layer_name: str, layer: QuantLinear) -> set[str]:
+def _keys(layer_name: str, layer: QuantModule) -> set[str]:
     prefix = f"{layer_name}." if layer_name else ""
     return {prefix + b for b in layer.packed_buffer_names()}
 
@@ -256,7 +269,7 @@ def _keys(layer_name: str, layer: QuantLinear) -> set[str]:
 def _load_plain(
     model: nn.Module,
     plain: Mapping[str, torch.Tensor],
-    placed: Mapping[str, QuantLinear],
+    placed: Mapping[str, QuantModule],
     loaded: set[str],
 ) -> None:
     """Copies plain tensors into the model's parameters and buffers (bias of new layers too)."""

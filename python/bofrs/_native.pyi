@@ -25,6 +25,7 @@ __all__ = [
     "unpack_higgs",
     "allocate",
     "matvec",
+    "matvec_higgs",
 ]
 
 __version__: str
@@ -144,4 +145,15 @@ def matvec(
     in_features: int,
     block_size: int,
     isa: str | None = None,
+) -> npt.NDArray[np.float32]: ...
+def matvec_higgs(
+    x_rot: npt.NDArray[np.float32],
+    tokens: int,
+    codes: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    rows: int,
+    cols: int,
+    group_size: int,
+    p: int,
+    points: npt.NDArray[np.float32],
 ) -> npt.NDArray[np.float32]: ...

@@ -13,12 +13,16 @@ from torch import nn
 
 from ._codebooks import Codebook, resolve
 from ._hadamard import check_group_size
-from ._packed import SCALE_FORMATS
+from ._higgs import higgs_grid
+from ._packed import SCALE_DTYPES, SCALE_FORMATS
 from ._validate import check_block_size, check_choice
+from .nn.higgs_linear import HiggsLinear
 from .nn.linear import FUSED_MAX_TOKENS, QuantLinear
 
 #: Options a per-layer override may set.
-OVERRIDE_KEYS = ("codebook", "block_size", "scale_dtype", "opq", "rotation", "skip")
+OVERRIDE_KEYS = (
+    "codebook", "block_size", "scale_dtype", "opq", "rotation", "bits", "p", "group_size", "skip",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,9 @@ class LayerSpec:
     scale_dtype: str
     opq: float | None = None
     rotation: str | int | None = None
+    bits: int = 4
+    p: int = 2
+    group_size: int = 1024
 
 
 @dataclass
@@ -37,7 +44,9 @@ class QuantConfig:
     """What :func:`quantize_model` does.
 
     - ``codebook``, ``block_size``, ``scale_dtype``, ``opq``, ``rotation``: the defaults for
-      every Linear layer (as in :func:`bofrs.pack`);
+      every Linear layer (as in :func:`bofrs.pack`); ``codebook="higgs"`` makes
+      :class:`bofrs.nn.HiggsLinear` layers with ``bits``, ``p`` and ``group_size`` (as in
+      :func:`bofrs.pack_higgs`);
     - ``skip``: module-name patterns left in full precision (default ``("lm_head",)``);
     - ``overrides``: ``{pattern: {option: value}}`` per-layer options (``codebook``,
       ``block_size``, ``scale_dtype``, ``opq``, ``rotation``, or ``skip: True``); later patterns
@@ -55,6 +64,9 @@ class QuantConfig:
     scale_dtype: str = "bfloat16"
     opq: float | None = None
     rotation: str | int | None = None
+    bits: int = 4
+    p: int = 2
+    group_size: int = 1024
     skip: tuple[str, ...] = ("lm_head",)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     fused_max_tokens: int = FUSED_MAX_TOKENS
@@ -68,7 +80,7 @@ class QuantConfig:
         if not isinstance(self.overrides, Mapping):
             raise TypeError(f"overrides must be a dict, got {type(self.overrides).__name__}")
         self.overrides = {k: dict(v) for k, v in self.overrides.items()}
-        _check_spec(self.codebook, self.block_size, self.scale_dtype, "", self.opq, self.rotation)
+        _check_spec(self._default(), "")
         for pattern, options in self.overrides.items():
             if not isinstance(pattern, str) or not isinstance(options, dict):
                 raise TypeError("overrides must map str patterns to dicts of options")
@@ -79,15 +91,15 @@ class QuantConfig:
                     f"allowed: {', '.join(OVERRIDE_KEYS)}"
                 )
             spec = self._merge(self._default(), options)
-            _check_spec(
-                spec.codebook, spec.block_size, spec.scale_dtype, f"overrides[{pattern!r}].",
-                spec.opq, spec.rotation,
-            )
+            _check_spec(spec, f"overrides[{pattern!r}].")
         if isinstance(self.fused_max_tokens, bool) or not isinstance(self.fused_max_tokens, int):
             raise TypeError("fused_max_tokens must be an int")
 
     def _default(self) -> LayerSpec:
-        return LayerSpec(self.codebook, self.block_size, self.scale_dtype, self.opq, self.rotation)
+        return LayerSpec(
+            self.codebook, self.block_size, self.scale_dtype, self.opq, self.rotation,
+            self.bits, self.p, self.group_size,
+        )  # fmt: skip
 
     @staticmethod
     def _merge(spec: LayerSpec, options: Mapping[str, Any]) -> LayerSpec:
@@ -97,6 +109,9 @@ class QuantConfig:
             options.get("scale_dtype", spec.scale_dtype),
             options.get("opq", spec.opq),
             options.get("rotation", spec.rotation),
+            options.get("bits", spec.bits),
+            options.get("p", spec.p),
+            options.get("group_size", spec.group_size),
         )
 
     def spec_for(self, name: str) -> LayerSpec | None:
@@ -122,6 +137,9 @@ class QuantConfig:
             "scale_dtype": self.scale_dtype,
             "opq": self.opq,
             "rotation": self.rotation,
+            "bits": self.bits,
+            "p": self.p,
+            "group_size": self.group_size,
             "skip": list(self.skip),
             "overrides": {
                 p: {k: book(v) if k == "codebook" else v for k, v in o.items()}
@@ -147,20 +165,25 @@ class QuantConfig:
             scale_dtype=data.get("scale_dtype", "bfloat16"),
             opq=data.get("opq"),
             rotation=data.get("rotation"),
+            bits=data.get("bits", 4),
+            p=data.get("p", 2),
+            group_size=data.get("group_size", 1024),
             skip=tuple(data.get("skip", ("lm_head",))),
             overrides=overrides,
             fused_max_tokens=data.get("fused_max_tokens", FUSED_MAX_TOKENS),
         )
 
 
-def _check_spec(
-    codebook: object,
-    block_size: object,
-    scale_dtype: object,
-    where: str,
-    opq: object = None,
-    rotation: object = None,
-) -> None:
+def _check_spec(spec: LayerSpec, where: str) -> None:
+    codebook, block_size, scale_dtype = spec.codebook, spec.block_size, spec.scale_dtype
+    opq, rotation = spec.opq, spec.rotation
+    if codebook == "higgs":
+        check_choice(scale_dtype, tuple(SCALE_DTYPES), f"{where}scale_dtype")
+        higgs_grid(spec.bits, spec.p)
+        check_group_size(spec.group_size)
+        if opq is not None or rotation is not None:
+            raise ValueError(f"{where}opq and rotation do not apply to codebook='higgs'")
+        return
     if not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool):
         raise TypeError(f"{where}block_size must be an int, got {type(block_size).__name__}")
     check_block_size(block_size, f"{where}block_size")
@@ -215,7 +238,7 @@ def quantize_model(
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a bofrs.QuantConfig, got {type(config).__name__}")
     todo = [item for item in linear_layers(model) if config.spec_for(item[0]) is not None]
-    done: dict[int, QuantLinear] = {}
+    done: dict[int, QuantLinear | HiggsLinear] = {}
     for name, parent, attr, layer in _progress(todo, progress):
         if id(layer) not in done:
             if layer.weight.device.type == "meta":
@@ -223,14 +246,25 @@ def quantize_model(
             spec = config.spec_for(name)
             assert spec is not None
             with torch.no_grad():
-                done[id(layer)] = QuantLinear.from_linear(
-                    layer,
-                    spec.codebook,
-                    spec.block_size,
-                    scale_dtype=spec.scale_dtype,
-                    opq=spec.opq,
-                    rotation=spec.rotation,
-                    fused_max_tokens=config.fused_max_tokens,
-                )
+                done[id(layer)] = _quantized_layer(layer, spec, config.fused_max_tokens)
         setattr(parent, attr, done[id(layer)])
     return model
+
+
+def _quantized_layer(
+    layer: nn.Linear, spec: LayerSpec, fused_max_tokens: int
+) -> QuantLinear | HiggsLinear:
+    if spec.codebook == "higgs":
+        return HiggsLinear.from_linear(
+            layer, spec.bits, spec.p, spec.group_size, scale_dtype=spec.scale_dtype,
+            fused_max_tokens=fused_max_tokens,
+        )  # fmt: skip
+    return QuantLinear.from_linear(
+        layer,
+        spec.codebook,
+        spec.block_size,
+        scale_dtype=spec.scale_dtype,
+        opq=spec.opq,
+        rotation=spec.rotation,
+        fused_max_tokens=fused_max_tokens,
+    )

@@ -7,7 +7,9 @@ use crate::packing::{as_halfs, contiguous};
 use crate::runtime::parse_isa;
 use bofrs_core::buffer::zeroed_vec;
 use bofrs_core::hadamard::hadamard_rows_with_isa;
-use bofrs_core::higgs::{gaussian_grid, higgs_pack, higgs_unpack, GridSearch, HiggsLayout};
+use bofrs_core::higgs::{
+    gaussian_grid, higgs_matvec, higgs_pack, higgs_unpack, GridSearch, HiggsLayout,
+};
 use bofrs_core::{allocate, Bf16, Element, ScaleDType, F16};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyTypeError;
@@ -132,6 +134,36 @@ fn unpack_higgs<'py>(
     Ok(out.into_pyarray(py))
 }
 
+/// `x_rot @ W_rot.T` for `tokens` rows of rotated, padded float32 activations (fused).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn matvec_higgs<'py>(
+    py: Python<'py>,
+    x_rot: PyReadonlyArray1<'py, f32>,
+    tokens: usize,
+    codes: PyReadonlyArray1<'py, u8>,
+    scales: PyReadonlyArray1<'py, f32>,
+    rows: usize,
+    cols: usize,
+    group_size: usize,
+    p: usize,
+    points: PyReadonlyArray1<'py, f32>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let grid = search(p, &points)?;
+    let layout = HiggsLayout::new(rows, cols, group_size, &grid).map_err(to_py)?;
+    let (x, c, s) = (
+        contiguous(&x_rot, "x_rot")?,
+        contiguous(&codes, "codes")?,
+        contiguous(&scales, "scales")?,
+    );
+    let out = run(py, || {
+        let mut out = zeroed_vec::<f32>(tokens * rows);
+        higgs_matvec(x, tokens, c, s, &layout, &grid, &mut out)?;
+        Ok(out)
+    })?;
+    Ok(out.into_pyarray(py))
+}
+
 /// Exact multiple-choice knapsack: `(choices, loss, cost)`.
 #[pyfunction(name = "allocate")]
 fn allocate_py(
@@ -153,5 +185,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pack_higgs, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_higgs, m)?)?;
     m.add_function(wrap_pyfunction!(allocate_py, m)?)?;
+    m.add_function(wrap_pyfunction!(matvec_higgs, m)?)?;
     Ok(())
 }

@@ -96,7 +96,7 @@ fn put(out: &mut [u8], index: usize, bits: usize, code: u8) {
 
 /// Reads the code at position `index` of an LSB-first bit stream.
 #[inline(always)]
-fn get(data: &[u8], index: usize, bits: usize) -> usize {
+pub(crate) fn get(data: &[u8], index: usize, bits: usize) -> usize {
     let pos = index * bits;
     let (byte, shift) = (pos / 8, pos % 8);
     let mut wide = data[byte] as u16;

@@ -1,0 +1,171 @@
+"""HiggsLinear: an ``nn.Linear`` replacement holding a HIGGS-packed weight."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import _native
+from .._grids import Grid
+from .._hadamard import hadamard
+from .._higgs import HiggsTensor, pack_higgs
+from .linear import FUSED_MAX_TOKENS
+
+
+class _FrozenHiggsMatmul(torch.autograd.Function):
+    """``x @ W.T`` with the packed weight frozen: gradients flow to ``x`` only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: HiggsLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        weight = ctx.layer.dequantize(torch.float32).to(grad.device)
+        return (grad.float() @ weight).to(grad.dtype), None
+
+
+class HiggsLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` stored as a :class:`bofrs.HiggsTensor`.
+
+    The weight stays in its rotated basis: the input is padded to whole groups and rotated by
+    the same Hadamard transform per group, then multiplied by the rotated weight
+    (``W x = W_rot hadamard(x)``). On CPU, up to ``fused_max_tokens`` rows use the fused Rust
+    kernel (one group of the weight decoded at a time); larger batches and other devices decode
+    ``W_rot`` and call ``F.linear``. Frozen weight, gradients to the input (LoRA-ready).
+
+    State: buffers ``codes`` (uint8), ``scales`` (storage dtype, kept under ``module.to``) and
+    ``grid_points`` (float32); parameter ``bias`` or ``None``.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    grid_points: torch.Tensor
+
+    def __init__(
+        self,
+        packed: HiggsTensor,
+        bias: torch.Tensor | None = None,
+        *,
+        fused_max_tokens: int = FUSED_MAX_TOKENS,
+    ) -> None:
+        super().__init__()
+        if not isinstance(packed, HiggsTensor):
+            raise TypeError(f"packed must be a bofrs.HiggsTensor, got {type(packed).__name__}")
+        if len(packed.shape) != 2:
+            raise ValueError(f"packed must hold a 2-D weight, got shape {tuple(packed.shape)}")
+        if isinstance(fused_max_tokens, bool) or not isinstance(fused_max_tokens, int) or fused_max_tokens < 0:
+            raise ValueError(f"fused_max_tokens must be an int >= 0, got {fused_max_tokens!r}")
+        self.out_features, self.in_features = (int(d) for d in packed.shape)
+        self.group_size = packed.group_size
+        self.grid_p, self.grid_n, self.grid_mse = packed.grid.p, packed.grid.n, packed.grid.mse
+        self.weight_dtype: torch.dtype = packed.dtype
+        self.fused_max_tokens = fused_max_tokens
+        self.register_buffer("codes", packed.codes)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("grid_points", torch.from_numpy(np.array(packed.grid.points, dtype=np.float32)))
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
+                raise ValueError(f"bias must be a tensor of shape ({self.out_features},)")
+            self.bias: nn.Parameter | None = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: int = 4,
+        p: int = 2,
+        group_size: int = 1024,
+        *,
+        scale_dtype: str = "float16",
+        fused_max_tokens: int = FUSED_MAX_TOKENS,
+    ) -> HiggsLinear:
+        """Quantizes ``linear.weight`` with :func:`bofrs.pack_higgs` and copies its bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        packed = pack_higgs(linear.weight.detach(), bits, p, group_size, scale_dtype=scale_dtype)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(packed, bias, fused_max_tokens=fused_max_tokens)
+
+    def packed_buffer_names(self) -> tuple[str, ...]:
+        """The buffers that together hold the packed weight."""
+        return ("codes", "scales", "grid_points")
+
+    @property
+    def packed(self) -> HiggsTensor:
+        """The weight as a :class:`bofrs.HiggsTensor` (views of the buffers)."""
+        points = self.grid_points.detach().cpu().numpy().reshape(self.grid_n, self.grid_p)
+        grid = Grid(self.grid_p, self.grid_n, points, self.grid_mse)
+        return HiggsTensor(
+            self.codes, self.scales, torch.Size((self.out_features, self.in_features)),
+            self.weight_dtype, self.group_size, grid,
+        )  # fmt: skip
+
+    @property
+    def padded_in_features(self) -> int:
+        """Input length in the rotated basis (whole groups)."""
+        return -(-self.in_features // self.group_size) * self.group_size
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The decoded weight ``[out_features, in_features]`` in the original basis."""
+        return self.packed.dequantize(dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if not input.dtype.is_floating_point:
+            raise TypeError(f"input must have a float dtype, got {input.dtype}")
+        if input.dim() == 0 or input.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape [..., {self.in_features}], got {tuple(input.shape)}")
+        if torch.is_grad_enabled() and input.requires_grad:
+            y = cast(torch.Tensor, _FrozenHiggsMatmul.apply(input, self))
+        else:
+            y = self._matmul(input)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.detach().reshape(-1, self.in_features).float()
+        padded = F.pad(rows, (0, self.padded_in_features - self.in_features))
+        rotated = hadamard(padded, self.group_size)
+        if x.is_cpu and rows.shape[0] <= self.fused_max_tokens:
+            out = _native.matvec_higgs(
+                rotated.contiguous().numpy().reshape(-1), rows.shape[0],
+                self.codes.contiguous().numpy(), self.scales.float().contiguous().numpy(),
+                self.out_features, self.in_features, self.group_size, self.grid_p,
+                self.grid_points.contiguous().numpy().reshape(-1),
+            )  # fmt: skip
+            y = torch.from_numpy(out).view(rows.shape[0], self.out_features)
+        else:
+            weight = self.packed.rotated(torch.float32).to(x.device)
+            y = F.linear(rotated.to(x.device), weight)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HiggsLinear:
+        # Scales and grid keep their storage dtype under module.to(dtype): moved as bytes.
+        kept = {n: self._buffers[n].dtype for n in ("scales", "grid_points")}  # type: ignore[union-attr]
+        for name in kept:
+            self._buffers[name] = self._buffers[name].view(torch.uint8)  # type: ignore[union-attr]
+        try:
+            super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        finally:
+            for name, dtype in kept.items():
+                self._buffers[name] = self._buffers[name].view(dtype)  # type: ignore[union-attr]
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, p={self.grid_p}, n={self.grid_n}, "
+            f"group_size={self.group_size}"
+        )
