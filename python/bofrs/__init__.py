@@ -14,6 +14,7 @@ from __future__ import annotations
 from . import _native
 from ._allocate import Allocation, allocate
 from ._codebooks import Codebook, available_codebooks, codebook
+from ._convert import quantize_checkpoint
 from ._checkpoint import load_quantized, save_quantized
 from ._errors import FormatError
 from ._hadamard import hadamard
@@ -81,6 +82,7 @@ __all__ = [
     "pack_higgs",
     "perplexity",
     "quantization_error",
+    "quantize_checkpoint",
     "quantize_model",
     "read_metadata",
     "save_file",

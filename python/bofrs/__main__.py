@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _cli_codebook
+from . import _cli_codebook, _cli_quantize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,13 +14,18 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="quantize the embedded example with every format")
     demo.add_argument("--block-size", type=int, default=64)
     _cli_codebook.add_parser(commands)
+    _cli_quantize.add_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "codebook":
+    handlers = {"codebook": _cli_codebook.run, "quantize": _cli_quantize.run}
+    if args.command in handlers:
         try:
-            print(_cli_codebook.run(args))
-        except (TypeError, ValueError) as err:
+            print(handlers[args.command](args))
+        except (TypeError, ValueError, OSError) as err:
             print(f"bofrs: error: {err}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("bofrs: interrupted; no output was left behind", file=sys.stderr)
+            return 130
         return 0
     if args.command in (None, "demo"):
         from ._demo import run

@@ -1,0 +1,187 @@
+"""Quantizing a whole safetensors checkpoint, tensor by tensor, into a bofrs checkpoint.
+
+The input is a transformers-style directory (``config.json`` and ``model.safetensors`` or
+``model.safetensors.index.json`` with its shards) or a single ``.safetensors`` file. Each input
+shard is memory-mapped and read one tensor at a time; the output gets one bofrs shard per input
+shard, so memory holds at most one shard's output. Linear weights (2-D ``*.weight`` tensors that
+are not embeddings, norms or skipped by the :class:`QuantConfig`) are packed; everything else is
+copied. The result is what :func:`bofrs.save_quantized` writes: :func:`bofrs.load_quantized`
+and the transformers plug-in read it.
+
+The output is written to a temporary directory beside the target and renamed at the very end:
+an interrupted run leaves no partial output under the target name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ._checkpoint import INDEX, MODEL_FORMAT, MODEL_FORMAT_VERSION
+from ._higgs import HiggsTensor, pack_higgs
+from ._inputs import dtype_name
+from ._io import save_file
+from ._pack import pack
+from ._packed import PackedTensor
+from ._quantize import LayerSpec, QuantConfig
+
+#: Name fragments of 2-D weights that are not Linear layers.
+NOT_LINEAR = ("embed", "wte", "wpe", "norm", "ln_")
+
+
+def _input_shards(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
+    """The safetensors files of a checkpoint and its transformers config (if any)."""
+    if src.is_file():
+        if src.suffix != ".safetensors":
+            raise ValueError(f"src: expected a .safetensors file or a checkpoint directory, got {src}")
+        return [src], None
+    if not src.is_dir():
+        raise FileNotFoundError(f"src: {src} does not exist")
+    config = None
+    if (src / "config.json").is_file():
+        config = json.loads((src / "config.json").read_text())
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({src / f for f in weight_map.values()})
+    else:
+        files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"src: no .safetensors file in {src}")
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"src: shard {missing[0].name} is missing")
+    return files, config
+
+
+def is_linear_weight(name: str, tensor_shape: torch.Size) -> bool:
+    """Whether a checkpoint entry looks like the weight of a Linear layer."""
+    lowered = name.lower()
+    return (
+        name.endswith(".weight")
+        and len(tensor_shape) == 2
+        and not any(fragment in lowered for fragment in NOT_LINEAR)
+    )
+
+
+def _pack_layer(weight: torch.Tensor, spec: LayerSpec) -> PackedTensor | HiggsTensor:
+    if spec.codebook == "higgs":
+        return pack_higgs(weight, spec.bits, spec.p, spec.group_size, scale_dtype=spec.scale_dtype)
+    return pack(
+        weight, spec.codebook, spec.block_size, scale_dtype=spec.scale_dtype, opq=spec.opq,
+        rotation=spec.rotation,
+    )  # fmt: skip
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is optional
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc="bofrs: quantizing")
+
+
+def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            yield key, handle.get_tensor(key)
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    config: QuantConfig | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Quantizes the checkpoint at ``src`` into a bofrs checkpoint directory ``dst``.
+
+    ``dst`` must not exist (an existing one is refused: delete it or pick another name).
+    Returns figures of the run: tensors, quantized layers, input and output bytes, seconds.
+    """
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a bofrs.QuantConfig, got {type(config).__name__}")
+    source, target = Path(src), Path(dst)
+    files, hf_config = _input_shards(source)
+    if target.exists():
+        raise FileExistsError(f"dst: {target} already exists; remove it or choose another path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    start = time.perf_counter()
+    stats = {"tensors": 0.0, "quantized": 0.0, "bytes_in": 0.0, "bytes_out": 0.0}
+    bar = _bar(sum(f.stat().st_size for f in files), progress)
+    try:
+        layers: dict[str, dict[str, Any]] = {}
+        shards: dict[str, list[str]] = {}
+        all_keys: dict[str, torch.dtype] = {}
+        for number, path in enumerate(files, start=1):
+            entries: dict[str, PackedTensor | HiggsTensor | torch.Tensor] = {}
+            for key, tensor in _tensors(path):
+                size = tensor.numel() * tensor.element_size()
+                all_keys[key] = tensor.dtype
+                module = key.removesuffix(".weight")
+                spec = config.spec_for(module) if is_linear_weight(key, tensor.shape) else None
+                if spec is not None and tensor.dtype.is_floating_point:
+                    packed = _pack_layer(tensor, spec)
+                    entries[key] = packed
+                    layers[module] = {
+                        "in_features": int(tensor.shape[1]),
+                        "out_features": int(tensor.shape[0]),
+                        "bias": None,
+                        "fused_max_tokens": config.fused_max_tokens,
+                    }
+                    stats["quantized"] += 1
+                    stats["bytes_out"] += packed.nbytes
+                else:
+                    entries[key] = tensor
+                    stats["bytes_out"] += size
+                stats["tensors"] += 1
+                stats["bytes_in"] += size
+                if bar is not None:
+                    bar.update(size)
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(tensors_per_s=f"{stats['tensors'] / max(elapsed, 1e-9):.1f}")
+            name = f"model-{number:05d}-of-{len(files):05d}.safetensors"
+            save_file(entries, staging / name)
+            shards[name] = list(entries)
+            del entries
+        for module, entry in layers.items():
+            bias = all_keys.get(module + ".bias")
+            entry["bias"] = None if bias is None else dtype_name(bias)
+        aliases = {}
+        if hf_config and hf_config.get("tie_word_embeddings") and "lm_head.weight" not in all_keys:
+            embed = next((k for k in all_keys if k.endswith("embed_tokens.weight")), None)
+            if embed is not None:
+                aliases["lm_head.weight"] = embed
+        index = {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "quant_config": config.to_dict(),
+            "layers": layers,
+            "shards": shards,
+            "aliases": aliases,
+            "hf_config": hf_config,
+        }
+        (staging / INDEX).write_text(json.dumps(index, indent=1, default=str))
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    stats["seconds"] = time.perf_counter() - start
+    return stats
+

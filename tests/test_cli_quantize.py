@@ -1,0 +1,100 @@
+"""``bofrs quantize``: a transformers checkpoint in, a bofrs checkpoint out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import bofrs
+from bofrs.__main__ import main
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(path, max_shard_size="60KB")  # several shards
+    return path, model
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out: torch.Tensor = model(input_ids=ids).logits
+    return out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--codebook", "bof4s", "--block-size", "32"],
+        ["--codebook", "nf4", "--opq", "0.95", "--rotation", "hadamard", "--scale-dtype", "dq8"],
+        ["--codebook", "higgs", "--bits", "4", "--p", "2", "--group-size", "64"],
+    ],
+)
+def test_quantize_matches_quantize_model(
+    llama: tuple[Path, torch.nn.Module], tmp_path: Path, options: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, model = llama
+    assert len(list(src.glob("*.safetensors"))) > 1
+    dst = tmp_path / "out"
+    assert main(["quantize", str(src), str(dst), "--no-progress", *options]) == 0
+    summary = capsys.readouterr().out
+    assert "14 of" in summary and "MB/s" in summary  # 2 layers x 7 Linear weights
+    loaded = bofrs.load_quantized(dst)
+    reference = transformers.LlamaForCausalLM(model.config).eval()
+    reference.load_state_dict(model.state_dict())
+    args = dict(zip(options[::2], options[1::2]))
+    rotation = args.get("--rotation")
+    config = bofrs.QuantConfig(
+        codebook=args["--codebook"], block_size=int(args.get("--block-size", 64)),
+        scale_dtype=args.get("--scale-dtype", "bfloat16"),
+        opq=float(args["--opq"]) if "--opq" in args else None, rotation=rotation,
+        bits=int(args.get("--bits", 4)), p=int(args.get("--p", 2)), group_size=int(args.get("--group-size", 1024)),
+    )  # fmt: skip
+    bofrs.quantize_model(reference, config, progress=False)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(loaded, ids), logits(reference, ids))
+
+
+def test_existing_output_is_refused_and_bad_input_fails_cleanly(
+    llama: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, _ = llama
+    dst = tmp_path / "out"
+    dst.mkdir()
+    assert main(["quantize", str(src), str(dst), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["quantize", str(src), str(tmp_path / "y"), "--codebook", "nf5", "--no-progress"]) == 2
+    assert "codebook" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+def test_interrupted_run_leaves_nothing(llama: tuple[Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, _ = llama
+    import bofrs._convert as convert
+
+    calls = {"n": 0}
+    real = convert.save_file
+
+    def interrupt_second_shard(*a: object, **k: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(convert, "save_file", interrupt_second_shard)
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--no-progress"]) == 130
+    assert os.listdir(tmp_path) == []
