@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _cli_codebook, _cli_quantize
+from . import _cli_codebook, _cli_eval, _cli_quantize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,8 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--block-size", type=int, default=64)
     _cli_codebook.add_parser(commands)
     _cli_quantize.add_parser(commands)
+    _cli_eval.add_parsers(commands)
     args = parser.parse_args(argv)
-    handlers = {"codebook": _cli_codebook.run, "quantize": _cli_quantize.run}
+    handlers = {
+        "codebook": _cli_codebook.run,
+        "quantize": _cli_quantize.run,
+        "eval": _cli_eval.run_eval,
+        "report": _cli_eval.run_report,
+    }
     if args.command in handlers:
         try:
             print(handlers[args.command](args))

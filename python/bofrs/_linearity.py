@@ -182,10 +182,18 @@ def _quantized(w: torch.Tensor, spec: str) -> tuple[float, torch.Tensor]:
         bits, p = int(higgs.group(1)), int(higgs.group(2))
         packed_h = pack_higgs(w, bits, p, int(higgs.group(3) or _natural_group(w.shape[-1])))
         return packed_h.bits_per_weight, packed_h.dequantize(torch.float32)
-    blockwise = re.fullmatch(r"([a-z0-9-]+?)(?:@(\d+))?", spec)
+    blockwise = re.fullmatch(r"([a-z0-9-]+?)(?:@(\d+))?((?:\+(?:opq|rot|dq8))*)", spec)
     if not blockwise:
         raise ValueError(f"unknown format spec {spec!r}")
-    packed = pack(w, blockwise.group(1), int(blockwise.group(2) or 64))
+    extras = set(blockwise.group(3).split("+")) - {""}
+    rotation = "hadamard" if "rot" in extras else None
+    if rotation is not None and w.shape[-1] & -w.shape[-1] < 16:
+        rotation = None  # rows too short to rotate: the plain format
+    packed = pack(
+        w, blockwise.group(1), int(blockwise.group(2) or 64),
+        opq=0.95 if "opq" in extras else None, rotation=rotation,
+        scale_dtype="dq8" if "dq8" in extras else "bfloat16",
+    )  # fmt: skip
     return packed.bits_per_weight, packed.dequantize(torch.float32)
 
 
@@ -217,8 +225,9 @@ def layer_errors(
 ) -> dict[str, dict[str, tuple[float, float]]]:
     """For each Linear layer and format: ``(bits_per_weight, t^2)`` measured on the layer.
 
-    Formats: a block-wise codebook name with an optional block size (``"nf4"``,
-    ``"bof4s@128"``), HIGGS as ``"higgs{bits}p{p}"`` with an optional group size
+    Formats: a block-wise codebook name with an optional block size and options (``"nf4"``,
+    ``"bof4s@128"``, ``"bof4s+opq"`` for OPQ at q = 0.95, ``+rot`` for the Hadamard rotation,
+    ``+dq8`` for double-quantized scales), HIGGS as ``"higgs{bits}p{p}"`` with an optional group size
     (``"higgs4p2@1024"``; default: the largest power of two dividing the row length, at most
     1024), or ``"bf16"`` / ``"fp16"``.
     """

@@ -1,0 +1,73 @@
+"""``bofrs eval`` and ``bofrs report`` on a tiny transformers model and a made-up corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bofrs.__main__ import main
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+class CharTokenizer:
+    """Tokens are characters modulo the vocabulary: enough to score text."""
+
+    def __call__(self, text: str, return_tensors: str = "pt") -> object:
+        ids = torch.tensor([[ord(c) % 96 for c in text]])
+        return type("Encoded", (), {"input_ids": ids})()
+
+
+def test_eval_json_and_report(llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    import bofrs._cli_eval as cli
+
+    real = cli._load_model
+    monkeypatch.setattr(cli, "_load_model", lambda p: (real(p)[0], CharTokenizer()))
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("It is a truth universally acknowledged. " * 40)
+    out = tmp_path / "eval.json"
+    code = main(["eval", str(llama), "--formats", "nf4,bof4s+opq,higgs4p2@64,bf16", "--corpus", str(corpus),
+                 "--windows", "3", "--length", "48", "--json", str(out), "--per-layer", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| unquantized |" in printed and "| bof4s+opq |" in printed and "| layer |" in printed
+    result = json.loads(out.read_text())
+    assert result["corpus"]["windows"] == [3, 48]
+    formats = result["formats"]
+    assert formats["bf16"]["mean_t2"] < formats["nf4"]["mean_t2"]
+    assert formats["bf16"]["bits_per_weight"] == 16.0
+    assert abs(formats["bf16"]["perplexity"] - result["baseline_perplexity"]) < 0.05 * result["baseline_perplexity"]
+    assert len(formats["nf4"]["per_layer_t2"]) == 14
+    report = tmp_path / "report.html"
+    assert main(["report", str(out), str(report)]) == 0
+    page = report.read_text()
+    assert page.count("data:image/png;base64,") == 4 and "bof4s+opq" in page
+
+
+def test_eval_without_corpus_and_errors(llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(llama), "--formats", "nf4,int4", "--no-progress"]) == 0
+    assert "perplexity" not in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "nothing"), "--no-progress"]) == 2
+    assert "model" in capsys.readouterr().err
+    assert main(["eval", str(llama), "--formats", "nf9", "--no-progress"]) == 2
+    assert "codebook" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["report", str(bad), str(tmp_path / "r.html")]) == 2
+    assert "result" in capsys.readouterr().err
