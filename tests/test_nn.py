@@ -179,7 +179,7 @@ def test_quant_config_validates_and_round_trips() -> None:
     with pytest.raises(ValueError, match="scale_dtype"):
         bofrs.QuantConfig(scale_dtype="int8")
     with pytest.raises(ValueError, match=r"overrides\['x'\]"):
-        bofrs.QuantConfig(overrides={"x": {"bits": 3}})
+        bofrs.QuantConfig(overrides={"x": {"bitz": 3}})
     with pytest.raises(ValueError, match=r"overrides\['x'\]\.block_size"):
         bofrs.QuantConfig(overrides={"x": {"block_size": 7}})
     with pytest.raises(TypeError, match="skip"):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 import numpy as np
 import torch
 from torch import nn
@@ -13,26 +11,11 @@ from .. import _native
 from .._grids import Grid
 from .._hadamard import hadamard
 from .._higgs import HiggsTensor, pack_higgs
+from .base import PackedLinear
 from .linear import FUSED_MAX_TOKENS
 
 
-class _FrozenHiggsMatmul(torch.autograd.Function):
-    """``x @ W.T`` with the packed weight frozen: gradients flow to ``x`` only."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: HiggsLinear) -> torch.Tensor:
-        ctx.layer = layer
-        return layer._matmul(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        weight = ctx.layer.dequantize(torch.float32).to(grad.device)
-        return (grad.float() @ weight).to(grad.dtype), None
-
-
-class HiggsLinear(nn.Module):
+class HiggsLinear(PackedLinear):
     """``y = x @ W.T + b`` with ``W`` stored as a :class:`bofrs.HiggsTensor`.
 
     The weight stays in its rotated basis: the input is padded to whole groups and rotated by
@@ -48,6 +31,7 @@ class HiggsLinear(nn.Module):
     codes: torch.Tensor
     scales: torch.Tensor
     grid_points: torch.Tensor
+    KEEP_DTYPE = ("scales", "grid_points")
 
     def __init__(
         self,
@@ -59,24 +43,12 @@ class HiggsLinear(nn.Module):
         super().__init__()
         if not isinstance(packed, HiggsTensor):
             raise TypeError(f"packed must be a bofrs.HiggsTensor, got {type(packed).__name__}")
-        if len(packed.shape) != 2:
-            raise ValueError(f"packed must hold a 2-D weight, got shape {tuple(packed.shape)}")
-        if isinstance(fused_max_tokens, bool) or not isinstance(fused_max_tokens, int) or fused_max_tokens < 0:
-            raise ValueError(f"fused_max_tokens must be an int >= 0, got {fused_max_tokens!r}")
-        self.out_features, self.in_features = (int(d) for d in packed.shape)
+        self._init_linear(packed.shape, packed.dtype, bias, fused_max_tokens)
         self.group_size = packed.group_size
         self.grid_p, self.grid_n, self.grid_mse = packed.grid.p, packed.grid.n, packed.grid.mse
-        self.weight_dtype: torch.dtype = packed.dtype
-        self.fused_max_tokens = fused_max_tokens
         self.register_buffer("codes", packed.codes)
         self.register_buffer("scales", packed.scales)
         self.register_buffer("grid_points", torch.from_numpy(np.array(packed.grid.points, dtype=np.float32)))
-        if bias is not None:
-            if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
-                raise ValueError(f"bias must be a tensor of shape ({self.out_features},)")
-            self.bias: nn.Parameter | None = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
 
     @classmethod
     def from_linear(
@@ -119,21 +91,6 @@ class HiggsLinear(nn.Module):
         """The decoded weight ``[out_features, in_features]`` in the original basis."""
         return self.packed.dequantize(dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        if not input.dtype.is_floating_point:
-            raise TypeError(f"input must have a float dtype, got {input.dtype}")
-        if input.dim() == 0 or input.shape[-1] != self.in_features:
-            raise ValueError(f"input must have shape [..., {self.in_features}], got {tuple(input.shape)}")
-        if torch.is_grad_enabled() and input.requires_grad:
-            y = cast(torch.Tensor, _FrozenHiggsMatmul.apply(input, self))
-        else:
-            y = self._matmul(input)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
-
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.detach().reshape(-1, self.in_features).float()
         padded = F.pad(rows, (0, self.padded_in_features - self.in_features))
@@ -150,18 +107,6 @@ class HiggsLinear(nn.Module):
             weight = self.packed.rotated(torch.float32).to(x.device)
             y = F.linear(rotated.to(x.device), weight)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> HiggsLinear:
-        # Scales and grid keep their storage dtype under module.to(dtype): moved as bytes.
-        kept = {n: self._buffers[n].dtype for n in ("scales", "grid_points")}  # type: ignore[union-attr]
-        for name in kept:
-            self._buffers[name] = self._buffers[name].view(torch.uint8)  # type: ignore[union-attr]
-        try:
-            super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        finally:
-            for name, dtype in kept.items():
-                self._buffers[name] = self._buffers[name].view(dtype)  # type: ignore[union-attr]
-        return self
 
     def extra_repr(self) -> str:
         return (

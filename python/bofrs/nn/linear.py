@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
 
 import torch
 from torch import nn
@@ -15,6 +14,7 @@ from .._linear import _ELEMENT, Operands, fusable, fused_rows, operands
 from .._outliers import Outliers
 from .._pack import pack
 from .._packed import PackedTensor
+from .base import PackedLinear
 
 #: Token counts up to this use the fused kernel on CPU; larger batches decode the weight once and
 #: call ``F.linear``. Measured with ``benches/bench_matvec_vs_peers.py --crossover`` (4096x4096,
@@ -35,23 +35,7 @@ def _decoded_matmul(x: torch.Tensor, packed: PackedTensor, *, transpose: bool) -
     return y.to(x.dtype)
 
 
-class _FrozenQuantMatmul(torch.autograd.Function):
-    """``x @ W.T`` with the packed weight frozen: gradients flow to ``x`` only."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
-        ctx.layer = layer
-        return layer._matmul(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        layer: QuantLinear = ctx.layer
-        return _decoded_matmul(grad, layer.packed, transpose=False), None
-
-
-class QuantLinear(nn.Module):
+class QuantLinear(PackedLinear):
     """``y = x @ W.T + b`` with ``W`` stored as a 4-bit :class:`bofrs.PackedTensor`.
 
     Inputs of any batch shape ``[..., in_features]`` in float32, bfloat16 or float16 (float64
@@ -72,6 +56,7 @@ class QuantLinear(nn.Module):
 
     codes: torch.Tensor
     scales: torch.Tensor
+    KEEP_DTYPE = ("scales", "scale_scales", "outlier_values")
 
     def __init__(
         self,
@@ -83,15 +68,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         if not isinstance(packed, PackedTensor):
             raise TypeError(f"packed must be a bofrs.PackedTensor, got {type(packed).__name__}")
-        if len(packed.shape) != 2:
-            raise ValueError(f"packed must hold a 2-D weight, got shape {tuple(packed.shape)}")
-        if isinstance(fused_max_tokens, bool) or not isinstance(fused_max_tokens, int) or fused_max_tokens < 0:
-            raise ValueError(f"fused_max_tokens must be an int >= 0, got {fused_max_tokens!r}")
-        self.out_features, self.in_features = (int(d) for d in packed.shape)
+        self._init_linear(packed.shape, packed.dtype, bias, fused_max_tokens)
         self.block_size = packed.block_size
         self.codebook: Codebook = packed.codebook
-        self.weight_dtype: torch.dtype = packed.dtype
-        self.fused_max_tokens = fused_max_tokens
         self.register_buffer("codes", packed.codes)
         self.register_buffer("scales", packed.scales)
         self.rotation: int | None = packed.rotation
@@ -102,12 +81,6 @@ class QuantLinear(nn.Module):
             self.outlier_q = packed.outliers.q
             self.register_buffer("outlier_indices", packed.outliers.indices)
             self.register_buffer("outlier_values", packed.outliers.values)
-        if bias is not None:
-            if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
-                raise ValueError(f"bias must be a tensor of shape ({self.out_features},)")
-            self.bias: nn.Parameter | None = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
         self._cache: tuple[tuple[torch.Tensor, ...], tuple[int, ...], _Fused | None] | None = None
 
     def packed_buffer_names(self) -> tuple[str, ...]:
@@ -177,22 +150,8 @@ class QuantLinear(nn.Module):
         """The decoded weight ``[out_features, in_features]`` (default: the original dtype)."""
         return self.packed.dequantize(dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        if not input.dtype.is_floating_point:
-            raise TypeError(f"input must have a float dtype, got {input.dtype}")
-        if input.dim() == 0 or input.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input must have shape [..., {self.in_features}], got {tuple(input.shape)}"
-            )
-        if torch.is_grad_enabled() and input.requires_grad:
-            y = cast(torch.Tensor, _FrozenQuantMatmul.apply(input, self))
-        else:
-            y = self._matmul(input)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+    def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return _decoded_matmul(grad, self.packed, transpose=False)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` without bias, fused for few tokens on CPU."""
@@ -226,18 +185,8 @@ class QuantLinear(nn.Module):
         self._cache = (tuple(b for b in buffers if b is not None), versions, ops)
         return ops
 
-    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
-        # Packed parts keep their storage dtype under module.to(dtype) / .half(): moved as bytes.
-        kept = {n: b.dtype for n in _KEEP_DTYPE if (b := self._buffers.get(n)) is not None}
-        for name in kept:
-            self._buffers[name] = self._buffers[name].view(torch.uint8)  # type: ignore[union-attr]
-        try:
-            super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        finally:
-            for name, dtype in kept.items():
-                self._buffers[name] = self._buffers[name].view(dtype)  # type: ignore[union-attr]
-            self._cache = None
-        return self
+    def _after_apply(self) -> None:
+        self._cache = None
 
     def extra_repr(self) -> str:
         return (
@@ -249,9 +198,8 @@ class QuantLinear(nn.Module):
         )
 
 
-#: Buffers of a QuantLinear that hold its packed weight, and those whose dtype never changes.
+#: Buffers of a QuantLinear that hold its packed weight.
 _PACKED_BUFFERS = ("codes", "scales", "scale_scales", "outlier_indices", "outlier_values")
-_KEEP_DTYPE = ("scales", "scale_scales", "outlier_values")
 
 
 class _Fused:

@@ -16,7 +16,7 @@
 
 use crate::codebook::LEVELS;
 use crate::error::Result;
-use crate::gauss::{bisect, gauss_legendre, normal_pdf};
+use crate::gauss::{bisect, gauss_legendre, newton_bracketed, normal_pdf};
 use crate::layout::BlockLayout;
 use std::f64::consts::FRAC_1_SQRT_2;
 
@@ -66,29 +66,15 @@ impl NormalizedValue {
             .sum()
     }
 
-    /// The x in [a, b] where the CDF reaches `target` (Newton, bisection when it leaves [a, b]).
-    fn quantile(&self, target: f64, mut a: f64, mut b: f64) -> f64 {
-        let mut x = 0.5 * (a + b);
-        for _ in 0..200 {
-            let f = self.cdf(x) - target;
-            if f > 0.0 {
-                b = x;
-            } else {
-                a = x;
-            }
-            let newton = x - f / self.pdf(x);
-            let next = if newton > a && newton < b {
-                newton
-            } else {
-                0.5 * (a + b)
-            };
-            let step = (next - x).abs();
-            x = next;
-            if step < 1e-15 {
-                break;
-            }
-        }
-        x
+    /// The x in [a, b] where the CDF reaches `target`.
+    fn quantile(&self, target: f64, a: f64, b: f64) -> f64 {
+        newton_bracketed(
+            |x| self.cdf(x) - target,
+            |x| self.pdf(x),
+            a,
+            b,
+            0.5 * (a + b),
+        )
     }
 
     /// `free` levels in (-1, 0): medians of cells bounded by -1, midpoints, and 0.

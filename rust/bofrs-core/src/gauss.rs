@@ -25,6 +25,43 @@ pub fn bisect(mut a: f64, mut b: f64, f: impl Fn(f64) -> f64) -> f64 {
     0.5 * (a + b)
 }
 
+/// The root in `[a, b]` of an increasing `f` with derivative `df`, from `start`: Newton steps,
+/// a bisection whenever a step would leave the shrinking bracket; to the last bits.
+pub fn newton_bracketed(
+    f: impl Fn(f64) -> f64,
+    df: impl Fn(f64) -> f64,
+    mut a: f64,
+    mut b: f64,
+    start: f64,
+) -> f64 {
+    let mut x = start;
+    for _ in 0..200 {
+        let value = f(x);
+        if value > 0.0 {
+            b = x;
+        } else {
+            a = x;
+        }
+        let slope = df(x);
+        let newton = if slope > 0.0 {
+            x - value / slope
+        } else {
+            f64::NAN
+        };
+        let next = if newton > a && newton < b {
+            newton
+        } else {
+            0.5 * (a + b)
+        };
+        let step = (next - x).abs();
+        x = next;
+        if step < 1e-15 || b - a < 1e-15 {
+            break;
+        }
+    }
+    x
+}
+
 /// Nodes and weights of the n-point Gauss-Legendre rule on [a, b].
 pub fn gauss_legendre(n: usize, a: f64, b: f64) -> Vec<(f64, f64)> {
     let mut rule = Vec::with_capacity(n);

@@ -11,7 +11,7 @@
 use super::{region_bounds, Metric, Target};
 use crate::codebook::Normalization;
 use crate::error::{Error, Result};
-use crate::gauss::{bisect, composite_rule, normal_cdf, normal_pdf};
+use crate::gauss::{bisect, composite_rule, newton_bracketed, normal_cdf, normal_pdf};
 use crate::layout::BlockLayout;
 use std::f64::consts::FRAC_1_SQRT_2;
 
@@ -154,29 +154,14 @@ impl GaussianTarget {
     }
 
     /// The `c` in [a, b] where the continuous weighted CDF reaches `target` (safeguarded Newton).
-    fn solve_cdf(&self, target: f64, mut a: f64, mut b: f64, start: f64) -> f64 {
-        let mut x = start;
-        for _ in 0..100 {
-            let f = self.integrate(x, 1, normal_cdf) - target;
-            if f > 0.0 {
-                b = x;
-            } else {
-                a = x;
-            }
-            let slope = self.integrate(x, 2, normal_pdf);
-            let newton = if slope > 0.0 { x - f / slope } else { f64::NAN };
-            let next = if newton > a && newton < b {
-                newton
-            } else {
-                0.5 * (a + b)
-            };
-            let step = (next - x).abs();
-            x = next;
-            if step < 1e-15 || b - a < 1e-15 {
-                break;
-            }
-        }
-        x
+    fn solve_cdf(&self, target: f64, a: f64, b: f64, start: f64) -> f64 {
+        newton_bracketed(
+            |x| self.integrate(x, 1, normal_cdf) - target,
+            |x| self.integrate(x, 2, normal_pdf),
+            a,
+            b,
+            start,
+        )
     }
 
     /// Error of the non-maximal values of region `(lo, hi]` reconstructed by `c`, for one `m`.

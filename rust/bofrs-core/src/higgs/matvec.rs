@@ -2,7 +2,7 @@
 //! packed weight at a time into a small buffer (scale applied) and taking its dot product with
 //! every token's slice; the dense weight never exists. Rows are spread over the pool.
 
-use super::quantize::{get, HiggsLayout};
+use super::quantize::{decode_group, HiggsLayout};
 use super::search::GridSearch;
 use crate::error::{Error, Result};
 use crate::pool::pool;
@@ -59,12 +59,7 @@ pub fn higgs_matvec(
                     let index = row * per_row + group;
                     let stream = &codes[index * group_bytes..(index + 1) * group_bytes];
                     let s = scales[index];
-                    for (i, slot) in w.chunks_exact_mut(layout.dim).enumerate() {
-                        let point = grid.point(get(stream, i, layout.bits));
-                        for (o, &p) in slot.iter_mut().zip(point) {
-                            *o = p * s;
-                        }
-                    }
+                    decode_group(stream, s, layout, grid, w);
                     for (t, a) in acc.iter_mut().enumerate() {
                         let xs = &x_rot[t * width + group * g..t * width + (group + 1) * g];
                         *a += dot(w, xs);

@@ -209,6 +209,23 @@ fn write_stream(codes: &[u8], bits: usize, out: &mut [u8]) {
     }
 }
 
+/// Decodes one group's code stream into `buf` (`group_size` values), scaled by `s`.
+#[inline(always)]
+pub(crate) fn decode_group(
+    stream: &[u8],
+    s: f32,
+    layout: &HiggsLayout,
+    grid: &GridSearch,
+    buf: &mut [f32],
+) {
+    for (i, slot) in buf.chunks_exact_mut(layout.dim).enumerate() {
+        let point = grid.point(get(stream, i, layout.bits));
+        for (o, &p) in slot.iter_mut().zip(point) {
+            *o = p * s;
+        }
+    }
+}
+
 /// Sum of squares in f64 with four interleaved accumulators (one long chain of dependent
 /// f64 adds would cost 4 cycles a value).
 #[inline(always)]
@@ -268,12 +285,7 @@ pub fn higgs_unpack(
                     let index = row * per_row + group;
                     let stream = &codes[index * group_bytes..(index + 1) * group_bytes];
                     let s = scales[index];
-                    for (i, slot) in buf.chunks_exact_mut(layout.dim).enumerate() {
-                        let point = grid.point(get(stream, i, layout.bits));
-                        for (o, &p) in slot.iter_mut().zip(point) {
-                            *o = p * s;
-                        }
-                    }
+                    decode_group(stream, s, layout, grid, buf);
                     if !rotated {
                         transform_one(isa, buf);
                     }
