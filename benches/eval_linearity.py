@@ -5,10 +5,11 @@ allocation against uniform formats (SmolLM2-135M, Austen text; see bofrs.evaldat
     apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb austen
     python benches/eval_linearity.py --austen austen
 
-Sensitivities (alpha_l) come from noise injection on calibration text (the first chapters of
-Pride and Prejudice); perplexity is measured on held-out text (its last chapters). Predicted
-increase on the evaluation text = sum_l alpha_l t_l^2 * PPL_eval / PPL_calib (a perplexity
-increase scales with the baseline). Weights are fake-quantized (dequantized in place);
+Sensitivities (alpha_l) come from noise injection on calibration windows (256 tokens each)
+cut from the same held-out text as the evaluation windows (Pride and Prejudice from chapter 50
+on; `--calib-from-start` takes them from the first chapters instead). Predicted increase =
+sum_l alpha_l t_l^2, also shown scaled by PPL_eval / PPL_calib. Negative alphas (noise that
+happens to help an insensitive layer) are clamped to 0 for the allocation. Weights are fake-quantized (dequantized in place);
 lm_head is kept (SmolLM2 ties it to the embeddings). Caveat: every Linear weight of this GGUF
 is already Q4_1 (blocks of 32), so all 4-bit errors here are re-quantization errors.
 """
@@ -16,6 +17,8 @@ is already Q4_1 (blocks of 32), so all 4-bit errors here are re-quantization err
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import torch
@@ -61,6 +64,8 @@ def main() -> None:
     parser.add_argument("--calib-blocks", type=int, default=2)
     parser.add_argument("--budget", type=float, default=4.25)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--calib-from-start", action="store_true")
+    parser.add_argument("--cache", help="JSON file keeping the alphas between runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,32 +74,42 @@ def main() -> None:
     model, tokenizer = evaldata.load_gguf(evaldata.smollm2_path())
     novel = evaldata.austen_novels(args.austen)["PRIDE AND PREJUDICE"]
     cut = novel.index("CHAPTER 50") if "CHAPTER 50" in novel else len(novel) * 4 // 5
-    calib = token_blocks(tokenizer, novel[:cut], args.calib_blocks, 256)
     held_out = token_blocks(tokenizer, novel[cut:], args.eval_blocks, 512)
+    calib_text = novel[:cut] if args.calib_from_start else novel[cut:]
+    calib = token_blocks(tokenizer, calib_text, args.calib_blocks, 256)
     print(f"model loaded in {time.time() - start:.0f} s; calib {tuple(calib.shape)}, eval {tuple(held_out.shape)}")
 
     base_eval = bofrs.perplexity(model, held_out)
     base_calib = bofrs.perplexity(model, calib)
     print(f"baseline perplexity: eval {base_eval:.3f}, calib {base_calib:.3f}")
     t = time.time()
-    alphas = bofrs.estimate_sensitivity(model, calib, noise_levels=(0.05, 0.1))
-    print(f"alphas for {len(alphas)} layers in {time.time() - t:.0f} s")
+    if args.cache and os.path.exists(args.cache):
+        with open(args.cache) as handle:
+            alphas = json.load(handle)
+    else:
+        alphas = bofrs.estimate_sensitivity(model, calib, noise_levels=(0.05, 0.1))
+        if args.cache:
+            with open(args.cache, "w") as handle:
+                json.dump(alphas, handle)
+    negative = sum(a < 0 for a in alphas.values())
+    print(f"alphas for {len(alphas)} layers in {time.time() - t:.0f} s ({negative} negative, clamped to 0)")
+    alphas = {n: max(0.0, a) for n, a in alphas.items()}
     names = list(alphas)
     errors = bofrs.layer_errors(model, sorted(set(UNIFORM + MENU)))
     sizes = [errors_size for errors_size in (bofrs._linearity.linear_layers(model)[n].weight.numel() for n in names)]
     total = sum(sizes)
     ratio = base_eval / base_calib
 
-    print(f"\n{'format':<12}{'bits/w':>8}{'predicted dPPL':>16}{'measured dPPL':>15}{'pred/meas':>11}")
+    print(f"\n{'format':<12}{'bits/w':>8}{'predicted dPPL':>16}{'scaled':>9}{'measured dPPL':>15}{'pred/meas':>11}")
     rows = []
     for spec in UNIFORM:
         bits = sum(errors[n][spec][0] * s for n, s in zip(names, sizes)) / total
-        predicted = ratio * sum(alphas[n] * errors[n][spec][1] for n in names)
+        predicted = sum(alphas[n] * errors[n][spec][1] for n in names)
         saved = fake_quantize(model, {n: spec for n in names})
         measured = bofrs.perplexity(model, held_out) - base_eval
         restore(model, saved)
         rows.append((spec, bits, predicted, measured))
-        print(f"{spec:<12}{bits:>8.3f}{predicted:>16.3f}{measured:>15.3f}{predicted / measured:>11.2f}")
+        print(f"{spec:<12}{bits:>8.3f}{predicted:>16.3f}{ratio * predicted:>9.3f}{measured:>15.3f}{predicted / measured:>11.2f}")
 
     order, menu = bofrs.build_menu({n: {s: errors[n][s] for s in MENU} for n in names})
     plan = bofrs.allocate([alphas[n] for n in order], sizes, menu, args.budget)
@@ -102,9 +117,9 @@ def main() -> None:
     saved = fake_quantize(model, choice)
     measured = bofrs.perplexity(model, held_out) - base_eval
     restore(model, saved)
-    predicted = ratio * plan.predicted_increase
+    predicted = plan.predicted_increase
     counts = {s: plan.choices.count(s) for s in MENU if s in plan.choices}
-    print(f"{'mixed':<12}{plan.average_bits:>8.3f}{predicted:>16.3f}{measured:>15.3f}{predicted / measured:>11.2f}")
+    print(f"{'mixed':<12}{plan.average_bits:>8.3f}{predicted:>16.3f}{ratio * predicted:>9.3f}{measured:>15.3f}{predicted / measured:>11.2f}")
     print(f"mixed allocation at {args.budget} bits: {counts}")
     better = [r[0] for r in rows if r[1] >= plan.average_bits - 1e-9 and r[3] <= measured]
     print("uniform formats with >= its bits that beat it:", better or "none")

@@ -135,7 +135,9 @@ def estimate_sensitivity(
 
     With ``tokens`` ((batch, seq) ids) the loss is the perplexity; without, data-free, it is the
     KL divergence of the model to its unperturbed self on ``num_sequences`` random sequences of
-    ``seq_len`` tokens (per token). Weights are restored exactly after each measurement.
+    ``seq_len`` tokens (per token). Weights are restored exactly after each measurement. A
+    layer the loss hardly depends on can come out slightly negative (the noise happened to
+    help); clamp such values to 0 before :func:`bofrs.allocate`.
     """
     levels = [float(t) for t in noise_levels]
     if not levels or any(not (0 < t < 10) for t in levels):
