@@ -98,3 +98,24 @@ def test_interrupted_run_leaves_nothing(llama: tuple[Path, torch.nn.Module], tmp
     monkeypatch.setattr(convert, "save_file", interrupt_second_shard)
     assert main(["quantize", str(src), str(tmp_path / "out"), "--no-progress"]) == 130
     assert os.listdir(tmp_path) == []
+
+
+def test_gguf_input_goes_through_transformers(
+    llama: tuple[Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    src, model = llama
+    import bofrs.evaldata as evaldata
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    copy = transformers.LlamaForCausalLM(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    monkeypatch.setattr(evaldata, "load_gguf", lambda path: (copy, None))
+    dst = tmp_path / "out"
+    assert main(["quantize", str(fake), str(dst), "--codebook", "nf4", "--no-progress"]) == 0
+    assert "14 of" in capsys.readouterr().out
+    loaded = bofrs.load_quantized(dst)
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(logits(loaded, ids), logits(copy, ids))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -1,7 +1,8 @@
 """Quantizing a whole safetensors checkpoint, tensor by tensor, into a bofrs checkpoint.
 
 The input is a transformers-style directory (``config.json`` and ``model.safetensors`` or
-``model.safetensors.index.json`` with its shards) or a single ``.safetensors`` file. Each input
+``model.safetensors.index.json`` with its shards), a single ``.safetensors`` file, or a GGUF
+file (loaded whole through transformers, which dequantizes it, then quantized layer by layer). Each input
 shard is memory-mapped and read one tensor at a time; the output gets one bofrs shard per input
 shard, so memory holds at most one shard's output. Linear weights (2-D ``*.weight`` tensors that
 are not embeddings, norms or skipped by the :class:`QuantConfig`) are packed; everything else is
@@ -114,9 +115,11 @@ def quantize_checkpoint(
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a bofrs.QuantConfig, got {type(config).__name__}")
     source, target = Path(src), Path(dst)
-    files, hf_config = _input_shards(source)
     if target.exists():
         raise FileExistsError(f"dst: {target} already exists; remove it or choose another path")
+    if source.suffix == ".gguf":
+        return _quantize_gguf(source, target, config, progress)
+    files, hf_config = _input_shards(source)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     start = time.perf_counter()
@@ -185,3 +188,34 @@ def quantize_checkpoint(
     stats["seconds"] = time.perf_counter() - start
     return stats
 
+
+
+def _quantize_gguf(source: Path, target: Path, config: QuantConfig, progress: bool) -> dict[str, float]:
+    """GGUF input: transformers loads and dequantizes the whole model; then quantize_model and
+    save_quantized, staged like the safetensors path."""
+    from ._checkpoint import save_quantized
+    from ._quantize import quantize_model
+    from .evaldata import load_gguf
+
+    if not source.is_file():
+        raise FileNotFoundError(f"src: {source} does not exist")
+    start = time.perf_counter()
+    model, _ = load_gguf(source)
+    assert isinstance(model, torch.nn.Module)
+    bytes_in = float(source.stat().st_size)
+    tensors = float(len(model.state_dict()))
+    quantize_model(model, config, progress=progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        save_quantized(model, staging, config=config)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    bytes_out = float(sum(f.stat().st_size for f in target.iterdir()))
+    quantized = float(sum(1 for m in model.modules() if hasattr(m, "packed_buffer_names")))
+    return {
+        "tensors": tensors, "quantized": quantized, "bytes_in": bytes_in,
+        "bytes_out": bytes_out, "seconds": time.perf_counter() - start,
+    }  # fmt: skip
