@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -66,6 +67,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--calib-from-start", action="store_true")
     parser.add_argument("--cache", help="JSON file keeping the alphas between runs")
+    parser.add_argument("--kl", action="store_true",
+                        help="data-free alphas: KL to the original model on random tokens; the "
+                             "prediction is then PPL_eval * (exp(sum alpha t^2) - 1)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,7 +91,9 @@ def main() -> None:
         with open(args.cache) as handle:
             alphas = json.load(handle)
     else:
-        alphas = bofrs.estimate_sensitivity(model, calib, noise_levels=(0.05, 0.1))
+        alphas = bofrs.estimate_sensitivity(
+            model, None if args.kl else calib, noise_levels=(0.05, 0.1), seq_len=256
+        )
         if args.cache:
             with open(args.cache, "w") as handle:
                 json.dump(alphas, handle)
@@ -100,11 +106,15 @@ def main() -> None:
     total = sum(sizes)
     ratio = base_eval / base_calib
 
+    def as_ppl(increase: float) -> float:
+        """A loss increase in the alphas' unit as a perplexity increase."""
+        return base_eval * (math.exp(increase) - 1.0) if args.kl else increase
+
     print(f"\n{'format':<12}{'bits/w':>8}{'predicted dPPL':>16}{'scaled':>9}{'measured dPPL':>15}{'pred/meas':>11}")
     rows = []
     for spec in UNIFORM:
         bits = sum(errors[n][spec][0] * s for n, s in zip(names, sizes)) / total
-        predicted = sum(alphas[n] * errors[n][spec][1] for n in names)
+        predicted = as_ppl(sum(alphas[n] * errors[n][spec][1] for n in names))
         saved = fake_quantize(model, {n: spec for n in names})
         measured = bofrs.perplexity(model, held_out) - base_eval
         restore(model, saved)
@@ -117,7 +127,7 @@ def main() -> None:
     saved = fake_quantize(model, choice)
     measured = bofrs.perplexity(model, held_out) - base_eval
     restore(model, saved)
-    predicted = plan.predicted_increase
+    predicted = as_ppl(plan.predicted_increase)
     counts = {s: plan.choices.count(s) for s in MENU if s in plan.choices}
     print(f"{'mixed':<12}{plan.average_bits:>8.3f}{predicted:>16.3f}{ratio * predicted:>9.3f}{measured:>15.3f}{predicted / measured:>11.2f}")
     print(f"mixed allocation at {args.budget} bits: {counts}")
