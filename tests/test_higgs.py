@@ -274,3 +274,9 @@ def test_higgs_tensors_round_trip_through_files(tmp_path) -> None:  # type: igno
     rewrite(lambda m: None)
     with pytest.raises(bofrs.FormatError, match="version 2"):
         bofrs.load_file(path)
+
+
+def test_hadamard_scalar_and_empty() -> None:
+    assert bofrs.hadamard(torch.zeros(0, 64)).shape == (0, 64)
+    with pytest.raises(ValueError, match="dimension"):
+        bofrs.hadamard(torch.tensor(1.0))

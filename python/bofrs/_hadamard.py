@@ -35,9 +35,13 @@ def natural_group_size(cols: int) -> int:
 def hadamard(tensor: object, group_size: int | None = None) -> torch.Tensor:
     """The orthonormal Walsh-Hadamard transform along the last dimension, per group of
     ``group_size`` values (default: the whole last dimension, which must then be a power of two
-    in 16..32768). It is its own inverse. Computed in float32, returned in the input's dtype."""
+    in 16..32768). It is its own inverse. Computed in float32, returned in the input's dtype.
+    NaN or infinity raises ValueError naming the flat index; an empty tensor (no rows) comes
+    back empty."""
     x = as_tensor(tensor, "tensor")
-    cols = int(x.shape[-1]) if x.dim() else 1
+    if x.dim() == 0:
+        raise ValueError("tensor must have at least one dimension")
+    cols = int(x.shape[-1])
     g = check_group_size(cols if group_size is None else group_size)
     if cols % g:
         raise ValueError(f"the last dimension ({cols}) must be a multiple of group_size ({g})")
