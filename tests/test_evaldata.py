@@ -60,3 +60,20 @@ def test_corrupt_or_truncated_databases_raise(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
         evaldata.austen_novels(tmp_path / "empty")
+
+
+def test_split_at_chapter_finds_the_whole_heading() -> None:
+    novel = "Title\n\nChapter 5\nfive\n\nChapter 50\nfifty\nCHAPTER 51\nend"
+    before, after = evaldata.split_at_chapter(novel, 50)
+    assert before + after == novel
+    assert after.startswith("Chapter 50\nfifty")
+    assert evaldata.split_at_chapter(novel, 51)[1] == "CHAPTER 51\nend"
+    assert evaldata.split_at_chapter(novel, 5)[1].startswith("Chapter 5\nfive")
+    with pytest.raises(ValueError, match="chapter"):
+        evaldata.split_at_chapter(novel, 52)
+
+
+def test_model_path_names_the_known_models() -> None:
+    with pytest.raises(ValueError, match="model"):
+        evaldata.model_path("llama-70b")
+    assert set(evaldata.MODELS) == {"smollm2", "gemma3"}

@@ -114,6 +114,54 @@ def increase(model: TinyLM, ids: torch.Tensor | None, t: float, seed: int) -> fl
     return measured
 
 
+def test_cross_entropy_alphas_predict_the_cross_entropy_increase() -> None:
+    model, ids = trained(), tokens()
+    alphas = bofrs.estimate_sensitivity(
+        model, ids, metric="cross_entropy", noise_levels=(0.02, 0.04), draws=4, progress=False
+    )
+    assert bofrs.cross_entropy(model, ids) == pytest.approx(math.log(bofrs.perplexity(model, ids)))
+    t = 0.03
+    measured = 0.0
+    for seed in range(8):
+        before = bofrs.cross_entropy(model, ids)
+        ppl = increase(model, ids, t, seed)  # perplexity increase of one draw
+        measured += (math.log(math.exp(before) + ppl) - before) / 8
+    predicted = alphas["up"] * t * t
+    assert predicted > 0
+    assert abs(measured - predicted) < 0.2 * predicted, (measured, predicted)
+
+
+def test_antithetic_draws_cancel_the_first_order_term() -> None:
+    """Far from a minimum (an untrained model) the gradient term dominates single draws; +/-
+    pairs cancel it, so their estimates spread far less."""
+    model, ids = TinyLM(), tokens()
+
+    def spread(antithetic: bool) -> float:
+        values = [
+            bofrs.estimate_sensitivity(
+                model, ids, metric="cross_entropy", noise_levels=(0.05,), antithetic=antithetic,
+                seed=seed, progress=False,
+            )["up"]
+            for seed in range(6)
+        ]  # fmt: skip
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+    assert spread(True) * 5 < spread(False)
+
+
+def test_kl_on_given_tokens_is_second_order() -> None:
+    model, ids = trained(), tokens()
+    small, large = (
+        bofrs.estimate_sensitivity(model, ids, metric="kl", noise_levels=(t,), draws=4, progress=False)
+        for t in (0.01, 0.04)
+    )
+    for name in ("up", "down"):
+        assert small[name] > 0 and large[name] > 0
+        # The same slope at both levels: the increase grows as t^2.
+        assert small[name] == pytest.approx(large[name], rel=0.3)
+
+
 def test_layer_errors_menu_and_allocation() -> None:
     model = TinyLM()
     formats = ["nf4", "bof4s@32", "higgs4p2", "higgs2p1@64", "bf16"]
@@ -139,9 +187,61 @@ def test_bad_input() -> None:
         bofrs.estimate_sensitivity(model, noise_levels=(), progress=False)
     with pytest.raises(ValueError, match="layers"):
         bofrs.estimate_sensitivity(model, layers=["nope"], progress=False)
+    with pytest.raises(ValueError, match="metric"):
+        bofrs.estimate_sensitivity(model, tokens(), metric="mse", progress=False)
+    with pytest.raises(ValueError, match="tokens"):
+        bofrs.estimate_sensitivity(model, metric="cross_entropy", progress=False)
     with pytest.raises(ValueError, match="tokens"):
         bofrs.perplexity(model, torch.zeros(2, 3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="tokens"):
         bofrs.perplexity(model, torch.zeros(5, dtype=torch.float32))
     with pytest.raises(ValueError, match="format"):
         bofrs.layer_errors(model, ["nf4 @ 64"])
+
+
+def test_fake_quantized_swaps_weights_and_restores_them_exactly() -> None:
+    model, ids = trained(), tokens()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with bofrs.fake_quantized(model, "nf4"):
+        for name in ("up", "down"):
+            weight = getattr(model, name).weight
+            want = bofrs.pack(before[f"{name}.weight"], "nf4").dequantize(torch.float32)
+            assert torch.equal(weight, want)
+        assert torch.equal(model.lm_head.weight, before["lm_head.weight"])  # skipped
+        quantized = bofrs.perplexity(model, ids)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    with pytest.raises(RuntimeError, match="inside"):
+        with bofrs.fake_quantized(model, {"up": "higgs2p1@64"}):
+            assert not torch.equal(model.up.weight, before["up.weight"])
+            raise RuntimeError("inside")
+    assert torch.equal(model.up.weight, before["up.weight"])
+    with pytest.raises(ValueError, match="choice"):
+        with bofrs.fake_quantized(model, {"nope": "nf4"}):
+            pass
+    result = bofrs.evaluate_formats(
+        model, ["nf4", ("mixed", {"up": "nf4", "down": "bf16"})], ids, progress=False
+    )
+    assert result["formats"]["nf4"]["perplexity"] == pytest.approx(quantized, rel=1e-6)
+    with bofrs.fake_quantized(model, {"up": "nf4", "down": "bf16"}):
+        mixed = bofrs.perplexity(model, ids)
+    assert result["formats"]["mixed"]["perplexity"] == pytest.approx(mixed, rel=1e-6)
+    assert result["formats"]["mixed"]["choices"] == {"up": "nf4", "down": "bf16"}
+    with pytest.raises(ValueError, match="every"):
+        bofrs.evaluate_formats(model, [("half", {"up": "nf4"})], ids, progress=False)
+
+
+def test_allocate_model_spends_bits_where_alphas_are_large() -> None:
+    model = trained()
+    errors = bofrs.layer_errors(model, ["higgs2p1@64", "nf4", "bf16"])
+    sizes = {n: dict(model.named_modules())[n].weight.numel() for n in errors}
+    budget = (4.25 * sizes["up"] + 16 * sizes["down"]) / sum(sizes.values())
+    choice, plan = bofrs.allocate_model(model, {"up": 1e-6, "down": 5.0}, errors, budget)
+    assert choice["down"] == "bf16" and choice["up"] != "bf16"
+    assert plan.average_bits <= budget + 1e-9
+    flipped, _ = bofrs.allocate_model(model, {"up": 5.0, "down": -1.0}, errors, budget)
+    assert flipped["up"] == "bf16" and flipped["down"] != "bf16"  # negative alpha counts as 0
+    only, _ = bofrs.allocate_model(model, {"up": 1.0, "down": 1.0}, errors, 3.0, formats=["higgs2p1@64"])
+    assert set(only.values()) == {"higgs2p1@64"}
+    with pytest.raises(ValueError, match="alphas"):
+        bofrs.allocate_model(model, {"up": 1.0}, errors, 4.25)

@@ -17,9 +17,10 @@ from ._codebooks import Codebook, available_codebooks, codebook
 from ._convert import quantize_checkpoint
 from ._checkpoint import load_quantized, save_quantized
 from ._errors import FormatError
+from ._evaluate import allocate_model, evaluate_formats, fake_quantized
 from ._hadamard import hadamard
 from ._higgs import HiggsTensor, higgs_grid, pack_higgs
-from ._linearity import build_menu, estimate_sensitivity, layer_errors, perplexity
+from ._linearity import build_menu, cross_entropy, estimate_sensitivity, layer_errors, perplexity
 from ._io import load_file, read_metadata, save_file
 from ._metrics import quantization_error
 from ._optimize import expected_error, optimize_codebook
@@ -64,11 +65,15 @@ __all__ = [
     "PackedTensor",
     "QuantConfig",
     "allocate",
+    "allocate_model",
     "available_codebooks",
     "build_menu",
+    "cross_entropy",
     "estimate_sensitivity",
+    "evaluate_formats",
     "codebook",
     "expected_error",
+    "fake_quantized",
     "hadamard",
     "higgs_grid",
     "layer_errors",

@@ -3,42 +3,95 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._linearity import _format_error, dequantized, linear_layers, perplexity
+from ._allocate import Allocation, allocate
+from ._linearity import _quantized_error, build_menu, dequantized, linear_layers, perplexity
 
 
-def _fake_quantized(model: nn.Module, spec: str, layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    saved = {}
+@contextmanager
+def fake_quantized(model: nn.Module, choice: str | Mapping[str, str]) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s Linear layers hold their weights quantized and decoded
+    again (fake quantization): every layer but ``lm_head`` in one format spec (as
+    :func:`bofrs.layer_errors`), or each named layer of a ``{layer: spec}`` mapping (an
+    allocation). The original weights come back exactly on exit, also on error."""
+    if isinstance(choice, str):
+        layers = linear_layers(model)
+        plan = {name: choice for name in layers}
+    else:
+        layers = linear_layers(model, ())
+        unknown = [n for n in choice if n not in layers]
+        if unknown:
+            raise ValueError(f"choice: no Linear layer named {unknown[0]!r}")
+        plan = dict(choice)
     with torch.no_grad():
-        for name, layer in layers.items():
-            saved[name] = layer.weight.detach().clone()
-            layer.weight.copy_(dequantized(layer.weight, spec))
-    return saved
+        decoded = {name: dequantized(layers[name].weight, spec) for name, spec in plan.items()}
+    with _swapped(layers, decoded):
+        yield model
 
 
-def _restore(layers: dict[str, nn.Linear], saved: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, weight in saved.items():
-            layers[name].weight.copy_(weight)
+@contextmanager
+def _swapped(layers: Mapping[str, nn.Linear], weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """The named layers hold ``weights`` within the block, their own weights again after."""
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, weight in weights.items():
+                saved[name] = layers[name].weight.detach().clone()
+                layers[name].weight.copy_(weight)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                layers[name].weight.copy_(weight)
+
+
+def allocate_model(
+    model: nn.Module,
+    alphas: Mapping[str, float],
+    errors: Mapping[str, Mapping[str, tuple[float, float]]],
+    budget_bits: float,
+    *,
+    formats: Sequence[str] | None = None,
+) -> tuple[dict[str, str], Allocation]:
+    """A format per layer of ``model`` within ``budget_bits`` average bits: the exact knapsack
+    (:func:`bofrs.allocate`) over ``errors`` (from :func:`bofrs.layer_errors`, restricted to
+    ``formats`` when given) weighted by ``alphas`` (from :func:`bofrs.estimate_sensitivity`;
+    negative ones, noise that happened to help, count as 0). Returns ``{layer: spec}``, ready
+    for :func:`fake_quantized`, and the :class:`bofrs.Allocation`."""
+    names = list(errors)
+    missing = [n for n in names if n not in alphas]
+    if missing:
+        raise ValueError(f"alphas: no value for layer {missing[0]!r}")
+    layers = linear_layers(model, ())
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise ValueError(f"errors: no Linear layer named {unknown[0]!r}")
+    specs = list(formats) if formats is not None else list(errors[names[0]]) if names else []
+    order, menu = build_menu({n: {s: errors[n][s] for s in specs} for n in names})
+    sizes = [layers[n].weight.numel() for n in order]
+    plan = allocate([max(0.0, float(alphas[n])) for n in order], sizes, menu, budget_bits)
+    return dict(zip(order, plan.choices)), plan
 
 
 def evaluate_formats(
     model: nn.Module,
-    formats: Sequence[str],
+    formats: Sequence[str | tuple[str, Mapping[str, str]]],
     tokens: torch.Tensor | None = None,
     *,
     skip: Sequence[str] = ("lm_head",),
     progress: bool = True,
 ) -> dict[str, Any]:
-    """For each format (specs as :func:`bofrs.layer_errors`): the average bits per weight, the
-    relative squared error of every Linear layer and their size-weighted mean, and with
-    ``tokens`` ((batch, seq) ids) the perplexity of the model with every layer quantized
-    (weights decoded in place, restored afterwards) next to the unquantized baseline."""
+    """For each format (specs as :func:`bofrs.layer_errors`, or ``(name, {layer: spec})`` for
+    a per-layer allocation): the average bits per weight, the relative squared error of every
+    Linear layer and their size-weighted mean, and with ``tokens`` ((batch, seq) ids) the
+    perplexity of the model with every layer quantized (weights decoded in place, restored
+    afterwards) next to the unquantized baseline."""
     layers = linear_layers(model, skip)
     if not layers:
         raise ValueError("model has no Linear layer to quantize")
@@ -47,26 +100,36 @@ def evaluate_formats(
     result: dict[str, Any] = {"layers": {n: {"numel": s} for n, s in sizes.items()}, "formats": {}}
     if tokens is not None:
         result["baseline_perplexity"] = perplexity(model, tokens)
-    for spec in _progress(list(formats), progress):
+    for entry_spec in _progress(list(formats), progress):
         start = time.perf_counter()
-        errors = {n: _format_error(layer.weight, spec) for n, layer in layers.items()}
+        if isinstance(entry_spec, str):
+            label, plan = entry_spec, {n: entry_spec for n in layers}
+        else:
+            label, plan = entry_spec[0], dict(entry_spec[1])
+            if set(plan) != set(layers):
+                raise ValueError(f"formats: allocation {label!r} must name every evaluated layer")
+        bits, t2, decoded = {}, {}, {}
+        for name, layer in layers.items():
+            bits[name], t2[name], back = _quantized_error(layer.weight, plan[name])
+            if tokens is not None:
+                decoded[name] = back.to(dtype=layer.weight.dtype, device=layer.weight.device)
         entry: dict[str, Any] = {
-            "bits_per_weight": sum(errors[n][0] * sizes[n] for n in layers) / total,
-            "mean_t2": sum(errors[n][1] * sizes[n] for n in layers) / total,
-            "per_layer_t2": {n: errors[n][1] for n in layers},
+            "bits_per_weight": sum(bits[n] * sizes[n] for n in layers) / total,
+            "mean_t2": sum(t2[n] * sizes[n] for n in layers) / total,
+            "per_layer_t2": t2,
         }
+        if not isinstance(entry_spec, str):
+            entry["choices"] = plan
         if tokens is not None:
-            saved = _fake_quantized(model, spec, layers)
-            try:
+            with _swapped(layers, decoded):
                 entry["perplexity"] = perplexity(model, tokens)
-            finally:
-                _restore(layers, saved)
+            del decoded
         entry["seconds"] = time.perf_counter() - start
-        result["formats"][spec] = entry
+        result["formats"][label] = entry
     return result
 
 
-def _progress(items: list[str], enabled: bool) -> Any:
+def _progress(items: list[Any], enabled: bool) -> Any:
     if not enabled:
         return items
     try:

@@ -42,8 +42,8 @@ def _batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 1) -> float:
-    """exp of the mean next-token cross-entropy of ``model`` on ``tokens`` ((batch, seq))."""
+def cross_entropy(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 1) -> float:
+    """The mean next-token cross-entropy (nats) of ``model`` on ``tokens`` ((batch, seq))."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for batch in _batches(tokens, batch_size):
@@ -54,7 +54,12 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 1) -
         )
         total += float(loss)
         count += batch[:, 1:].numel()
-    return math.exp(total / count)
+    return total / count
+
+
+def perplexity(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 1) -> float:
+    """exp of the mean next-token cross-entropy of ``model`` on ``tokens`` ((batch, seq))."""
+    return math.exp(cross_entropy(model, tokens, batch_size=batch_size))
 
 
 def linear_layers(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict[str, nn.Linear]:
@@ -66,28 +71,41 @@ def linear_layers(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict[
     }
 
 
+#: The losses :func:`estimate_sensitivity` can measure.
+METRICS = ("perplexity", "cross_entropy", "kl")
+
+
 def _metric(
-    model: nn.Module, tokens: torch.Tensor | None, num_sequences: int, seq_len: int, seed: int,
-    batch_size: int,
+    model: nn.Module, metric: str, tokens: torch.Tensor | None, num_sequences: int, seq_len: int,
+    seed: int, batch_size: int,
 ) -> Callable[[], float]:
-    """A function measuring the model now: perplexity on tokens, or KL to the original on random
-    tokens (data-free)."""
-    if tokens is not None:
+    """A function measuring the model now: perplexity or mean cross-entropy on ``tokens``, or
+    the KL divergence (per token) to the model as it is now, on ``tokens`` or, without them,
+    on random tokens (data-free)."""
+    if metric == "perplexity":
+        assert tokens is not None
         return lambda: perplexity(model, tokens, batch_size=batch_size)
-    vocab = _vocab_size(model)
-    gen = torch.Generator().manual_seed(seed)
+    if metric == "cross_entropy":
+        assert tokens is not None
+        return lambda: cross_entropy(model, tokens, batch_size=batch_size)
     device = next(model.parameters()).device
-    ids = torch.randint(0, vocab, (num_sequences, seq_len), generator=gen).to(device)
+    if tokens is None:
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, _vocab_size(model), (num_sequences, seq_len), generator=gen)
+        batches = list(torch.split(ids.to(device), batch_size))
+    else:
+        batches = [b.to(device) for b in _batches(tokens, batch_size)]
     with torch.no_grad():
-        reference = [torch.log_softmax(_logits(model, b), -1) for b in torch.split(ids, batch_size)]
+        reference = [torch.log_softmax(_logits(model, b), -1) for b in batches]
+    positions = sum(b.numel() for b in batches)
 
     @torch.no_grad()
     def kl() -> float:
         total = 0.0
-        for batch, ref in zip(torch.split(ids, batch_size), reference):
+        for batch, ref in zip(batches, reference):
             now = torch.log_softmax(_logits(model, batch), -1)
             total += float((ref.exp() * (ref - now)).sum())
-        return total / ids.numel()
+        return total / positions
 
     return kl
 
@@ -118,8 +136,10 @@ def estimate_sensitivity(
     model: nn.Module,
     tokens: torch.Tensor | None = None,
     *,
+    metric: str | None = None,
     noise_levels: Sequence[float] = (0.05, 0.1),
     draws: int = 1,
+    antithetic: bool | None = None,
     layers: Sequence[str] | None = None,
     skip: Sequence[str] = ("lm_head",),
     num_sequences: int = 4,
@@ -131,19 +151,36 @@ def estimate_sensitivity(
     """``alpha_l`` for every Linear layer: the slope, through the origin, of the loss increase
     against ``t^2`` when Gaussian noise of relative norm ``t`` (each of ``noise_levels``) is
     added to that layer alone (averaged over ``draws`` noise draws per level; large layers
-    need one, the increase concentrates around its mean).
+    need few, the increase concentrates around its mean).
 
-    With ``tokens`` ((batch, seq) ids) the loss is the perplexity; without, data-free, it is the
-    KL divergence of the model to its unperturbed self on ``num_sequences`` random sequences of
-    ``seq_len`` tokens (per token). Weights are restored exactly after each measurement. A
-    layer the loss hardly depends on can come out slightly negative (the noise happened to
-    help); clamp such values to 0 before :func:`bofrs.allocate`.
+    ``metric`` is the loss: ``"perplexity"`` (the default with ``tokens``, (batch, seq) ids),
+    ``"cross_entropy"`` (mean nats per token on ``tokens``; a perplexity increase is then
+    ``PPL * (exp(sum alpha t^2) - 1)``, which stays right for large increases) or ``"kl"``: the
+    KL divergence per token to the unperturbed model, on ``tokens`` or, without them (the
+    data-free default), on ``num_sequences`` random sequences of ``seq_len`` tokens.
+
+    ``antithetic`` (default: on for perplexity and cross-entropy, off for KL) measures every
+    draw with ``+noise`` and ``-noise`` and averages the two: the first-order term (the
+    gradient times the noise), which dominates single draws near a non-minimum and makes
+    estimates from few tokens negative, cancels exactly; each draw then costs two passes. KL
+    has no first-order term. Weights are restored exactly after each measurement. A layer the
+    loss hardly depends on can still come out slightly negative; clamp such values to 0 before
+    :func:`bofrs.allocate`.
     """
     levels = [float(t) for t in noise_levels]
     if not levels or any(not (0 < t < 10) for t in levels):
         raise ValueError(f"noise_levels must be positive, got {noise_levels}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive int, got {draws!r}")
+    if metric is None:
+        metric = "kl" if tokens is None else "perplexity"
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if tokens is None and metric != "kl":
+        raise ValueError(f"tokens: metric={metric!r} needs tokens (only 'kl' is data-free)")
+    if antithetic is None:
+        antithetic = metric != "kl"
+    signs = (1.0, -1.0) if antithetic else (1.0,)
     targets = linear_layers(model, skip)
     if layers is not None:
         unknown = [n for n in layers if n not in targets]
@@ -152,8 +189,8 @@ def estimate_sensitivity(
         targets = {n: targets[n] for n in layers}
     if not targets:
         raise ValueError("model has no Linear layer to measure")
-    measure = _metric(model, tokens, num_sequences, seq_len, seed, batch_size)
-    base = measure() if tokens is not None else 0.0
+    measure = _metric(model, metric, tokens, num_sequences, seq_len, seed, batch_size)
+    base = measure() if metric != "kl" else 0.0
     gen = torch.Generator().manual_seed(seed)
     alphas = {}
     for name in _progress(list(targets), progress):
@@ -165,8 +202,10 @@ def estimate_sensitivity(
             for _ in range(draws):
                 noise = torch.randn(original.shape, generator=gen).to(weight.device)
                 noise *= t * norm / float(noise.norm())
-                weight.copy_((original.float() + noise).to(weight.dtype))
-                increase = measure() - base
+                increase = 0.0
+                for sign in signs:
+                    weight.copy_((original.float() + sign * noise).to(weight.dtype))
+                    increase += (measure() - base) / len(signs)
                 weight.copy_(original)
                 numerator += t * t * increase
                 denominator += t**4
@@ -206,13 +245,20 @@ def dequantized(weight: torch.Tensor, spec: str) -> torch.Tensor:
     return back.to(dtype=weight.dtype, device=weight.device)
 
 
-def _format_error(weight: torch.Tensor, spec: str) -> tuple[float, float]:
-    """(bits per weight, relative squared error) of one format on one weight."""
+def _quantized_error(weight: torch.Tensor, spec: str) -> tuple[float, float, torch.Tensor]:
+    """(bits per weight, relative squared error, float32 CPU reconstruction) of one format on
+    one weight."""
     w = weight.detach().float().cpu()
     norm2 = float((w.double() ** 2).sum())
     bits, back = _quantized(w, spec)
     err = float(((back - w).double() ** 2).sum())
-    return bits, err / norm2 if norm2 else 0.0
+    return bits, err / norm2 if norm2 else 0.0, back
+
+
+def _format_error(weight: torch.Tensor, spec: str) -> tuple[float, float]:
+    """(bits per weight, relative squared error) of one format on one weight."""
+    bits, t2, _ = _quantized_error(weight, spec)
+    return bits, t2
 
 
 def _natural_group(cols: int) -> int:

