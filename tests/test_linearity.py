@@ -245,3 +245,26 @@ def test_allocate_model_spends_bits_where_alphas_are_large() -> None:
     assert set(only.values()) == {"higgs2p1@64"}
     with pytest.raises(ValueError, match="alphas"):
         bofrs.allocate_model(model, {"up": 1.0}, errors, 4.25)
+
+
+def test_quant_config_from_allocation_reproduces_the_measured_errors() -> None:
+    model = trained()
+    choice = {"up": "higgs3p2", "down": "bof4s@32+rot"}
+    errors = bofrs.layer_errors(model, ["higgs3p2", "bof4s@32+rot"])
+    shapes = {n: m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    config = bofrs.QuantConfig.from_allocation(choice, shapes, codebook="nf4")
+    originals = {n: getattr(model, n).weight.detach().clone() for n in choice}
+    bofrs.quantize_model(model, config, progress=False)
+    assert isinstance(model.up, bofrs.nn.HiggsLinear) and isinstance(model.down, bofrs.nn.QuantLinear)
+    assert isinstance(model.lm_head, nn.Linear)
+    for name, spec in choice.items():
+        w = originals[name]
+        back = getattr(model, name).packed.dequantize(torch.float32)
+        t2 = float(((back - w) ** 2).sum() / (w**2).sum())
+        assert t2 == pytest.approx(errors[name][spec][1], rel=1e-6)
+    kept = bofrs.QuantConfig.from_allocation({"up": "bf16"}, shapes)
+    assert kept.spec_for("up") is None and kept.spec_for("down") is not None
+    with pytest.raises(ValueError, match="in_features"):
+        bofrs.QuantConfig.from_allocation({"nope": "nf4"}, shapes)
+    with pytest.raises(ValueError, match="spec"):
+        bofrs.QuantConfig.from_allocation({"up": "nf4 @ 64"}, shapes)

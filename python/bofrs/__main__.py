@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         "quantize": _cli_quantize.run,
         "eval": _cli_eval.run_eval,
         "report": _cli_eval.run_report,
+        "sensitivity": _cli_eval.run_sensitivity,
     }
     if args.command in handlers:
         try:

@@ -28,6 +28,17 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
     e.add_argument("--json", dest="json_out", help="also write the full result as JSON")
     e.add_argument("--per-layer", action="store_true", help="print the per-layer table too")
     e.add_argument("--no-progress", action="store_true")
+    s = commands.add_parser(
+        "sensitivity", help="per-layer sensitivities (alphas) for `bofrs quantize --budget`"
+    )
+    s.add_argument("model", help="transformers checkpoint directory or .gguf file")
+    s.add_argument("-o", "--out", required=True, help="JSON file to write {layer: alpha}")
+    s.add_argument("--corpus", help="text file: cross-entropy on it (default: data-free KL on "
+                   "random tokens)")
+    s.add_argument("--windows", type=int, default=4, help="windows of text (or random sequences)")
+    s.add_argument("--length", type=int, default=256, help="tokens per window")
+    s.add_argument("--noise", type=float, default=0.1, help="relative noise level t")
+    s.add_argument("--no-progress", action="store_true")
     r = commands.add_parser("report", help="an HTML report with plots from `bofrs eval --json`")
     r.add_argument("result", help="JSON written by bofrs eval --json")
     r.add_argument("out", help="HTML file to write")
@@ -87,6 +98,24 @@ def run_eval(args: argparse.Namespace) -> str:
             rows.append(f"| {n} | {cells} |")
         text += "\n\n" + "\n".join(rows)
     return text
+
+
+def run_sensitivity(args: argparse.Namespace) -> str:
+    """Runs ``bofrs sensitivity``; returns what to print."""
+    from ._linearity import estimate_sensitivity
+
+    model, tokenizer = _load_model(Path(args.model))
+    tokens = None
+    if args.corpus:
+        tokens = _windows(tokenizer, Path(args.corpus), args.windows, args.length, 0)
+    alphas = estimate_sensitivity(
+        model, tokens, metric="cross_entropy" if tokens is not None else "kl",
+        noise_levels=(args.noise,), num_sequences=args.windows, seq_len=args.length,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    Path(args.out).write_text(json.dumps(alphas, indent=1))
+    unit = "nats of cross-entropy" if tokens is not None else "nats of KL"
+    return f"bofrs: alphas ({unit} per unit t^2) of {len(alphas)} layers written to {args.out}"
 
 
 def _png(figure: Any) -> str:

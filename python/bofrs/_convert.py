@@ -20,17 +20,19 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from ._allocate import Allocation, allocate
 from ._checkpoint import INDEX, MODEL_FORMAT, MODEL_FORMAT_VERSION
 from ._higgs import HiggsTensor, pack_higgs
 from ._inputs import dtype_name
 from ._io import save_file
+from ._linearity import _format_error, build_menu
 from ._pack import pack
 from ._packed import PackedTensor
 from ._quantize import LayerSpec, QuantConfig
@@ -188,6 +190,75 @@ def quantize_checkpoint(
     stats["seconds"] = time.perf_counter() - start
     return stats
 
+
+
+#: Formats ``bofrs quantize --budget`` chooses from unless told otherwise.
+DEFAULT_MENU = ("higgs2p2", "higgs3p2", "higgs4p2", "af4", "bof4s", "bof4s@32", "higgs8p1", "bf16")
+
+
+def allocation_config(
+    src: str | os.PathLike[str],
+    alphas: Mapping[str, float],
+    budget_bits: float,
+    menu: Sequence[str] = DEFAULT_MENU,
+    config: QuantConfig | None = None,
+    *,
+    progress: bool = True,
+) -> tuple[QuantConfig, Allocation]:
+    """A :class:`QuantConfig` for the checkpoint at ``src`` giving each Linear weight the
+    ``menu`` format the linearity theorem picks within ``budget_bits`` average bits: every
+    weight is read once (one tensor at a time) and its relative error measured in each format,
+    then :func:`bofrs.allocate` solves the knapsack with the layers' ``alphas`` (from
+    :func:`bofrs.estimate_sensitivity`, keyed by module name). ``"bf16"`` / ``"fp16"`` in the
+    menu mean "keep the layer as stored" and cost its stored bits. ``config`` gives the
+    defaults and the skip list (skipped layers stay out of the allocation and the budget)."""
+    base = QuantConfig() if config is None else config
+    source = Path(src)
+    if source.suffix == ".gguf":
+        from .evaldata import load_gguf
+
+        model, _ = load_gguf(source)
+        assert isinstance(model, torch.nn.Module)
+        weights: Iterator[tuple[str, torch.Tensor]] = (
+            (n + ".weight", m.weight.detach()) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        )  # fmt: skip
+    else:
+        files, _ = _input_shards(source)
+        weights = (item for path in files for item in _tensors(path))
+    errors: dict[str, dict[str, tuple[float, float]]] = {}
+    sizes: dict[str, int] = {}
+    in_features: dict[str, int] = {}
+    bar = _bar(0, progress)
+    for key, tensor in weights:
+        module = key.removesuffix(".weight")
+        if not (is_linear_weight(key, tensor.shape) and tensor.dtype.is_floating_point):
+            continue
+        if base.spec_for(module) is None:
+            continue
+        if module not in alphas:
+            raise ValueError(f"alphas: no value for layer {module!r}")
+        kept = (8.0 * tensor.element_size(), 0.0)  # "bf16" / "fp16": the layer stays as stored
+        errors[module] = {
+            spec: kept if spec in ("bf16", "fp16") else _format_error(tensor, spec) for spec in menu
+        }
+        sizes[module], in_features[module] = tensor.numel(), int(tensor.shape[1])
+        if bar is not None:
+            bar.update(tensor.numel() * tensor.element_size())
+    if bar is not None:
+        bar.close()
+    if not errors:
+        raise ValueError(f"src: no Linear weight to allocate in {source}")
+    names, table = build_menu(errors)
+    plan = allocate([max(0.0, float(alphas[n])) for n in names], [sizes[n] for n in names],
+                    table, budget_bits)  # fmt: skip
+    defaults = {k: v for k, v in base.to_dict().items() if k not in ("overrides", "codebook")}
+    defaults["skip"] = tuple(defaults["skip"])
+    chosen = QuantConfig.from_allocation(
+        dict(zip(names, plan.choices)), in_features, codebook=base.codebook,
+        overrides=base.overrides, **defaults,
+    )  # fmt: skip
+    return chosen, plan
 
 
 def _quantize_gguf(source: Path, target: Path, config: QuantConfig, progress: bool) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -213,27 +214,44 @@ def estimate_sensitivity(
     return alphas
 
 
+def spec_options(spec: str, in_features: int) -> dict[str, Any]:
+    """The :class:`bofrs.QuantConfig` options of a format spec (see :func:`layer_errors`) for a
+    layer with rows of ``in_features`` values: ``{"skip": True}`` for ``"bf16"`` / ``"fp16"``
+    (kept in full precision), else codebook, block size or HIGGS bits/p/group size, OPQ,
+    rotation and scale dtype exactly as :func:`layer_errors` measures them."""
+    if spec in ("bf16", "fp16"):
+        return {"skip": True}
+    higgs = re.fullmatch(r"higgs(\d)p(\d)(?:@(\d+))?", spec)
+    if higgs:
+        group = int(higgs.group(3) or _natural_group(in_features))
+        return {
+            "codebook": "higgs", "bits": int(higgs.group(1)), "p": int(higgs.group(2)),
+            "group_size": group, "scale_dtype": "float16",
+        }  # fmt: skip
+    blockwise = re.fullmatch(r"([a-z0-9-]+?)(?:@(\d+))?((?:\+(?:opq|rot|dq8))*)", spec)
+    if not blockwise:
+        raise ValueError(f"unknown format spec {spec!r}")
+    extras = set(blockwise.group(3).split("+")) - {""}
+    rotation = "hadamard" if "rot" in extras and in_features & -in_features >= 16 else None
+    return {
+        "codebook": blockwise.group(1), "block_size": int(blockwise.group(2) or 64),
+        "opq": 0.95 if "opq" in extras else None, "rotation": rotation,
+        "scale_dtype": "dq8" if "dq8" in extras else "bfloat16",
+    }  # fmt: skip
+
+
 def _quantized(w: torch.Tensor, spec: str) -> tuple[float, torch.Tensor]:
     """(bits per weight, float32 reconstruction) of a float32 CPU weight in one format."""
     if spec in ("bf16", "fp16"):
         dtype = torch.bfloat16 if spec == "bf16" else torch.float16
         return 16.0, w.to(dtype).float()
-    higgs = re.fullmatch(r"higgs(\d)p(\d)(?:@(\d+))?", spec)
-    if higgs:
-        bits, p = int(higgs.group(1)), int(higgs.group(2))
-        packed_h = pack_higgs(w, bits, p, int(higgs.group(3) or _natural_group(w.shape[-1])))
+    o = spec_options(spec, w.shape[-1])
+    if o["codebook"] == "higgs":
+        packed_h = pack_higgs(w, o["bits"], o["p"], o["group_size"], scale_dtype=o["scale_dtype"])
         return packed_h.bits_per_weight, packed_h.dequantize(torch.float32)
-    blockwise = re.fullmatch(r"([a-z0-9-]+?)(?:@(\d+))?((?:\+(?:opq|rot|dq8))*)", spec)
-    if not blockwise:
-        raise ValueError(f"unknown format spec {spec!r}")
-    extras = set(blockwise.group(3).split("+")) - {""}
-    rotation = "hadamard" if "rot" in extras else None
-    if rotation is not None and w.shape[-1] & -w.shape[-1] < 16:
-        rotation = None  # rows too short to rotate: the plain format
     packed = pack(
-        w, blockwise.group(1), int(blockwise.group(2) or 64),
-        opq=0.95 if "opq" in extras else None, rotation=rotation,
-        scale_dtype="dq8" if "dq8" in extras else "bfloat16",
+        w, o["codebook"], o["block_size"], opq=o["opq"], rotation=o["rotation"],
+        scale_dtype=o["scale_dtype"],
     )  # fmt: skip
     return packed.bits_per_weight, packed.dequantize(torch.float32)
 

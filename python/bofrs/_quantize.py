@@ -149,6 +149,24 @@ class QuantConfig:
         }
 
     @classmethod
+    def from_allocation(
+        cls, choice: Mapping[str, str], in_features: Mapping[str, int], **defaults: Any
+    ) -> QuantConfig:
+        """A config giving each layer of ``choice`` (``{module name: format spec}``, as from
+        :func:`bofrs.allocate_model`) its format, as exact-name overrides on top of the
+        ``defaults`` (other :class:`QuantConfig` fields); ``in_features`` gives each layer's row
+        length (HIGGS group size and rotation depend on it). ``"bf16"`` keeps a layer as is."""
+        from ._linearity import spec_options
+
+        missing = [n for n in choice if n not in in_features]
+        if missing:
+            raise ValueError(f"in_features: no row length for layer {missing[0]!r}")
+        overrides = dict(defaults.pop("overrides", {}))
+        for name, spec in choice.items():
+            overrides[name] = spec_options(spec, int(in_features[name]))
+        return cls(overrides=overrides, **defaults)
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
         """Inverse of :meth:`to_dict`."""
 
