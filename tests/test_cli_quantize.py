@@ -142,6 +142,7 @@ def test_budget_allocates_by_the_alphas(
     summary = capsys.readouterr().out
     assert "allocation at" in summary
     loaded = bofrs.load_quantized(dst)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
     modules = dict(loaded.named_modules())
     # The float32 layer kept as stored costs 32 bits: the rest must share under 3 bits.
     assert isinstance(modules["model.layers.1.mlp.down_proj"], torch.nn.Linear)

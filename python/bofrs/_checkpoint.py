@@ -188,7 +188,15 @@ def _skeleton(index: Mapping[str, Any]) -> nn.Module:
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
         dtype = None
-    model: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+    try:  # parameters on the meta device: no dense copy of the model is ever allocated
+        from accelerate import init_empty_weights
+    except ImportError:  # pragma: no cover - accelerate comes with the hf extra
+        init_empty_weights = None
+    if init_empty_weights is None:
+        built: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+        return built
+    with init_empty_weights(include_buffers=False):
+        model: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     return model
 
 
@@ -258,6 +266,9 @@ def load_quantized(
         absent = sorted(set(model.state_dict()) - loaded)
         if absent:
             raise ValueError(f"model has entries the checkpoint lacks: {absent[:5]}")
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise FormatError(f"checkpoint leaves model entries without values: {empty[:5]}")
     return model
 
 
@@ -275,6 +286,7 @@ def _load_plain(
     """Copies plain tensors into the model's parameters and buffers (bias of new layers too)."""
     targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    made: dict[int, torch.Tensor] = {}
     for key, value in plain.items():
         target = targets.get(key)
         if target is None:
@@ -285,11 +297,38 @@ def _load_plain(
             raise FormatError(f"checkpoint entry {key!r} has no counterpart in the model")
         if target.shape != value.shape:
             raise FormatError(f"{key}: stored shape {tuple(value.shape)}, model has {tuple(target.shape)}")
-        with torch.no_grad():
-            if target.device.type == "meta":
-                raise ValueError(f"model: {key!r} is on the meta device; build the skeleton on CPU")
-            target.copy_(value)
+        if target.device.type == "meta":
+            # A skeleton without storage: the loaded tensor becomes the parameter or buffer
+            # (one object per stored tensor, so tied weights stay tied).
+            materialized = _materialize(model, key, target, value, made)
+            targets[key] = materialized
+        else:
+            with torch.no_grad():
+                target.copy_(value)
         loaded.add(key)
+
+
+def _materialize(
+    model: nn.Module, key: str, target: torch.Tensor, value: torch.Tensor,
+    made: dict[int, torch.Tensor],
+) -> torch.Tensor:
+    """Puts ``value`` (converted to ``target``'s dtype) in place of the meta tensor at ``key``."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if id(value) in made:
+        tensor = made[id(value)]
+    else:
+        data = value.to(target.dtype).contiguous()
+        if isinstance(target, nn.Parameter):
+            tensor = nn.Parameter(data, requires_grad=target.requires_grad)
+        else:
+            tensor = data
+        made[id(value)] = tensor
+    if isinstance(tensor, nn.Parameter):
+        owner.register_parameter(attr, tensor)
+    else:
+        owner.register_buffer(attr, tensor)
+    return tensor
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
