@@ -33,6 +33,7 @@ pub mod higgs;
 pub mod isa;
 pub mod layout;
 pub mod matvec;
+pub mod matvec_int16;
 pub mod opq;
 pub mod pool;
 pub mod scale;
