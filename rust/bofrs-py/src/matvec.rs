@@ -45,7 +45,17 @@ fn product<X: Activation>(
         .map_err(crate::errors::to_py)?;
     run(py, || {
         let mut out = zeroed_vec::<f32>(n_out);
-        matvec_with_options(isa, activations, shape, batch, codes, scales, codebook, x, &mut out)?;
+        matvec_with_options(
+            isa,
+            activations,
+            shape,
+            batch,
+            codes,
+            scales,
+            codebook,
+            x,
+            &mut out,
+        )?;
         Ok(out)
     })
 }
