@@ -11,6 +11,8 @@ bfloat16) and the same activation row:
 
 * ``bofrs fused``      ``QuantLinear(bofrs.pack(w, "nf4", 64))(x)``: the fused Rust kernel
                        (bf16 scales, 4.25 bits per weight), input bf16, then float32;
+* ``bofrs int16``      the same layer with ``activations="int16"`` (opt-in: activations
+                       quantized to int16 per 64, integer dot products; approximate), bf16 input;
 * ``torch bf16``       ``F.linear(x_bf16, w_bf16)`` (dense, 16 bits per weight);
 * ``torch fp32``       ``F.linear(x_fp32, w_fp32)`` (dense, 32 bits per weight);
 * ``bitsandbytes``     ``bnb.matmul_4bit(x_bf16, q.t(), quant_state=s)`` with
@@ -74,10 +76,13 @@ def contenders(out_features: int, in_features: int, tokens: int) -> tuple[dict[s
     x = torch.randn(tokens, in_features, generator=gen).to(torch.bfloat16)
     layer = QuantLinear(bofrs.pack(w, "nf4", 64))
     layer.fused_max_tokens = max(layer.fused_max_tokens, tokens)
+    fast = QuantLinear(layer.packed, activations="int16")
+    fast.fused_max_tokens = layer.fused_max_tokens
     x32, w32 = x.float(), w.float()
     calls: dict[str, tuple[Callable[[], object], int]] = {
         "bofrs fused (bf16 in)": (lambda: layer(x), layer.packed.nbytes),
         "bofrs fused (fp32 in)": (lambda: layer(x32), layer.packed.nbytes),
+        "bofrs int16 opt-in (bf16 in)": (lambda: fast(x), layer.packed.nbytes),
         "torch bf16 F.linear": (lambda: F.linear(x, w), w.numel() * 2),
         "torch fp32 F.linear": (lambda: F.linear(x32, w32), w.numel() * 4),
     }

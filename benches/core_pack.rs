@@ -8,7 +8,7 @@ use bofrs_core::codebook::NF4;
 use bofrs_core::decode::unpack_with_isa;
 use bofrs_core::element::f32_to_bf16;
 use bofrs_core::encode::{pack_with_isa, EncodeOptions};
-use bofrs_core::matvec::{matvec_with_isa, MatShape};
+use bofrs_core::matvec::{matvec_with_options, Activations, MatShape};
 use bofrs_core::{Bf16, BlockLayout, Codebook, Isa, Normalization, ScaleDType};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
@@ -76,8 +76,8 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// Fused matvec (NF4, block 64, bf16 activations) for the Python benchmark's shapes; throughput
-/// in weights per second.
+/// Fused matvec (NF4, block 64, bf16 activations; float and opt-in int16 activation modes) for
+/// the Python benchmark's shapes; throughput in weights per second.
 fn bench_matvec(c: &mut Criterion) {
     let codebook = Codebook::new(&NF4).unwrap();
     let block_size = 64;
@@ -104,11 +104,16 @@ fn bench_matvec(c: &mut Criterion) {
         for batch in [1usize, 4] {
             let x = weights(batch * in_features);
             let mut out = vec![0f32; batch * out_features];
-            for isa in Isa::supported() {
-                group.bench_function(BenchmarkId::new(format!("batch{batch}"), isa.name()), |b| {
+            let variants = Isa::supported()
+                .into_iter()
+                .flat_map(|i| [(i, Activations::Float), (i, Activations::Int16)]);
+            for (isa, mode) in variants {
+                let name = format!("{}-{}", isa.name(), mode.name());
+                group.bench_function(BenchmarkId::new(format!("batch{batch}"), name), |b| {
                     b.iter(|| {
-                        matvec_with_isa(
+                        matvec_with_options(
                             isa,
+                            mode,
                             shape,
                             batch,
                             black_box(&codes),

@@ -240,3 +240,24 @@ def test_lora_step_on_quantized_llama_reduces_loss() -> None:
     for n, m in lora.named_modules():
         if isinstance(m, QuantLinear):
             assert torch.equal(m.codes, codes_before[n])
+
+
+def test_int16_activations_are_opt_in_and_close() -> None:
+    w = torch.randn(48, 256)
+    q = QuantLinear(bofrs.pack(w, "nf4", 64), torch.randn(48))
+    assert q.activations == "float"
+    x = torch.randn(3, 256)
+    exact = q(x)
+    q.activations = "int16"
+    assert "activations='int16'" in repr(q)
+    approx = q(x)
+    want = x.double() @ q.dequantize(torch.float32).double().T + q.bias.double()
+    scale = (x.double().abs() @ q.dequantize(torch.float32).double().abs().T).max()
+    assert (approx.double() - want).abs().max() <= 2e-4 * scale
+    assert not torch.equal(approx, exact)
+    with pytest.raises(ValueError, match="activations"):
+        q.activations = "int8"
+    q2 = QuantLinear(bofrs.pack(w, "nf4", 64), activations="int16")
+    assert q2.activations == "int16"
+    with pytest.raises(TypeError, match="activations"):
+        QuantLinear(bofrs.pack(w, "nf4", 64), activations=None)  # type: ignore[arg-type]

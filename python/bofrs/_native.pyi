@@ -145,6 +145,7 @@ def matvec(
     in_features: int,
     block_size: int,
     isa: str | None = None,
+    activations: str | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def matvec_higgs(
     x_rot: npt.NDArray[np.float32],

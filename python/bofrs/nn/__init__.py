@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .._linear import quant_matmul
+from .._linear import ACTIVATION_MODES, quant_matmul
 from .higgs_linear import HiggsLinear
 from .linear import FUSED_MAX_TOKENS, QuantLinear
 from .lora import lora_config, register
 
-__all__ = ["FUSED_MAX_TOKENS", "HiggsLinear", "QuantLinear", "lora_config", "quant_matmul", "register"]
+__all__ = ["ACTIVATION_MODES", "FUSED_MAX_TOKENS", "HiggsLinear", "QuantLinear", "lora_config", "quant_matmul", "register"]

@@ -9,6 +9,7 @@
 //! - [`opq`]: OPQ outliers (per-block sample std threshold) and their 16-bit storage,
 //! - [`dq`]: double quantization of block scales (8 bits in groups of 256),
 //! - [`matvec`]: fused 4-bit matrix-vector products (never materializing the weight),
+//! - [`matvec_int16`]: its opt-in int16-activation path (approximate, faster),
 //! - [`pool`]: the dedicated rayon pool (size from `BOFRS_NUM_THREADS`),
 //! - [`checksum`]: CRC-32 of stored buffers, used to validate files.
 //!
@@ -33,6 +34,7 @@ pub mod higgs;
 pub mod isa;
 pub mod layout;
 pub mod matvec;
+pub mod matvec_int16;
 pub mod opq;
 pub mod pool;
 pub mod scale;

@@ -7,11 +7,16 @@
 //! Kernels:
 //! - `portable`: per block, `sum(level[code] * x)` in f32, then one multiply by the block scale
 //!   (the definition of the results),
-//! - `avx2`: 32 codes at a time; their nibbles index four 16-entry byte tables (one per byte of the
-//!   f32 levels) with `pshufb`, byte/word unpacks reassemble the f32 levels in a fixed permuted
-//!   order, and the activations are permuted once per call to the same order; FMA into per-block
-//!   accumulators, one scale multiply per block. Sums are in a different order than the portable
-//!   kernel, so results agree to float tolerance, not bit for bit.
+//! - `avx2`: 64 codes at a time (block sizes >= 64; 32 for block sizes 16 and 32); their nibbles
+//!   index four 16-entry byte tables (one per byte of the f32 levels) with `pshufb`, byte/word
+//!   unpacks reassemble the f32 levels in a fixed permuted order, and the activations are
+//!   permuted once per call to the same order; FMA into per-block accumulators, one scale
+//!   multiply per block. Sums are in a different order than the portable kernel, so results
+//!   agree to float tolerance, not bit for bit. This path is bound by the shuffle ports (12
+//!   shuffles per 32 weights rebuild exact f32 levels).
+//!
+//! [`Activations::Int16`] (opt-in, not within float tolerance) quantizes the activations to
+//! int16 per 64 and runs integer dot products instead; see [`crate::matvec_int16`].
 //!
 //! Work is split over output rows on the dedicated pool; batches are processed in tiles of up to
 //! four activation rows, so each decoded weight feeds up to four FMAs.
@@ -20,6 +25,7 @@ use crate::codebook::Codebook;
 use crate::element::{Bf16, Element, F16};
 use crate::error::{Error, Result};
 use crate::isa::Isa;
+use crate::matvec_int16 as int16;
 use crate::pool::pool;
 use rayon::prelude::*;
 
@@ -92,6 +98,35 @@ fn expect_len(what: &'static str, expected: usize, actual: usize) -> Result<()> 
     }
 }
 
+/// How the activations enter the products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activations {
+    /// Widened exactly to f32, FMA with the f32 levels: results within float tolerance of
+    /// `x @ W.T` (the default).
+    #[default]
+    Float,
+    /// Quantized to int16 per 64 values, integer dot products with int16-rounded levels: about
+    /// twice as fast at batch 1, relative error about 6e-5 (see [`crate::matvec_int16`]).
+    Int16,
+}
+
+impl Activations {
+    /// Name used by the Python API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::Float => "float",
+            Activations::Int16 => "int16",
+        }
+    }
+
+    /// Parses a name from [`Activations::name`].
+    pub fn parse(name: &str) -> Option<Activations> {
+        [Activations::Float, Activations::Int16]
+            .into_iter()
+            .find(|a| a.name() == name)
+    }
+}
+
 /// An activation element: f32, bf16 or f16, widened exactly to f32.
 pub trait Activation: Element {}
 impl Activation for f32 {}
@@ -125,6 +160,32 @@ pub fn matvec_with_isa<X: Activation>(
     x: &[X],
     out: &mut [f32],
 ) -> Result<()> {
+    matvec_with_options(
+        isa,
+        Activations::Float,
+        shape,
+        batch,
+        codes,
+        scales,
+        codebook,
+        x,
+        out,
+    )
+}
+
+/// [`matvec`] with an explicit kernel variant and activation mode.
+#[allow(clippy::too_many_arguments)]
+pub fn matvec_with_options<X: Activation>(
+    isa: Isa,
+    activations: Activations,
+    shape: MatShape,
+    batch: usize,
+    codes: &[u8],
+    scales: &[f32],
+    codebook: &Codebook,
+    x: &[X],
+    out: &mut [f32],
+) -> Result<()> {
     isa.ensure_supported()?;
     shape.check(batch, codes.len(), scales.len(), x.len(), out.len())?;
     if let Some(b) = scales.iter().position(|s| !s.is_finite()) {
@@ -142,24 +203,30 @@ pub fn matvec_with_isa<X: Activation>(
         return Ok(());
     }
     let fast = isa != Isa::Portable;
-    // Activations in f32, permuted within every 8 values to the order the AVX2 decoder yields.
-    let xs: Vec<f32> = if fast {
-        let mut v = vec![0f32; x.len()];
-        for (dst, src) in v.chunks_exact_mut(8).zip(x.chunks_exact(8)) {
-            for j in 0..4 {
-                dst[j] = src[2 * j].to_f32();
-                dst[4 + j] = src[2 * j + 1].to_f32();
-            }
-        }
-        v
-    } else {
-        x.iter().map(|v| v.to_f32()).collect()
-    };
+    let wide = shape.block_size >= 64;
     let levels = codebook.levels();
     let bytes = byte_tables(levels);
-    let rows_per_task = (TASK_WEIGHTS / n_in).max(1);
     let bytes_per_row = n_in / 2;
     let scales_per_row = n_in / shape.block_size;
+    // Activations for the chosen path, in the order its kernel reads them.
+    enum Prepared {
+        Float(Vec<f32>),
+        Int16(int16::Quantized, [i16; 16], f32),
+    }
+    let prepared = match activations {
+        Activations::Float if fast => Prepared::Float(permute(x, wide)),
+        Activations::Float => Prepared::Float(x.iter().map(|v| v.to_f32()).collect()),
+        Activations::Int16 => {
+            let order = match (fast, wide) {
+                (false, _) => int16::Order::Natural,
+                (true, true) => int16::Order::Step64,
+                (true, false) => int16::Order::Step32,
+            };
+            let (l16, dl) = int16::quantize_levels(levels);
+            Prepared::Int16(int16::quantize_activations(x, batch, n_in, order), l16, dl)
+        }
+    };
+    let rows_per_task = (TASK_WEIGHTS / n_in).max(1);
     // Results row-major by output feature ([out, batch]), transposed at the end.
     let mut by_row = vec![0f32; n_out * batch];
     let task = |t: usize, dst: &mut [f32]| {
@@ -170,10 +237,18 @@ pub fn matvec_with_isa<X: Activation>(
             let s = &scales[o * scales_per_row..(o + 1) * scales_per_row];
             for b0 in (0..batch).step_by(TILE) {
                 let nb = (batch - b0).min(TILE);
-                let xt = &xs[b0 * n_in..(b0 + nb) * n_in];
                 let yt = &mut y[b0..b0 + nb];
-                // SAFETY: `isa` was checked to be supported by this CPU above.
-                unsafe { row_dot(isa, c, s, levels, &bytes, shape.block_size, xt, yt) };
+                match &prepared {
+                    Prepared::Float(xs) => {
+                        let xt = &xs[b0 * n_in..(b0 + nb) * n_in];
+                        // SAFETY: `isa` was checked to be supported by this CPU above.
+                        unsafe { row_dot(isa, c, s, levels, &bytes, shape.block_size, xt, yt) };
+                    }
+                    Prepared::Int16(xq, l16, dl) => {
+                        // SAFETY: as above; `xq` holds every activation row.
+                        unsafe { row_dot_int16(isa, c, s, l16, *dl, shape.block_size, xq, b0, yt) };
+                    }
+                }
             }
         }
     };
@@ -194,6 +269,66 @@ pub fn matvec_with_isa<X: Activation>(
         }
     }
     Ok(())
+}
+
+/// Activations in f32, permuted to the order the AVX2 decoder yields: within every 64 values
+/// for block sizes >= 64 (`wide`), within every 8 otherwise.
+fn permute<X: Activation>(x: &[X], wide: bool) -> Vec<f32> {
+    let mut v = vec![0f32; x.len()];
+    if wide {
+        // Source 32 lane + 8 r + 2 k + h -> 32 h + 8 r + 4 lane + k (see `x86::decode64`).
+        for (dst, src) in v.chunks_exact_mut(64).zip(x.chunks_exact(64)) {
+            for (j, value) in src.iter().enumerate() {
+                let (lane, r, k, h) = (j / 32, (j % 32) / 8, (j % 8) / 2, j % 2);
+                dst[32 * h + 8 * r + 4 * lane + k] = value.to_f32();
+            }
+        }
+    } else {
+        for (dst, src) in v.chunks_exact_mut(8).zip(x.chunks_exact(8)) {
+            for j in 0..4 {
+                dst[j] = src[2 * j].to_f32();
+                dst[4 + j] = src[2 * j + 1].to_f32();
+            }
+        }
+    }
+    v
+}
+
+/// Int16 dot products of one weight row with `y.len()` (1..=TILE) activation rows starting at
+/// row `first` of `xq`.
+///
+/// # Safety
+/// `isa` must be supported by the running CPU.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_dot_int16(
+    isa: Isa,
+    codes: &[u8],
+    scales: &[f32],
+    l16: &[i16; 16],
+    dl: f32,
+    block_size: usize,
+    xq: &int16::Quantized,
+    first: usize,
+    y: &mut [f32],
+) {
+    macro_rules! tiles {
+        ($f:ident) => {
+            match y.len() {
+                1 => int16::x86::$f::<1>(codes, scales, l16, dl, block_size, xq, first, y),
+                2 => int16::x86::$f::<2>(codes, scales, l16, dl, block_size, xq, first, y),
+                3 => int16::x86::$f::<3>(codes, scales, l16, dl, block_size, xq, first, y),
+                _ => int16::x86::$f::<4>(codes, scales, l16, dl, block_size, xq, first, y),
+            }
+        };
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 if block_size >= 64 => tiles!(row_dot64),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => tiles!(row_dot32),
+        _ => int16::row_dot_portable(codes, scales, l16, dl, block_size, xq, first, y),
+    }
 }
 
 /// Byte `k` of every level's f32 bits, per `k` (the AVX2 decoder's lookup tables).
@@ -285,7 +420,12 @@ mod x86 {
     ) -> [__m256; 4] {
         // Lane 0: high nibbles (even values), lane 1: low nibbles (odd values).
         let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
-        let idx = _mm256_and_si256(_mm256_srlv_epi32(raw, shifts), nib);
+        levels32(_mm256_and_si256(_mm256_srlv_epi32(raw, shifts), nib), t)
+    }
+
+    /// The f32 levels of 32 codes whose nibble indices are in `idx` (one per byte).
+    #[inline(always)]
+    unsafe fn levels32(idx: __m256i, t: &[__m256i; 4]) -> [__m256; 4] {
         let b0 = _mm256_shuffle_epi8(t[0], idx);
         let b1 = _mm256_shuffle_epi8(t[1], idx);
         let b2 = _mm256_shuffle_epi8(t[2], idx);
@@ -299,6 +439,18 @@ mod x86 {
             _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)),
             _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)),
             _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)),
+        ]
+    }
+
+    /// Decodes 64 codes (32 bytes at `p`) to 64 f32 levels: `[h][r]` holds values
+    /// `8r + [0, 2, 4, 6] + h` (low lane) and `32 + 8r + [0, 2, 4, 6] + h` (high lane), the order
+    /// `permute` gives the activations (one shift per 64 codes instead of one per 32).
+    #[inline(always)]
+    unsafe fn decode64(p: *const u8, t: &[__m256i; 4], nib: __m256i) -> [[__m256; 4]; 2] {
+        let raw = _mm256_loadu_si256(p as *const __m256i);
+        [
+            levels32(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), t),
+            levels32(_mm256_and_si256(raw, nib), t),
         ]
     }
 
@@ -337,7 +489,34 @@ mod x86 {
             1
         };
         let mut tot = [_mm256_setzero_ps(); NB];
-        if block_size >= 32 {
+        if block_size >= 64 {
+            let groups = block_size / 64;
+            for (blk, &s) in scales.iter().enumerate() {
+                let mut acc = [[_mm256_setzero_ps(); 4]; NB];
+                for g in 0..groups {
+                    let base = blk * block_size + g * 64;
+                    let w = decode64(cp.add(base / 2), &t, nib);
+                    for b in 0..NB {
+                        let xb = xp.add(b * n_in + base);
+                        for (h, wh) in w.iter().enumerate() {
+                            for (r, wr) in wh.iter().enumerate() {
+                                let a = &mut acc[b][r % ch];
+                                let xv = _mm256_loadu_ps(xb.add(32 * h + 8 * r));
+                                *a = _mm256_fmadd_ps(*wr, xv, *a);
+                            }
+                        }
+                    }
+                }
+                let vs = _mm256_set1_ps(s);
+                for b in 0..NB {
+                    let mut sum = acc[b][0];
+                    for a in &acc[b][1..ch] {
+                        sum = _mm256_add_ps(sum, *a);
+                    }
+                    tot[b] = _mm256_fmadd_ps(sum, vs, tot[b]);
+                }
+            }
+        } else if block_size == 32 {
             let groups = block_size / 32;
             for (blk, &s) in scales.iter().enumerate() {
                 let mut acc = [[_mm256_setzero_ps(); 4]; NB];
@@ -446,6 +625,7 @@ mod tests {
                 (1, 16, 16),
                 (3, 48, 16),
                 (5, 64, 64),
+                (6, 192, 64),
                 (7, 96, 32),
                 (33, 256, 128),
                 (17, 4096, 4096),
@@ -490,6 +670,207 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Bound on |error| of the int16 path: the quantization of levels and activations
+    /// ([`int16::error_bound_terms`]) plus f32 rounding of the sums.
+    fn int16_bound(
+        shape: MatShape,
+        codes: &[u8],
+        scales: &[f32],
+        levels: &[f32; 16],
+        x: &[f32],
+        batch: usize,
+    ) -> Vec<f64> {
+        let (n_in, n_out) = (shape.in_features, shape.out_features);
+        let (_, dl) = int16::quantize_levels(levels);
+        let mut bound = vec![0f64; batch * n_out];
+        for b in 0..batch {
+            let xb = &x[b * n_in..(b + 1) * n_in];
+            let d: Vec<f32> = xb
+                .chunks(int16::GROUP)
+                .map(|g| g.iter().fold(0f32, |m, v| m.max(v.abs())) / int16::QMAX)
+                .collect();
+            for o in 0..n_out {
+                let mut q = 0f64;
+                let mut mag = 0f64;
+                for i in 0..n_in {
+                    let k = o * n_in + i;
+                    let c = if k % 2 == 0 {
+                        codes[k / 2] >> 4
+                    } else {
+                        codes[k / 2] & 15
+                    };
+                    let l = levels[c as usize];
+                    let s = scales[k / shape.block_size].abs() as f64;
+                    q += s * int16::error_bound_terms(l, xb[i], d[i / int16::GROUP], dl);
+                    mag +=
+                        s * (l.abs() as f64 + dl as f64) * (xb[i].abs() as f64 + d[i / 64] as f64);
+                }
+                bound[b * n_out + o] =
+                    q * 1.001 + mag * (n_in as f64 + 8.0) * f32::EPSILON as f64 + 1e-30;
+            }
+        }
+        bound
+    }
+
+    #[test]
+    fn int16_activations_stay_within_their_error_bound() {
+        let mut st = 11u64;
+        for levels in [NF4, FP4] {
+            let cb = Codebook::new(&levels).unwrap();
+            for &(n_out, n_in, bs) in &[
+                (1, 16, 16),
+                (3, 48, 16),
+                (4, 80, 16),
+                (7, 96, 32),
+                (5, 64, 64),
+                (6, 192, 64),
+                (33, 256, 128),
+                (17, 4096, 4096),
+                (2, 0, 64),
+            ] {
+                let shape = MatShape {
+                    out_features: n_out,
+                    in_features: n_in,
+                    block_size: bs,
+                };
+                let codes: Vec<u8> = (0..n_out * n_in / 2)
+                    .map(|_| ((lcg(&mut st) + 1.0) * 128.0) as u8)
+                    .collect();
+                let scales: Vec<f32> = (0..n_out * n_in / bs)
+                    .map(|b| {
+                        if b % 5 == 3 {
+                            0.0
+                        } else {
+                            lcg(&mut st) as f32 * 3.0
+                        }
+                    })
+                    .collect();
+                for batch in 1..=9 {
+                    // Mixed magnitudes per group (the quantization step follows the largest).
+                    let x: Vec<f32> = (0..batch * n_in)
+                        .map(|i| {
+                            let v = lcg(&mut st) as f32 * 10.0;
+                            if i % 7 == 0 {
+                                v * 100.0
+                            } else if i % 64 == 5 {
+                                0.0
+                            } else {
+                                v
+                            }
+                        })
+                        .collect();
+                    let (want, _) = reference(shape, &codes, &scales, &levels, &x, batch);
+                    let bound = int16_bound(shape, &codes, &scales, &levels, &x, batch);
+                    for isa in Isa::supported() {
+                        let mut out = vec![f32::NAN; batch * n_out];
+                        let got = matvec_with_options(
+                            isa,
+                            Activations::Int16,
+                            shape,
+                            batch,
+                            &codes,
+                            &scales,
+                            &cb,
+                            &x,
+                            &mut out,
+                        );
+                        assert_eq!(got, Ok(()));
+                        for (k, (&g, (&w, &t))) in
+                            out.iter().zip(want.iter().zip(&bound)).enumerate()
+                        {
+                            assert!(
+                                (g as f64 - w).abs() <= t,
+                                "{isa:?} {shape:?} batch={batch} k={k}: {g} vs {w} (bound {t})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int16_orders_are_permutations_and_zero_rows_stay_zero() {
+        for (order, n) in [(int16::Order::Step32, 32), (int16::Order::Step64, 64)] {
+            let x: Vec<f32> = (0..n).map(|i| (i + 1) as f32).collect();
+            let q = int16::quantize_activations(&x, 1, n, order);
+            let mut seen: Vec<i16> = q.q.clone();
+            seen.sort_unstable();
+            let natural = int16::quantize_activations(&x, 1, n, int16::Order::Natural);
+            assert_eq!(seen, natural.q, "{order:?}");
+        }
+        // All-zero activations: zero step, zero outputs (no 0/0).
+        let cb = Codebook::new(&NF4).unwrap();
+        let shape = MatShape {
+            out_features: 3,
+            in_features: 128,
+            block_size: 64,
+        };
+        let codes = vec![0x5Au8; 3 * 64];
+        for isa in Isa::supported() {
+            let mut out = vec![f32::NAN; 3];
+            matvec_with_options(
+                isa,
+                Activations::Int16,
+                shape,
+                1,
+                &codes,
+                &[1.0; 6],
+                &cb,
+                &[0f32; 128],
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(out, vec![0.0; 3], "{isa:?}");
+        }
+    }
+
+    #[test]
+    fn int16_non_finite_activations_give_non_finite_outputs() {
+        let cb = Codebook::new(&NF4).unwrap();
+        for bs in [16, 64] {
+            let shape = MatShape {
+                out_features: 2,
+                in_features: 128,
+                block_size: bs,
+            };
+            let codes = vec![0x9Fu8; 128];
+            let scales = vec![1f32; 256 / bs];
+            for bad in [f32::NAN, f32::INFINITY] {
+                let mut x = vec![1f32; 128];
+                x[70] = bad;
+                for isa in Isa::supported() {
+                    let mut out = vec![0f32; 2];
+                    matvec_with_options(
+                        isa,
+                        Activations::Int16,
+                        shape,
+                        1,
+                        &codes,
+                        &scales,
+                        &cb,
+                        &x,
+                        &mut out,
+                    )
+                    .unwrap();
+                    assert!(
+                        out.iter().all(|v| !v.is_finite()),
+                        "{isa:?} bs={bs} {bad}: {out:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activation_modes_parse_by_name() {
+        for a in [Activations::Float, Activations::Int16] {
+            assert_eq!(Activations::parse(a.name()), Some(a));
+        }
+        assert_eq!(Activations::parse("int8"), None);
+        assert_eq!(Activations::default(), Activations::Float);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use crate::detach::run;
 use crate::runtime::parse_isa;
 use bofrs_core::buffer::zeroed_vec;
-use bofrs_core::matvec::{matvec_with_isa, Activation, MatShape};
+use bofrs_core::matvec::{matvec_with_options, Activation, Activations, MatShape};
 use bofrs_core::{Bf16, Codebook, Isa, F16};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -28,6 +28,7 @@ fn as_halfs<T>(bits: &[u16]) -> &[T] {
 fn product<X: Activation>(
     py: Python<'_>,
     isa: Isa,
+    activations: Activations,
     shape: MatShape,
     batch: usize,
     codes: &[u8],
@@ -44,7 +45,17 @@ fn product<X: Activation>(
         .map_err(crate::errors::to_py)?;
     run(py, || {
         let mut out = zeroed_vec::<f32>(n_out);
-        matvec_with_isa(isa, shape, batch, codes, scales, codebook, x, &mut out)?;
+        matvec_with_options(
+            isa,
+            activations,
+            shape,
+            batch,
+            codes,
+            scales,
+            codebook,
+            x,
+            &mut out,
+        )?;
         Ok(out)
     })
 }
@@ -54,8 +65,10 @@ fn product<X: Activation>(
 ///
 /// `x` is float32, or uint16 bits of bfloat16 / float16 (named by `element`), `batch` rows of
 /// `in_features` values; returns float32 `batch * out_features` values (row-major).
+/// `activations`: `"float"` (default: exact f32 products) or `"int16"` (activations quantized
+/// per 64 values, integer dot products: faster, relative error about 6e-5).
 #[pyfunction]
-#[pyo3(signature = (x, element, batch, codes, scales, levels, out_features, in_features, block_size, isa=None))]
+#[pyo3(signature = (x, element, batch, codes, scales, levels, out_features, in_features, block_size, isa=None, activations=None))]
 #[allow(clippy::too_many_arguments)]
 fn matvec<'py>(
     py: Python<'py>,
@@ -69,9 +82,18 @@ fn matvec<'py>(
     in_features: usize,
     block_size: usize,
     isa: Option<&str>,
+    activations: Option<&str>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let codebook = Codebook::new(contiguous(&levels, "levels")?).map_err(crate::errors::to_py)?;
     let isa = parse_isa(isa)?;
+    let activations = match activations {
+        None => Activations::Float,
+        Some(name) => Activations::parse(name).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "activations must be 'float' or 'int16', got {name:?}"
+            ))
+        })?,
+    };
     let shape = MatShape {
         out_features,
         in_features,
@@ -84,6 +106,7 @@ fn matvec<'py>(
             product(
                 py,
                 isa,
+                activations,
                 shape,
                 batch,
                 c,
@@ -99,6 +122,7 @@ fn matvec<'py>(
                 product(
                     py,
                     isa,
+                    activations,
                     shape,
                     batch,
                     c,
@@ -110,6 +134,7 @@ fn matvec<'py>(
                 product(
                     py,
                     isa,
+                    activations,
                     shape,
                     batch,
                     c,
