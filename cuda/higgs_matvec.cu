@@ -9,8 +9,12 @@
 // bofrs_higgs_matvec_t<T>_v16 handles up to T tokens (ntok <= T at run time).
 
 #define BOFRS_WARPS 8
-// Code loads in flight per lane (fewer when many tokens already cover the latency).
-template <int T> struct bofrs_unroll { static constexpr int value = T <= 2 ? 4 : (T <= 4 ? 2 : 1); };
+// Code loads in flight per lane: up to 4, fewer when a chunk's tokens x values already make
+// enough work to cover the latency (keeps registers from spilling).
+template <int T, int V> struct bofrs_unroll {
+    static constexpr int raw = 256 / (T * V);
+    static constexpr int value = raw < 1 ? 1 : (raw > 4 ? 4 : raw);
+};
 
 constexpr int kCodesPerByte = 8 / BOFRS_BITS;
 constexpr int kWeightsPerByte = BOFRS_P * kCodesPerByte;
@@ -36,7 +40,7 @@ __device__ __forceinline__ void bofrs_higgs_matvec_impl(
     const u8* rowp = codes + (i64)row * row_bytes;
     const int chunks = (int)(row_bytes / VB);
     const i64 group0 = (i64)row * per_row;
-    constexpr int U = bofrs_unroll<T>::value;
+    constexpr int U = bofrs_unroll<T, VB * kWeightsPerByte>::value;
     float acc[T];
 #pragma unroll
     for (int t = 0; t < T; ++t) acc[t] = 0.0f;
@@ -92,7 +96,7 @@ __device__ __forceinline__ void bofrs_higgs_matvec_impl(
 }
 
 #define BOFRS_HIGGS_MATVEC(T, VB)                                                             \
-    extern "C" __global__ void __launch_bounds__(32 * BOFRS_WARPS)                            \
+    extern "C" __global__ void __launch_bounds__(32 * BOFRS_WARPS, 1)                            \
         bofrs_higgs_matvec_t##T##_v##VB(                                                      \
             const u8* __restrict__ codes, const void* __restrict__ scales, int scale_fmt,     \
             const float* __restrict__ points, const float* __restrict__ x,                    \

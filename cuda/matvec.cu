@@ -88,7 +88,7 @@ __device__ __forceinline__ void bofrs_matvec_impl(
 }
 
 #define BOFRS_MATVEC(T, VB)                                                                   \
-    extern "C" __global__ void __launch_bounds__(32 * BOFRS_WARPS) bofrs_matvec_t##T##_v##VB( \
+    extern "C" __global__ void __launch_bounds__(32 * BOFRS_WARPS, 1) bofrs_matvec_t##T##_v##VB( \
         const u8* __restrict__ codes, const void* __restrict__ scales,                        \
         const float* __restrict__ params, int scale_fmt, const float* __restrict__ levels,    \
         const act_t* __restrict__ x, act_t* __restrict__ y, int rows, int cols,               \

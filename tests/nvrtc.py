@@ -42,8 +42,8 @@ class Nvrtc:
         if status != 0:
             raise RuntimeError(f"NVRTC error: {self.lib.nvrtcGetErrorString(status).decode()}")
 
-    def compile(self, source: str, name: str, options: tuple[str, ...]) -> tuple[bool, str, int]:
-        """Compiles; returns (success, log, size of the cubin or PTX produced)."""
+    def compile(self, source: str, name: str, options: tuple[str, ...]) -> tuple[bool, str, bytes]:
+        """Compiles; returns (success, log, the cubin (``-arch=sm_XX``) or PTX produced)."""
         lib = self.lib
         prog = ctypes.c_void_p()
         self._check(lib.nvrtcCreateProgram(
@@ -57,14 +57,18 @@ class Nvrtc:
             buf = ctypes.create_string_buffer(size.value)
             self._check(lib.nvrtcGetProgramLog(prog, buf))
             log = buf.value.decode(errors="replace").strip()
-            out = 0
+            out = b""
             if status == 0:
-                cubin = ctypes.c_size_t()
-                if any(o.startswith(("-arch=sm_", "--gpu-architecture=sm_")) for o in options):
-                    self._check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin)))
-                else:
-                    self._check(lib.nvrtcGetPTXSize(prog, ctypes.byref(cubin)))
-                out = cubin.value
+                cubin = any(o.startswith(("-arch=sm_", "--gpu-architecture=sm_")) for o in options)
+                get_size, get = (
+                    (lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN) if cubin
+                    else (lib.nvrtcGetPTXSize, lib.nvrtcGetPTX)
+                )
+                n = ctypes.c_size_t()
+                self._check(get_size(prog, ctypes.byref(n)))
+                data = ctypes.create_string_buffer(n.value)
+                self._check(get(prog, data))
+                out = data.raw
             return status == 0, log, out
         finally:
             lib.nvrtcDestroyProgram(ctypes.byref(prog))
