@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 
+import bofrs
 import numpy as np
 import pytest
 import torch
-
-import bofrs
 from bofrs import _cuda
 from bofrs._cuda import _blockwise, _hadamard, _higgs
 from bofrs.nn import HiggsLinear, QuantLinear
@@ -280,7 +279,7 @@ def test_hadamard_is_bit_identical_to_cpu(request: pytest.FixtureRequest, log2n:
     assert_same_bits(bofrs.hadamard(x.to(DEV)), cpu, "public")
     # float64 reference: H / sqrt(n), Sylvester order.
     if n <= 1024:
-        h = np.array([[(-1) ** bin(i & j).count("1") for j in range(n)] for i in range(n)], dtype=np.float64)
+        h = np.array([[(-1) ** (i & j).bit_count() for j in range(n)] for i in range(n)], dtype=np.float64)
         ref = x.double().numpy() @ h / np.sqrt(n)
         assert np.allclose(cpu.double().numpy(), ref, rtol=0, atol=1e-5 * np.abs(x.numpy()).sum(1).max() / np.sqrt(n))
 

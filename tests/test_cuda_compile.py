@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from bofrs._cuda import _sources
 from nvrtc import Nvrtc, find_nvrtc
 

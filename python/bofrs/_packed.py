@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from . import _cuda, _native
-from ._cuda import _blockwise as _cuda_blockwise
 from ._codebooks import Codebook
+from ._cuda import _blockwise as _cuda_blockwise
 from ._hadamard import check_group_size, hadamard
 from ._inputs import dtype_name
 from ._outliers import Outliers

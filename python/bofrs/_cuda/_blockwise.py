@@ -9,7 +9,14 @@ import numpy as np
 import torch
 
 from . import _runtime as rt
-from ._sources import KINDS, MATVEC_CHUNK, SCALE_FORMATS, TOKEN_TILES, matvec_kernel, variant
+from ._sources import (
+    KINDS,
+    MATVEC_CHUNK,
+    SCALE_FORMATS,
+    TOKEN_TILES,
+    matvec_kernel,
+    variant,
+)
 
 #: Largest token count of the fused kernel.
 MAX_FUSED_TOKENS = TOKEN_TILES[-1]

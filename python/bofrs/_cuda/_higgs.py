@@ -10,7 +10,19 @@ import torch
 from . import _runtime as rt
 from ._blockwise import MAX_FUSED_TOKENS, _aligned, _check, kind, workspace
 from ._hadamard import allow_shared, hadamard_scale, threads_for
-from ._sources import HIGGS_MATVEC_GRIDS, KINDS, SCALE_FORMATS, TOKEN_TILES, higgs_matvec_kernel, variant
+from ._sources import (
+    HIGGS_MATVEC_GRIDS,
+    KINDS,
+    SCALE_FORMATS,
+    TOKEN_TILES,
+    higgs_matvec_kernel,
+    variant,
+)
+
+__all__ = [
+    "MAX_FUSED_TOKENS", "HiggsOperands", "decoded_linear", "dequantize", "dequantize_into",
+    "fusable", "matvec", "operands",
+]
 
 _ROWS_PER_BLOCK = 8
 _points_cache: dict[tuple[bytes, str], torch.Tensor] = {}

@@ -44,11 +44,11 @@ def cupy() -> Any:
         return _cupy
     if _import_error is None:
         try:
-            import cupy as cp  # noqa: PLC0415 (lazy on purpose)
+            import cupy as cp
 
             _cupy = cp
             return cp
-        except Exception as e:  # ImportError, or a CuPy build that fails to load its CUDA libs
+        except Exception as e:  # noqa: BLE001  (ImportError, or CuPy failing to load CUDA libs)
             _import_error = e
     raise CudaKernelsUnavailable(f"{INSTALL_HINT} ({_import_error})") from _import_error
 
@@ -124,21 +124,21 @@ def launch(
 
 def ptr(t: torch.Tensor) -> np.uint64:
     """Device pointer argument of a tensor."""
-    return np.uint64(t.data_ptr())
+    return np.uint64(t.data_ptr())  # type: ignore[no-any-return]
 
 
 def i32(v: int) -> np.int32:
     """An ``int`` argument (range-checked)."""
     if not -(2**31) <= v < 2**31:
         raise ValueError(f"kernel argument {v} does not fit in 32 bits")
-    return np.int32(v)
+    return np.int32(v)  # type: ignore[no-any-return]
 
 
 def i64(v: int) -> np.int64:
     """A ``long long`` argument."""
-    return np.int64(v)
+    return np.int64(v)  # type: ignore[no-any-return]
 
 
 def f32(v: float) -> np.float32:
     """A ``float`` argument."""
-    return np.float32(v)
+    return np.float32(v)  # type: ignore[no-any-return]

@@ -41,7 +41,7 @@ HIGGS_MATVEC_GRIDS = ((1, 2), (1, 4), (1, 8), (2, 4), (2, 8))
 MATVEC_CHUNK = 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def source(module: str) -> str:
     """The full source of ``module``: its files concatenated, each after a ``#line``
     directive so compiler messages name the real file and line."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -11,8 +10,8 @@ from .. import _cuda
 from .._codebooks import Codebook
 from .._cuda import _blockwise as _cuda_blockwise
 from .._cuda._hadamard import hadamard_groups
-from .._inputs import dtype_name
 from .._hadamard import hadamard
+from .._inputs import dtype_name
 from .._linear import _ELEMENT, Operands, fusable, fused_rows, operands
 from .._outliers import Outliers
 from .._pack import pack
