@@ -3,8 +3,10 @@
 // CUDA header is included, so NVRTC needs no include path.
 //
 // Rounding conversions are the bit algorithms of rust/bofrs-core/src/element.rs (round to
-// nearest even, NaN stays NaN), and products use __fmul_rn / __fadd_rn so that no multiply-add is
-// contracted: dequantized values are bit-identical to the CPU decoder.
+// nearest even, NaN stays NaN), and exact arithmetic goes through bofrs_mul / bofrs_add /
+// bofrs_sub: inline PTX without .ftz, so neither contraction into a multiply-add nor CuPy's
+// -ftz=true (which it always appends) changes a result. Dequantized values are therefore
+// bit-identical to the CPU decoder, subnormals included.
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -23,6 +25,23 @@ typedef long long i64;
 #define BOFRS_SCALE_F16 2
 #define BOFRS_SCALE_DQ8 3
 #define BOFRS_SCALE_DQ8S 4
+
+// IEEE float32 operations, round to nearest even, subnormals kept.
+__device__ __forceinline__ float bofrs_mul(float a, float b) {
+    float r;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float bofrs_add(float a, float b) {
+    float r;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float bofrs_sub(float a, float b) {
+    float r;
+    asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
 
 __device__ __forceinline__ float bofrs_bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
@@ -49,7 +68,7 @@ __device__ __forceinline__ u16 bofrs_f32_to_f16(float f) {
     if (a >= 0x47800000u) {
         magnitude = a > 0x7f800000u ? (u16)0x7e00 : (u16)0x7c00;
     } else if (a < 0x38800000u) {
-        float aligned = __fadd_rn(__uint_as_float(a), 0.5f);
+        float aligned = bofrs_add(__uint_as_float(a), 0.5f);
         magnitude = (u16)(__float_as_uint(aligned) - 0x3f000000u);
     } else {
         u32 odd = (a >> 13) & 1u;
@@ -85,7 +104,7 @@ __device__ __forceinline__ float bofrs_scale(const void* __restrict__ scales,
     u32 c = is_signed ? (byte & 0x7fu) : byte;
     i64 g = b >> 8;
     float lo = __ldg(params + 2 * g), step = __ldg(params + 2 * g + 1);
-    float m = c == 0 ? 0.0f : __fadd_rn(lo, __fmul_rn((float)(c - 1), step));
+    float m = c == 0 ? 0.0f : bofrs_add(lo, bofrs_mul((float)(c - 1), step));
     return (is_signed && (byte & 0x80u)) ? -m : m;
 }
 

@@ -33,8 +33,8 @@ bofrs_dequant(const u8* __restrict__ codes, const void* __restrict__ scales,
 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
                     u32 byte = (words[w] >> (8 * k)) & 0xffu;
-                    vals[8 * w + 2 * k] = __fmul_rn(lv[byte >> 4], s);
-                    vals[8 * w + 2 * k + 1] = __fmul_rn(lv[byte & 15u], s);
+                    vals[8 * w + 2 * k] = bofrs_mul(lv[byte >> 4], s);
+                    vals[8 * w + 2 * k + 1] = bofrs_mul(lv[byte & 15u], s);
                 }
             }
             bofrs_store_vec<BOFRS_OUT, 32>((uint4*)(out + v0), vals);
@@ -43,7 +43,7 @@ bofrs_dequant(const u8* __restrict__ codes, const void* __restrict__ scales,
                 u32 byte = codes[i >> 1];
                 u32 code = (i & 1) ? (byte & 15u) : (byte >> 4);
                 float s = bofrs_scale(scales, params, scale_fmt, i >> block_shift);
-                out[i] = bofrs_store<BOFRS_OUT>(__fmul_rn(lv[code], s));
+                out[i] = bofrs_store<BOFRS_OUT>(bofrs_mul(lv[code], s));
             }
         }
     }

@@ -9,11 +9,11 @@ __device__ __forceinline__ void bofrs_fwht_shared(float* v, int n, float scale) 
         for (int p = threadIdx.x; p < (n >> 1); p += blockDim.x) {
             int i = ((p & ~(h - 1)) << 1) | (p & (h - 1));
             float a = v[i], b = v[i + h];
-            v[i] = __fadd_rn(a, b);
-            v[i + h] = __fsub_rn(a, b);
+            v[i] = bofrs_add(a, b);
+            v[i + h] = bofrs_sub(a, b);
         }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) v[i] = __fmul_rn(v[i], scale);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) v[i] = bofrs_mul(v[i], scale);
     __syncthreads();
 }

@@ -31,7 +31,7 @@ bofrs_higgs_dequant(const u8* __restrict__ codes, const void* __restrict__ scale
         u32 wide = stream[byte];
         if (shift + bits > 8) wide |= (u32)stream[byte + 1] << 8;
         u32 code = (wide >> shift) & mask;
-        for (int d = 0; d < p; ++d) v[i * p + d] = __fmul_rn(pts[code * p + d], s);
+        for (int d = 0; d < p; ++d) v[i * p + d] = bofrs_mul(pts[code * p + d], s);
     }
     if (rotate_back) bofrs_fwht_shared(v, g, hscale);
     else __syncthreads();

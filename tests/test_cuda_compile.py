@@ -5,6 +5,9 @@ bofrs._cuda passes to CuPy."""
 
 from __future__ import annotations
 
+import platform
+import re
+import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def nvrtc() -> Nvrtc:
     path = find_nvrtc()
     if path is None:
+        if sys.platform == "linux" and platform.machine() == "x86_64":
+            pytest.fail("libnvrtc not found: the dev extra installs nvidia-cuda-nvrtc")
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc)")
     return Nvrtc(path)
 
@@ -33,7 +38,8 @@ def test_every_variant_compiles_cleanly_for_sm80_and_sm90(nvrtc: Nvrtc) -> None:
     def build(job: tuple[_sources.Variant, str]) -> str | None:
         v, arch = job
         ok, log, cubin = nvrtc.compile(
-            _sources.source(v.module), f"{v.module}.cu", v.options + (f"-arch={arch}", *STRICT)
+            _sources.source(v.module), f"{v.module}.cu",
+            v.options + _sources.CUPY_ADDED_OPTIONS + (f"-arch={arch}", *STRICT),
         )
         name = f"{v.module} {' '.join(v.options)} {arch}"
         if not ok or log:
@@ -50,6 +56,10 @@ def test_every_variant_compiles_cleanly_for_sm80_and_sm90(nvrtc: Nvrtc) -> None:
 
 def test_sources_are_the_shipped_files() -> None:
     assert _sources.KERNEL_DIR.is_dir()
+    in_repo = {p.name for p in (ROOT / "cuda").iterdir() if p.suffix in (".cu", ".cuh")}
+    assert in_repo == {p.name for p in _sources.KERNEL_DIR.iterdir()}, "python/bofrs/_kernels must link every cuda/ source"
+    used = {f for files in _sources.MODULE_FILES.values() for f in files}
+    assert used == in_repo
     for files in _sources.MODULE_FILES.values():
         for name in files:
             shipped = (_sources.KERNEL_DIR / name).read_bytes()
@@ -79,3 +89,19 @@ def test_wheel_layout_keeps_kernels_inside_the_package() -> None:
     assert not any(n.startswith("cuda/") for n in names)
     expected = {f"bofrs/_kernels/{f}" for files in _sources.MODULE_FILES.values() for f in files}
     assert expected <= set(kernels)
+
+
+def test_exact_arithmetic_survives_cupys_flush_to_zero(nvrtc: Nvrtc) -> None:
+    """CuPy compiles with -ftz=true; the decoder's products and the Hadamard butterflies must
+    still be IEEE (no .ftz, no fused multiply-add) so that they match the CPU bit for bit."""
+    for module, defines in (("dequant", {"out": 1}), ("hadamard", {"act": 0}), ("higgs_dequant", {"out": 0})):
+        v = _sources.variant(module, **defines)
+        ok, log, ptx = nvrtc.compile(
+            _sources.source(module), f"{module}.cu", v.options + _sources.CUPY_ADDED_OPTIONS + ("-arch=compute_90",)
+        )
+        assert ok, log
+        text = ptx.decode()
+        body = text[text.index(".entry"):]
+        assert "mul.rn.f32" in body, module
+        assert not re.search(r"\b(mul|add|sub|fma)\.rn\.ftz\.f32", body), module
+        assert not re.search(r"\bfma\.rn\.f32", body), module

@@ -82,6 +82,15 @@ class BlockOperands:
         return self.codes.device
 
 
+def wide_indices(indices: torch.Tensor) -> torch.Tensor:
+    """Outlier indices (uint16 / uint32 / uint64) as int64 on their device (through the CPU
+    when this torch cannot convert unsigned types on the device)."""
+    try:
+        return indices.to(torch.int64)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return indices.cpu().to(torch.int64).to(indices.device)
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
@@ -135,7 +144,7 @@ def operands(
         _check(outlier_indices, "outlier_indices", (torch.uint16, torch.uint32, torch.uint64), count, device)
         _check(outlier_values, "outlier_values", (torch.bfloat16, torch.float16), count, device)
         if count:
-            wide = outlier_indices.to(torch.int64)
+            wide = wide_indices(outlier_indices)
             ok = (wide[0] >= 0) & (wide[-1] < numel)
             if count > 1:
                 ok = ok & (wide[1:] > wide[:-1]).all()

@@ -24,9 +24,12 @@ MODULE_FILES: dict[str, tuple[str, ...]] = {
     "higgs_matvec": ("bofrs_common.cuh", "higgs_matvec.cu"),
 }
 
-#: Options of every compile (float semantics spelled out: no flush to zero, IEEE division and
-#: square root; the kernels use __fmul_rn / __fadd_rn where exactness matters).
-BASE_OPTIONS = ("-std=c++17", "--ftz=false", "--prec-div=true", "--prec-sqrt=true")
+#: Options of every compile. CuPy appends its own (:data:`CUPY_ADDED_OPTIONS`, among them
+#: ``-ftz=true``); the kernels do not depend on them (exact arithmetic is inline PTX).
+BASE_OPTIONS = ("-std=c++17", "--prec-div=true", "--prec-sqrt=true")
+#: What CuPy (13, 14: ``cupy/cuda/compiler.py``) appends to the options of a RawModule before
+#: calling NVRTC, besides ``-arch``; the compile test passes them too.
+CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
 #: Element kinds of activations / outputs (the BOFRS_ACT / BOFRS_OUT defines).
 KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}
@@ -43,14 +46,14 @@ MATVEC_CHUNK = 16
 
 @functools.cache
 def source(module: str) -> str:
-    """The full source of ``module``: its files concatenated, each after a ``#line``
-    directive so compiler messages name the real file and line."""
+    """The full source of ``module``: its files concatenated, each after a comment naming it
+    (no ``#line`` directive: it would disable NVRTC's precompiled headers, with a warning)."""
     if module not in MODULE_FILES:
         raise ValueError(f"unknown CUDA module {module!r}; known: {', '.join(MODULE_FILES)}")
     parts = []
     for name in MODULE_FILES[module]:
         text = (KERNEL_DIR / name).read_text()
-        parts.append(f'#line 1 "{name}"\n{text}')
+        parts.append(f"// ---- {name} ----\n{text}")
     return "\n".join(parts)
 
 

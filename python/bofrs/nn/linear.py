@@ -285,7 +285,7 @@ class _CudaFused:
         rows, cols = (int(d) for d in packed.shape)
         correction = None
         if ops.outlier_indices is not None and ops.outlier_indices.numel():
-            flat = ops.outlier_indices.to(torch.int64)
+            flat = _cuda_blockwise.wide_indices(ops.outlier_indices)
             plain = _cuda_blockwise.BlockOperands(
                 ops.codes, ops.scales, ops.params, ops.scale_fmt, ops.levels, ops.numel,
                 ops.block_size, None, None,
