@@ -117,6 +117,11 @@ __device__ __forceinline__ uint4 bofrs_ld_stream(const void* p) {
     return v;
 }
 
+// The float at byte offset `offset` of a shared-memory table (offset = 4 * index).
+__device__ __forceinline__ float bofrs_lut(const float* table, u32 offset) {
+    return *(const float*)((const char*)table + offset);
+}
+
 // Sum over the warp (every lane gets the total).
 __device__ __forceinline__ float bofrs_warp_sum(float v) {
 #pragma unroll

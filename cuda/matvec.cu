@@ -56,12 +56,16 @@ __device__ __forceinline__ void bofrs_matvec_impl(
                 float wv[16];
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
-                    u32 word = w[u][2 * h + j];
+                    // Byte offsets into lv of the 4 high and the 4 low nibbles (4 * nibble, one
+                    // per byte), then one byte extract per value: byte k of the word holds
+                    // value 2k (high nibble) and 2k + 1 (low nibble).
+                    const u32 word = w[u][2 * h + j];
+                    const u32 hi4 = (word >> 2) & 0x3c3c3c3cu;
+                    const u32 lo4 = (word << 2) & 0x3c3c3c3cu;
 #pragma unroll
                     for (int k = 0; k < 4; ++k) {
-                        u32 byte = (word >> (8 * k)) & 0xffu;
-                        wv[8 * j + 2 * k] = lv[byte >> 4];
-                        wv[8 * j + 2 * k + 1] = lv[byte & 15u];
+                        wv[8 * j + 2 * k] = bofrs_lut(lv, __byte_perm(hi4, 0u, 0x4440u + k));
+                        wv[8 * j + 2 * k + 1] = bofrs_lut(lv, __byte_perm(lo4, 0u, 0x4440u + k));
                     }
                 }
 #pragma unroll

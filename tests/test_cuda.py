@@ -34,7 +34,7 @@ ROUND = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """Fresh inputs each run, reproducible from the printed seed."""
-    seed = int(np.random.SeedSequence().entropy % 2**32)
+    seed = int(np.random.SeedSequence().generate_state(1)[0])
     print(f"{request.node.name}: seed {seed}")
     return np.random.default_rng(seed)
 
@@ -71,20 +71,23 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) ->
     assert diff.numel() == 0, f"{what}: {diff.shape[0]} values differ, first at {diff[0].tolist()}"
 
 
-def assert_product_close(y: torch.Tensor, x: torch.Tensor, w64: np.ndarray, what: str) -> None:
-    """``y ~ x @ W.T`` against float64: fp32 accumulation error plus one output rounding."""
+def assert_product_close(y: torch.Tensor, x: torch.Tensor, w64: np.ndarray, what: str,
+                         *, cublas: bool = False) -> None:
+    """``y ~ x @ W.T`` against float64: fp32 accumulation error (4e-5 of sum |x||w|) plus one
+    output rounding; ``cublas`` (16-bit GEMMs, which may reduce in 16 bits) adds one 16-bit
+    rounding of sum |x||w|. A wrong code, scale or order errs by the size of the result."""
     x64 = x.detach().cpu().double().numpy()
     want = x64 @ w64.T
     bound = np.abs(x64) @ np.abs(w64).T
     got = y.detach().cpu().double().numpy()
     assert not np.isnan(got).any(), f"{what}: NaN in the output"
-    tol = 1e-5 * bound + ROUND[y.dtype] * np.abs(want) + 1e-30
+    tol = (4e-5 + (ROUND[y.dtype] if cublas else 0.0)) * bound + ROUND[y.dtype] * np.abs(want) + 1e-30
     worst = np.max(np.abs(got - want) - tol)
     assert worst <= 0, f"{what}: max excess error {worst:.3e}"
 
 
-def pack(w: torch.Tensor, codebook: str, block: int, scale: str, **kw: object) -> bofrs.PackedTensor:
-    return bofrs.pack(w, codebook, block, scale_dtype=scale, **kw)  # type: ignore[arg-type]
+def pack(w: torch.Tensor, codebook: str, block: int, scale: str) -> bofrs.PackedTensor:
+    return bofrs.pack(w, codebook, block, scale_dtype=scale)
 
 
 # --- dequantize -------------------------------------------------------------------------------
@@ -202,7 +205,7 @@ def test_quantlinear_on_cuda_matches_cpu(request: pytest.FixtureRequest, dtype: 
     g = rng(request)
     rows, cols = shape
     block = 16 if cols % 32 else 64
-    lin = torch.nn.Linear(cols, rows, bias=True)
+    lin = torch.nn.Linear(cols, rows, bias=False)
     with torch.no_grad():
         lin.weight.copy_(weight(g, shape, torch.float32))
     q = QuantLinear.from_linear(lin, "nf4", block)
@@ -213,11 +216,11 @@ def test_quantlinear_on_cuda_matches_cpu(request: pytest.FixtureRequest, dtype: 
     poison_allocator(tokens * rows * 4 + rows * cols * 4)
     with torch.no_grad():
         y = qg(x.to(DEV))
-    b = q.bias.detach().double().numpy()
-    assert_product_close(y - qg.bias.to(y.dtype), x, w64, f"{shape}/{tokens}/{dtype}")
-    assert y.dtype == dtype
+    assert y.dtype == dtype and y.shape == (tokens, rows)
+    assert_product_close(y, x, w64, f"{shape}/{tokens}/{dtype}", cublas=tokens > 16)
     tol = 1e-3 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(y.cpu().float(), cpu.float(), rtol=tol, atol=tol * float(np.abs(b).max() + 1))
+    scale = float(cpu.float().abs().max())
+    torch.testing.assert_close(y.cpu().float(), cpu.float(), rtol=tol, atol=tol * scale)
 
 
 @pytest.mark.parametrize("feature", ["opq", "rotation", "opq+rotation", "dq8"])
@@ -249,7 +252,8 @@ def test_quantlinear_features_on_cuda(request: pytest.FixtureRequest, feature: s
         want = x64 @ w64.T
         bound = np.abs(x64) @ np.abs(w64).T
         err = np.abs(y.cpu().double().numpy() - want)
-        assert np.all(err <= 3e-5 * bound * 16 + ROUND[dtype] * np.abs(want) * 1.01 + 1e-30), feature
+        extra = ROUND[dtype] if tokens > 16 else 0.0  # large batch: 16-bit cuBLAS on rotated x
+        assert np.all(err <= (5e-4 + extra) * bound + ROUND[dtype] * np.abs(want) * 1.01 + 1e-30), feature
 
 
 def test_backward_on_cuda_gives_the_input_gradient() -> None:
@@ -329,6 +333,7 @@ def test_higgs_linear_on_cuda(request: pytest.FixtureRequest, bits: int, p: int,
             y = hg(x.to(DEV))
         x_rot = bofrs.hadamard(torch.nn.functional.pad(x.float(), (0, 1024 - cols)), group)
         assert_product_close(y, x_rot, w_rot, f"higgs {bits}b p{p} {tokens} {dtype}")
+        assert y.dtype == dtype
         if 1 <= tokens <= 16 and expect_fused:
             fused = _higgs.matvec(ops, x_rot.to(DEV))
             assert_product_close(fused, x_rot, w_rot, "fused")
@@ -345,7 +350,7 @@ def test_kernels_run_on_torchs_current_stream() -> None:
     side = torch.cuda.Stream()
     x = torch.zeros(1, 4096, device=DEV)
     with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)  # keeps the side stream busy
+        torch.cuda._sleep(50_000_000)  # type: ignore[no-untyped-call]  # keeps the side stream busy
         x.fill_(1.0)
         with torch.no_grad():
             y = q(x)
