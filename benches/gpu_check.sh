@@ -22,10 +22,18 @@ VENV=/tmp/bofrs-gpu-venv
 rm -rf "$VENV"
 "$PY" -m venv --system-site-packages "$VENV"
 "$VENV/bin/python" -m pip install -q --no-deps --no-index --force-reinstall "$WHEEL" || exit 3
+# pytest and safetensors from a local wheelhouse when the machine lacks them (no internet):
+#   pip download pytest pluggy iniconfig packaging pygments safetensors -d target/wheelhouse \
+#       --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --no-deps
+for mod in pytest safetensors; do
+    "$VENV/bin/python" -c "import $mod" 2>/dev/null || \
+        "$VENV/bin/python" -m pip install -q --no-index --find-links target/wheelhouse "$mod" || true
+done
 cd /tmp && "$VENV/bin/python" - <<'PY'
 import bofrs, torch
 print("bofrs", bofrs.__file__)
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
 try:
     import cupy
     print("cupy", cupy.__version__)
@@ -39,7 +47,7 @@ timeout 120 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_cuda_
     | tee "$OUTDIR/gpu_check_compile.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== GPU tests"
-timeout 330 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_cuda.py 2>&1 \
+BOFRS_REQUIRE_GPU=1 timeout 330 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_cuda.py 2>&1 \
     | tee "$OUTDIR/gpu_check_tests.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== CUDA bench"

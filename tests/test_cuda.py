@@ -9,6 +9,7 @@ Run with ``python -m pytest -m gpu tests/test_cuda.py``.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import bofrs
 import numpy as np
@@ -19,6 +20,9 @@ from bofrs._cuda import _blockwise, _hadamard, _higgs
 from bofrs.nn import HiggsLinear, QuantLinear
 
 HAS_CUDA = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
+if os.environ.get("BOFRS_REQUIRE_GPU") == "1" and not HAS_CUDA:
+    # benches/gpu_check.sh sets this: on the GPU machine a skip would read as a pass.
+    raise RuntimeError("BOFRS_REQUIRE_GPU=1 but torch sees no CUDA device or CuPy is missing")
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CuPy"),
