@@ -169,7 +169,7 @@ def test_bad_parts_are_refused_before_launch() -> None:
         _blockwise.matvec(ops, torch.zeros(1, 64), 64, 64)
     opq = bofrs.pack(w, "nf4", 64, opq=0.99).to(DEV)
     assert opq.outliers is not None
-    idx = opq.outliers.indices.to(torch.int64).flip(0).to(opq.outliers.indices.dtype)
+    idx = opq.outliers.indices.cpu().flip(0).to(DEV)
     with pytest.raises(ValueError, match="ascending"):
         _blockwise.operands(opq.codes, opq.scales, None, False, opq.codebook.levels, opq.numel, 64,
                             idx, opq.outliers.values)
@@ -182,10 +182,12 @@ def test_bad_parts_are_refused_before_launch() -> None:
                                             ("int4", "dq8"), ("bof4", "bfloat16"), ("bof4s", "dq8"),
                                             ("bof4s", "float16")])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(203, 1152), (37, 6400)])
 def test_fused_matvec_every_token_count(request: pytest.FixtureRequest, codebook: str, scale: str,
-                                        dtype: torch.dtype) -> None:
+                                        dtype: torch.dtype, rows: int, cols: int) -> None:
+    """Odd row counts; 36 chunks of 32 values per row (fewer than one per lane and load slot),
+    and 200 (several loop iterations, a partial last one)."""
     g = rng(request)
-    rows, cols = 203, 1152  # odd row count; 36 chunks of 32 values (not a multiple of 128)
     w = weight(g, (rows, cols), torch.float32)
     cpu = pack(w, codebook, 64, scale)
     w64 = cpu.dequantize(torch.float32).double().numpy()

@@ -81,8 +81,10 @@ def higgs_matvec_kernel(tile: int) -> str:
     return f"bofrs_higgs_matvec_t{tile}_v{MATVEC_CHUNK}"
 
 
+@functools.cache
 def variant(module: str, **defines: int) -> Variant:
-    """The variant of ``module`` with these defines (the one the glue compiles)."""
+    """The variant of ``module`` with these defines (the one the glue compiles; cached, as it
+    is looked up on every launch)."""
     if module == "dequant":
         kernels: tuple[str, ...] = ("bofrs_dequant", "bofrs_scatter_outliers")
     elif module == "matvec":
