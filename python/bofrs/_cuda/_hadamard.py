@@ -9,10 +9,6 @@ from . import _runtime as rt
 from ._blockwise import kind
 from ._sources import KINDS, variant
 
-#: Shared memory a thread block gets without opting in.
-DEFAULT_SHARED = 48 * 1024
-_raised: dict[int, int] = {}
-
 
 def hadamard_scale(n: int) -> float:
     """``1 / sqrt(n)`` in float32 (as the CPU computes it)."""
@@ -22,16 +18,6 @@ def hadamard_scale(n: int) -> float:
 def threads_for(n: int) -> int:
     """Threads per block for a group of ``n`` values."""
     return max(32, min(1024, n // 2))
-
-
-def allow_shared(fn: object, nbytes: int) -> None:
-    """Raises the kernel's dynamic shared-memory limit to ``nbytes`` when above the default."""
-    if nbytes <= DEFAULT_SHARED:
-        return
-    key = id(fn)
-    if _raised.get(key, 0) < nbytes:
-        fn.max_dynamic_shared_size_bytes = nbytes  # type: ignore[attr-defined]
-        _raised[key] = nbytes
 
 
 def hadamard_groups(x: torch.Tensor, group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,7 +43,6 @@ def hadamard_groups(x: torch.Tensor, group_size: int, out: torch.Tensor | None =
         return out
     fn = rt.kernel(variant("hadamard", act=KINDS[k]), "bofrs_hadamard", x.device)
     shared = 4 * group_size
-    allow_shared(fn, shared)
     rt.launch(fn, x.device, groups, threads_for(group_size), (
         rt.ptr(x), rt.ptr(out), rt.i32(group_size.bit_length() - 1),
         rt.f32(hadamard_scale(group_size)),

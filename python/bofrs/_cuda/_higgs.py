@@ -9,7 +9,7 @@ import torch
 
 from . import _runtime as rt
 from ._blockwise import MAX_FUSED_TOKENS, _aligned, _check, kind, workspace
-from ._hadamard import allow_shared, hadamard_scale, threads_for
+from ._hadamard import hadamard_scale, threads_for
 from ._sources import (
     HIGGS_MATVEC_GRIDS,
     KINDS,
@@ -103,7 +103,6 @@ def dequantize_into(ops: HiggsOperands, out: torch.Tensor, rotated: bool) -> tor
         return out
     fn = rt.kernel(variant("higgs_dequant", out=KINDS[k]), "bofrs_higgs_dequant", ops.device)
     shared = 4 * ops.group_size
-    allow_shared(fn, shared)
     rt.launch(fn, ops.device, groups, threads_for(ops.group_size), (
         rt.ptr(ops.codes), rt.ptr(ops.scales), rt.i32(ops.scale_fmt), rt.ptr(ops.points),
         rt.i32(ops.p), rt.i32(ops.bits), rt.i32(ops.group_size.bit_length() - 1),

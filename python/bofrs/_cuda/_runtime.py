@@ -35,6 +35,9 @@ _import_error: BaseException | None = None
 _modules: dict[tuple[str, tuple[str, ...], int], Any] = {}
 _kernels: dict[tuple[str, tuple[str, ...], int, str], Any] = {}
 _streams: dict[tuple[int, int], Any] = {}
+_shared_limits: dict[tuple[int, int], int] = {}
+#: Dynamic shared memory a thread block gets without opting in.
+DEFAULT_SHARED = 48 * 1024
 
 
 def cupy() -> Any:
@@ -113,12 +116,18 @@ def launch(
     args: tuple[Any, ...],
     shared_mem: int = 0,
 ) -> None:
-    """Launches ``fn`` on torch's current stream of ``device``."""
+    """Launches ``fn`` on torch's current stream of ``device`` (raising the kernel's dynamic
+    shared-memory limit first when ``shared_mem`` is above the default 48 KiB)."""
     if grid <= 0:
         return
     cp = cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cp.cuda.Device(index), _stream(index):
+        if shared_mem > DEFAULT_SHARED:
+            key = (id(fn), index)
+            if _shared_limits.get(key, 0) < shared_mem:
+                fn.max_dynamic_shared_size_bytes = int(shared_mem)
+                _shared_limits[key] = int(shared_mem)
         fn((int(grid),), (int(block),), args, shared_mem=int(shared_mem))
 
 
