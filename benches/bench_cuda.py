@@ -142,13 +142,21 @@ def main(argv: list[str] | None = None) -> int:
         out_f, in_f = (int(v) for v in re.split("[xX]", shape))
         w = (torch.randn(out_f, in_f, device="cuda") * 0.02).to(torch.bfloat16)
         funcs = contenders(w, notes)
+        own = {c: weight() for c, (_, _, weight) in funcs.items()}  # decoded once per shape
         for batch in args.batches:
             x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
             errors = {}
             with torch.no_grad():
-                for cname, (fn, _, weight) in funcs.items():
-                    want = F.linear(x.float(), weight())
-                    got = fn(x).float()
+                for cname, (fn, _, _) in list(funcs.items()):
+                    want = F.linear(x.float(), own[cname])
+                    try:
+                        got = fn(x).float()
+                    except Exception as e:  # a peer that fails on this GPU is dropped with a note
+                        if cname == "bofrs":
+                            raise
+                        notes.append(f"{cname} dropped at {shape} batch {batch}: {type(e).__name__}: {e}")
+                        del funcs[cname]
+                        continue
                     errors[cname] = float(((got - want).abs().max() / want.abs().max()).item())
                     del want
                     for _ in range(3):
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 lines.append(line)
                 print(line, flush=True)
-        del funcs, w
+        del funcs, w, own
         torch.cuda.empty_cache()
     lines += ["", *(f"# note: {n}" for n in notes)]
     for n in notes:
