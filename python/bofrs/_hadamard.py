@@ -6,7 +6,8 @@ import numbers
 
 import torch
 
-from . import _native
+from . import _cuda, _native
+from ._cuda import _hadamard as _cuda_hadamard
 from ._inputs import as_tensor
 
 MIN_GROUP, MAX_GROUP = 16, 1 << 15
@@ -45,6 +46,14 @@ def hadamard(tensor: object, group_size: int | None = None) -> torch.Tensor:
     g = check_group_size(cols if group_size is None else group_size)
     if cols % g:
         raise ValueError(f"the last dimension ({cols}) must be a multiple of group_size ({g})")
+    if _cuda.enabled(x.device) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        data = x.detach().contiguous()
+        bad = (~torch.isfinite(data)).reshape(-1).nonzero()
+        if bad.numel():
+            raise ValueError(
+                f"tensor holds a non-finite value (NaN or inf) at flat index {int(bad[0, 0])}"
+            )
+        return _cuda_hadamard.hadamard_groups(data, g)
     flat = x.detach().reshape(-1).cpu().float().contiguous()
     out = torch.from_numpy(_native.hadamard(flat.numpy(), g))
     return out.reshape(x.shape).to(dtype=x.dtype, device=x.device)

@@ -7,7 +7,8 @@ import numbers
 import numpy as np
 import torch
 
-from . import _native
+from . import _cuda, _native
+from ._cuda import _higgs as _cuda_higgs
 from ._grids import Grid, grid
 from ._hadamard import check_group_size
 from ._inputs import dtype_name, flatten_for_native
@@ -128,13 +129,26 @@ class HiggsTensor:
         )
         return torch.from_numpy(out)
 
+    def cuda_operands(self) -> _cuda_higgs.HiggsOperands:
+        """The parts as the CUDA kernels read them (validated; needs CuPy and a CUDA device)."""
+        rows, cols = _rows_cols(self._shape)
+        return _cuda_higgs.operands(
+            self._codes, self._scales, rows, cols, self._group_size, self._grid.p,
+            self._grid.points,
+        )
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in its original basis and shape (``dtype`` default: the original's)."""
+        if _cuda.enabled(self._codes.device):
+            out = _cuda_higgs.dequantize(self.cuda_operands(), dtype or self._dtype, rotated=False)
+            return out.reshape(self._shape)
         flat = self._decode(rotated=False)
         return flat.reshape(self._shape).to(dtype or self._dtype).to(self._codes.device)
 
     def rotated(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The rotated weight, ``rows x padded_cols`` (2-D), scales applied."""
+        if _cuda.enabled(self._codes.device):
+            return _cuda_higgs.dequantize(self.cuda_operands(), dtype or self._dtype, rotated=True)
         rows, cols = _rows_cols(self._shape)
         padded = -(-cols // self._group_size) * self._group_size
         flat = self._decode(rotated=True)

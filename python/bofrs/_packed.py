@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _native
+from . import _cuda, _native
 from ._codebooks import Codebook
+from ._cuda import _blockwise as _cuda_blockwise
 from ._hadamard import check_group_size, hadamard
 from ._inputs import dtype_name
 from ._outliers import Outliers
@@ -245,7 +246,22 @@ class PackedTensor:
     def _decode(self, dtype: torch.dtype) -> torch.Tensor:
         if self.device.type == "cpu":
             return self._dequantize_native(dtype)
+        if _cuda.enabled(self.device):
+            return _cuda_blockwise.dequantize(self.cuda_operands(), dtype)
         return self._dequantize_torch(dtype)
+
+    def cuda_operands(self) -> _cuda_blockwise.BlockOperands:
+        """The parts as the CUDA kernels read them, validated like the CPU decoder does (one
+        synchronization). Needs CuPy and a CUDA device (:class:`bofrs._cuda.CudaKernelsUnavailable`
+        otherwise)."""
+        outliers = self._outliers
+        return _cuda_blockwise.operands(
+            self._codes, self._scales, self._scale_scales,
+            self._codebook.normalization == "signed_absmax", self._codebook.levels,
+            self.numel, self._block_size,
+            None if outliers is None else outliers.indices,
+            None if outliers is None else outliers.values,
+        )  # fmt: skip
 
     def _dequantize_native(self, dtype: torch.dtype) -> torch.Tensor:
         out_dtype = dtype if dtype in _NATIVE_OUTPUTS else torch.float32

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import _native
+from .. import _cuda, _native
+from .._cuda import _higgs as _cuda_higgs
+from .._cuda._hadamard import hadamard_groups
 from .._grids import Grid
 from .._hadamard import hadamard
 from .._higgs import HiggsTensor, pack_higgs
@@ -49,6 +51,7 @@ class HiggsLinear(PackedLinear):
         self.register_buffer("codes", packed.codes)
         self.register_buffer("scales", packed.scales)
         self.register_buffer("grid_points", torch.from_numpy(np.array(packed.grid.points, dtype=np.float32)))
+        self._cuda_cache: tuple[tuple[torch.Tensor, ...], tuple[int, ...], _cuda_higgs.HiggsOperands] | None = None
 
     @classmethod
     def from_linear(
@@ -91,7 +94,38 @@ class HiggsLinear(PackedLinear):
         """The decoded weight ``[out_features, in_features]`` in the original basis."""
         return self.packed.dequantize(dtype)
 
+    def _cuda_operands(self) -> _cuda_higgs.HiggsOperands:
+        """CUDA operands, cached until the buffers are replaced or modified in place."""
+        buffers = (self.codes, self.scales, self.grid_points)
+        versions = tuple(b._version for b in buffers)
+        cache = self._cuda_cache
+        if cache is not None and all(a is b for a, b in zip(cache[0], buffers)) and cache[1] == versions:
+            return cache[2]
+        ops = self.packed.cuda_operands()
+        self._cuda_cache = (buffers, versions, ops)
+        return ops
+
+    def _after_apply(self) -> None:
+        self._cuda_cache = None
+
+    def _cuda_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The CUDA product: rotate (kernel), then the fused HIGGS matvec for up to
+        ``min(fused_max_tokens, 16)`` tokens, else ``W_rot`` decoded into the shared workspace
+        and ``F.linear``."""
+        ops = self._cuda_operands()
+        rows = x.detach().reshape(-1, self.in_features).float()
+        padded = F.pad(rows, (0, self.padded_in_features - self.in_features)).contiguous()
+        rotated = hadamard_groups(padded, self.group_size)
+        tokens = rows.shape[0]
+        if _cuda_higgs.fusable(ops) and 1 <= tokens <= min(self.fused_max_tokens, _cuda_higgs.MAX_FUSED_TOKENS):
+            y = _cuda_higgs.matvec(ops, rotated)
+        else:
+            y = _cuda_higgs.decoded_linear(ops, rotated)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.codes.device == x.device and _cuda.enabled(x.device):
+            return self._cuda_matmul(x)
         rows = x.detach().reshape(-1, self.in_features).float()
         padded = F.pad(rows, (0, self.padded_in_features - self.in_features))
         rotated = hadamard(padded, self.group_size)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import _cuda
 from .._codebooks import Codebook
-from .._inputs import dtype_name
+from .._cuda import _blockwise as _cuda_blockwise
+from .._cuda._hadamard import hadamard_groups
 from .._hadamard import hadamard
+from .._inputs import dtype_name
 from .._linear import _ELEMENT, Operands, check_activations, fusable, fused_rows, operands
 from .._outliers import Outliers
 from .._pack import pack
@@ -89,6 +91,7 @@ class QuantLinear(PackedLinear):
             self.register_buffer("outlier_indices", packed.outliers.indices)
             self.register_buffer("outlier_values", packed.outliers.values)
         self._cache: tuple[tuple[torch.Tensor, ...], tuple[int, ...], _Fused | None] | None = None
+        self._cuda_cache: tuple[tuple[torch.Tensor, ...], tuple[int, ...], _CudaFused] | None = None
 
     def packed_buffer_names(self) -> tuple[str, ...]:
         """The buffers that together hold the packed weight."""
@@ -172,6 +175,10 @@ class QuantLinear(PackedLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` without bias, fused for few tokens on CPU."""
         rows = x.reshape(-1, self.in_features)
+        if x.is_cuda and self.codes.device == x.device and _cuda.enabled(x.device):
+            return self._cuda_cached().apply(rows, self.fused_max_tokens).view(
+                *x.shape[:-1], self.out_features
+            )
         element = _ELEMENT.get(x.dtype)
         ops = None
         if element is not None and x.is_cpu and rows.shape[0] <= self.fused_max_tokens:
@@ -201,8 +208,25 @@ class QuantLinear(PackedLinear):
         self._cache = (tuple(b for b in buffers if b is not None), versions, ops)
         return ops
 
+    def _cuda_cached(self) -> _CudaFused:
+        """The CUDA operands, cached like :meth:`_operands`."""
+        buffers = tuple(self._buffers[n] for n in self.packed_buffer_names())
+        versions = tuple(b._version for b in buffers if b is not None)
+        cache = self._cuda_cache
+        if (
+            cache is not None
+            and len(cache[0]) == len(buffers)
+            and all(a is b for a, b in zip(cache[0], buffers))
+            and cache[1] == versions
+        ):
+            return cache[2]
+        fused = _CudaFused.of(self.packed)
+        self._cuda_cache = (tuple(b for b in buffers if b is not None), versions, fused)
+        return fused
+
     def _after_apply(self) -> None:
         self._cache = None
+        self._cuda_cache = None
 
     def extra_repr(self) -> str:
         return (
@@ -256,3 +280,56 @@ class _Fused:
             y.index_add_(1, out_rows, x.float()[:, in_cols] * delta)
         return y.to(rows.dtype)
 
+
+
+class _CudaFused:
+    """The CUDA product of one packed weight: validated device operands, the input rotation,
+    and the OPQ correction of the fused kernel (as :class:`_Fused`). Up to
+    ``min(fused_max_tokens, 16)`` tokens run the fused matvec; more decode the weight (rotated,
+    outliers included) into the shared workspace and call ``F.linear`` (cuBLAS)."""
+
+    def __init__(
+        self, ops: _cuda_blockwise.BlockOperands, rows: int, cols: int, rotation: int | None,
+        correction: tuple[torch.Tensor, ...] | None,
+    ) -> None:  # fmt: skip
+        self.ops, self.rows, self.cols = ops, rows, cols
+        self.rotation, self.correction = rotation, correction
+        self.fusable = _cuda_blockwise.fusable(ops, rows, cols)
+
+    @classmethod
+    def of(cls, packed: PackedTensor) -> _CudaFused:
+        ops = packed.cuda_operands()
+        rows, cols = (int(d) for d in packed.shape)
+        correction = None
+        if ops.outlier_indices is not None and ops.outlier_indices.numel():
+            flat = _cuda_blockwise.wide_indices(ops.outlier_indices)
+            plain = _cuda_blockwise.BlockOperands(
+                ops.codes, ops.scales, ops.params, ops.scale_fmt, ops.levels, ops.numel,
+                ops.block_size, None, None,
+            )  # fmt: skip
+            base = _cuda_blockwise.dequantize(plain, torch.float32)[flat]
+            assert ops.outlier_values is not None
+            delta = ops.outlier_values.float() - base
+            correction = (flat // cols, flat % cols, delta)
+        return cls(ops, rows, cols, packed.rotation, correction)
+
+    def apply(self, rows: torch.Tensor, fused_max_tokens: int) -> torch.Tensor:
+        """``rows @ W.T`` for 2-D CUDA ``rows``, in ``rows.dtype``."""
+        tokens = rows.shape[0]
+        kind = _cuda_blockwise.kind(rows.dtype)
+        limit = min(fused_max_tokens, _cuda_blockwise.MAX_FUSED_TOKENS)
+        if self.fusable and kind is not None and 1 <= tokens <= limit:
+            x = rows
+            if self.rotation is not None:
+                x = hadamard_groups(rows.detach().float().contiguous(), self.rotation)
+            y = _cuda_blockwise.matvec(self.ops, x.contiguous(), self.rows, self.cols)
+            if self.correction is not None:
+                out_rows, in_cols, delta = self.correction
+                y = y.float()
+                y.index_add_(1, out_rows, x.float()[:, in_cols] * delta)
+            return y.to(rows.dtype)
+        if self.rotation is None:
+            return _cuda_blockwise.decoded_linear(self.ops, rows.detach(), self.rows, self.cols)
+        compute = rows.dtype if kind is not None else torch.float32
+        x_rot = hadamard_groups(rows.detach().float().contiguous(), self.rotation).to(compute)
+        return _cuda_blockwise.decoded_linear(self.ops, x_rot, self.rows, self.cols).to(rows.dtype)

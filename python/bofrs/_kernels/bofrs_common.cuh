@@ -1,0 +1,1 @@
+../../../cuda/bofrs_common.cuh

@@ -1,0 +1,1 @@
+../../../cuda/dequant.cu

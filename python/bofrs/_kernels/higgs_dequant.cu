@@ -1,0 +1,1 @@
+../../../cuda/higgs_dequant.cu
