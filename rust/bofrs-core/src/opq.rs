@@ -207,13 +207,38 @@ impl Threshold {
     /// test would find `max_abs^2 <= limit2` (see [`FilterBound`]); never for non-finite sums.
     #[inline(always)]
     pub fn provably_clean(&self, max_abs: f32, s32: f32, ss32: f32, bound: &FilterBound) -> bool {
+        let max = max_abs as f64;
+        self.bracket(s32, ss32, bound)
+            .is_some_and(|(lo, _)| max * max <= lo)
+    }
+
+    /// Bounds `(lo, hi)` on the exact limit of a block ([`Threshold::limit2`] of its
+    /// [`block_sums`]) from the same f32 sums as [`Threshold::provably_clean`]:
+    /// `lo <= limit2 <= hi` when `lo >= 0`; `lo < 0` when the sums prove no lower bound above 0
+    /// (nothing is then known about `limit2 > 0`). `None` for non-finite sums.
+    ///
+    /// Upper side (notation of [`FilterBound`]): `|S - s| <= b := nT + e sqrt(n SS_hi)`, so
+    /// `S^2 >= (|s| - b)^2 >= s^2 (1-e) - b^2 (1/e - 1)` (by `2ab <= e a^2 + b^2 / e`; the bound
+    /// is negative when `|s| < b`) `>= s^2 (1-e) - 2 n^2 T^2 / e - 2 e n SS_hi`, and
+    /// `M2 <= SS_hi (1 + 2e) + 2 n T^2 / e - s^2 (1-e) / n`; `3e-12 SS_hi` covers the f64
+    /// rounding of the exact path (as on the lower side) and of this bound, a factor
+    /// `1 + 1e-12` that of the product: `m2_hi = ss h_ss + h_0 - s^2 h_a`.
+    #[inline(always)]
+    pub fn bracket(&self, s32: f32, ss32: f32, bound: &FilterBound) -> Option<(f64, f64)> {
+        // Overflowed sums (inf, or NaN from inf - inf) prove nothing.
+        if !(s32.is_finite() && ss32.is_finite()) {
+            return None;
+        }
         let (s, ss) = (s32 as f64, ss32 as f64);
         let a = s.abs() + bound.c_tiny;
         let m2_lo = ss * bound.c_ss - a * a * bound.c_a - bound.c_0;
-        let max = max_abs as f64;
-        // Overflowed sums (inf, or NaN from inf - inf) prove nothing.
-        let finite = s32.is_finite() && ss32.is_finite();
-        finite && m2_lo > 0.0 && max * max <= m2_lo * self.factor * (1.0 - 1e-12)
+        let lo = if m2_lo > 0.0 {
+            m2_lo * self.factor * (1.0 - 1e-12)
+        } else {
+            -1.0
+        };
+        let m2_hi = ss * bound.h_ss + bound.h_0 - s * s * bound.h_a;
+        Some((lo, m2_hi.max(0.0) * self.factor * (1.0 + 1e-12)))
     }
 
     /// `(sigma * t)^2` from a block's shifted sums ([`block_sums`]).
@@ -239,6 +264,12 @@ pub struct FilterBound {
     c_a: f64,
     c_0: f64,
     c_tiny: f64,
+    /// Upper bound ([`Threshold::bracket`]): `(1 + 2e + 3e-12) / (1 - e)`.
+    h_ss: f64,
+    /// `nT (1 + 2e + 3e-12) + 2 n T^2 / e`.
+    h_0: f64,
+    /// `(1 - e) / n`.
+    h_a: f64,
 }
 
 impl FilterBound {
@@ -256,8 +287,26 @@ impl FilterBound {
             c_a: (1.0 + e) / nf,
             c_0: nt / (1.0 + e) + slack * nt,
             c_tiny: nt,
+            h_ss: (1.0 + 2.0 * e + 3e-12) / (1.0 - e),
+            h_0: nt * (1.0 + 2.0 * e + 3e-12) + 2.0 * nf * TINY * TINY / e,
+            h_a: (1.0 - e) / nf,
         }
     }
+}
+
+/// f32 thresholds `(t_lo, t_hi)` for bounds `0 < lo <= limit2 <= hi` ([`Threshold::bracket`]):
+/// `t_lo^2 <= lo` and `t_hi^2 >= hi` (exact f64 squares of f32), so for every finite f32 `x`,
+/// `|x| <= t_lo` proves `x * x <= limit2` (kept) and `|x| > t_hi` proves `x * x > limit2`
+/// (outlier); only values in between need the exact limit. `None` when `lo <= 0` or a
+/// rounded threshold misses its side (then the exact limit decides).
+#[inline(always)]
+pub fn f32_bracket(lo: f64, hi: f64) -> Option<(f32, f32)> {
+    const NARROW: f64 = 1.0 - 1.0 / (1u64 << 22) as f64;
+    const WIDEN: f64 = 1.0 + 1.0 / (1u64 << 22) as f64;
+    let t_lo = (lo.sqrt() * NARROW) as f32;
+    let t_hi = (hi.sqrt() * WIDEN) as f32;
+    let square = |t: f32| (t as f64) * (t as f64);
+    (lo > 0.0 && square(t_lo) <= lo && square(t_hi) >= hi).then_some((t_lo, t_hi))
 }
 
 /// Accumulator lanes of [`block_sums`].
@@ -409,6 +458,24 @@ pub fn signed_scale_within<E: Element>(block: &[E], limit2: f64, max: f32) -> f3
         .map(|v| v.to_f32())
         .find(|&x| x.abs() == max && kept(x))
         .unwrap_or(0.0)
+}
+
+/// [`signed_scale_within`] with the outliers given by their mask (as [`scan`] marks them)
+/// instead of the limit: the same result when the mask is the scan's.
+#[inline(always)]
+pub fn signed_scale_masked<E: Element>(block: &[E], mask: &[u64; MASK_WORDS], max: f32) -> f32 {
+    let kept = |i: usize| mask[i / 64] >> (i % 64) & 1 == 0;
+    if max == 0.0 {
+        return match block.first() {
+            Some(v) if kept(0) => v.to_f32(),
+            _ => 0.0,
+        };
+    }
+    block
+        .iter()
+        .enumerate()
+        .find(|&(i, v)| v.to_f32().abs() == max && kept(i))
+        .map_or(0.0, |(_, v)| v.to_f32())
 }
 
 #[cfg(test)]
