@@ -82,7 +82,11 @@ fn main() {
     if let Some(only) = std::env::args().nth(2) {
         let ex = variants.iter().find(|v| v.0 == only).unwrap().1;
         let dq = ex.double_quant;
-        for _ in 0..60 {
+        let iterations = std::env::var("ITERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60);
+        for _ in 0..iterations {
             let b = PackBuffers {
                 codes: &mut codes,
                 scales: &mut scales,

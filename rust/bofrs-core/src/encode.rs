@@ -366,43 +366,50 @@ fn run_task<E: Element, K: Kernel>(
     // The first block whose outliers cannot be stored, with the error.
     let mut outlier_error = None;
     if let Some(opq) = &context.opq {
-        let mut mask = [0u64; MASK_WORDS];
-        'blocks: for (w, &word) in suspects.iter().enumerate() {
+        // The f32 thresholds of every suspect block first (a loop without unpredictable
+        // branches, so the latency of successive blocks overlaps), then their outliers.
+        let mut plans = Vec::with_capacity(suspects.iter().map(|w| w.count_ones() as usize).sum());
+        'words: for (w, &word) in suspects.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {
                 let b = w * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
                 if b >= finite_blocks {
-                    break 'blocks;
+                    break 'words;
                 }
-                let start = b * bs;
-                let block = &input[start..input.len().min(start + bs)];
-                let lengths = opq.for_length(block.len(), bs);
+                let len = bs.min(input.len() - b * bs);
+                let (threshold, bound) = opq.for_length(len, bs);
                 let max_abs = out.scales[b].abs();
-                let sums = filter_sums[b];
-                let Some(max) = outliers_of_block(kernel, block, max_abs, sums, lengths, &mut mask)
-                else {
-                    continue;
-                };
-                let first_index = first_block * bs + start;
-                let options = &opq.options;
-                let stored = collect(
-                    block,
-                    &mask,
-                    options,
-                    first_index,
-                    E::MAX_FINITE,
-                    &mut outliers,
-                );
-                if let Err(err) = stored {
-                    outlier_error = Some((b, err));
-                    break 'blocks;
-                }
-                out.scales[b] = match norm {
-                    Normalization::Absmax => max,
-                    Normalization::SignedAbsmax => kernel.signed_masked(block, &mask, max),
-                };
+                plans.push((b, f32_thresholds(threshold, bound, filter_sums[b], max_abs)));
             }
+        }
+        outliers.reserve(2 * plans.len());
+        let mut mask = [0u64; MASK_WORDS];
+        for (b, plan) in plans {
+            let start = b * bs;
+            let block = &input[start..input.len().min(start + bs)];
+            let (threshold, _) = opq.for_length(block.len(), bs);
+            let Some(max) = outliers_of_block(kernel, block, plan, threshold, &mut mask) else {
+                continue;
+            };
+            let first_index = first_block * bs + start;
+            let options = &opq.options;
+            let stored = collect(
+                block,
+                &mask,
+                options,
+                first_index,
+                E::MAX_FINITE,
+                &mut outliers,
+            );
+            if let Err(err) = stored {
+                outlier_error = Some((b, err));
+                break;
+            }
+            out.scales[b] = match norm {
+                Normalization::Absmax => max,
+                Normalization::SignedAbsmax => kernel.signed_masked(block, &mask, max),
+            };
         }
     }
     let stored_blocks = outlier_error.as_ref().map_or(finite_blocks, |e| e.0);
@@ -468,39 +475,42 @@ fn run_task<E: Element, K: Kernel>(
     Ok(outliers)
 }
 
-/// Finds the OPQ outliers of a finite block with largest magnitude `max_abs` and the kernel's
-/// [`Kernel::f32_sums`] `filter_sums`: `None` when it
-/// has none; else marks them in `mask` (exactly as [`scan`] at the block's exact limit) and
-/// returns the largest magnitude of the other values (0 when all are outliers).
+/// The f32 thresholds `(t_lo, t_hi)` ([`f32_bracket`]) that decide the outliers of a block
+/// the filter did not clear, from its largest magnitude and the kernel's [`Kernel::f32_sums`];
+/// `None` when they cannot (no sums, no positive lower bound, or the largest magnitude between
+/// them): then the exact f64 sums decide.
+#[inline(always)]
+fn f32_thresholds(
+    threshold: &Threshold,
+    bound: &FilterBound,
+    filter_sums: Option<(f32, f32)>,
+    max_abs: f32,
+) -> Option<(f32, f32)> {
+    let (s, q) = filter_sums?;
+    let (lo, hi) = threshold.bracket(s, q, bound)?;
+    f32_bracket(lo, hi).filter(|&(_, t_hi)| max_abs > t_hi)
+}
+
+/// Finds the OPQ outliers of a finite block: `None` when it has none; else marks them in
+/// `mask` (exactly as [`scan`] at the block's exact limit) and returns the largest magnitude of
+/// the other values (0 when all are outliers).
 ///
-/// Most blocks are decided from f32 sums ([`Threshold::bracket`]): clean when the largest
-/// magnitude is below the lower bound of the limit, else one pass marks the values above the
-/// upper bound, unless a value falls between the bounds. Only those blocks, and kernels without
-/// f32 sums, take the exact f64 sums.
+/// With thresholds from [`f32_thresholds`] one pass marks the values above `t_hi`, unless a
+/// value falls between the two; only then, and without thresholds, the exact f64 sums decide.
 #[inline(always)]
 fn outliers_of_block<E: Element, K: Kernel>(
     kernel: &K,
     block: &[E],
-    max_abs: f32,
-    filter_sums: Option<(f32, f32)>,
-    (threshold, bound): &(Threshold, FilterBound),
+    thresholds: Option<(f32, f32)>,
+    threshold: &Threshold,
     mask: &mut [u64; MASK_WORDS],
 ) -> Option<f32> {
-    let max = max_abs as f64;
-    if let Some((s, q)) = filter_sums {
-        if let Some((lo, hi)) = threshold.bracket(s, q, bound) {
-            if max * max <= lo {
-                return None;
-            }
-            if let Some((t_lo, t_hi)) = f32_bracket(lo, hi) {
-                if max_abs > t_hi {
-                    if let Some(kept) = kernel.split(block, t_lo, t_hi, mask) {
-                        return Some(kept);
-                    }
-                }
-            }
+    if let Some((t_lo, t_hi)) = thresholds {
+        if let Some(kept) = kernel.split(block, t_lo, t_hi, mask) {
+            return Some(kept);
         }
     }
+    let max = E::abs_bits_to_f32(kernel.max_abs_bits(block)) as f64;
     let limit2 = threshold.limit2(kernel.sums(block));
     if !(limit2 > 0.0 && max * max > limit2) {
         return None;
@@ -771,6 +781,9 @@ mod x86 {
         if !known::<E>() || block.is_empty() || block.len() % 64 != 0 {
             return None;
         }
+        if TypeId::of::<E>() == TypeId::of::<Bf16>() {
+            return split_bf16(block, t_lo, t_hi, mask);
+        }
         let (lo, hi) = (_mm256_set1_ps(t_lo), _mm256_set1_ps(t_hi));
         let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         let mut acc = _mm256_setzero_ps();
@@ -791,6 +804,56 @@ mod x86 {
             return None;
         }
         Some(hmax(acc))
+    }
+
+    /// [`split_avx2`] for bfloat16, 16 values at a time on the magnitude bits: for a bfloat16
+    /// `x` and an f32 `t >= 0`, `|x| > t` iff `abs_bits(x) > B`, `B` the bits of the largest
+    /// bfloat16 `<= t` (`t` truncated), and magnitude bits order like the magnitudes.
+    #[inline(always)]
+    unsafe fn split_bf16<E: Element>(
+        block: &[E],
+        t_lo: f32,
+        t_hi: f32,
+        mask: &mut [u64; MASK_WORDS],
+    ) -> Option<f32> {
+        let below = |t: f32| _mm256_set1_epi16((t.to_bits() >> 16) as i16);
+        let (lo, hi) = (below(t_lo), below(t_hi));
+        let abs = _mm256_set1_epi16(0x7fff);
+        let mut acc = _mm256_setzero_si256();
+        let mut between = _mm256_setzero_si256();
+        let p = block.as_ptr() as *const __m256i;
+        for (w, word) in mask[..block.len() / 64].iter_mut().enumerate() {
+            let mut out = [_mm256_setzero_si256(); 4];
+            for (k, o) in out.iter_mut().enumerate() {
+                // Finite magnitudes are at most 0x7f7f: positive as i16.
+                let v = _mm256_and_si256(_mm256_loadu_si256(p.add(w * 4 + k)), abs);
+                *o = _mm256_cmpgt_epi16(v, hi);
+                let above_lo = _mm256_cmpgt_epi16(v, lo);
+                between = _mm256_or_si256(between, _mm256_andnot_si256(*o, above_lo));
+                acc = _mm256_max_epu16(acc, _mm256_andnot_si256(*o, v));
+            }
+            // Bytes [a0-7, b0-7 | a8-15, b8-15] -> [a0-15, b0-15]: one bit per value, in order.
+            let bits = |a: __m256i, b: __m256i| {
+                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(a, b));
+                _mm256_movemask_epi8(packed) as u32 as u64
+            };
+            *word = bits(out[0], out[1]) | (bits(out[2], out[3]) << 32);
+        }
+        if _mm256_testz_si256(between, between) == 0 {
+            return None;
+        }
+        // Largest u16 lane: widen to u32 lanes and reduce.
+        let wide = _mm256_max_epu32(
+            _mm256_unpacklo_epi16(acc, _mm256_setzero_si256()),
+            _mm256_unpackhi_epi16(acc, _mm256_setzero_si256()),
+        );
+        let quad = _mm_max_epu32(
+            _mm256_castsi256_si128(wide),
+            _mm256_extracti128_si256::<1>(wide),
+        );
+        let pair = _mm_max_epu32(quad, _mm_shuffle_epi32::<0b01_00_11_10>(quad));
+        let one = _mm_max_epu32(pair, _mm_shuffle_epi32::<0b10_11_00_01>(pair));
+        Some(E::abs_bits_to_f32(_mm_cvtsi128_si32(one) as u32))
     }
 
     /// Largest lane of a vector of non-negative values.
@@ -893,21 +956,36 @@ mod x86 {
         let vk = _mm256_set1_ps(block[0].to_f32());
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let (mut q0, mut q1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let bf16 = kind == TypeId::of::<Bf16>();
         for i in 0..block.len() / 16 {
             let p = block.as_ptr().add(i * 16);
-            let d0 = _mm256_sub_ps(load8(p), vk);
-            let d1 = _mm256_sub_ps(load8(p.add(8)), vk);
+            let (v0, v1) = if bf16 {
+                // bfloat16 bits in the high half of each 32-bit lane are the f32 values (in
+                // another order than load8's, which the sums do not care about).
+                let raw = _mm256_loadu_si256(p as *const __m256i);
+                let zero = _mm256_setzero_si256();
+                (
+                    _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)),
+                    _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw)),
+                )
+            } else {
+                (load8(p), load8(p.add(8)))
+            };
+            let d0 = _mm256_sub_ps(v0, vk);
+            let d1 = _mm256_sub_ps(v1, vk);
             s0 = _mm256_add_ps(s0, d0);
             s1 = _mm256_add_ps(s1, d1);
             q0 = _mm256_fmadd_ps(d0, d0, q0);
             q1 = _mm256_fmadd_ps(d1, d1, q1);
         }
-        let hsum = |v: __m256| {
-            let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-            _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps::<0b01>(x, x)))
-        };
-        Some((hsum(_mm256_add_ps(s0, s1)), hsum(_mm256_add_ps(q0, q1))))
+        // [s, s, q, q | s, s, q, q] -> [s, s, q, q] -> [s, q, s, q].
+        let h = _mm256_hadd_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(q0, q1));
+        let x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let x = _mm_hadd_ps(x, x);
+        Some((
+            _mm_cvtss_f32(x),
+            _mm_cvtss_f32(_mm_shuffle_ps::<0b01>(x, x)),
+        ))
     }
 
     /// [`crate::opq::block_sums`] with the sixteen f64 lanes in four registers (values

@@ -27,7 +27,7 @@
 //! sums, and test values in f32 against [`f32_limit`], which is exactly equivalent.
 
 use crate::codebook::Normalization;
-use crate::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Element};
+use crate::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Bf16, Element};
 use crate::error::{Error, Result};
 use crate::gauss::{normal_cdf, normal_pdf};
 
@@ -369,6 +369,10 @@ pub fn scan<E: Element>(block: &[E], limit2: f64, mask: &mut [u64; MASK_WORDS]) 
 
 /// Appends the values a [`scan`] marked as outliers (flat indices from `first_index`, values
 /// stored per [`OutlierDType::store`]) and returns how many there were.
+///
+/// For bfloat16 values stored as bfloat16 (the bits themselves), the first four of each mask
+/// word are taken without a data-dependent branch (a block rarely has more); the rest, and
+/// other types, one by one.
 #[inline(always)]
 pub fn collect<E: Element>(
     block: &[E],
@@ -378,25 +382,48 @@ pub fn collect<E: Element>(
     input_max: f32,
     out: &mut Vec<Outlier>,
 ) -> Result<usize> {
+    const UNROLL: usize = 4;
     let before = out.len();
+    // bfloat16 values stored as bfloat16: the bits themselves (what `store` returns for them).
+    let same_bits = std::any::TypeId::of::<E>() == std::any::TypeId::of::<Bf16>()
+        && opq.dtype == OutlierDType::BFloat16;
+    let stored = |i: usize| {
+        let x = block[i].to_f32();
+        opq.dtype
+            .store(x, input_max)
+            .ok_or_else(|| Error::InvalidArgument {
+                name: "outlier_dtype",
+                message: format!(
+                    "outlier {x:e} at flat index {} is beyond the float16 range; \
+                 use outlier_dtype='bfloat16'",
+                    first_index + i
+                ),
+            })
+    };
     for (w, &word) in mask[..block.len().div_ceil(64)].iter().enumerate() {
         let mut bits = word;
+        if same_bits {
+            // No conversion, no error: the first four without a data-dependent branch.
+            out.reserve(UNROLL);
+            let len = out.len();
+            let spare = &mut out.spare_capacity_mut()[..UNROLL];
+            let mut taken = 0;
+            for _ in 0..UNROLL {
+                // With no bit left this reads value `w * 64` (in the block) and takes nothing.
+                let i = w * 64 + (bits.trailing_zeros() as usize & 63);
+                let value = (block[i].to_f32().to_bits() >> 16) as u16;
+                spare[taken].write(((first_index + i) as u64, value));
+                taken += (bits != 0) as usize;
+                bits &= bits.wrapping_sub(1);
+            }
+            // SAFETY: the first `taken` spare slots were written above (slot `taken` is
+            // written at every step, and `taken` only grows past a written slot).
+            unsafe { out.set_len(len + taken) };
+        }
         while bits != 0 {
             let i = w * 64 + bits.trailing_zeros() as usize;
             bits &= bits - 1;
-            let x = block[i].to_f32();
-            let index = first_index + i;
-            let stored = opq
-                .dtype
-                .store(x, input_max)
-                .ok_or_else(|| Error::InvalidArgument {
-                    name: "outlier_dtype",
-                    message: format!(
-                        "outlier {x:e} at flat index {index} is beyond the float16 range; \
-                     use outlier_dtype='bfloat16'"
-                    ),
-                })?;
-            out.push((index as u64, stored));
+            out.push(((first_index + i) as u64, stored(i)?));
         }
     }
     Ok(out.len() - before)
