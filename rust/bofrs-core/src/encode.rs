@@ -171,9 +171,10 @@ pub fn pack_ext_with_isa<E: Element>(
             .collect()
     });
     // Tasks are in flat order and each stops at its first bad block.
-    let mut outliers = Vec::new();
-    for result in results {
-        outliers.extend(result?);
+    let parts = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let mut outliers = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for part in parts {
+        outliers.extend(part);
     }
     Ok(outliers)
 }
@@ -1289,6 +1290,60 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn split_kernels_match_the_scan() {
+        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        use crate::opq::{f32_limit, raw_scale_within, scan, signed_scale_within};
+        if !Isa::Avx2.is_supported() {
+            return;
+        }
+        fn check<E: Element>(x: &[E]) {
+            for pick in [0usize, 5, x.len() - 1] {
+                let v = x[pick].to_f32() as f64;
+                for limit2 in [v * v, v * v * (1.0 + 1e-7), v * v * (1.0 - 1e-7), 1e-3] {
+                    let t32 = f32_limit(limit2);
+                    let mut want = [0u64; MASK_WORDS];
+                    scan(x, limit2, &mut want);
+                    let mut got = [0u64; MASK_WORDS];
+                    // SAFETY: AVX2 checked by the caller.
+                    let kept = unsafe { x86::split_avx2(x, t32, t32, &mut got) };
+                    let kept = kept.expect("nothing lies strictly between equal thresholds");
+                    assert_eq!(got, want, "limit2={limit2}");
+                    let absmax = raw_scale_within(x, limit2, Normalization::Absmax);
+                    assert_eq!(kept.to_bits(), absmax.to_bits());
+                    let signed = raw_scale_within(x, limit2, Normalization::SignedAbsmax);
+                    // SAFETY: as above.
+                    let got_signed = unsafe { x86::signed_masked_avx2(x, &got, kept) };
+                    assert_eq!(got_signed.to_bits(), signed.to_bits());
+                    assert_eq!(
+                        signed_scale_within(x, limit2, kept).to_bits(),
+                        signed.to_bits()
+                    );
+                    // A value strictly between the thresholds: undecided.
+                    let m = x[pick].to_f32().abs();
+                    if m > 0.0 {
+                        let below = f32::from_bits(m.to_bits() - 1);
+                        // SAFETY: as above.
+                        let undecided = unsafe { x86::split_avx2(x, below, m, &mut got) };
+                        assert!(undecided.is_none());
+                    }
+                }
+            }
+        }
+        for n in [64usize, 128, 4096] {
+            let mut x = lcg(n, 5 + n as u64);
+            for i in (3..n).step_by(29) {
+                x[i] *= 30.0;
+            }
+            x[n / 2] = -x[3]; // a tie of magnitudes with opposite signs
+            let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect();
+            let xh: Vec<F16> = x.iter().map(|&v| F16(f32_to_f16(v))).collect();
+            check(&x);
+            check(&xb);
+            check(&xh);
         }
     }
 

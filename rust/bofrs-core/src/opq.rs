@@ -508,7 +508,7 @@ pub fn signed_scale_masked<E: Element>(block: &[E], mask: &[u64; MASK_WORDS], ma
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::element::{Bf16, F16};
+    use crate::element::F16;
 
     #[test]
     fn upper_quantile_inverts_the_tail() {
@@ -610,6 +610,93 @@ mod tests {
         }
         // Gaussian-like blocks without an outlier: nearly all cleared by the filter.
         assert!(plain_cleared * 10 > plain * 9, "{plain_cleared} of {plain}");
+    }
+
+    #[test]
+    fn bracket_contains_the_exact_limit() {
+        let mut state = 11u64;
+        let mut rand = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut decided = 0;
+        for trial in 0..20000 {
+            let n = [64usize, 16, 37, 4096][trial % 4];
+            let (th, bound) = (Threshold::new(n, 0.95), FilterBound::new(n));
+            let offset = [0.0, 100.0, 1e6, -3.0][(trial / 4) % 4] as f32;
+            let scale = [1.0f32, 1e-20, 1e-40, 1e30][(trial / 16) % 4];
+            let heavy = (trial / 64) % 2 == 1;
+            let x: Vec<f32> = (0..n)
+                .map(|_| {
+                    let u = (rand() - 0.5) * 3.46;
+                    let v = if heavy {
+                        u / rand().max(1e-3).powf(0.25)
+                    } else {
+                        u
+                    };
+                    v as f32 * scale + offset * scale
+                })
+                .collect();
+            let exact = th.limit2(block_sums(&x));
+            let (s32, ss32) = f32_sums(&x);
+            let Some((lo, hi)) = th.bracket(s32, ss32, &bound) else {
+                continue;
+            };
+            assert!(exact <= hi, "trial {trial}: limit {exact} above {hi}");
+            if lo >= 0.0 {
+                assert!(lo <= exact, "trial {trial}: limit {exact} below {lo}");
+            }
+            if let Some((t_lo, t_hi)) = f32_bracket(lo, hi) {
+                decided += 1;
+                assert!(exact > 0.0 && t_lo <= t_hi);
+                // Every value is decided the same way by the thresholds and the exact limit.
+                for &v in &x {
+                    let outlier = (v as f64) * (v as f64) > exact;
+                    if v.abs() <= t_lo {
+                        assert!(!outlier, "trial {trial}");
+                    }
+                    if v.abs() > t_hi {
+                        assert!(outlier, "trial {trial}");
+                    }
+                }
+            }
+        }
+        assert!(decided > 10000, "{decided}");
+    }
+
+    #[test]
+    fn collect_takes_every_marked_value_in_order() {
+        // bfloat16 (bit copy, four per word without branches, then the rest) against float32
+        // (the general path) on the same values, 0 to 64 marked per word.
+        let x: Vec<f32> = (0..256).map(|i| (i as f32 - 100.5) * 1.25).collect();
+        let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect();
+        let opq = OpqOptions::new(0.95, OutlierDType::BFloat16).unwrap();
+        for marked in [0usize, 1, 3, 4, 5, 9, 63, 64] {
+            for len in [256usize, 200, 64] {
+                let mut mask = [0u64; MASK_WORDS];
+                for w in 0..len.div_ceil(64) {
+                    for k in 0..marked {
+                        let i = w * 64 + (k * 37 + w) % 64;
+                        if i < len {
+                            mask[w] |= 1 << (i % 64);
+                        }
+                    }
+                }
+                let (mut a, mut b) = (Vec::new(), vec![(7, 7)]);
+                let na = collect(&xb[..len], &mask, &opq, 1000, Bf16::MAX_FINITE, &mut a).unwrap();
+                let xf: Vec<f32> = xb[..len].iter().map(|v| v.to_f32()).collect();
+                let nb = collect(&xf, &mask, &opq, 1000, f32::MAX, &mut b).unwrap();
+                assert_eq!((na, nb), (a.len(), b.len() - 1));
+                assert_eq!(a, b[1..], "marked={marked} len={len}");
+                let want: Vec<u64> = (0..len)
+                    .filter(|&i| mask[i / 64] >> (i % 64) & 1 == 1)
+                    .map(|i| 1000 + i as u64)
+                    .collect();
+                assert_eq!(a.iter().map(|o| o.0).collect::<Vec<_>>(), want);
+            }
+        }
     }
 
     #[test]
