@@ -676,11 +676,11 @@ mod tests {
         for marked in [0usize, 1, 3, 4, 5, 9, 63, 64] {
             for len in [256usize, 200, 64] {
                 let mut mask = [0u64; MASK_WORDS];
-                for w in 0..len.div_ceil(64) {
+                for (w, word) in mask[..len.div_ceil(64)].iter_mut().enumerate() {
                     for k in 0..marked {
                         let i = w * 64 + (k * 37 + w) % 64;
                         if i < len {
-                            mask[w] |= 1 << (i % 64);
+                            *word |= 1 << (i % 64);
                         }
                     }
                 }
