@@ -312,3 +312,89 @@ def test_numpy_inputs_and_quantile() -> None:
     packed = bofrs.pack(values, "nf4", 64, opq=np.float64(0.95))
     assert_matches(packed, expected(torch.from_numpy(values), "nf4", 64, "bfloat16", 0.95))
     assert packed.outliers is not None and packed.outliers.q == 0.95
+
+
+def llm_mix(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Student-t(4) rows with a few large outlier channels (columns scaled by 20)."""
+    rng = np.random.default_rng(seed)
+    values = rng.standard_t(4, (rows, cols))
+    values[:, rng.choice(cols, max(1, cols // 64), replace=False)] *= 20.0
+    return torch.from_numpy(values).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("block_size", [64, 128, 256, 4096])
+def test_fast_paths_match_reference_on_heavy_tails(dtype: torch.dtype, block_size: int, isa: str) -> None:
+    """Block sizes that are multiples of 64 take the vector filter, the f32 bracket of the limit
+    and the branch-free outlier collection: same outliers as the reference, odd sizes and tails."""
+    for w in (heavy(block_size * 40 + 17, dtype, seed=block_size), llm_mix(37, 3 * block_size + 5, dtype, 9)):
+        for codebook in ("nf4", BOF4S):
+            for scale_dtype in ("bfloat16", "dq8"):
+                want = expected(w, codebook, block_size, scale_dtype, 0.95)
+                assert want.outlier_indices.size > 10
+                packed = bofrs.pack(w, codebook, block_size, scale_dtype=scale_dtype, opq=0.95, isa=isa)
+                assert_matches(packed, want, (dtype,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_edge_blocks_of_64(dtype: torch.dtype, isa: str) -> None:
+    """All outliers, all zero, many outliers in one block, ties, signed ties, a one-block tensor."""
+    rng = np.random.default_rng(12)
+    many = rng.standard_normal(64) * 0.01
+    many[::13] = [50.0, -50.0, 50.0, -50.0, 50.0]  # five outliers in one mask word (more than four)
+    tie = rng.standard_normal(64)
+    tie[[3, 40]] = [30.0, -30.0]  # two equal magnitudes: both outliers or neither
+    signed_tie = rng.standard_normal(64) * 0.1
+    signed_tie[[7, 20]] = [-1.5, 1.5]  # the kept maximum's sign: the first one wins
+    signed_tie[50] = 40.0
+    blocks = [
+        100.0 + rng.standard_normal(64) * 1e-3,  # every value an outlier
+        np.zeros(64),
+        np.full(64, 3.0),
+        many,
+        tie,
+        signed_tie,
+        np.r_[1e3, rng.standard_normal(63)],  # outlier at the shift position
+        rng.standard_normal(64),
+    ]
+    values = np.concatenate(blocks)
+    for w in (torch.from_numpy(values).to(dtype), torch.from_numpy(values[-128:-64]).to(dtype)):
+        for codebook in ("nf4", BOF4S):
+            want = expected(w, codebook, 64, "bfloat16", 0.95)
+            assert_matches(bofrs.pack(w, codebook, 64, opq=0.95, isa=isa), want, (dtype,))
+    want = expected(torch.from_numpy(values).float(), BOF4S, 64, "bfloat16", 0.95)
+    idx = set(want.outlier_indices.tolist())
+    assert set(range(64)) <= idx and not idx & set(range(64, 192))
+    assert {192 + i for i in range(0, 64, 13)} <= idx
+    assert {259, 296} <= idx or not {259, 296} & idx
+    assert 370 in idx and not {327, 340} & idx
+    assert float(want.scales[5]) < 0, "signed scale of the first kept maximum"
+
+
+def test_first_error_in_flat_order(isa: str) -> None:
+    """An outlier beyond float16 in an earlier block wins over a NaN in a later one, and the other
+    way round (the core finds them in different passes)."""
+    w = torch.randn(64 * 20)
+    w[64 * 3 + 5] = 1e6
+    w[64 * 9 + 2] = float("nan")
+    with pytest.raises(ValueError, match=r"outlier_dtype.*flat index 197"):
+        bofrs.pack(w, "nf4", 64, opq=0.95, outlier_dtype="float16", isa=isa)
+    w[64 * 9 + 2] = 0.0
+    w[64 * 2 + 1] = float("inf")
+    with pytest.raises(ValueError, match="flat index 129"):
+        bofrs.pack(w, "nf4", 64, opq=0.95, outlier_dtype="float16", isa=isa)
+
+
+def test_native_returns_the_index_dtype() -> None:
+    """The native call emits indices in the final type (no conversion in Python)."""
+    from bofrs import _native
+    from bofrs._inputs import flatten_for_native
+
+    for n, want in ((1 << 16, np.uint16), ((1 << 16) + 1, np.uint32)):
+        flat = flatten_for_native(heavy(n, seed=13))
+        book = resolve("nf4", 64)
+        *_, indices, values = _native.pack_ext(
+            flat.data, flat.element, book.levels, 64, book.normalization, "bfloat16", 0.95
+        )
+        assert indices.dtype == want and indices.size == values.size > 0
+        assert (np.diff(indices.astype(np.int64)) > 0).all()

@@ -54,7 +54,7 @@ def pack_ext(
     npt.NDArray[np.float32],
     npt.NDArray[np.uint8] | None,
     npt.NDArray[np.float32] | None,
-    npt.NDArray[np.uint64],
+    npt.NDArray[np.uint16] | npt.NDArray[np.uint32] | npt.NDArray[np.uint64],
     npt.NDArray[np.uint16],
 ]: ...
 def unpack(

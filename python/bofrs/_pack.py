@@ -120,7 +120,8 @@ def pack(
     outliers = None
     if q is not None:
         outliers = Outliers(
-            torch.from_numpy(indices.astype(_NUMPY_INDEX[index_dtype(numel)])),
+            # Already of the index type (the native call picks the same); no copy then.
+            torch.from_numpy(indices.astype(_NUMPY_INDEX[index_dtype(numel)], copy=False)),
             torch.from_numpy(values.view(np.int16)).view(OUTLIER_DTYPES[outlier_dtype]),
             q,
         )

@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::layout::BlockLayout;
 use crate::opq::{
-    block_sums, collect, f32_limit, raw_scale_within, scan, FilterBound, OpqOptions, Outlier,
-    Threshold, MASK_WORDS,
+    block_sums, collect, f32_bracket, f32_limit, raw_scale_within, scan, signed_scale_masked,
+    FilterBound, OpqOptions, Outlier, Threshold, MASK_WORDS,
 };
 use crate::pool::{blocks_per_task, pool};
 use crate::scale::{max_abs_bits, raw_block_scale_from_max, ScaleDType};
@@ -171,9 +171,10 @@ pub fn pack_ext_with_isa<E: Element>(
             .collect()
     });
     // Tasks are in flat order and each stops at its first bad block.
-    let mut outliers = Vec::new();
-    for result in results {
-        outliers.extend(result?);
+    let parts = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let mut outliers = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for part in parts {
+        outliers.extend(part);
     }
     Ok(outliers)
 }
@@ -192,6 +193,18 @@ struct OpqContext {
     options: OpqOptions,
     full: (Threshold, FilterBound),
     tail: (Threshold, FilterBound),
+}
+
+impl OpqContext {
+    /// The constants for a block of `len` values (block size `bs`, or the partial last block).
+    #[inline(always)]
+    fn for_length(&self, len: usize, bs: usize) -> &(Threshold, FilterBound) {
+        if len == bs {
+            &self.full
+        } else {
+            &self.tail
+        }
+    }
 }
 
 /// The slices of the outputs one task writes.
@@ -217,6 +230,18 @@ trait Kernel {
     /// The raw scale without outliers, exactly as [`raw_scale_within`] computes it.
     fn raw_scale<T: Element>(&self, block: &[T], limit2: f64, t32: f32, norm: Normalization)
         -> f32;
+    /// For f32 thresholds from [`f32_bracket`]: when no value has `t_lo < |x| <= t_hi`, the
+    /// mask of `|x| > t_hi` (then exactly [`scan`]'s) and the largest `|x| <= t_hi` (the
+    /// absmax raw scale without outliers); `None` otherwise or where unsupported.
+    fn split<T: Element>(
+        &self,
+        block: &[T],
+        t_lo: f32,
+        t_hi: f32,
+        mask: &mut [u64; MASK_WORDS],
+    ) -> Option<f32>;
+    /// [`signed_scale_masked`].
+    fn signed_masked<T: Element>(&self, block: &[T], mask: &[u64; MASK_WORDS], max: f32) -> f32;
 }
 
 /// The portable kernels: the definition of the results.
@@ -255,6 +280,20 @@ impl Kernel for Portable<'_> {
     ) -> f32 {
         raw_scale_within(block, limit2, norm)
     }
+    #[inline(always)]
+    fn split<T: Element>(
+        &self,
+        _block: &[T],
+        _t_lo: f32,
+        _t_hi: f32,
+        _mask: &mut [u64; MASK_WORDS],
+    ) -> Option<f32> {
+        None
+    }
+    #[inline(always)]
+    fn signed_masked<T: Element>(&self, block: &[T], mask: &[u64; MASK_WORDS], max: f32) -> f32 {
+        signed_scale_masked(block, mask, max)
+    }
 }
 
 /// Dispatches one task to the kernel variant.
@@ -283,6 +322,12 @@ unsafe fn pack_task<E: Element>(
 
 /// One task: the raw scale of every block (after removing its outliers), the scales' storage
 /// rounding or double quantization, then the codes against the decoded scales.
+///
+/// In passes, so that the common case runs without unpredictable branches: every block's
+/// maximum, raw scale and (with OPQ) the cheap outlier filter; then only the blocks the filter
+/// could not clear (their outliers, raw scale without them); then the scales' storage; then
+/// every block's codes; then the outliers' codes set to the code of 0. Errors are those of
+/// the first bad block in flat order (within a block: non-finite value, outlier, scale).
 #[inline(always)]
 fn run_task<E: Element, K: Kernel>(
     kernel: &K,
@@ -293,48 +338,106 @@ fn run_task<E: Element, K: Kernel>(
 ) -> Result<Vec<Outlier>> {
     let options = context.options;
     let bs = options.block_size;
-    let mut outliers: Vec<Outlier> = Vec::new();
-    let mut mask = [0u64; MASK_WORDS];
+    let norm = options.normalization;
+    let blocks = out.scales.len();
+    let opq_blocks = if context.opq.is_some() { blocks } else { 0 };
+    // Blocks the filter did not clear, one bit each, and the filter's sums of every block.
+    let mut suspects = vec![0u64; opq_blocks.div_ceil(64)];
+    let mut filter_sums = vec![None; opq_blocks];
+    // Blocks before the first one with a non-finite value.
+    let mut finite_blocks = blocks;
     for (b, (block, scale)) in input.chunks(bs).zip(out.scales.iter_mut()).enumerate() {
-        let index = first_block + b;
-        let start = index * bs;
         let max_bits = kernel.max_abs_bits(block);
-        let mut raw = raw_block_scale_from_max(block, max_bits, options.normalization)
-            .map_err(|i| Error::NonFinite { index: start + i })?;
+        if max_bits >= E::NON_FINITE_ABS_BITS {
+            finite_blocks = b;
+            break;
+        }
+        // Cannot fail for a finite maximum.
+        *scale = raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0);
         if let Some(opq) = &context.opq {
-            let (threshold, bound) = if block.len() == bs {
-                &opq.full
-            } else {
-                &opq.tail
-            };
+            let (threshold, bound) = opq.for_length(block.len(), bs);
             let max_abs = E::abs_bits_to_f32(max_bits);
-            let clean = kernel
-                .f32_sums(block)
-                .is_some_and(|(s, q)| threshold.provably_clean(max_abs, s, q, bound));
-            if !clean {
-                let limit2 = threshold.limit2(kernel.sums(block));
-                let max = max_abs as f64;
-                if limit2 > 0.0 && max * max > limit2 {
-                    let t32 = f32_limit(limit2);
-                    kernel.scan(block, limit2, t32, &mut mask);
-                    let input_max = E::MAX_FINITE;
-                    collect(block, &mask, &opq.options, start, input_max, &mut outliers)?;
-                    raw = kernel.raw_scale(block, limit2, t32, options.normalization);
+            let sums = kernel.f32_sums(block);
+            let clean = sums.is_some_and(|(s, q)| threshold.provably_clean(max_abs, s, q, bound));
+            suspects[b / 64] |= (!clean as u64) << (b % 64);
+            filter_sums[b] = sums;
+        }
+    }
+    let mut outliers: Vec<Outlier> = Vec::new();
+    // The first block whose outliers cannot be stored, with the error.
+    let mut outlier_error = None;
+    if let Some(opq) = &context.opq {
+        // The f32 thresholds of every suspect block first (a loop without unpredictable
+        // branches, so the latency of successive blocks overlaps), then their outliers.
+        let mut plans = Vec::with_capacity(suspects.iter().map(|w| w.count_ones() as usize).sum());
+        'words: for (w, &word) in suspects.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let b = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if b >= finite_blocks {
+                    break 'words;
                 }
+                let len = bs.min(input.len() - b * bs);
+                let (threshold, bound) = opq.for_length(len, bs);
+                let max_abs = out.scales[b].abs();
+                plans.push((b, f32_thresholds(threshold, bound, filter_sums[b], max_abs)));
             }
         }
-        *scale = if context.double_quant {
-            raw
-        } else {
-            options
+        outliers.reserve(2 * plans.len());
+        let mut mask = [0u64; MASK_WORDS];
+        for (b, plan) in plans {
+            let start = b * bs;
+            let block = &input[start..input.len().min(start + bs)];
+            let (threshold, _) = opq.for_length(block.len(), bs);
+            let Some(max) = outliers_of_block(kernel, block, plan, threshold, &mut mask) else {
+                continue;
+            };
+            let first_index = first_block * bs + start;
+            let options = &opq.options;
+            let stored = collect(
+                block,
+                &mask,
+                options,
+                first_index,
+                E::MAX_FINITE,
+                &mut outliers,
+            );
+            if let Err(err) = stored {
+                outlier_error = Some((b, err));
+                break;
+            }
+            out.scales[b] = match norm {
+                Normalization::Absmax => max,
+                Normalization::SignedAbsmax => kernel.signed_masked(block, &mask, max),
+            };
+        }
+    }
+    let stored_blocks = outlier_error.as_ref().map_or(finite_blocks, |e| e.0);
+    if !context.double_quant {
+        for (b, scale) in out.scales[..stored_blocks].iter_mut().enumerate() {
+            let raw = *scale;
+            *scale = options
                 .scale_dtype
                 .store(raw, E::MAX_FINITE)
                 .ok_or(Error::ScaleOverflow {
-                    block: index,
+                    block: first_block + b,
                     value: raw,
                     dtype: options.scale_dtype.name(),
-                })?
-        };
+                })?;
+        }
+    }
+    if let Some((_, err)) = outlier_error {
+        return Err(err);
+    }
+    if finite_blocks < blocks {
+        let block = input.chunks(bs).nth(finite_blocks).unwrap_or_default();
+        let bad = block
+            .iter()
+            .position(|v| v.abs_bits() >= E::NON_FINITE_ABS_BITS);
+        return Err(Error::NonFinite {
+            index: (first_block + finite_blocks) * bs + bad.unwrap_or(0),
+        });
     }
     if context.double_quant {
         for ((scales, codes), params) in out
@@ -351,33 +454,71 @@ fn run_task<E: Element, K: Kernel>(
             ));
         }
     }
-    let zero = options.codebook.encode_one(0.0);
-    let mut next = 0;
-    for (b, ((block, codes), &scale)) in input
+    for ((block, codes), &scale) in input
         .chunks(bs)
         .zip(out.codes.chunks_mut(bs / 2))
         .zip(out.scales.iter())
-        .enumerate()
     {
-        let start = (first_block + b) * bs;
-        let end = (start + block.len()) as u64;
-        let from = next;
-        while next < outliers.len() && outliers[next].0 < end {
-            next += 1;
-        }
         kernel.encode(block, scale, codes);
-        // Outliers are coded as the value 0 (codes depend only on the value and the scale).
-        for &(index, _) in &outliers[from..next] {
-            let i = index as usize - start;
-            let byte = &mut codes[i / 2];
-            *byte = if i % 2 == 0 {
-                (*byte & 0x0f) | (zero << 4)
-            } else {
-                (*byte & 0xf0) | zero
-            };
-        }
+    }
+    // Outliers are coded as the value 0 (codes depend only on the value and the scale).
+    let zero = options.codebook.encode_one(0.0);
+    let task_start = (first_block * bs) as u64;
+    for &(index, _) in &outliers {
+        let i = (index - task_start) as usize;
+        let byte = &mut out.codes[i / 2];
+        *byte = if i % 2 == 0 {
+            (*byte & 0x0f) | (zero << 4)
+        } else {
+            (*byte & 0xf0) | zero
+        };
     }
     Ok(outliers)
+}
+
+/// The f32 thresholds `(t_lo, t_hi)` ([`f32_bracket`]) that decide the outliers of a block
+/// the filter did not clear, from its largest magnitude and the kernel's [`Kernel::f32_sums`];
+/// `None` when they cannot (no sums, no positive lower bound, or the largest magnitude between
+/// them): then the exact f64 sums decide.
+#[inline(always)]
+fn f32_thresholds(
+    threshold: &Threshold,
+    bound: &FilterBound,
+    filter_sums: Option<(f32, f32)>,
+    max_abs: f32,
+) -> Option<(f32, f32)> {
+    let (s, q) = filter_sums?;
+    let (lo, hi) = threshold.bracket(s, q, bound)?;
+    f32_bracket(lo, hi).filter(|&(_, t_hi)| max_abs > t_hi)
+}
+
+/// Finds the OPQ outliers of a finite block: `None` when it has none; else marks them in
+/// `mask` (exactly as [`scan`] at the block's exact limit) and returns the largest magnitude of
+/// the other values (0 when all are outliers).
+///
+/// With thresholds from [`f32_thresholds`] one pass marks the values above `t_hi`, unless a
+/// value falls between the two; only then, and without thresholds, the exact f64 sums decide.
+#[inline(always)]
+fn outliers_of_block<E: Element, K: Kernel>(
+    kernel: &K,
+    block: &[E],
+    thresholds: Option<(f32, f32)>,
+    threshold: &Threshold,
+    mask: &mut [u64; MASK_WORDS],
+) -> Option<f32> {
+    if let Some((t_lo, t_hi)) = thresholds {
+        if let Some(kept) = kernel.split(block, t_lo, t_hi, mask) {
+            return Some(kept);
+        }
+    }
+    let max = E::abs_bits_to_f32(kernel.max_abs_bits(block)) as f64;
+    let limit2 = threshold.limit2(kernel.sums(block));
+    if !(limit2 > 0.0 && max * max > limit2) {
+        return None;
+    }
+    let t32 = f32_limit(limit2);
+    kernel.scan(block, limit2, t32, mask);
+    Some(kernel.raw_scale(block, limit2, t32, Normalization::Absmax))
 }
 
 /// Fills the codes of a block whose stored scale is 0: every value encodes as 0.
@@ -606,6 +747,150 @@ mod x86 {
                 Some(max) => crate::opq::signed_scale_within(block, limit2, max),
             }
         }
+        #[inline(always)]
+        fn split<T: Element>(
+            &self,
+            block: &[T],
+            t_lo: f32,
+            t_hi: f32,
+            mask: &mut [u64; MASK_WORDS],
+        ) -> Option<f32> {
+            // SAFETY: as above.
+            unsafe { split_avx2(block, t_lo, t_hi, mask) }
+        }
+        #[inline(always)]
+        fn signed_masked<T: Element>(
+            &self,
+            block: &[T],
+            mask: &[u64; MASK_WORDS],
+            max: f32,
+        ) -> f32 {
+            // SAFETY: as above.
+            unsafe { signed_masked_avx2(block, mask, max) }
+        }
+    }
+
+    /// [`Kernel::split`] for whole words of 64 values: 8 values at a time, the mask of
+    /// `|x| > t_hi`, the maximum of the other magnitudes, and whether any is above `t_lo`.
+    #[inline(always)]
+    pub(super) unsafe fn split_avx2<E: Element>(
+        block: &[E],
+        t_lo: f32,
+        t_hi: f32,
+        mask: &mut [u64; MASK_WORDS],
+    ) -> Option<f32> {
+        if !known::<E>() || block.is_empty() || block.len() % 64 != 0 {
+            return None;
+        }
+        if TypeId::of::<E>() == TypeId::of::<Bf16>() {
+            return split_bf16(block, t_lo, t_hi, mask);
+        }
+        let (lo, hi) = (_mm256_set1_ps(t_lo), _mm256_set1_ps(t_hi));
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut acc = _mm256_setzero_ps();
+        let mut between = _mm256_setzero_ps();
+        for (w, word) in mask[..block.len() / 64].iter_mut().enumerate() {
+            let mut bits = 0u64;
+            for k in 0..8 {
+                let v = _mm256_and_ps(load8(block.as_ptr().add(w * 64 + k * 8)), abs);
+                let out = _mm256_cmp_ps::<_CMP_GT_OQ>(v, hi);
+                let above_lo = _mm256_cmp_ps::<_CMP_GT_OQ>(v, lo);
+                between = _mm256_or_ps(between, _mm256_andnot_ps(out, above_lo));
+                acc = _mm256_max_ps(acc, _mm256_andnot_ps(out, v));
+                bits |= (_mm256_movemask_ps(out) as u8 as u64) << (k * 8);
+            }
+            *word = bits;
+        }
+        if _mm256_movemask_ps(between) != 0 {
+            return None;
+        }
+        Some(hmax(acc))
+    }
+
+    /// [`split_avx2`] for bfloat16, 16 values at a time on the magnitude bits: for a bfloat16
+    /// `x` and an f32 `t >= 0`, `|x| > t` iff `abs_bits(x) > B`, `B` the bits of the largest
+    /// bfloat16 `<= t` (`t` truncated), and magnitude bits order like the magnitudes.
+    #[inline(always)]
+    unsafe fn split_bf16<E: Element>(
+        block: &[E],
+        t_lo: f32,
+        t_hi: f32,
+        mask: &mut [u64; MASK_WORDS],
+    ) -> Option<f32> {
+        let below = |t: f32| _mm256_set1_epi16((t.to_bits() >> 16) as i16);
+        let (lo, hi) = (below(t_lo), below(t_hi));
+        let abs = _mm256_set1_epi16(0x7fff);
+        let mut acc = _mm256_setzero_si256();
+        let mut between = _mm256_setzero_si256();
+        let p = block.as_ptr() as *const __m256i;
+        for (w, word) in mask[..block.len() / 64].iter_mut().enumerate() {
+            let mut out = [_mm256_setzero_si256(); 4];
+            for (k, o) in out.iter_mut().enumerate() {
+                // Finite magnitudes are at most 0x7f7f: positive as i16.
+                let v = _mm256_and_si256(_mm256_loadu_si256(p.add(w * 4 + k)), abs);
+                *o = _mm256_cmpgt_epi16(v, hi);
+                let above_lo = _mm256_cmpgt_epi16(v, lo);
+                between = _mm256_or_si256(between, _mm256_andnot_si256(*o, above_lo));
+                acc = _mm256_max_epu16(acc, _mm256_andnot_si256(*o, v));
+            }
+            // Bytes [a0-7, b0-7 | a8-15, b8-15] -> [a0-15, b0-15]: one bit per value, in order.
+            let bits = |a: __m256i, b: __m256i| {
+                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(a, b));
+                _mm256_movemask_epi8(packed) as u32 as u64
+            };
+            *word = bits(out[0], out[1]) | (bits(out[2], out[3]) << 32);
+        }
+        if _mm256_testz_si256(between, between) == 0 {
+            return None;
+        }
+        // Largest u16 lane: widen to u32 lanes and reduce.
+        let wide = _mm256_max_epu32(
+            _mm256_unpacklo_epi16(acc, _mm256_setzero_si256()),
+            _mm256_unpackhi_epi16(acc, _mm256_setzero_si256()),
+        );
+        let quad = _mm_max_epu32(
+            _mm256_castsi256_si128(wide),
+            _mm256_extracti128_si256::<1>(wide),
+        );
+        let pair = _mm_max_epu32(quad, _mm_shuffle_epi32::<0b01_00_11_10>(quad));
+        let one = _mm_max_epu32(pair, _mm_shuffle_epi32::<0b10_11_00_01>(pair));
+        Some(E::abs_bits_to_f32(_mm_cvtsi128_si32(one) as u32))
+    }
+
+    /// Largest lane of a vector of non-negative values.
+    #[inline(always)]
+    unsafe fn hmax(acc: __m256) -> f32 {
+        let x = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+        _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps::<0b01>(x, x)))
+    }
+
+    /// [`crate::opq::signed_scale_masked`] for whole words of 64 values (else the portable
+    /// code): the first value of magnitude `max` whose mask bit is clear.
+    #[inline(always)]
+    pub(super) unsafe fn signed_masked_avx2<E: Element>(
+        block: &[E],
+        mask: &[u64; MASK_WORDS],
+        max: f32,
+    ) -> f32 {
+        if !known::<E>() || max == 0.0 || block.len() % 64 != 0 {
+            return crate::opq::signed_scale_masked(block, mask, max);
+        }
+        let target = _mm256_set1_ps(max);
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for (w, &outliers) in mask[..block.len() / 64].iter().enumerate() {
+            let mut bits = 0u64;
+            for k in 0..8 {
+                let v = _mm256_and_ps(load8(block.as_ptr().add(w * 64 + k * 8)), abs);
+                let hit = _mm256_cmp_ps::<_CMP_EQ_OQ>(v, target);
+                bits |= (_mm256_movemask_ps(hit) as u8 as u64) << (k * 8);
+            }
+            let kept = bits & !outliers;
+            if kept != 0 {
+                return block[w * 64 + kept.trailing_zeros() as usize].to_f32();
+            }
+        }
+        0.0
     }
 
     /// [`crate::opq::scan`] 8 values at a time in f32: `|x| > t32` (`t32` from
@@ -647,9 +932,7 @@ mod x86 {
             let kept = _mm256_cmp_ps::<_CMP_LE_OQ>(v, limit);
             acc = _mm256_max_ps(acc, _mm256_and_ps(v, kept));
         }
-        let x = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-        let x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-        Some(_mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps::<0b01>(x, x))))
+        Some(hmax(acc))
     }
 
     /// Whether the vector kernels read this element type natively.
@@ -674,21 +957,36 @@ mod x86 {
         let vk = _mm256_set1_ps(block[0].to_f32());
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let (mut q0, mut q1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let bf16 = kind == TypeId::of::<Bf16>();
         for i in 0..block.len() / 16 {
             let p = block.as_ptr().add(i * 16);
-            let d0 = _mm256_sub_ps(load8(p), vk);
-            let d1 = _mm256_sub_ps(load8(p.add(8)), vk);
+            let (v0, v1) = if bf16 {
+                // bfloat16 bits in the high half of each 32-bit lane are the f32 values (in
+                // another order than load8's, which the sums do not care about).
+                let raw = _mm256_loadu_si256(p as *const __m256i);
+                let zero = _mm256_setzero_si256();
+                (
+                    _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)),
+                    _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw)),
+                )
+            } else {
+                (load8(p), load8(p.add(8)))
+            };
+            let d0 = _mm256_sub_ps(v0, vk);
+            let d1 = _mm256_sub_ps(v1, vk);
             s0 = _mm256_add_ps(s0, d0);
             s1 = _mm256_add_ps(s1, d1);
             q0 = _mm256_fmadd_ps(d0, d0, q0);
             q1 = _mm256_fmadd_ps(d1, d1, q1);
         }
-        let hsum = |v: __m256| {
-            let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-            _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps::<0b01>(x, x)))
-        };
-        Some((hsum(_mm256_add_ps(s0, s1)), hsum(_mm256_add_ps(q0, q1))))
+        // [s, s, q, q | s, s, q, q] -> [s, s, q, q] -> [s, q, s, q].
+        let h = _mm256_hadd_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(q0, q1));
+        let x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let x = _mm_hadd_ps(x, x);
+        Some((
+            _mm_cvtss_f32(x),
+            _mm_cvtss_f32(_mm_shuffle_ps::<0b01>(x, x)),
+        ))
     }
 
     /// [`crate::opq::block_sums`] with the sixteen f64 lanes in four registers (values
@@ -992,6 +1290,60 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn split_kernels_match_the_scan() {
+        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        use crate::opq::{f32_limit, raw_scale_within, scan, signed_scale_within};
+        if !Isa::Avx2.is_supported() {
+            return;
+        }
+        fn check<E: Element>(x: &[E]) {
+            for pick in [0usize, 5, x.len() - 1] {
+                let v = x[pick].to_f32() as f64;
+                for limit2 in [v * v, v * v * (1.0 + 1e-7), v * v * (1.0 - 1e-7), 1e-3] {
+                    let t32 = f32_limit(limit2);
+                    let mut want = [0u64; MASK_WORDS];
+                    scan(x, limit2, &mut want);
+                    let mut got = [0u64; MASK_WORDS];
+                    // SAFETY: AVX2 checked by the caller.
+                    let kept = unsafe { x86::split_avx2(x, t32, t32, &mut got) };
+                    let kept = kept.expect("nothing lies strictly between equal thresholds");
+                    assert_eq!(got, want, "limit2={limit2}");
+                    let absmax = raw_scale_within(x, limit2, Normalization::Absmax);
+                    assert_eq!(kept.to_bits(), absmax.to_bits());
+                    let signed = raw_scale_within(x, limit2, Normalization::SignedAbsmax);
+                    // SAFETY: as above.
+                    let got_signed = unsafe { x86::signed_masked_avx2(x, &got, kept) };
+                    assert_eq!(got_signed.to_bits(), signed.to_bits());
+                    assert_eq!(
+                        signed_scale_within(x, limit2, kept).to_bits(),
+                        signed.to_bits()
+                    );
+                    // A value strictly between the thresholds: undecided.
+                    let m = x[pick].to_f32().abs();
+                    if m > 0.0 {
+                        let below = f32::from_bits(m.to_bits() - 1);
+                        // SAFETY: as above.
+                        let undecided = unsafe { x86::split_avx2(x, below, m, &mut got) };
+                        assert!(undecided.is_none());
+                    }
+                }
+            }
+        }
+        for n in [64usize, 128, 4096] {
+            let mut x = lcg(n, 5 + n as u64);
+            for i in (3..n).step_by(29) {
+                x[i] *= 30.0;
+            }
+            x[n / 2] = -x[3]; // a tie of magnitudes with opposite signs
+            let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect();
+            let xh: Vec<F16> = x.iter().map(|&v| F16(f32_to_f16(v))).collect();
+            check(&x);
+            check(&xb);
+            check(&xh);
         }
     }
 

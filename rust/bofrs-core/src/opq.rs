@@ -27,7 +27,7 @@
 //! sums, and test values in f32 against [`f32_limit`], which is exactly equivalent.
 
 use crate::codebook::Normalization;
-use crate::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Element};
+use crate::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Bf16, Element};
 use crate::error::{Error, Result};
 use crate::gauss::{normal_cdf, normal_pdf};
 
@@ -207,13 +207,38 @@ impl Threshold {
     /// test would find `max_abs^2 <= limit2` (see [`FilterBound`]); never for non-finite sums.
     #[inline(always)]
     pub fn provably_clean(&self, max_abs: f32, s32: f32, ss32: f32, bound: &FilterBound) -> bool {
+        let max = max_abs as f64;
+        self.bracket(s32, ss32, bound)
+            .is_some_and(|(lo, _)| max * max <= lo)
+    }
+
+    /// Bounds `(lo, hi)` on the exact limit of a block ([`Threshold::limit2`] of its
+    /// [`block_sums`]) from the same f32 sums as [`Threshold::provably_clean`]:
+    /// `lo <= limit2 <= hi` when `lo >= 0`; `lo < 0` when the sums prove no lower bound above 0
+    /// (nothing is then known about `limit2 > 0`). `None` for non-finite sums.
+    ///
+    /// Upper side (notation of [`FilterBound`]): `|S - s| <= b := nT + e sqrt(n SS_hi)`, so
+    /// `S^2 >= (|s| - b)^2 >= s^2 (1-e) - b^2 (1/e - 1)` (by `2ab <= e a^2 + b^2 / e`; the bound
+    /// is negative when `|s| < b`) `>= s^2 (1-e) - 2 n^2 T^2 / e - 2 e n SS_hi`, and
+    /// `M2 <= SS_hi (1 + 2e) + 2 n T^2 / e - s^2 (1-e) / n`; `3e-12 SS_hi` covers the f64
+    /// rounding of the exact path (as on the lower side) and of this bound, a factor
+    /// `1 + 1e-12` that of the product: `m2_hi = ss h_ss + h_0 - s^2 h_a`.
+    #[inline(always)]
+    pub fn bracket(&self, s32: f32, ss32: f32, bound: &FilterBound) -> Option<(f64, f64)> {
+        // Overflowed sums (inf, or NaN from inf - inf) prove nothing.
+        if !(s32.is_finite() && ss32.is_finite()) {
+            return None;
+        }
         let (s, ss) = (s32 as f64, ss32 as f64);
         let a = s.abs() + bound.c_tiny;
         let m2_lo = ss * bound.c_ss - a * a * bound.c_a - bound.c_0;
-        let max = max_abs as f64;
-        // Overflowed sums (inf, or NaN from inf - inf) prove nothing.
-        let finite = s32.is_finite() && ss32.is_finite();
-        finite && m2_lo > 0.0 && max * max <= m2_lo * self.factor * (1.0 - 1e-12)
+        let lo = if m2_lo > 0.0 {
+            m2_lo * self.factor * (1.0 - 1e-12)
+        } else {
+            -1.0
+        };
+        let m2_hi = ss * bound.h_ss + bound.h_0 - s * s * bound.h_a;
+        Some((lo, m2_hi.max(0.0) * self.factor * (1.0 + 1e-12)))
     }
 
     /// `(sigma * t)^2` from a block's shifted sums ([`block_sums`]).
@@ -239,6 +264,12 @@ pub struct FilterBound {
     c_a: f64,
     c_0: f64,
     c_tiny: f64,
+    /// Upper bound ([`Threshold::bracket`]): `(1 + 2e + 3e-12) / (1 - e)`.
+    h_ss: f64,
+    /// `nT (1 + 2e + 3e-12) + 2 n T^2 / e`.
+    h_0: f64,
+    /// `(1 - e) / n`.
+    h_a: f64,
 }
 
 impl FilterBound {
@@ -256,8 +287,26 @@ impl FilterBound {
             c_a: (1.0 + e) / nf,
             c_0: nt / (1.0 + e) + slack * nt,
             c_tiny: nt,
+            h_ss: (1.0 + 2.0 * e + 3e-12) / (1.0 - e),
+            h_0: nt * (1.0 + 2.0 * e + 3e-12) + 2.0 * nf * TINY * TINY / e,
+            h_a: (1.0 - e) / nf,
         }
     }
+}
+
+/// f32 thresholds `(t_lo, t_hi)` for bounds `0 < lo <= limit2 <= hi` ([`Threshold::bracket`]):
+/// `t_lo^2 <= lo` and `t_hi^2 >= hi` (exact f64 squares of f32), so for every finite f32 `x`,
+/// `|x| <= t_lo` proves `x * x <= limit2` (kept) and `|x| > t_hi` proves `x * x > limit2`
+/// (outlier); only values in between need the exact limit. `None` when `lo <= 0` or a
+/// rounded threshold misses its side (then the exact limit decides).
+#[inline(always)]
+pub fn f32_bracket(lo: f64, hi: f64) -> Option<(f32, f32)> {
+    const NARROW: f64 = 1.0 - 1.0 / (1u64 << 22) as f64;
+    const WIDEN: f64 = 1.0 + 1.0 / (1u64 << 22) as f64;
+    let t_lo = (lo.sqrt() * NARROW) as f32;
+    let t_hi = (hi.sqrt() * WIDEN) as f32;
+    let square = |t: f32| (t as f64) * (t as f64);
+    (lo > 0.0 && square(t_lo) <= lo && square(t_hi) >= hi).then_some((t_lo, t_hi))
 }
 
 /// Accumulator lanes of [`block_sums`].
@@ -320,6 +369,10 @@ pub fn scan<E: Element>(block: &[E], limit2: f64, mask: &mut [u64; MASK_WORDS]) 
 
 /// Appends the values a [`scan`] marked as outliers (flat indices from `first_index`, values
 /// stored per [`OutlierDType::store`]) and returns how many there were.
+///
+/// For bfloat16 values stored as bfloat16 (the bits themselves), the first four of each mask
+/// word are taken without a data-dependent branch (a block rarely has more); the rest, and
+/// other types, one by one.
 #[inline(always)]
 pub fn collect<E: Element>(
     block: &[E],
@@ -329,25 +382,48 @@ pub fn collect<E: Element>(
     input_max: f32,
     out: &mut Vec<Outlier>,
 ) -> Result<usize> {
+    const UNROLL: usize = 4;
     let before = out.len();
+    // bfloat16 values stored as bfloat16: the bits themselves (what `store` returns for them).
+    let same_bits = std::any::TypeId::of::<E>() == std::any::TypeId::of::<Bf16>()
+        && opq.dtype == OutlierDType::BFloat16;
+    let stored = |i: usize| {
+        let x = block[i].to_f32();
+        opq.dtype
+            .store(x, input_max)
+            .ok_or_else(|| Error::InvalidArgument {
+                name: "outlier_dtype",
+                message: format!(
+                    "outlier {x:e} at flat index {} is beyond the float16 range; \
+                 use outlier_dtype='bfloat16'",
+                    first_index + i
+                ),
+            })
+    };
     for (w, &word) in mask[..block.len().div_ceil(64)].iter().enumerate() {
         let mut bits = word;
+        if same_bits {
+            // No conversion, no error: the first four without a data-dependent branch.
+            out.reserve(UNROLL);
+            let len = out.len();
+            let spare = &mut out.spare_capacity_mut()[..UNROLL];
+            let mut taken = 0;
+            for _ in 0..UNROLL {
+                // With no bit left this reads value `w * 64` (in the block) and takes nothing.
+                let i = w * 64 + (bits.trailing_zeros() as usize & 63);
+                let value = (block[i].to_f32().to_bits() >> 16) as u16;
+                spare[taken].write(((first_index + i) as u64, value));
+                taken += (bits != 0) as usize;
+                bits &= bits.wrapping_sub(1);
+            }
+            // SAFETY: the first `taken` spare slots were written above (slot `taken` is
+            // written at every step, and `taken` only grows past a written slot).
+            unsafe { out.set_len(len + taken) };
+        }
         while bits != 0 {
             let i = w * 64 + bits.trailing_zeros() as usize;
             bits &= bits - 1;
-            let x = block[i].to_f32();
-            let index = first_index + i;
-            let stored = opq
-                .dtype
-                .store(x, input_max)
-                .ok_or_else(|| Error::InvalidArgument {
-                    name: "outlier_dtype",
-                    message: format!(
-                        "outlier {x:e} at flat index {index} is beyond the float16 range; \
-                     use outlier_dtype='bfloat16'"
-                    ),
-                })?;
-            out.push((index as u64, stored));
+            out.push(((first_index + i) as u64, stored(i)?));
         }
     }
     Ok(out.len() - before)
@@ -411,10 +487,28 @@ pub fn signed_scale_within<E: Element>(block: &[E], limit2: f64, max: f32) -> f3
         .unwrap_or(0.0)
 }
 
+/// [`signed_scale_within`] with the outliers given by their mask (as [`scan`] marks them)
+/// instead of the limit: the same result when the mask is the scan's.
+#[inline(always)]
+pub fn signed_scale_masked<E: Element>(block: &[E], mask: &[u64; MASK_WORDS], max: f32) -> f32 {
+    let kept = |i: usize| mask[i / 64] >> (i % 64) & 1 == 0;
+    if max == 0.0 {
+        return match block.first() {
+            Some(v) if kept(0) => v.to_f32(),
+            _ => 0.0,
+        };
+    }
+    block
+        .iter()
+        .enumerate()
+        .find(|&(i, v)| v.to_f32().abs() == max && kept(i))
+        .map_or(0.0, |(_, v)| v.to_f32())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::element::{Bf16, F16};
+    use crate::element::F16;
 
     #[test]
     fn upper_quantile_inverts_the_tail() {
@@ -516,6 +610,93 @@ mod tests {
         }
         // Gaussian-like blocks without an outlier: nearly all cleared by the filter.
         assert!(plain_cleared * 10 > plain * 9, "{plain_cleared} of {plain}");
+    }
+
+    #[test]
+    fn bracket_contains_the_exact_limit() {
+        let mut state = 11u64;
+        let mut rand = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut decided = 0;
+        for trial in 0..20000 {
+            let n = [64usize, 16, 37, 4096][trial % 4];
+            let (th, bound) = (Threshold::new(n, 0.95), FilterBound::new(n));
+            let offset = [0.0, 100.0, 1e6, -3.0][(trial / 4) % 4] as f32;
+            let scale = [1.0f32, 1e-20, 1e-40, 1e30][(trial / 16) % 4];
+            let heavy = (trial / 64) % 2 == 1;
+            let x: Vec<f32> = (0..n)
+                .map(|_| {
+                    let u = (rand() - 0.5) * 3.46;
+                    let v = if heavy {
+                        u / rand().max(1e-3).powf(0.25)
+                    } else {
+                        u
+                    };
+                    v as f32 * scale + offset * scale
+                })
+                .collect();
+            let exact = th.limit2(block_sums(&x));
+            let (s32, ss32) = f32_sums(&x);
+            let Some((lo, hi)) = th.bracket(s32, ss32, &bound) else {
+                continue;
+            };
+            assert!(exact <= hi, "trial {trial}: limit {exact} above {hi}");
+            if lo >= 0.0 {
+                assert!(lo <= exact, "trial {trial}: limit {exact} below {lo}");
+            }
+            if let Some((t_lo, t_hi)) = f32_bracket(lo, hi) {
+                decided += 1;
+                assert!(exact > 0.0 && t_lo <= t_hi);
+                // Every value is decided the same way by the thresholds and the exact limit.
+                for &v in &x {
+                    let outlier = (v as f64) * (v as f64) > exact;
+                    if v.abs() <= t_lo {
+                        assert!(!outlier, "trial {trial}");
+                    }
+                    if v.abs() > t_hi {
+                        assert!(outlier, "trial {trial}");
+                    }
+                }
+            }
+        }
+        assert!(decided > 10000, "{decided}");
+    }
+
+    #[test]
+    fn collect_takes_every_marked_value_in_order() {
+        // bfloat16 (bit copy, four per word without branches, then the rest) against float32
+        // (the general path) on the same values, 0 to 64 marked per word.
+        let x: Vec<f32> = (0..256).map(|i| (i as f32 - 100.5) * 1.25).collect();
+        let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect();
+        let opq = OpqOptions::new(0.95, OutlierDType::BFloat16).unwrap();
+        for marked in [0usize, 1, 3, 4, 5, 9, 63, 64] {
+            for len in [256usize, 200, 64] {
+                let mut mask = [0u64; MASK_WORDS];
+                for (w, word) in mask[..len.div_ceil(64)].iter_mut().enumerate() {
+                    for k in 0..marked {
+                        let i = w * 64 + (k * 37 + w) % 64;
+                        if i < len {
+                            *word |= 1 << (i % 64);
+                        }
+                    }
+                }
+                let (mut a, mut b) = (Vec::new(), vec![(7, 7)]);
+                let na = collect(&xb[..len], &mask, &opq, 1000, Bf16::MAX_FINITE, &mut a).unwrap();
+                let xf: Vec<f32> = xb[..len].iter().map(|v| v.to_f32()).collect();
+                let nb = collect(&xf, &mask, &opq, 1000, f32::MAX, &mut b).unwrap();
+                assert_eq!((na, nb), (a.len(), b.len() - 1));
+                assert_eq!(a, b[1..], "marked={marked} len={len}");
+                let want: Vec<u64> = (0..len)
+                    .filter(|&i| mask[i / 64] >> (i % 64) & 1 == 1)
+                    .map(|i| 1000 + i as u64)
+                    .collect();
+                assert_eq!(a.iter().map(|o| o.0).collect::<Vec<_>>(), want);
+            }
+        }
     }
 
     #[test]

@@ -104,15 +104,48 @@ fn pack<'py>(
 }
 
 /// What `pack_ext` returns: codes, decoded f32 scales, dq8 scale bytes and group parameters
-/// (`None` without double quantization), outlier indices (u64) and values (u16 bits).
+/// (`None` without double quantization), outlier indices (uint16 / uint32 / uint64 array, see
+/// [`Indices`]) and values (u16 bits).
 type PackedExt<'py> = (
     Bound<'py, PyArray1<u8>>,
     Bound<'py, PyArray1<f32>>,
     Option<Bound<'py, PyArray1<u8>>>,
     Option<Bound<'py, PyArray1<f32>>>,
-    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyAny>,
     Bound<'py, PyArray1<u16>>,
 );
+
+/// Outlier flat indices in the smallest unsigned type that holds every index of `numel`
+/// values (the type `bofrs._outliers.index_dtype` names).
+enum Indices {
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+    U64(Vec<u64>),
+}
+
+impl Indices {
+    /// Splits `(index, value)` pairs into indices of the type for `numel` values and values.
+    fn split(outliers: &[bofrs_core::opq::Outlier], numel: usize) -> (Self, Vec<u16>) {
+        let values = outliers.iter().map(|o| o.1).collect();
+        // Every index is below `numel`, so the narrowing casts are exact.
+        let indices = if numel <= 1 << 16 {
+            Self::U16(outliers.iter().map(|o| o.0 as u16).collect())
+        } else if numel as u64 <= 1 << 32 {
+            Self::U32(outliers.iter().map(|o| o.0 as u32).collect())
+        } else {
+            Self::U64(outliers.iter().map(|o| o.0).collect())
+        };
+        (indices, values)
+    }
+
+    fn into_py(self, py: Python<'_>) -> Bound<'_, PyAny> {
+        match self {
+            Self::U16(v) => v.into_pyarray(py).into_any(),
+            Self::U32(v) => v.into_pyarray(py).into_any(),
+            Self::U64(v) => v.into_pyarray(py).into_any(),
+        }
+    }
+}
 
 fn pack_ext_slice<'py, E: Element>(
     py: Python<'py>,
@@ -136,15 +169,21 @@ fn pack_ext_slice<'py, E: Element>(
             scale_params: &mut params,
         };
         let outliers = pack_ext_with_isa(isa, data, &options, &extras, buffers)?;
-        Ok((codes, scales, scale_codes, params, outliers))
+        Ok((
+            codes,
+            scales,
+            scale_codes,
+            params,
+            Indices::split(&outliers, data.len()),
+        ))
     })?;
-    let (indices, values): (Vec<u64>, Vec<u16>) = outliers.into_iter().unzip();
+    let (indices, values) = outliers;
     Ok((
         codes.into_pyarray(py),
         scales.into_pyarray(py),
         dq.then(|| scale_codes.into_pyarray(py)),
         dq.then(|| params.into_pyarray(py)),
-        indices.into_pyarray(py),
+        indices.into_py(py),
         values.into_pyarray(py),
     ))
 }
@@ -153,7 +192,8 @@ fn pack_ext_slice<'py, E: Element>(
 /// (`scale_dtype="dq8"`). Returns `(codes, scales, scale_codes, scale_scales, outlier_indices,
 /// outlier_values)`: scales are the decoded float32 values; `scale_codes` (uint8 per block) and
 /// `scale_scales` (float32 `[lo, step]` per group of 256) are None without dq8; outlier
-/// indices are uint64 ascending, values the uint16 bits of `outlier_dtype`.
+/// indices are ascending, in the smallest of uint16 / uint32 / uint64 that holds every flat
+/// index, values the uint16 bits of `outlier_dtype`.
 #[pyfunction]
 #[pyo3(signature = (data, element, levels, block_size, normalization, scale_dtype, opq=None, outlier_dtype="bfloat16", isa=None))]
 #[allow(clippy::too_many_arguments)]
