@@ -8,7 +8,9 @@ Models: SmolLM2-135M-Instruct or Gemma-3-270M (GGUF, dequantized to float32: the
 Text: Pride and Prejudice from chapter 50 on (held out), `--windows` windows of `--length`
 tokens. Every Linear layer but lm_head is fake-quantized (decoded in place) in each format;
 block size 64 unless the spec says otherwise. With `--alphas` (the cache written by
-benches/eval_linearity.py) the table adds the linearity-theorem mixed allocation at 4.25 bits.
+benches/eval_linearity.py) the table adds the linearity-theorem mixed allocation at 4.25 bits
+(formats of eval_linearity.MENU, plain t^2: per-format factors predict uniform formats better
+but gave worse mixes, see benches/results/linearity_smollm2.txt).
 Caveat (SmolLM2): its GGUF weights are already Q4_1 (blocks of 32), so 4-bit errors there are
 re-quantization errors of an already 4-bit grid. Writes benches/results/formats_{model}.md/json.
 """
@@ -50,7 +52,7 @@ def main() -> None:
         alphas = cached[keys[0]]
         errors = bofrs.layer_errors(real.model, MENU)
         choice, _ = bofrs.allocate_model(real.model, alphas, errors, args.budget)
-        formats.append((f"mixed@{args.budget:g} ({keys[0].split('|')[1]} alphas)", choice))
+        formats.append((f"mixed@{args.budget:g}", choice))
     result = bofrs.evaluate_formats(real.model, formats, real.evaluation)
     result["model"] = real.name
     table = format_table(result)

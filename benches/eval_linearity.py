@@ -34,8 +34,8 @@ UNIFORM = [
     "higgs4p1", "higgs4p2", "higgs3p2",
 ]  # fmt: skip
 MENU = [
-    "higgs2p2", "higgs3p2", "higgs4p2", "af4", "bof4s", "bof4s+rot", "bof4s@32", "af4@32",
-    "higgs8p1", "bf16",
+    "higgs2p2", "higgs3p2", "higgs4p2", "af4", "bof4s", "bof4s+opq", "bof4s+rot", "bof4s@32",
+    "af4@32", "higgs8p1", "bf16",
 ]  # fmt: skip
 
 
@@ -74,21 +74,34 @@ def main() -> None:
         return increase if args.metric == "perplexity" else base * math.expm1(increase)
 
     errors = bofrs.layer_errors(model, sorted(set(UNIFORM + MENU)))
+    # Per-format factors measured on the calibration windows (not the evaluation text).
+    calibrated, factors = (errors, {}) if args.metric != "cross_entropy" else \
+        bofrs.calibrate_errors(model, real.calib, alphas, errors)
+    if factors:
+        say("format factors c_f (measured / predicted increase on the calibration windows): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(factors.items())))
     rows = []
     for spec in UNIFORM:
         choice = {n: spec for n in errors}
-        rows.append(measure(model, real.evaluation, base, spec, choice, errors, alphas, as_ppl))
+        rows.append(measure(model, real.evaluation, base, spec, choice, errors, calibrated, alphas, as_ppl))
     for budget in [float(b) for b in args.budgets.split(",")]:
-        choice, plan = bofrs.allocate_model(model, alphas, errors, budget, formats=MENU)
-        row = measure(model, real.evaluation, base, f"mixed@{budget:g}", choice, errors, alphas, as_ppl)
-        row["counts"] = {s: plan.choices.count(s) for s in MENU if s in plan.choices}
-        rows.append(row)
+        for label, table in (("mixed", errors), ("mixed-cal", calibrated)):
+            if label == "mixed-cal" and not factors:
+                continue
+            choice, plan = bofrs.allocate_model(model, alphas, table, budget, formats=MENU)
+            row = measure(model, real.evaluation, base, f"{label}@{budget:g}", choice, errors,
+                          calibrated, alphas, as_ppl)  # fmt: skip
+            row["counts"] = {s: plan.choices.count(s) for s in MENU if s in plan.choices}
+            rows.append(row)
     say("")
-    say(f"| format | bits/weight | predicted dPPL | measured dPPL | predicted/measured |")
-    say("|---|---|---|---|---|")
+    say("| format | bits/weight | predicted dPPL | /measured | calibrated prediction | /measured "
+        "| measured dPPL |")
+    say("|---|---|---|---|---|---|---|")
     for r in rows:
-        say(f"| {r['format']} | {r['bits']:.4f} | {r['predicted']:.3f} | {r['measured']:.3f} | "
-            f"{r['predicted'] / r['measured']:.2f} |")
+        say(f"| {r['format']} | {r['bits']:.4f} | {r['predicted']:.3f} | "
+            f"{r['predicted'] / r['measured']:.2f} | {r['calibrated']:.3f} | "
+            f"{r['calibrated'] / r['measured']:.2f} | {r['measured']:.3f} |")
+    say("(calibrated: each format's t^2 times its factor c_f, measured on the calibration windows)")
     for r in rows:
         if "counts" in r:
             beaten_by = [u["format"] for u in rows if "counts" not in u
@@ -132,15 +145,20 @@ def sensitivities(model, calib: torch.Tensor, args: argparse.Namespace) -> dict[
     return partial
 
 
-def measure(model, tokens, base, label, choice, errors, alphas, as_ppl) -> dict:  # type: ignore[no-untyped-def]
+def measure(model, tokens, base, label, choice, errors, calibrated, alphas, as_ppl) -> dict:  # type: ignore[no-untyped-def]
     sizes = {n: m.weight.numel() for n, m in bofrs._linearity.linear_layers(model, ()).items() if n in choice}
     total = sum(sizes.values())
     bits = sum(errors[n][choice[n]][0] * sizes[n] for n in choice) / total
-    predicted = as_ppl(sum(max(0.0, alphas[n]) * errors[n][choice[n]][1] for n in choice))
+
+    def predict(table) -> float:  # type: ignore[no-untyped-def]
+        return as_ppl(sum(max(0.0, alphas[n]) * table[n][choice[n]][1] for n in choice))
+
     with bofrs.fake_quantized(model, choice):
         measured = bofrs.perplexity(model, tokens) - base
-    row = {"format": label, "bits": bits, "predicted": predicted, "measured": measured}
-    print(f"  {label:<14} bits {bits:.4f}  predicted {predicted:8.3f}  measured {measured:8.3f}", flush=True)
+    row = {"format": label, "bits": bits, "predicted": predict(errors),
+           "calibrated": predict(calibrated), "measured": measured}  # fmt: skip
+    print(f"  {label:<14} bits {bits:.4f}  predicted {row['predicted']:8.3f}  calibrated "
+          f"{row['calibrated']:8.3f}  measured {measured:8.3f}", flush=True)
     return row
 
 

@@ -268,3 +268,23 @@ def test_quant_config_from_allocation_reproduces_the_measured_errors() -> None:
         bofrs.QuantConfig.from_allocation({"nope": "nf4"}, shapes)
     with pytest.raises(ValueError, match="spec"):
         bofrs.QuantConfig.from_allocation({"up": "nf4 @ 64"}, shapes)
+
+
+def test_calibrate_errors_scales_each_format_to_its_measured_increase() -> None:
+    model, ids = trained(), tokens()
+    alphas = bofrs.estimate_sensitivity(model, ids, metric="cross_entropy", noise_levels=(0.05,), draws=2, progress=False)
+    errors = bofrs.layer_errors(model, ["nf4", "higgs2p1@64", "bf16"])
+    scaled, factors = bofrs.calibrate_errors(model, ids, alphas, errors)
+    assert factors["bf16"] == 1.0  # predicted change under 1e-4: left alone
+    base = bofrs.cross_entropy(model, ids)
+    for spec in ("nf4", "higgs2p1@64"):
+        with bofrs.fake_quantized(model, spec):
+            measured = bofrs.cross_entropy(model, ids) - base
+        predicted = sum(alphas[n] * errors[n][spec][1] for n in errors)
+        assert factors[spec] == pytest.approx(measured / predicted, rel=1e-6)
+        assert sum(alphas[n] * scaled[n][spec][1] for n in errors) == pytest.approx(measured, rel=1e-6)
+        assert all(scaled[n][spec][0] == errors[n][spec][0] for n in errors)  # bits unchanged
+    with pytest.raises(ValueError, match="metric"):
+        bofrs.calibrate_errors(model, ids, alphas, errors, metric="perplexity")
+    with pytest.raises(ValueError, match="alphas"):
+        bofrs.calibrate_errors(model, ids, {"up": 1.0}, errors)

@@ -17,7 +17,7 @@ from ._codebooks import Codebook, available_codebooks, codebook
 from ._convert import quantize_checkpoint
 from ._checkpoint import load_quantized, save_quantized
 from ._errors import FormatError
-from ._evaluate import allocate_model, evaluate_formats, fake_quantized
+from ._evaluate import allocate_model, calibrate_errors, evaluate_formats, fake_quantized
 from ._hadamard import hadamard
 from ._higgs import HiggsTensor, higgs_grid, pack_higgs
 from ._linearity import build_menu, cross_entropy, estimate_sensitivity, layer_errors, perplexity
@@ -68,6 +68,7 @@ __all__ = [
     "allocate_model",
     "available_codebooks",
     "build_menu",
+    "calibrate_errors",
     "cross_entropy",
     "estimate_sensitivity",
     "evaluate_formats",

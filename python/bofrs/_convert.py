@@ -251,7 +251,7 @@ def allocation_config(
         raise ValueError(f"src: no Linear weight to allocate in {source}")
     names, table = build_menu(errors)
     plan = allocate([max(0.0, float(alphas[n])) for n in names], [sizes[n] for n in names],
-                    table, budget_bits)  # fmt: skip
+                    table, budget_bits, resolution=1e-4)  # fmt: skip
     defaults = {k: v for k, v in base.to_dict().items() if k not in ("overrides", "codebook")}
     defaults["skip"] = tuple(defaults["skip"])
     chosen = QuantConfig.from_allocation(
