@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -192,27 +194,23 @@ class QuantLinear(PackedLinear):
     def _operands(self) -> _Fused | None:
         """Kernel operands (``None`` if the weight is not fusable: not on CPU, or rows that do
         not hold whole blocks); cached until the buffers are replaced or modified in place."""
-        buffers = tuple(self._buffers[n] for n in self.packed_buffer_names())
-        versions = tuple(b._version for b in buffers if b is not None)
-        cache = self._cache
-        if (
-            cache is not None
-            and len(cache[0]) == len(buffers)
-            and all(a is b for a, b in zip(cache[0], buffers))
-            and cache[1] == versions
-        ):
-            return cache[2]
-        packed = self.packed
-        ops = _Fused.of(packed) if fusable(packed) else None
-        # Holding the tensors keeps their ids unique while cached.
-        self._cache = (tuple(b for b in buffers if b is not None), versions, ops)
-        return ops
+
+        def build() -> _Fused | None:
+            packed = self.packed
+            return _Fused.of(packed) if fusable(packed) else None
+
+        return self._cached("_cache", build)  # type: ignore[no-any-return]
 
     def _cuda_cached(self) -> _CudaFused:
         """The CUDA operands, cached like :meth:`_operands`."""
+        return self._cached("_cuda_cache", lambda: _CudaFused.of(self.packed))  # type: ignore[no-any-return]
+
+    def _cached(self, slot: str, build: Callable[[], object]) -> object:
+        """``build()``, kept in attribute ``slot`` while the packed buffers are the same objects
+        at the same versions (holding the tensors keeps their ids unique while cached)."""
         buffers = tuple(self._buffers[n] for n in self.packed_buffer_names())
         versions = tuple(b._version for b in buffers if b is not None)
-        cache = self._cuda_cache
+        cache = getattr(self, slot)
         if (
             cache is not None
             and len(cache[0]) == len(buffers)
@@ -220,9 +218,9 @@ class QuantLinear(PackedLinear):
             and cache[1] == versions
         ):
             return cache[2]
-        fused = _CudaFused.of(self.packed)
-        self._cuda_cache = (tuple(b for b in buffers if b is not None), versions, fused)
-        return fused
+        value = build()
+        setattr(self, slot, (tuple(b for b in buffers if b is not None), versions, value))
+        return value
 
     def _after_apply(self) -> None:
         self._cache = None
