@@ -80,9 +80,12 @@ def test_a_broken_kernel_fails(nvrtc: Nvrtc) -> None:
 def test_wheel_layout_keeps_kernels_inside_the_package() -> None:
     """If a wheel was built (target/wheels), its .cu files are under bofrs/_kernels, never at the
     root (``cuda`` is NVIDIA's package name)."""
-    wheels = sorted((ROOT / "target" / "wheels").glob("bofrs-*.whl"))
+    wheels = sorted((ROOT / "target" / "wheels").glob("bofrs-*.whl"), key=lambda p: p.stat().st_mtime)
     if not wheels:
         pytest.skip("no wheel built (maturin build --release)")
+    sources = max(p.stat().st_mtime for p in (ROOT / "cuda").iterdir())
+    if wheels[-1].stat().st_mtime < sources:
+        pytest.skip("the newest wheel is older than the kernel sources (maturin build --release)")
     names = zipfile.ZipFile(wheels[-1]).namelist()
     kernels = [n for n in names if n.endswith((".cu", ".cuh"))]
     assert kernels and all(n.startswith("bofrs/_kernels/") for n in kernels), kernels
