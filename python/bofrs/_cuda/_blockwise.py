@@ -91,6 +91,21 @@ def wide_indices(indices: torch.Tensor) -> torch.Tensor:
         return indices.cpu().to(torch.int64).to(indices.device)
 
 
+def fused_input(
+    name: str, x: torch.Tensor, width: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """Checks activations ``[1..MAX_FUSED_TOKENS, width]`` on ``device`` for a fused kernel;
+    returns them aligned and the token tile (kernel variant) that covers them."""
+    if x.dim() != 2 or x.shape[1] != width or not 1 <= x.shape[0] <= MAX_FUSED_TOKENS:
+        raise ValueError(
+            f"{name} must have shape [1..{MAX_FUSED_TOKENS}, {width}], got {tuple(x.shape)}"
+        )
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device}, got {x.device}")
+    tokens = int(x.shape[0])
+    return _aligned(x.detach()), next(t for t in TOKEN_TILES if t >= tokens)
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
@@ -218,13 +233,8 @@ def matvec(ops: BlockOperands, x: torch.Tensor, rows: int, cols: int) -> torch.T
     k = kind(x.dtype) if isinstance(x, torch.Tensor) else None
     if k is None:
         raise TypeError("x must be a float32, bfloat16 or float16 tensor")
-    if x.dim() != 2 or x.shape[1] != cols or not 1 <= x.shape[0] <= MAX_FUSED_TOKENS:
-        raise ValueError(f"x must have shape [1..{MAX_FUSED_TOKENS}, {cols}], got {tuple(x.shape)}")
-    if x.device != ops.device:
-        raise ValueError(f"x must be on {ops.device}, got {x.device}")
-    x = _aligned(x.detach())
+    x, tile = fused_input("x", x, cols, ops.device)
     tokens = int(x.shape[0])
-    tile = next(t for t in TOKEN_TILES if t >= tokens)
     y = torch.empty(tokens, rows, dtype=x.dtype, device=x.device)
     if rows == 0:
         return y

@@ -8,13 +8,12 @@ import numpy as np
 import torch
 
 from . import _runtime as rt
-from ._blockwise import MAX_FUSED_TOKENS, _aligned, _check, kind, workspace
+from ._blockwise import MAX_FUSED_TOKENS, _aligned, _check, fused_input, kind, workspace
 from ._hadamard import hadamard_scale, threads_for
 from ._sources import (
     HIGGS_MATVEC_GRIDS,
     KINDS,
     SCALE_FORMATS,
-    TOKEN_TILES,
     higgs_matvec_kernel,
     variant,
 )
@@ -133,13 +132,8 @@ def matvec(ops: HiggsOperands, x_rot: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"HIGGS grid p={ops.p} with {ops.bits}-bit codes is not fusable")
     if not isinstance(x_rot, torch.Tensor) or x_rot.dtype != torch.float32:
         raise TypeError("x_rot must be a float32 tensor")
-    if x_rot.dim() != 2 or x_rot.shape[1] != ops.width or not 1 <= x_rot.shape[0] <= MAX_FUSED_TOKENS:
-        raise ValueError(f"x_rot must have shape [1..{MAX_FUSED_TOKENS}, {ops.width}], got {tuple(x_rot.shape)}")
-    if x_rot.device != ops.device:
-        raise ValueError(f"x_rot must be on {ops.device}, got {x_rot.device}")
-    x_rot = _aligned(x_rot.detach())
+    x_rot, tile = fused_input("x_rot", x_rot, ops.width, ops.device)
     tokens = int(x_rot.shape[0])
-    tile = next(t for t in TOKEN_TILES if t >= tokens)
     y = torch.empty(tokens, ops.rows, dtype=torch.float32, device=ops.device)
     if ops.rows == 0:
         return y
