@@ -15,7 +15,9 @@ one process, same prompt, greedy decoding with the KV cache:
 * ``bofrs nf4 + lm_head``: also ``lm_head`` quantized (its embedding stays bf16);
 * ``bofrs nf4 + lm_head, fp32 act``: the float32 model quantized the same way (norms,
   embeddings and attention run in float32, which CPUs without native bf16 arithmetic run
-  faster).
+  faster);
+* ``... int8 act``: that model with the opt-in ``activations="int8"`` kernels
+  (``bofrs.nn.set_activations``).
 
 Reported: prefill time, decode tokens/s (median of ``--rounds``), and whether the greedy tokens
 match the bf16 model's. Caveat (eval-data.md): the file's weights are already Q4_1 (4-bit, blocks
@@ -91,6 +93,8 @@ def main() -> None:
     models["bofrs nf4 + lm_head, fp32 act"] = bofrs.quantize_model(
         copy.deepcopy(base), bofrs.QuantConfig(skip=()), progress=False
     )
+    models["bofrs nf4 + lm_head, fp32, int8 act"] = copy.deepcopy(models["bofrs nf4 + lm_head, fp32 act"])
+    bofrs.nn.set_activations(models["bofrs nf4 + lm_head, fp32, int8 act"], "int8")
     results: dict[str, dict[str, Any]] = {}
     reference: list[int] | None = None
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
@@ -105,7 +109,7 @@ def main() -> None:
     reference = tokens_of["bf16"]
     print(f"SmolLM2-135M, prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, greedy, "
           f"torch threads {torch.get_num_threads()}, bofrs threads {bofrs.num_threads()}")  # fmt: skip
-    print(f"{'model':32s} {'prefill ms':>10s} {'decode tok/s':>12s} {'x bf16':>7s} {'same tokens as bf16':>20s}")
+    print(f"{'model':36s} {'prefill ms':>10s} {'decode tok/s':>12s} {'x bf16':>7s} {'same tokens as bf16':>20s}")
     base_rate = statistics.median(r for _, r in samples["bf16"])
     for name in models:
         prefill = statistics.median(p for p, _ in samples[name])
@@ -113,7 +117,7 @@ def main() -> None:
         same = sum(a == b for a, b in zip(tokens_of[name], reference))
         results[name] = {"prefill_ms": prefill * 1e3, "decode_tokens_per_s": rate,
                          "speedup_vs_bf16": rate / base_rate, "tokens_matching_bf16": same}  # fmt: skip
-        print(f"{name:32s} {prefill * 1e3:10.1f} {rate:12.1f} {rate / base_rate:7.2f} {same:>14d}/{len(reference)}")
+        print(f"{name:36s} {prefill * 1e3:10.1f} {rate:12.1f} {rate / base_rate:7.2f} {same:>14d}/{len(reference)}")
     print("bf16 continuation:", repr(tokenizer.decode(reference)))
     print("nf4 continuation: ", repr(tokenizer.decode(tokens_of["bofrs nf4"])))
     if args.json:

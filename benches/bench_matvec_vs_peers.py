@@ -13,6 +13,8 @@ bfloat16) and the same activation row:
                        (bf16 scales, 4.25 bits per weight), input bf16, then float32;
 * ``bofrs int16``      the same layer with ``activations="int16"`` (opt-in: activations
                        quantized to int16 per 64, integer dot products; approximate), bf16 input;
+* ``bofrs int8``       ``activations="int8"`` (opt-in: int8 per 32 and int8 levels, as llama.cpp's
+                       4-bit dot products; approximate), bf16 input;
 * ``torch bf16``       ``F.linear(x_bf16, w_bf16)`` (dense, 16 bits per weight);
 * ``torch fp32``       ``F.linear(x_fp32, w_fp32)`` (dense, 32 bits per weight);
 * ``bitsandbytes``     ``bnb.matmul_4bit(x_bf16, q.t(), quant_state=s)`` with
@@ -78,11 +80,14 @@ def contenders(out_features: int, in_features: int, tokens: int) -> tuple[dict[s
     layer.fused_max_tokens = max(layer.fused_max_tokens, tokens)
     fast = QuantLinear(layer.packed, activations="int16")
     fast.fused_max_tokens = layer.fused_max_tokens
+    fastest = QuantLinear(layer.packed, activations="int8")
+    fastest.fused_max_tokens = layer.fused_max_tokens
     x32, w32 = x.float(), w.float()
     calls: dict[str, tuple[Callable[[], object], int]] = {
         "bofrs fused (bf16 in)": (lambda: layer(x), layer.packed.nbytes),
         "bofrs fused (fp32 in)": (lambda: layer(x32), layer.packed.nbytes),
         "bofrs int16 opt-in (bf16 in)": (lambda: fast(x), layer.packed.nbytes),
+        "bofrs int8 opt-in (bf16 in)": (lambda: fastest(x), layer.packed.nbytes),
         "torch bf16 F.linear": (lambda: F.linear(x, w), w.numel() * 2),
         "torch fp32 F.linear": (lambda: F.linear(x32, w32), w.numel() * 4),
     }
@@ -102,6 +107,11 @@ def contenders(out_features: int, in_features: int, tokens: int) -> tuple[dict[s
         )
     except Exception as err:  # a missing or CPU-less peer is reported, not fatal
         notes.append(f"bitsandbytes skipped: {type(err).__name__}: {err}")
+    # Accuracy with float32 input and output (a bf16 output would round away the int16 error).
+    exact = x.double() @ layer.dequantize(torch.float32).double().T
+    for name, module in (("float", layer), ("int16", fast), ("int8", fastest)):
+        error = (module(x32).double() - exact).norm() / exact.norm()
+        notes.append(f"bofrs {name}: relative L2 error {error:.1e} against x @ dequantize().T in float64")
     return calls, notes
 
 

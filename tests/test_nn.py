@@ -242,22 +242,41 @@ def test_lora_step_on_quantized_llama_reduces_loss() -> None:
             assert torch.equal(m.codes, codes_before[n])
 
 
-def test_int16_activations_are_opt_in_and_close() -> None:
+@pytest.mark.parametrize(("mode", "tolerance"), [("int16", 2e-4), ("int8", 2e-2)])
+def test_integer_activations_are_opt_in_and_close(mode: str, tolerance: float) -> None:
     w = torch.randn(48, 256)
     q = QuantLinear(bofrs.pack(w, "nf4", 64), torch.randn(48))
     assert q.activations == "float"
     x = torch.randn(3, 256)
     exact = q(x)
-    q.activations = "int16"
-    assert "activations='int16'" in repr(q)
+    q.activations = mode
+    assert f"activations='{mode}'" in repr(q)
     approx = q(x)
     want = x.double() @ q.dequantize(torch.float32).double().T + q.bias.double()
     scale = (x.double().abs() @ q.dequantize(torch.float32).double().abs().T).max()
-    assert (approx.double() - want).abs().max() <= 2e-4 * scale
+    assert (approx.double() - want).abs().max() <= tolerance * scale
     assert not torch.equal(approx, exact)
     with pytest.raises(ValueError, match="activations"):
-        q.activations = "int8"
-    q2 = QuantLinear(bofrs.pack(w, "nf4", 64), activations="int16")
-    assert q2.activations == "int16"
+        q.activations = "int4"
+    q2 = QuantLinear(bofrs.pack(w, "nf4", 64), activations=mode)
+    assert q2.activations == mode
     with pytest.raises(TypeError, match="activations"):
         QuantLinear(bofrs.pack(w, "nf4", 64), activations=None)  # type: ignore[arg-type]
+
+
+def test_set_activations_switches_every_quant_linear_of_a_model() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    bofrs.quantize_model(model, bofrs.QuantConfig(skip=()), progress=False)
+    x = torch.randn(2, 64)
+    exact = model(x)
+    assert bofrs.nn.set_activations(model, "int8") == 2
+    assert all(m.activations == "int8" for m in model.modules() if isinstance(m, QuantLinear))
+    approx = model(x)
+    assert not torch.equal(approx, exact)
+    torch.testing.assert_close(approx, exact, rtol=0.05, atol=0.05)
+    assert bofrs.nn.set_activations(model, "float") == 2
+    assert torch.equal(model(x), exact)
+    with pytest.raises(ValueError, match="activations"):
+        bofrs.nn.set_activations(model, "int4")
+    with pytest.raises(TypeError, match="model"):
+        bofrs.nn.set_activations("model", "int8")  # type: ignore[arg-type]

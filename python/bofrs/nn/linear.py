@@ -54,9 +54,10 @@ class QuantLinear(PackedLinear):
     per group, then multiplied by the rotated weight: ``W x = W_rot hadamard(x)``).
 
     ``activations`` picks how the fused kernel multiplies: ``"float"`` (default; outputs within
-    float rounding of ``x @ W.T``) or ``"int16"`` (opt-in; activations quantized to int16 per 64
-    values, about twice as fast at batch 1, error about 6e-5 of ``sum |w x|``, see
-    :data:`bofrs.nn.ACTIVATION_MODES`). A runtime setting: an attribute, not saved in checkpoints.
+    float rounding of ``x @ W.T``), or, opt-in, ``"int16"`` (activations quantized to int16 per
+    64 values, error about 6e-5 of ``sum |w x|``) or ``"int8"`` (int8 per 32, as llama.cpp: the
+    fastest at batch 1, error about 7e-3 of ``|y|``); see :data:`bofrs.nn.ACTIVATION_MODES`. A
+    runtime setting: an attribute, not saved in checkpoints.
 
     State: buffers ``codes`` (uint8) and ``scales`` (their storage dtype), and when used
     ``scale_scales`` (float32, dq8), ``outlier_indices`` / ``outlier_values``; none of them is
@@ -101,7 +102,8 @@ class QuantLinear(PackedLinear):
 
     @property
     def activations(self) -> str:
-        """How the fused kernel takes the activations: ``"float"`` or ``"int16"`` (opt-in)."""
+        """How the fused kernel takes the activations: ``"float"``, or ``"int16"`` / ``"int8"``
+        (opt-in)."""
         return self._activations
 
     @activations.setter
@@ -239,6 +241,18 @@ class QuantLinear(PackedLinear):
 
 #: Buffers of a QuantLinear that hold its packed weight.
 _PACKED_BUFFERS = ("codes", "scales", "scale_scales", "outlier_indices", "outlier_values")
+
+
+def set_activations(model: torch.nn.Module, activations: str) -> int:
+    """Sets :attr:`QuantLinear.activations` on every :class:`QuantLinear` of ``model`` (for
+    example ``"int8"`` for the fastest CPU decoding); returns how many layers were set."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_activations(activations)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.activations = activations
+    return len(layers)
 
 
 class _Fused:

@@ -47,7 +47,7 @@ fn main() {
     let mut reference: Option<Vec<f32>> = None;
     let modes = Isa::supported()
         .into_iter()
-        .flat_map(|i| [(i, Activations::Float), (i, Activations::Int16)]);
+        .flat_map(|i| Activations::ALL.map(|a| (i, a)));
     for (isa, mode) in modes {
         let run = |out: &mut [f32]| {
             matvec_with_options(isa, mode, shape, batch, &codes, &scales, &cb, &x, out).unwrap()

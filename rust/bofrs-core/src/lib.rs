@@ -9,7 +9,8 @@
 //! - [`opq`]: OPQ outliers (per-block sample std threshold) and their 16-bit storage,
 //! - [`dq`]: double quantization of block scales (8 bits in groups of 256),
 //! - [`matvec`]: fused 4-bit matrix-vector products (never materializing the weight),
-//! - [`matvec_int16`]: its opt-in int16-activation path (approximate, faster),
+//! - [`matvec_int16`] / [`matvec_int8`]: its opt-in integer-activation paths (approximate,
+//!   faster), with their shared pieces in [`matvec_quant`],
 //! - [`pool`]: the dedicated rayon pool (size from `BOFRS_NUM_THREADS`),
 //! - [`checksum`]: CRC-32 of stored buffers, used to validate files.
 //!
@@ -35,6 +36,8 @@ pub mod isa;
 pub mod layout;
 pub mod matvec;
 pub mod matvec_int16;
+pub mod matvec_int8;
+pub mod matvec_quant;
 pub mod opq;
 pub mod pool;
 pub mod scale;

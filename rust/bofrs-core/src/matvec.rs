@@ -15,8 +15,9 @@
 //!   agree to float tolerance, not bit for bit. This path is bound by the shuffle ports (12
 //!   shuffles per 32 weights rebuild exact f32 levels).
 //!
-//! [`Activations::Int16`] (opt-in, not within float tolerance) quantizes the activations to
-//! int16 per 64 and runs integer dot products instead; see [`crate::matvec_int16`].
+//! [`Activations::Int16`] and [`Activations::Int8`] (opt-in, not within float tolerance)
+//! quantize the activations to int16 per 64 or int8 per 32 and run integer dot products instead;
+//! see [`crate::matvec_int16`] and [`crate::matvec_int8`].
 //!
 //! Work is split over output rows on the dedicated pool; batches are processed in tiles of up to
 //! four activation rows, so each decoded weight feeds up to four FMAs.
@@ -26,6 +27,7 @@ use crate::element::{Bf16, Element, F16};
 use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::matvec_int16 as int16;
+use crate::matvec_int8 as int8;
 use crate::pool::pool;
 use rayon::prelude::*;
 
@@ -108,6 +110,9 @@ pub enum Activations {
     /// Quantized to int16 per 64 values, integer dot products with int16-rounded levels: about
     /// twice as fast at batch 1, relative error about 6e-5 (see [`crate::matvec_int16`]).
     Int16,
+    /// Quantized to int8 per 32 values, integer dot products with int8-rounded levels (as
+    /// llama.cpp): the fastest, relative error about 7e-3 (see [`crate::matvec_int8`]).
+    Int8,
 }
 
 impl Activations {
@@ -116,14 +121,16 @@ impl Activations {
         match self {
             Activations::Float => "float",
             Activations::Int16 => "int16",
+            Activations::Int8 => "int8",
         }
     }
 
+    /// Every mode, the default first.
+    pub const ALL: [Activations; 3] = [Activations::Float, Activations::Int16, Activations::Int8];
+
     /// Parses a name from [`Activations::name`].
     pub fn parse(name: &str) -> Option<Activations> {
-        [Activations::Float, Activations::Int16]
-            .into_iter()
-            .find(|a| a.name() == name)
+        Activations::ALL.into_iter().find(|a| a.name() == name)
     }
 }
 
@@ -212,6 +219,7 @@ pub fn matvec_with_options<X: Activation>(
     enum Prepared {
         Float(Vec<f32>),
         Int16(int16::Quantized, [i16; 16], f32),
+        Int8(int8::Quantized, [i8; 16], f32),
     }
     let prepared = match activations {
         Activations::Float if fast => Prepared::Float(permute(x, wide)),
@@ -224,6 +232,15 @@ pub fn matvec_with_options<X: Activation>(
             };
             let (l16, dl) = int16::quantize_levels(levels);
             Prepared::Int16(int16::quantize_activations(x, batch, n_in, order), l16, dl)
+        }
+        Activations::Int8 => {
+            let order = match (fast, wide) {
+                (false, _) => int8::Order::Natural,
+                (true, true) => int8::Order::Step64,
+                (true, false) => int8::Order::Step32,
+            };
+            let (l8, dl) = int8::quantize_levels(levels);
+            Prepared::Int8(int8::quantize_activations(x, batch, n_in, order), l8, dl)
         }
     };
     let rows_per_task = (TASK_WEIGHTS / n_in).max(1);
@@ -247,6 +264,10 @@ pub fn matvec_with_options<X: Activation>(
                     Prepared::Int16(xq, l16, dl) => {
                         // SAFETY: as above; `xq` holds every activation row.
                         unsafe { row_dot_int16(isa, c, s, l16, *dl, shape.block_size, xq, b0, yt) };
+                    }
+                    Prepared::Int8(xq, l8, dl) => {
+                        // SAFETY: as above; `xq` holds every activation row.
+                        unsafe { row_dot_int8(isa, c, s, l8, *dl, shape.block_size, xq, b0, yt) };
                     }
                 }
             }
@@ -294,6 +315,18 @@ fn permute<X: Activation>(x: &[X], wide: bool) -> Vec<f32> {
     v
 }
 
+/// Calls the AVX2 row kernel `$f` monomorphized for the tile height `$y.len()` (1..=TILE).
+macro_rules! by_tile {
+    ($($f:ident)::+, $y:ident, ($($arg:expr),*)) => {
+        match $y.len() {
+            1 => $($f)::+::<1>($($arg,)* $y),
+            2 => $($f)::+::<2>($($arg,)* $y),
+            3 => $($f)::+::<3>($($arg,)* $y),
+            _ => $($f)::+::<4>($($arg,)* $y),
+        }
+    };
+}
+
 /// Int16 dot products of one weight row with `y.len()` (1..=TILE) activation rows starting at
 /// row `first` of `xq`.
 ///
@@ -312,22 +345,55 @@ unsafe fn row_dot_int16(
     first: usize,
     y: &mut [f32],
 ) {
-    macro_rules! tiles {
-        ($f:ident) => {
-            match y.len() {
-                1 => int16::x86::$f::<1>(codes, scales, l16, dl, block_size, xq, first, y),
-                2 => int16::x86::$f::<2>(codes, scales, l16, dl, block_size, xq, first, y),
-                3 => int16::x86::$f::<3>(codes, scales, l16, dl, block_size, xq, first, y),
-                _ => int16::x86::$f::<4>(codes, scales, l16, dl, block_size, xq, first, y),
-            }
-        };
-    }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 if block_size >= 64 => tiles!(row_dot64),
+        Isa::Avx2 | Isa::Avx512 if block_size >= 64 => by_tile!(
+            int16::x86::row_dot64,
+            y,
+            (codes, scales, l16, dl, block_size, xq, first)
+        ),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => tiles!(row_dot32),
+        Isa::Avx2 | Isa::Avx512 => by_tile!(
+            int16::x86::row_dot32,
+            y,
+            (codes, scales, l16, dl, block_size, xq, first)
+        ),
         _ => int16::row_dot_portable(codes, scales, l16, dl, block_size, xq, first, y),
+    }
+}
+
+/// Int8 dot products of one weight row with `y.len()` (1..=TILE) activation rows starting at
+/// row `first` of `xq`.
+///
+/// # Safety
+/// `isa` must be supported by the running CPU.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_dot_int8(
+    isa: Isa,
+    codes: &[u8],
+    scales: &[f32],
+    l8: &[i8; 16],
+    dl: f32,
+    block_size: usize,
+    xq: &int8::Quantized,
+    first: usize,
+    y: &mut [f32],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 if block_size >= 64 => by_tile!(
+            int8::x86::row_dot64,
+            y,
+            (codes, scales, l8, dl, block_size, xq, first)
+        ),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => by_tile!(
+            int8::x86::row_dot32,
+            y,
+            (codes, scales, l8, dl, block_size, xq, first)
+        ),
+        _ => int8::row_dot_portable(codes, scales, l8, dl, block_size, xq, first, y),
     }
 }
 
@@ -672,9 +738,27 @@ mod tests {
         }
     }
 
-    /// Bound on |error| of the int16 path: the quantization of levels and activations
-    /// ([`int16::error_bound_terms`]) plus f32 rounding of the sums.
-    fn int16_bound(
+    /// Group size and largest integer of an integer activation mode.
+    fn group_and_qmax(mode: Activations) -> (usize, f32) {
+        match mode {
+            Activations::Int16 => (int16::GROUP, int16::QMAX),
+            Activations::Int8 => (int8::GROUP, int8::QMAX),
+            Activations::Float => unreachable!("the float path is not quantized"),
+        }
+    }
+
+    /// Every (integer mode, supported ISA) pair.
+    fn integer_cases() -> Vec<(Activations, Isa)> {
+        [Activations::Int16, Activations::Int8]
+            .into_iter()
+            .flat_map(|m| Isa::supported().into_iter().map(move |i| (m, i)))
+            .collect()
+    }
+
+    /// Bound on |error| of an integer path: the quantization of levels and activations
+    /// ([`crate::matvec_quant::error_bound_terms`]) plus f32 rounding of the sums.
+    fn quantized_bound(
+        mode: Activations,
         shape: MatShape,
         codes: &[u8],
         scales: &[f32],
@@ -683,13 +767,15 @@ mod tests {
         batch: usize,
     ) -> Vec<f64> {
         let (n_in, n_out) = (shape.in_features, shape.out_features);
-        let (_, dl) = int16::quantize_levels(levels);
+        let (group, qmax) = group_and_qmax(mode);
+        let top = levels.iter().fold(0f32, |m, l| m.max(l.abs()));
+        let dl = top / qmax;
         let mut bound = vec![0f64; batch * n_out];
         for b in 0..batch {
             let xb = &x[b * n_in..(b + 1) * n_in];
             let d: Vec<f32> = xb
-                .chunks(int16::GROUP)
-                .map(|g| g.iter().fold(0f32, |m, v| m.max(v.abs())) / int16::QMAX)
+                .chunks(group)
+                .map(|g| g.iter().fold(0f32, |m, v| m.max(v.abs())) / qmax)
                 .collect();
             for o in 0..n_out {
                 let mut q = 0f64;
@@ -703,9 +789,9 @@ mod tests {
                     };
                     let l = levels[c as usize];
                     let s = scales[k / shape.block_size].abs() as f64;
-                    q += s * int16::error_bound_terms(l, xb[i], d[i / int16::GROUP], dl);
-                    mag +=
-                        s * (l.abs() as f64 + dl as f64) * (xb[i].abs() as f64 + d[i / 64] as f64);
+                    let dg = d[i / group];
+                    q += s * crate::matvec_quant::error_bound_terms(l, xb[i], dg, dl);
+                    mag += s * (l.abs() as f64 + dl as f64) * (xb[i].abs() as f64 + dg as f64);
                 }
                 bound[b * n_out + o] =
                     q * 1.001 + mag * (n_in as f64 + 8.0) * f32::EPSILON as f64 + 1e-30;
@@ -715,7 +801,7 @@ mod tests {
     }
 
     #[test]
-    fn int16_activations_stay_within_their_error_bound() {
+    fn integer_activations_stay_within_their_error_bound() {
         let mut st = 11u64;
         for levels in [NF4, FP4] {
             let cb = Codebook::new(&levels).unwrap();
@@ -762,19 +848,12 @@ mod tests {
                         })
                         .collect();
                     let (want, _) = reference(shape, &codes, &scales, &levels, &x, batch);
-                    let bound = int16_bound(shape, &codes, &scales, &levels, &x, batch);
-                    for isa in Isa::supported() {
+                    for (mode, isa) in integer_cases() {
+                        let bound =
+                            quantized_bound(mode, shape, &codes, &scales, &levels, &x, batch);
                         let mut out = vec![f32::NAN; batch * n_out];
                         let got = matvec_with_options(
-                            isa,
-                            Activations::Int16,
-                            shape,
-                            batch,
-                            &codes,
-                            &scales,
-                            &cb,
-                            &x,
-                            &mut out,
+                            isa, mode, shape, batch, &codes, &scales, &cb, &x, &mut out,
                         );
                         assert_eq!(got, Ok(()));
                         for (k, (&g, (&w, &t))) in
@@ -782,7 +861,8 @@ mod tests {
                         {
                             assert!(
                                 (g as f64 - w).abs() <= t,
-                                "{isa:?} {shape:?} batch={batch} k={k}: {g} vs {w} (bound {t})"
+                                "{mode:?} {isa:?} {shape:?} batch={batch} k={k}: {g} vs {w} \
+                                 (bound {t})"
                             );
                         }
                     }
@@ -792,14 +872,48 @@ mod tests {
     }
 
     #[test]
-    fn int16_orders_are_permutations_and_zero_rows_stay_zero() {
-        for (order, n) in [(int16::Order::Step32, 32), (int16::Order::Step64, 64)] {
-            let x: Vec<f32> = (0..n).map(|i| (i + 1) as f32).collect();
-            let q = int16::quantize_activations(&x, 1, n, order);
-            let mut seen: Vec<i16> = q.q.clone();
-            seen.sort_unstable();
-            let natural = int16::quantize_activations(&x, 1, n, int16::Order::Natural);
-            assert_eq!(seen, natural.q, "{order:?}");
+    fn integer_orders_are_permutations_and_zero_rows_stay_zero() {
+        for n in [16, 32, 48, 64, 128] {
+            // Distinct magnitudes within each group, so a misplaced value shows.
+            let x: Vec<f32> = (0..n).map(|i| ((i % 32) + 1) as f32).collect();
+            let orders: &[int16::Order] = if n % 64 == 0 {
+                &[int16::Order::Step32, int16::Order::Step64]
+            } else {
+                &[int16::Order::Step32]
+            };
+            for &order in orders {
+                let q = int16::quantize_activations(&x, 1, n, order);
+                let mut seen: Vec<i16> = q.q.clone();
+                seen.sort_unstable();
+                let mut natural = int16::quantize_activations(&x, 1, n, int16::Order::Natural).q;
+                natural.sort_unstable();
+                assert_eq!(seen, natural, "{order:?} n={n}");
+            }
+            let natural = int8::quantize_activations(&x, 1, n, int8::Order::Natural);
+            let step32 = int8::quantize_activations(&x, 1, n, int8::Order::Step32);
+            for j in 0..n {
+                // Step32: per 32, the even values then the odd ones.
+                let to = 32 * (j / 32) + 16 * (j % 2) + (j % 32) / 2;
+                assert_eq!(
+                    step32.values.q[to], natural.values.q[j],
+                    "step32 n={n} j={j}"
+                );
+            }
+            if n % 64 == 0 {
+                let step64 = int8::quantize_activations(&x, 1, n, int8::Order::Step64);
+                for j in 0..n {
+                    let (c, r) = ((j % 64) / 32, j % 32);
+                    let to = 64 * (j / 64) + 32 * (r % 2) + 16 * c + r / 2;
+                    assert_eq!(
+                        step64.values.q[to], natural.values.q[j],
+                        "step64 n={n} j={j}"
+                    );
+                }
+                for (g, &d) in natural.values.d.iter().enumerate() {
+                    let lane = (g / 2) * 8 + (g % 2) * 4;
+                    assert_eq!(step64.lane_steps[lane..lane + 4], [d; 4], "n={n} g={g}");
+                }
+            }
         }
         // All-zero activations: zero step, zero outputs (no 0/0).
         let cb = Codebook::new(&NF4).unwrap();
@@ -809,11 +923,11 @@ mod tests {
             block_size: 64,
         };
         let codes = vec![0x5Au8; 3 * 64];
-        for isa in Isa::supported() {
+        for (mode, isa) in integer_cases() {
             let mut out = vec![f32::NAN; 3];
             matvec_with_options(
                 isa,
-                Activations::Int16,
+                mode,
                 shape,
                 1,
                 &codes,
@@ -823,12 +937,12 @@ mod tests {
                 &mut out,
             )
             .unwrap();
-            assert_eq!(out, vec![0.0; 3], "{isa:?}");
+            assert_eq!(out, vec![0.0; 3], "{mode:?} {isa:?}");
         }
     }
 
     #[test]
-    fn int16_non_finite_activations_give_non_finite_outputs() {
+    fn integer_paths_give_non_finite_outputs_for_non_finite_activations() {
         let cb = Codebook::new(&NF4).unwrap();
         for bs in [16, 64] {
             let shape = MatShape {
@@ -841,23 +955,13 @@ mod tests {
             for bad in [f32::NAN, f32::INFINITY] {
                 let mut x = vec![1f32; 128];
                 x[70] = bad;
-                for isa in Isa::supported() {
+                for (mode, isa) in integer_cases() {
                     let mut out = vec![0f32; 2];
-                    matvec_with_options(
-                        isa,
-                        Activations::Int16,
-                        shape,
-                        1,
-                        &codes,
-                        &scales,
-                        &cb,
-                        &x,
-                        &mut out,
-                    )
-                    .unwrap();
+                    matvec_with_options(isa, mode, shape, 1, &codes, &scales, &cb, &x, &mut out)
+                        .unwrap();
                     assert!(
                         out.iter().all(|v| !v.is_finite()),
-                        "{isa:?} bs={bs} {bad}: {out:?}"
+                        "{mode:?} {isa:?} bs={bs} {bad}: {out:?}"
                     );
                 }
             }
@@ -866,10 +970,10 @@ mod tests {
 
     #[test]
     fn activation_modes_parse_by_name() {
-        for a in [Activations::Float, Activations::Int16] {
+        for a in Activations::ALL {
             assert_eq!(Activations::parse(a.name()), Some(a));
         }
-        assert_eq!(Activations::parse("int8"), None);
+        assert_eq!(Activations::parse("int4"), None);
         assert_eq!(Activations::default(), Activations::Float);
     }
 

@@ -13,33 +13,20 @@
 //! i64.
 
 use crate::element::Element;
+pub use crate::matvec_quant::error_bound_terms;
+use crate::matvec_quant::{self as quant, Layout, QInt};
 
 /// Activations per quantization group (one f32 scale each).
 pub const GROUP: usize = 64;
 /// Largest magnitude of a quantized activation or level.
-pub const QMAX: f32 = 16383.0;
+pub const QMAX: f32 = <i16 as QInt>::QMAX;
+
+/// Quantized activations of this path.
+pub type Quantized = quant::Quantized<i16>;
 
 /// Levels rounded to integers in `[-QMAX, QMAX]`, and the step `dl` they are in units of.
 pub fn quantize_levels(levels: &[f32; 16]) -> ([i16; 16], f32) {
-    let top = levels.iter().fold(0f32, |m, l| m.max(l.abs()));
-    if top == 0.0 {
-        return ([0; 16], 0.0);
-    }
-    let step = top / QMAX;
-    (levels.map(|l| (l / step).round() as i16), step)
-}
-
-/// Quantized activations of `batch` rows: `q[b * padded + j]` (the order the kernel reads,
-/// zero-padded to `padded` values per row) and `d[b * groups + g]`.
-pub struct Quantized {
-    /// The quantized values, `batch * padded`.
-    pub q: Vec<i16>,
-    /// The step of each group, `batch * groups`.
-    pub d: Vec<f32>,
-    /// Values per row of `q` (`in_features` rounded up to a multiple of 32).
-    pub padded: usize,
-    /// Groups per row.
-    pub groups: usize,
+    quant::quantize_levels(levels)
 }
 
 /// Where value `j` of a 32- or 64-value chunk goes in the kernel's order.
@@ -54,28 +41,26 @@ pub enum Order {
 }
 
 impl Order {
-    /// Destination of source index `j` (0..64 for `Step64`, 0..32 for `Step32`) in its chunk.
-    fn dest(self, j: usize) -> usize {
+    fn layout(self) -> Layout {
         match self {
-            Order::Natural => j,
+            Order::Natural => Layout::NATURAL,
             // Source 16u + 2k + lane (k < 8) -> 16u + 8 lane + k.
-            Order::Step32 => {
-                let (u, r) = (j / 16, j % 16);
-                16 * u + 8 * (r % 2) + r / 2
-            }
+            Order::Step32 => Layout {
+                chunk: 32,
+                dest: |j| {
+                    let (u, r) = (j / 16, j % 16);
+                    16 * u + 8 * (r % 2) + r / 2
+                },
+            },
             // Source 32 lane + 16u + 2k + h -> 32h + 16u + 8 lane + k.
-            Order::Step64 => {
-                let (lane, r) = (j / 32, j % 32);
-                let (u, s) = (r / 16, r % 16);
-                32 * (s % 2) + 16 * u + 8 * lane + s / 2
-            }
-        }
-    }
-
-    fn chunk(self) -> usize {
-        match self {
-            Order::Step64 => 64,
-            _ => 32,
+            Order::Step64 => Layout {
+                chunk: 64,
+                dest: |j| {
+                    let (lane, r) = (j / 32, j % 32);
+                    let (u, s) = (r / 16, r % 16);
+                    32 * (s % 2) + 16 * u + 8 * lane + s / 2
+                },
+            },
         }
     }
 }
@@ -88,56 +73,7 @@ pub fn quantize_activations<X: Element>(
     n_in: usize,
     order: Order,
 ) -> Quantized {
-    let padded = n_in.div_ceil(32) * 32;
-    let groups = n_in.div_ceil(GROUP);
-    let mut q = vec![0i16; batch * padded];
-    let mut d = vec![0f32; batch * groups];
-    let mut row = vec![0i16; padded.div_ceil(64) * 64];
-    for b in 0..batch {
-        let xb = &x[b * n_in..(b + 1) * n_in];
-        row.fill(0);
-        for (g, chunk) in xb.chunks(GROUP).enumerate() {
-            let mut top = 0f32;
-            let mut finite = true;
-            for v in chunk {
-                let v = v.to_f32();
-                finite &= v.is_finite();
-                top = top.max(v.abs());
-            }
-            let step = if finite { top / QMAX } else { f32::NAN };
-            d[b * groups + g] = step;
-            if finite && top > 0.0 {
-                for (i, v) in chunk.iter().enumerate() {
-                    // |v| / top <= 1 (no overflow for tiny groups); clamped against rounding.
-                    let r = (v.to_f32() / top * QMAX).round().clamp(-QMAX, QMAX);
-                    row[g * GROUP + i] = r as i16;
-                }
-            }
-        }
-        let dst = &mut q[b * padded..(b + 1) * padded];
-        let c = order.chunk();
-        for (k, src) in row[..padded].chunks(c).enumerate() {
-            for (j, &v) in src.iter().enumerate() {
-                let to = order.dest(j);
-                if k * c + to < padded {
-                    dst[k * c + to] = v;
-                }
-            }
-        }
-    }
-    Quantized {
-        q,
-        d,
-        padded,
-        groups,
-    }
-}
-
-/// The per-product error bound of this path for a level `l`, activation `x`, group step `d` and
-/// level step `dl` (multiply by `|scale|` and sum over a row): `|l| d / 2 + (|x| + d / 2) dl / 2`.
-pub fn error_bound_terms(l: f32, x: f32, d: f32, dl: f32) -> f64 {
-    let (l, x, d, dl) = (l.abs() as f64, x.abs() as f64, d as f64, dl as f64);
-    l * d / 2.0 + (x + d / 2.0) * dl / 2.0
+    quant::quantize_activations(x, batch, n_in, GROUP, order.layout())
 }
 
 /// Portable int16 row kernel (natural order): the definition of this path's results.
@@ -152,48 +88,15 @@ pub fn row_dot_portable(
     first_row: usize,
     y: &mut [f32],
 ) {
-    let n_in = codes.len() * 2;
-    for (k, yb) in y.iter_mut().enumerate() {
-        let b = first_row + k;
-        let q = &xq.q[b * xq.padded..b * xq.padded + n_in];
-        let d = &xq.d[b * xq.groups..(b + 1) * xq.groups];
-        let mut total = 0f32;
-        for (blk, &s) in scales.iter().enumerate() {
-            let start = blk * block_size;
-            let mut acc = 0f32;
-            // The (block, group) pieces of this block, in order.
-            let mut i = start;
-            while i < start + block_size {
-                let g = i / GROUP;
-                let end = (start + block_size).min((g + 1) * GROUP);
-                let mut part = 0i64;
-                for j in i..end {
-                    let byte = codes[j / 2];
-                    let c = if j % 2 == 0 { byte >> 4 } else { byte & 15 };
-                    part += l16[c as usize] as i64 * q[j] as i64;
-                }
-                acc += part as f32 * d[g];
-                i = end;
-            }
-            total += acc * s;
-        }
-        *yb = total * dl;
-    }
+    quant::row_dot_portable(codes, scales, l16, dl, block_size, xq, first_row, y)
 }
 
 #[cfg(target_arch = "x86_64")]
 pub mod x86 {
     //! AVX2 int16 row kernels for `NB` activation rows.
     use super::{Quantized, GROUP};
+    use crate::matvec_quant::hsum;
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
 
     /// Low and high bytes of the integer levels, each broadcast to both lanes.
     #[inline(always)]

@@ -65,8 +65,9 @@ fn product<X: Activation>(
 ///
 /// `x` is float32, or uint16 bits of bfloat16 / float16 (named by `element`), `batch` rows of
 /// `in_features` values; returns float32 `batch * out_features` values (row-major).
-/// `activations`: `"float"` (default: exact f32 products) or `"int16"` (activations quantized
-/// per 64 values, integer dot products: faster, relative error about 6e-5).
+/// `activations`: `"float"` (default: exact f32 products), `"int16"` (activations quantized
+/// per 64 values, integer dot products: faster, relative error about 6e-5) or `"int8"` (per 32
+/// values: the fastest, relative error about 7e-3).
 #[pyfunction]
 #[pyo3(signature = (x, element, batch, codes, scales, levels, out_features, in_features, block_size, isa=None, activations=None))]
 #[allow(clippy::too_many_arguments)]
@@ -89,8 +90,13 @@ fn matvec<'py>(
     let activations = match activations {
         None => Activations::Float,
         Some(name) => Activations::parse(name).ok_or_else(|| {
+            let names: Vec<String> = Activations::ALL
+                .iter()
+                .map(|a| format!("'{}'", a.name()))
+                .collect();
             PyValueError::new_err(format!(
-                "activations must be 'float' or 'int16', got {name:?}"
+                "activations must be one of {}, got {name:?}",
+                names.join(", ")
             ))
         })?,
     };
