@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// Fused matvec (NF4, block 64, bf16 activations; float and opt-in int16 activation modes) for
+/// Fused matvec (NF4, block 64, bf16 activations; float and the opt-in int16 / int8 modes) for
 /// the Python benchmark's shapes; throughput in weights per second.
 fn bench_matvec(c: &mut Criterion) {
     let codebook = Codebook::new(&NF4).unwrap();
@@ -106,7 +106,7 @@ fn bench_matvec(c: &mut Criterion) {
             let mut out = vec![0f32; batch * out_features];
             let variants = Isa::supported()
                 .into_iter()
-                .flat_map(|i| [(i, Activations::Float), (i, Activations::Int16)]);
+                .flat_map(|i| Activations::ALL.map(|a| (i, a)));
             for (isa, mode) in variants {
                 let name = format!("{}-{}", isa.name(), mode.name());
                 group.bench_function(BenchmarkId::new(format!("batch{batch}"), name), |b| {

@@ -30,6 +30,7 @@ use crate::matvec_int16 as int16;
 use crate::matvec_int8 as int8;
 use crate::pool::pool;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Weights per parallel task, about (whole rows); smaller products run on the calling thread.
 const TASK_WEIGHTS: usize = 1 << 16;
@@ -142,7 +143,8 @@ impl Activation for F16 {}
 
 /// `out[b * out_features + o] = sum_i x[b * in + i] * W[o, i]` for `batch` activation rows, with
 /// the best kernel of this CPU. `x` holds `batch * in_features` values, `out` `batch *
-/// out_features`.
+/// out_features`. A non-finite scale is an error, found while the product runs (`out` is then
+/// unspecified).
 pub fn matvec<X: Activation>(
     shape: MatShape,
     batch: usize,
@@ -195,12 +197,6 @@ pub fn matvec_with_options<X: Activation>(
 ) -> Result<()> {
     isa.ensure_supported()?;
     shape.check(batch, codes.len(), scales.len(), x.len(), out.len())?;
-    if let Some(b) = scales.iter().position(|s| !s.is_finite()) {
-        return Err(Error::InvalidArgument {
-            name: "scales",
-            message: format!("scale of block {b} is not finite"),
-        });
-    }
     if out.is_empty() {
         return Ok(());
     }
@@ -244,10 +240,18 @@ pub fn matvec_with_options<X: Activation>(
         }
     };
     let rows_per_task = (TASK_WEIGHTS / n_in).max(1);
-    // Results row-major by output feature ([out, batch]), transposed at the end.
-    let mut by_row = vec![0f32; n_out * batch];
+    // The first non-finite scale, found by the tasks as they read their rows' scales (one pass
+    // over data the kernel reads next, instead of a serial scan before the product).
+    let bad_scale = AtomicUsize::new(usize::MAX);
     let task = |t: usize, dst: &mut [f32]| {
         let first = t * rows_per_task;
+        let task_scales = &scales[first * scales_per_row..][..dst.len() / batch * scales_per_row];
+        if !all_finite(task_scales) {
+            if let Some(i) = task_scales.iter().position(|s| !s.is_finite()) {
+                bad_scale.fetch_min(first * scales_per_row + i, Ordering::Relaxed);
+            }
+            return;
+        }
         for (r, y) in dst.chunks_exact_mut(batch).enumerate() {
             let o = first + r;
             let c = &codes[o * bytes_per_row..(o + 1) * bytes_per_row];
@@ -273,23 +277,45 @@ pub fn matvec_with_options<X: Activation>(
             }
         }
     };
-    if n_out * n_in * batch.min(TILE) <= TASK_WEIGHTS {
-        // One task's worth: waking the pool would cost more than the work.
-        task(0, &mut by_row);
+    // Fills results row-major by output feature ([out, batch]).
+    let run = |by_row: &mut [f32]| {
+        if n_out * n_in * batch.min(TILE) <= TASK_WEIGHTS {
+            // One task's worth: waking the pool would cost more than the work.
+            task(0, by_row);
+        } else {
+            pool().install(|| {
+                by_row
+                    .par_chunks_mut(rows_per_task * batch)
+                    .enumerate()
+                    .for_each(|(t, dst)| task(t, dst))
+            });
+        }
+    };
+    if batch == 1 {
+        run(out);
     } else {
-        pool().install(|| {
-            by_row
-                .par_chunks_mut(rows_per_task * batch)
-                .enumerate()
-                .for_each(|(t, dst)| task(t, dst))
-        });
-    }
-    for (o, row) in by_row.chunks_exact(batch).enumerate() {
-        for (b, &v) in row.iter().enumerate() {
-            out[b * n_out + o] = v;
+        let mut by_row = vec![0f32; n_out * batch];
+        run(&mut by_row);
+        for (o, row) in by_row.chunks_exact(batch).enumerate() {
+            for (b, &v) in row.iter().enumerate() {
+                out[b * n_out + o] = v;
+            }
         }
     }
-    Ok(())
+    match bad_scale.into_inner() {
+        usize::MAX => Ok(()),
+        b => Err(Error::InvalidArgument {
+            name: "scales",
+            message: format!("scale of block {b} is not finite"),
+        }),
+    }
+}
+
+/// Whether every value is finite (a branch-free pass the compiler vectorizes).
+fn all_finite(values: &[f32]) -> bool {
+    values.iter().fold(true, |ok, v| {
+        ok & (v.to_bits() & 0x7F80_0000 != 0x7F80_0000)
+    })
 }
 
 /// Activations in f32, permuted to the order the AVX2 decoder yields: within every 64 values
@@ -1005,6 +1031,45 @@ mod tests {
             matvec_with_isa(isa, shape, 2, &codes, &scales, &cb, &xh, &mut h).unwrap();
             assert_eq!(a, b, "{isa:?}");
             assert_eq!(a, h, "{isa:?}");
+        }
+    }
+
+    #[test]
+    fn reports_the_first_non_finite_scale_across_tasks() {
+        let cb = Codebook::new(&NF4).unwrap();
+        // 16 rows per task: the bad scales sit in the third and fifth tasks.
+        let shape = MatShape {
+            out_features: 80,
+            in_features: 4096,
+            block_size: 64,
+        };
+        let codes = vec![0x37u8; 80 * 2048];
+        let x = vec![1f32; 2 * 4096];
+        for mode in Activations::ALL {
+            for isa in Isa::supported() {
+                let mut scales = vec![1f32; 80 * 64];
+                scales[70 * 64 + 3] = f32::INFINITY;
+                scales[40 * 64 + 9] = f32::NAN;
+                for batch in [1, 2] {
+                    let mut out = vec![0f32; batch * 80];
+                    let got = matvec_with_options(
+                        isa,
+                        mode,
+                        shape,
+                        batch,
+                        &codes,
+                        &scales,
+                        &cb,
+                        &x[..batch * 4096],
+                        &mut out,
+                    );
+                    let message = format!("{:?}", got.unwrap_err());
+                    assert!(
+                        message.contains(&format!("scale of block {}", 40 * 64 + 9)),
+                        "{mode:?} {isa:?}: {message}"
+                    );
+                }
+            }
         }
     }
 
