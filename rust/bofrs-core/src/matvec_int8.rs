@@ -125,7 +125,8 @@ pub mod x86 {
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 
-    /// Row kernel, `Order::Step64` activations; block size a multiple of 64.
+    /// Row kernel, `Order::Step64` activations; block size a multiple of 64. Steps of 64
+    /// values alternate between two accumulators (two independent FMA chains).
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA; `xq` holds rows `first_row..first_row + NB` in
@@ -145,39 +146,43 @@ pub mod x86 {
         let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(l8.as_ptr() as *const __m128i));
         let nib = _mm256_set1_epi8(15);
         let cp = codes.as_ptr();
+        let sp = scales.as_ptr();
         let v = &xq.values;
         let per_row = v.padded.div_ceil(64) * 8;
         let qp: [*const i8; NB] =
             std::array::from_fn(|b| v.q.as_ptr().add((first_row + b) * v.padded));
         let dp: [*const f32; NB] =
             std::array::from_fn(|b| xq.lane_steps.as_ptr().add((first_row + b) * per_row));
-        let steps = block_size / 64;
-        let mut tot = [_mm256_setzero_ps(); NB];
-        for (blk, &s) in scales.iter().enumerate() {
-            let mut acc = [_mm256_setzero_ps(); NB];
-            for k in 0..steps {
-                let st = blk * steps + k;
-                let raw = _mm256_loadu_si256(cp.add(st * 32) as *const __m256i);
-                let even =
-                    _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib));
-                let odd = _mm256_shuffle_epi8(table, _mm256_and_si256(raw, nib));
-                let (abs_even, abs_odd) = (_mm256_abs_epi8(even), _mm256_abs_epi8(odd));
-                for b in 0..NB {
-                    let xb = qp[b].add(st * 64);
-                    let xe = _mm256_loadu_si256(xb as *const __m256i);
-                    let xo = _mm256_loadu_si256(xb.add(32) as *const __m256i);
-                    let p = _mm256_add_epi32(dot4(abs_even, even, xe), dot4(abs_odd, odd, xo));
-                    let d = _mm256_loadu_ps(dp[b].add(st * 8));
-                    acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[b]);
-                }
-            }
-            let vs = _mm256_set1_ps(s);
+        let steps_per_block = block_size / 64;
+        let n_steps = codes.len() / 32;
+        // One step: 64 codes, their levels, NB dot products scaled by step * block scale.
+        let step = |st: usize, tot: &mut [__m256; NB]| {
+            let raw = _mm256_loadu_si256(cp.add(st * 32) as *const __m256i);
+            let even = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib));
+            let odd = _mm256_shuffle_epi8(table, _mm256_and_si256(raw, nib));
+            let (abs_even, abs_odd) = (_mm256_abs_epi8(even), _mm256_abs_epi8(odd));
+            let s = _mm256_broadcast_ss(&*sp.add(st / steps_per_block));
             for b in 0..NB {
-                tot[b] = _mm256_fmadd_ps(acc[b], vs, tot[b]);
+                let xb = qp[b].add(st * 64);
+                let xe = _mm256_loadu_si256(xb as *const __m256i);
+                let xo = _mm256_loadu_si256(xb.add(32) as *const __m256i);
+                let p = _mm256_add_epi32(dot4(abs_even, even, xe), dot4(abs_odd, odd, xo));
+                let ds = _mm256_mul_ps(_mm256_loadu_ps(dp[b].add(st * 8)), s);
+                tot[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), ds, tot[b]);
             }
+        };
+        let mut tot = [[_mm256_setzero_ps(); NB]; 2];
+        let mut st = 0;
+        while st + 1 < n_steps {
+            step(st, &mut tot[0]);
+            step(st + 1, &mut tot[1]);
+            st += 2;
+        }
+        if st < n_steps {
+            step(st, &mut tot[0]);
         }
         for b in 0..NB {
-            y[b] = hsum(tot[b]) * dl;
+            y[b] = hsum(_mm256_add_ps(tot[0][b], tot[1][b])) * dl;
         }
     }
 
@@ -207,8 +212,8 @@ pub mod x86 {
             std::array::from_fn(|b| v.q.as_ptr().add((first_row + b) * v.padded));
         let dp: [*const f32; NB] =
             std::array::from_fn(|b| v.d.as_ptr().add((first_row + b) * v.groups));
-        let mut tot = [_mm256_setzero_ps(); NB];
-        for t in 0..n_in.div_ceil(32) {
+        // One step: 32 codes, their levels, NB dot products scaled by step * block scale(s).
+        let step = |t: usize, tot: &mut [__m256; NB]| {
             let base = t * 32;
             let whole = base + 32 <= n_in;
             let mut tail = [0u8; 16];
@@ -238,9 +243,21 @@ pub mod x86 {
                 let d = _mm256_mul_ps(s, _mm256_broadcast_ss(&*dp[b].add(t)));
                 tot[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(abs_w, w, x)), d, tot[b]);
             }
+        };
+        // Two accumulators: two independent FMA chains.
+        let mut tot = [[_mm256_setzero_ps(); NB]; 2];
+        let n_steps = n_in.div_ceil(32);
+        let mut t = 0;
+        while t + 1 < n_steps {
+            step(t, &mut tot[0]);
+            step(t + 1, &mut tot[1]);
+            t += 2;
+        }
+        if t < n_steps {
+            step(t, &mut tot[0]);
         }
         for b in 0..NB {
-            y[b] = hsum(tot[b]) * dl;
+            y[b] = hsum(_mm256_add_ps(tot[0][b], tot[1][b])) * dl;
         }
     }
 }
