@@ -14,6 +14,7 @@
 
 use crate::element::Element;
 pub use crate::matvec_quant::error_bound_terms;
+pub use crate::matvec_quant::Order;
 use crate::matvec_quant::{self as quant, Layout, QInt};
 
 /// Activations per quantization group (one f32 scale each).
@@ -29,39 +30,27 @@ pub fn quantize_levels(levels: &[f32; 16]) -> ([i16; 16], f32) {
     quant::quantize_levels(levels)
 }
 
-/// Where value `j` of a 32- or 64-value chunk goes in the kernel's order.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Order {
-    /// Natural order (the portable kernel).
-    Natural,
-    /// The AVX2 kernel's order for 32-value steps (block sizes 16 and 32).
-    Step32,
-    /// The AVX2 kernel's order for 64-value steps (block sizes >= 64).
-    Step64,
-}
-
-impl Order {
-    fn layout(self) -> Layout {
-        match self {
-            Order::Natural => Layout::NATURAL,
-            // Source 16u + 2k + lane (k < 8) -> 16u + 8 lane + k.
-            Order::Step32 => Layout {
-                chunk: 32,
-                dest: |j| {
-                    let (u, r) = (j / 16, j % 16);
-                    16 * u + 8 * (r % 2) + r / 2
-                },
+/// Where value `j` of a 32- or 64-value chunk goes in this path's kernels.
+fn layout(order: Order) -> Layout {
+    match order {
+        Order::Natural => Layout::NATURAL,
+        // Source 16u + 2k + lane (k < 8) -> 16u + 8 lane + k.
+        Order::Step32 => Layout {
+            chunk: 32,
+            dest: |j| {
+                let (u, r) = (j / 16, j % 16);
+                16 * u + 8 * (r % 2) + r / 2
             },
-            // Source 32 lane + 16u + 2k + h -> 32h + 16u + 8 lane + k.
-            Order::Step64 => Layout {
-                chunk: 64,
-                dest: |j| {
-                    let (lane, r) = (j / 32, j % 32);
-                    let (u, s) = (r / 16, r % 16);
-                    32 * (s % 2) + 16 * u + 8 * lane + s / 2
-                },
+        },
+        // Source 32 lane + 16u + 2k + h -> 32h + 16u + 8 lane + k.
+        Order::Step64 => Layout {
+            chunk: 64,
+            dest: |j| {
+                let (lane, r) = (j / 32, j % 32);
+                let (u, s) = (r / 16, r % 16);
+                32 * (s % 2) + 16 * u + 8 * lane + s / 2
             },
-        }
+        },
     }
 }
 
@@ -73,7 +62,7 @@ pub fn quantize_activations<X: Element>(
     n_in: usize,
     order: Order,
 ) -> Quantized {
-    quant::quantize_activations(x, batch, n_in, GROUP, order.layout())
+    quant::quantize_activations(x, batch, n_in, GROUP, layout(order))
 }
 
 /// Portable int16 row kernel (natural order): the definition of this path's results.

@@ -14,6 +14,7 @@
 
 use crate::element::Element;
 pub use crate::matvec_quant::error_bound_terms;
+pub use crate::matvec_quant::Order;
 use crate::matvec_quant::{self as quant, Layout, QInt};
 
 /// Activations per quantization group (one f32 step each).
@@ -26,37 +27,26 @@ pub fn quantize_levels(levels: &[f32; 16]) -> ([i8; 16], f32) {
     quant::quantize_levels(levels)
 }
 
-/// Which kernel the activations are laid out for.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Order {
-    /// Natural order (the portable kernel).
-    Natural,
-    /// The AVX2 kernel for 32-value steps (block sizes 16 and 32): per 32 values, the even
-    /// ones, then the odd ones (the high and low nibbles of 16 code bytes).
-    Step32,
-    /// The AVX2 kernel for 64-value steps (block sizes >= 64): per 64 values, the even ones of
-    /// each 32, then the odd ones of each 32 (the high and low nibbles of 32 code bytes).
-    Step64,
-}
-
-impl Order {
-    fn layout(self) -> Layout {
-        match self {
-            Order::Natural => Layout::NATURAL,
-            // Source 2k + h -> 16h + k.
-            Order::Step32 => Layout {
-                chunk: 32,
-                dest: |j| 16 * (j % 2) + j / 2,
+/// Where value `j` of a 32- or 64-value chunk goes in this path's kernels: [`Order::Step32`]
+/// puts, per 32 values, the even ones then the odd ones (the high and low nibbles of 16 code
+/// bytes); [`Order::Step64`], per 64, the even ones of each 32, then the odd ones of each 32
+/// (the nibbles of 32 code bytes).
+fn layout(order: Order) -> Layout {
+    match order {
+        Order::Natural => Layout::NATURAL,
+        // Source 2k + h -> 16h + k.
+        Order::Step32 => Layout {
+            chunk: 32,
+            dest: |j| 16 * (j % 2) + j / 2,
+        },
+        // Source 32c + 2k + h -> 32h + 16c + k.
+        Order::Step64 => Layout {
+            chunk: 64,
+            dest: |j| {
+                let (c, r) = (j / 32, j % 32);
+                32 * (r % 2) + 16 * c + r / 2
             },
-            // Source 32c + 2k + h -> 32h + 16c + k.
-            Order::Step64 => Layout {
-                chunk: 64,
-                dest: |j| {
-                    let (c, r) = (j / 32, j % 32);
-                    32 * (r % 2) + 16 * c + r / 2
-                },
-            },
-        }
+        },
     }
 }
 
@@ -77,7 +67,7 @@ pub fn quantize_activations<X: Element>(
     n_in: usize,
     order: Order,
 ) -> Quantized {
-    let values = quant::quantize_activations(x, batch, n_in, GROUP, order.layout());
+    let values = quant::quantize_activations(x, batch, n_in, GROUP, layout(order));
     let lane_steps = if order == Order::Step64 {
         let per_row = values.padded.div_ceil(64) * 8;
         let mut steps = vec![0f32; batch * per_row];
@@ -123,6 +113,34 @@ pub mod x86 {
     unsafe fn dot4(abs_w: __m256i, w: __m256i, x: __m256i) -> __m256i {
         let pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w));
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
+    /// Runs `step(0..n)` alternating between two sets of accumulators (two independent FMA
+    /// chains), returned as they are.
+    #[inline(always)]
+    unsafe fn two_chains<const NB: usize>(
+        n: usize,
+        mut step: impl FnMut(usize, &mut [__m256; NB]),
+    ) -> [[__m256; NB]; 2] {
+        let mut tot = [[_mm256_setzero_ps(); NB]; 2];
+        let mut t = 0;
+        while t + 1 < n {
+            step(t, &mut tot[0]);
+            step(t + 1, &mut tot[1]);
+            t += 2;
+        }
+        if t < n {
+            step(t, &mut tot[0]);
+        }
+        tot
+    }
+
+    /// `y[b] = dl * (sum of both accumulators of row b)`.
+    #[inline(always)]
+    unsafe fn finish<const NB: usize>(tot: [[__m256; NB]; 2], dl: f32, y: &mut [f32]) {
+        for (b, yb) in y.iter_mut().enumerate().take(NB) {
+            *yb = hsum(_mm256_add_ps(tot[0][b], tot[1][b])) * dl;
+        }
     }
 
     /// Row kernel, `Order::Step64` activations; block size a multiple of 64. Steps of 64
@@ -171,19 +189,7 @@ pub mod x86 {
                 tot[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), ds, tot[b]);
             }
         };
-        let mut tot = [[_mm256_setzero_ps(); NB]; 2];
-        let mut st = 0;
-        while st + 1 < n_steps {
-            step(st, &mut tot[0]);
-            step(st + 1, &mut tot[1]);
-            st += 2;
-        }
-        if st < n_steps {
-            step(st, &mut tot[0]);
-        }
-        for b in 0..NB {
-            y[b] = hsum(_mm256_add_ps(tot[0][b], tot[1][b])) * dl;
-        }
+        finish(two_chains(n_steps, step), dl, y);
     }
 
     /// Row kernel, `Order::Step32` activations; block size 16 or 32 (a trailing half step when
@@ -244,20 +250,6 @@ pub mod x86 {
                 tot[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(abs_w, w, x)), d, tot[b]);
             }
         };
-        // Two accumulators: two independent FMA chains.
-        let mut tot = [[_mm256_setzero_ps(); NB]; 2];
-        let n_steps = n_in.div_ceil(32);
-        let mut t = 0;
-        while t + 1 < n_steps {
-            step(t, &mut tot[0]);
-            step(t + 1, &mut tot[1]);
-            t += 2;
-        }
-        if t < n_steps {
-            step(t, &mut tot[0]);
-        }
-        for b in 0..NB {
-            y[b] = hsum(_mm256_add_ps(tot[0][b], tot[1][b])) * dl;
-        }
+        finish(two_chains(n_in.div_ceil(32), step), dl, y);
     }
 }

@@ -60,6 +60,17 @@ pub struct Quantized<Q> {
     pub group: usize,
 }
 
+/// Which kernel activations are laid out for (each path defines the orders' [`Layout`]s).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Order {
+    /// Natural order (the portable kernel).
+    Natural,
+    /// The AVX2 kernel for 32-value steps (block sizes 16 and 32).
+    Step32,
+    /// The AVX2 kernel for 64-value steps (block sizes >= 64).
+    Step64,
+}
+
 /// The order a kernel reads activations in: within every `chunk` values, source `j` goes to
 /// `dest(j)`.
 #[derive(Clone, Copy)]
