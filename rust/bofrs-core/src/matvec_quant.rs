@@ -14,7 +14,7 @@ use crate::element::Element;
 pub trait QInt: Copy + Default + Send + Sync + Into<i64> + Ord {
     /// Largest magnitude used.
     const QMAX: f32;
-    /// `v`, already rounded and inside `[-QMAX, QMAX]`.
+    /// `v` (inside `[-QMAX - 1, QMAX + 1]`) truncated toward zero.
     fn from_rounded(v: f32) -> Self;
 }
 
@@ -91,6 +91,8 @@ impl Layout {
 
 /// Quantizes `batch` rows of `n_in` activations per `group` and lays them out in `layout`.
 /// A non-finite value makes its group's step non-finite (so the outputs it feeds are too).
+/// Rounding is to nearest, halves away from zero (as `f32::round`, written so that it
+/// vectorizes on baseline x86-64: a truncating conversion of `r + copysign(0.5, r)`).
 pub fn quantize_activations<X: Element, Q: QInt>(
     x: &[X],
     batch: usize,
@@ -102,36 +104,37 @@ pub fn quantize_activations<X: Element, Q: QInt>(
     let groups = n_in.div_ceil(group);
     let mut q = vec![Q::default(); batch * padded];
     let mut d = vec![0f32; batch * groups];
-    let mut row = vec![Q::default(); padded.div_ceil(64) * 64];
+    let c = layout.chunk;
+    let perm: Vec<usize> = (0..c).map(layout.dest).collect();
+    let mut wide = vec![0f32; n_in];
+    let mut row = vec![Q::default(); padded.div_ceil(c) * c];
     for b in 0..batch {
-        let xb = &x[b * n_in..(b + 1) * n_in];
-        row.fill(Q::default());
-        for (g, chunk) in xb.chunks(group).enumerate() {
-            let mut top = 0f32;
-            let mut finite = true;
-            for v in chunk {
-                let v = v.to_f32();
-                finite &= v.is_finite();
-                top = top.max(v.abs());
-            }
+        for (w, v) in wide.iter_mut().zip(&x[b * n_in..(b + 1) * n_in]) {
+            *w = v.to_f32();
+        }
+        for (g, chunk) in wide.chunks(group).enumerate() {
+            let finite = chunk
+                .iter()
+                .fold(true, |ok, v| ok & (v.to_bits() & 0x7F80_0000 != 0x7F80_0000));
+            let top = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
             d[b * groups + g] = if finite { top / Q::QMAX } else { f32::NAN };
+            let out = &mut row[g * group..g * group + chunk.len()];
             if finite && top > 0.0 {
-                for (i, v) in chunk.iter().enumerate() {
-                    // |v| / top <= 1 (no overflow for tiny groups); clamped against rounding.
-                    let r = (v.to_f32() / top * Q::QMAX)
-                        .round()
-                        .clamp(-Q::QMAX, Q::QMAX);
-                    row[g * group + i] = Q::from_rounded(r);
+                // |v| <= top, so |r| <= QMAX up to one rounding: the truncation stays in range.
+                let inv = Q::QMAX / top;
+                for (o, v) in out.iter_mut().zip(chunk) {
+                    let r = (v * inv).clamp(-Q::QMAX, Q::QMAX);
+                    *o = Q::from_rounded(r + 0.5f32.copysign(r));
                 }
+            } else {
+                out.fill(Q::default());
             }
         }
         let dst = &mut q[b * padded..(b + 1) * padded];
-        let c = layout.chunk;
-        for (k, src) in row[..padded].chunks(c).enumerate() {
-            for (j, &v) in src.iter().enumerate() {
-                let to = (layout.dest)(j);
-                if k * c + to < padded {
-                    dst[k * c + to] = v;
+        for (k, src) in row.chunks_exact(c).enumerate() {
+            for (&to, &v) in perm.iter().zip(src) {
+                if let Some(slot) = dst.get_mut(k * c + to) {
+                    *slot = v;
                 }
             }
         }
