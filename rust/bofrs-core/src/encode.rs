@@ -94,6 +94,24 @@ pub fn pack_ext_with_isa<E: Element>(
     extras: &PackExtras,
     out: PackBuffers<'_>,
 ) -> Result<Vec<Outlier>> {
+    let parts = pack_ext_parts_with_isa(isa, input, options, extras, out)?;
+    let mut outliers = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for part in parts {
+        outliers.extend(part);
+    }
+    Ok(outliers)
+}
+
+/// [`pack_ext_with_isa`] with the outliers as the parallel tasks found them: consecutive
+/// parts, in flat order, whose concatenation is [`pack_ext_with_isa`]'s result (see
+/// [`split_outliers`] to lay them out without a serial join).
+pub fn pack_ext_parts_with_isa<E: Element>(
+    isa: Isa,
+    input: &[E],
+    options: &EncodeOptions<'_>,
+    extras: &PackExtras,
+    out: PackBuffers<'_>,
+) -> Result<Vec<Vec<Outlier>>> {
     isa.ensure_supported()?;
     let bs = options.block_size;
     let layout = BlockLayout::new(input.len(), bs)?;
@@ -148,35 +166,67 @@ pub fn pack_ext_with_isa<E: Element>(
     } else {
         (0..tasks).map(|_| Default::default()).collect()
     };
-    let results: Vec<Result<Vec<Outlier>>> = pool().install(|| {
-        input
-            .par_chunks(task_values)
-            .zip(out.codes.par_chunks_mut(task_values / 2))
-            .zip(out.scales.par_chunks_mut(bpt))
-            .zip(scale_codes.par_iter_mut())
-            .zip(scale_params.par_iter_mut())
-            .enumerate()
-            .map(
-                |(task, ((((x, codes), scales), scale_codes), scale_params))| {
-                    let out = TaskOut {
-                        codes,
-                        scales,
-                        scale_codes,
-                        scale_params,
-                    };
-                    // SAFETY: `isa` was checked to be supported by this CPU above.
-                    unsafe { pack_task(isa, x, &context, out, task * bpt) }
-                },
-            )
-            .collect()
-    });
-    // Tasks are in flat order and each stops at its first bad block.
-    let parts = results.into_iter().collect::<Result<Vec<_>>>()?;
-    let mut outliers = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    pool()
+        .install(|| {
+            input
+                .par_chunks(task_values)
+                .zip(out.codes.par_chunks_mut(task_values / 2))
+                .zip(out.scales.par_chunks_mut(bpt))
+                .zip(scale_codes.par_iter_mut())
+                .zip(scale_params.par_iter_mut())
+                .enumerate()
+                .map(
+                    |(task, ((((x, codes), scales), scale_codes), scale_params))| {
+                        let out = TaskOut {
+                            codes,
+                            scales,
+                            scale_codes,
+                            scale_params,
+                        };
+                        // SAFETY: `isa` was checked to be supported by this CPU above.
+                        unsafe { pack_task(isa, x, &context, out, task * bpt) }
+                    },
+                )
+                // Tasks are in flat order and each stops at its first bad block.
+                .collect::<Vec<Result<Vec<Outlier>>>>()
+        })
+        .into_iter()
+        .collect()
+}
+
+/// Lays out outlier parts (as [`pack_ext_parts_with_isa`] returns them) as two arrays, in
+/// parallel on the pool: `indices[k] = index(i_k)` and `values[k] = v_k` for the `k`-th outlier
+/// `(i_k, v_k)` of the concatenation. `index` narrows a flat index to the index type.
+///
+/// # Panics
+/// When `indices` or `values` does not have one slot per outlier.
+pub fn split_outliers<I: Send>(
+    parts: &[Vec<Outlier>],
+    index: impl Fn(u64) -> I + Sync,
+    indices: &mut [I],
+    values: &mut [u16],
+) {
+    let total: usize = parts.iter().map(Vec::len).sum();
+    assert!(
+        indices.len() == total && values.len() == total,
+        "one slot per outlier"
+    );
+    let mut slots = Vec::with_capacity(parts.len());
+    let (mut rest_i, mut rest_v) = (indices, values);
     for part in parts {
-        outliers.extend(part);
+        let (i, ri) = rest_i.split_at_mut(part.len());
+        let (v, rv) = rest_v.split_at_mut(part.len());
+        slots.push((part, i, v));
+        (rest_i, rest_v) = (ri, rv);
     }
-    Ok(outliers)
+    pool().install(|| {
+        slots.into_par_iter().for_each(|(part, i, v)| {
+            for ((&(flat, value), i), v) in part.iter().zip(i).zip(v) {
+                *i = index(flat);
+                *v = value;
+            }
+        })
+    });
 }
 
 /// What every task needs to know.
@@ -1552,6 +1602,115 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The fused OPQ pass (groups of 8 blocks through the vector filter, suspects in place)
+    /// against the portable kernels, which apply the exact rule to every block: adversarial
+    /// blocks (a value one step either side of the exact limit, large offsets, tiny and huge
+    /// magnitudes whose f32 sums overflow, constant blocks, groups with a NaN or an outlier
+    /// float16 cannot hold), every element type, block sizes with and without groups, tails.
+    #[test]
+    fn fused_opq_pass_matches_the_exact_rule_on_adversarial_blocks() {
+        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        use crate::opq::OutlierDType;
+        fn run<E: Element>(
+            isa: Isa,
+            x: &[E],
+            bs: usize,
+            norm: Normalization,
+            dtype: OutlierDType,
+        ) -> String {
+            let cb = Codebook::new(&NF4).unwrap();
+            let opts = EncodeOptions {
+                codebook: &cb,
+                block_size: bs,
+                normalization: norm,
+                scale_dtype: ScaleDType::BFloat16,
+            };
+            let layout = BlockLayout::new(x.len(), bs).unwrap();
+            let mut codes = vec![0u8; layout.code_bytes()];
+            let mut scales = vec![0f32; layout.num_blocks()];
+            let extras = PackExtras {
+                opq: Some(OpqOptions::new(0.95, dtype).unwrap()),
+                double_quant: false,
+            };
+            let buffers = PackBuffers {
+                codes: &mut codes,
+                scales: &mut scales,
+                scale_codes: &mut [],
+                scale_params: &mut [],
+            };
+            match pack_ext_with_isa(isa, x, &opts, &extras, buffers) {
+                Ok(outliers) => format!("{codes:?} {scales:?} {outliers:?}"),
+                Err(err) => format!("error {err:?}"),
+            }
+        }
+        let mut state = 5u64;
+        let mut rand = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut checked = 0;
+        for trial in 0..96 {
+            let bs = [64usize, 16, 128, 32][trial % 4];
+            let n = bs * (8 * (1 + trial % 3)) + [0, 5, bs][(trial / 4) % 3].min(bs - 1);
+            let offset = [0.0, 100.0, -3.0][(trial / 12) % 3];
+            let scale = [1.0, 1e-30, 1e37][(trial / 36) % 3];
+            let mut x: Vec<f32> = (0..n)
+                .map(|_| {
+                    let u = (rand() - 0.5) * 3.46;
+                    let heavy = u / rand().max(1e-3).powf(0.25);
+                    ((if trial % 2 == 0 { u } else { heavy } + offset) * scale) as f32
+                })
+                .collect();
+            for b in 0..n / bs {
+                let block = &mut x[b * bs..(b + 1) * bs];
+                match (b + trial) % 5 {
+                    0 => block.fill(block[0]),
+                    1 | 2 => {
+                        // One value just at, above or below the exact limit.
+                        let th = Threshold::new(bs, 0.95);
+                        let limit = th.limit2(block_sums(block)).sqrt() as f32;
+                        let step = [0i32, 1, -1][b % 3];
+                        let at = (b * 7) % bs;
+                        block[at] = f32::from_bits((limit.to_bits() as i32 + step) as u32);
+                    }
+                    _ => {}
+                }
+            }
+            if trial % 8 == 3 {
+                x[n / 2] = f32::NAN;
+            }
+            if trial % 8 == 5 {
+                x[n / 3] = 1e6; // beyond float16: refused as a float16 outlier
+            }
+            let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect();
+            let xh: Vec<F16> = x.iter().map(|&v| F16(f32_to_f16(v))).collect();
+            for norm in [Normalization::Absmax, Normalization::SignedAbsmax] {
+                for dtype in [OutlierDType::BFloat16, OutlierDType::Float16] {
+                    let want = (
+                        run(Isa::Portable, &x, bs, norm, dtype),
+                        run(Isa::Portable, &xb, bs, norm, dtype),
+                        run(Isa::Portable, &xh, bs, norm, dtype),
+                    );
+                    for isa in Isa::supported() {
+                        let got = (
+                            run(isa, &x, bs, norm, dtype),
+                            run(isa, &xb, bs, norm, dtype),
+                            run(isa, &xh, bs, norm, dtype),
+                        );
+                        assert!(
+                            got == want,
+                            "trial {trial} bs={bs} n={n} {isa:?} {norm:?} {dtype:?}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked >= 96 * 4);
     }
 
     #[test]
