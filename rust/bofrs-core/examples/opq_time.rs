@@ -1,10 +1,14 @@
 //! Quick timing of the core pack with and without OPQ / dq8 (one run, minima of wall and
 //! process CPU time, ratios):
 //! `cargo run --release --example opq_time [isa] [variant]`; with a variant, just loops it (for perf).
+//! Outliers are laid out as `bofrs.pack` does (parts, then uint32 indices and u16 values).
 
+use bofrs_core::buffer::zeroed_vec;
 use bofrs_core::codebook::NF4;
 use bofrs_core::element::f32_to_bf16;
-use bofrs_core::encode::{pack_ext_with_isa, EncodeOptions, PackBuffers, PackExtras};
+use bofrs_core::encode::{
+    pack_ext_parts_with_isa, split_outliers, EncodeOptions, PackBuffers, PackExtras,
+};
 use bofrs_core::opq::{OpqOptions, OutlierDType};
 use bofrs_core::{Bf16, Codebook, Isa, Normalization, ScaleDType};
 use std::time::Instant;
@@ -25,6 +29,21 @@ fn cpu_seconds() -> f64 {
     // SAFETY: CLOCK_PROCESS_CPUTIME_ID (2) with a valid out-pointer.
     unsafe { clock_gettime(2, &mut ts) };
     ts.sec as f64 + ts.nsec as f64 * 1e-9
+}
+
+/// The core work of `bofrs.pack`: pack, then the outliers as index and value arrays.
+fn pack_like_python(
+    isa: Isa,
+    input: &[Bf16],
+    opts: &EncodeOptions<'_>,
+    extras: &PackExtras,
+    buffers: PackBuffers<'_>,
+) -> (Vec<u32>, Vec<u16>) {
+    let parts = pack_ext_parts_with_isa(isa, input, opts, extras, buffers).unwrap();
+    let total = parts.iter().map(Vec::len).sum();
+    let (mut indices, mut values) = (zeroed_vec::<u32>(total), zeroed_vec::<u16>(total));
+    split_outliers(&parts, |i| i as u32, &mut indices, &mut values);
+    (indices, values)
 }
 
 fn main() {
@@ -110,7 +129,7 @@ fn main() {
                 scale_codes: if dq { &mut sc } else { &mut [] },
                 scale_params: if dq { &mut sp } else { &mut [] },
             };
-            pack_ext_with_isa(isa, &input, &opts, &ex, b).unwrap();
+            pack_like_python(isa, &input, &opts, &ex, b);
         }
         return;
     }
@@ -127,7 +146,7 @@ fn main() {
                 scale_codes: if dq { &mut sc } else { &mut [] },
                 scale_params: if dq { &mut sp } else { &mut [] },
             };
-            pack_ext_with_isa(isa, &input, &opts, ex, b).unwrap();
+            pack_like_python(isa, &input, &opts, ex, b);
             best[k] = best[k].min(t.elapsed().as_secs_f64());
             best_cpu[k] = best_cpu[k].min(cpu_seconds() - c);
         }

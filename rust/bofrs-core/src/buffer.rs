@@ -44,6 +44,12 @@ impl ZeroedByOs for u8 {
 impl ZeroedByOs for u16 {
     const ZERO: Self = 0;
 }
+impl ZeroedByOs for u32 {
+    const ZERO: Self = 0;
+}
+impl ZeroedByOs for u64 {
+    const ZERO: Self = 0;
+}
 impl ZeroedByOs for f32 {
     const ZERO: Self = 0.0;
 }

@@ -94,6 +94,24 @@ pub fn pack_ext_with_isa<E: Element>(
     extras: &PackExtras,
     out: PackBuffers<'_>,
 ) -> Result<Vec<Outlier>> {
+    let parts = pack_ext_parts_with_isa(isa, input, options, extras, out)?;
+    let mut outliers = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for part in parts {
+        outliers.extend(part);
+    }
+    Ok(outliers)
+}
+
+/// [`pack_ext_with_isa`] with the outliers as the parallel tasks found them: consecutive
+/// parts, in flat order, whose concatenation is [`pack_ext_with_isa`]'s result (see
+/// [`split_outliers`] to lay them out without a serial join).
+pub fn pack_ext_parts_with_isa<E: Element>(
+    isa: Isa,
+    input: &[E],
+    options: &EncodeOptions<'_>,
+    extras: &PackExtras,
+    out: PackBuffers<'_>,
+) -> Result<Vec<Vec<Outlier>>> {
     isa.ensure_supported()?;
     let bs = options.block_size;
     let layout = BlockLayout::new(input.len(), bs)?;
@@ -148,35 +166,67 @@ pub fn pack_ext_with_isa<E: Element>(
     } else {
         (0..tasks).map(|_| Default::default()).collect()
     };
-    let results: Vec<Result<Vec<Outlier>>> = pool().install(|| {
-        input
-            .par_chunks(task_values)
-            .zip(out.codes.par_chunks_mut(task_values / 2))
-            .zip(out.scales.par_chunks_mut(bpt))
-            .zip(scale_codes.par_iter_mut())
-            .zip(scale_params.par_iter_mut())
-            .enumerate()
-            .map(
-                |(task, ((((x, codes), scales), scale_codes), scale_params))| {
-                    let out = TaskOut {
-                        codes,
-                        scales,
-                        scale_codes,
-                        scale_params,
-                    };
-                    // SAFETY: `isa` was checked to be supported by this CPU above.
-                    unsafe { pack_task(isa, x, &context, out, task * bpt) }
-                },
-            )
-            .collect()
-    });
-    // Tasks are in flat order and each stops at its first bad block.
-    let parts = results.into_iter().collect::<Result<Vec<_>>>()?;
-    let mut outliers = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    pool()
+        .install(|| {
+            input
+                .par_chunks(task_values)
+                .zip(out.codes.par_chunks_mut(task_values / 2))
+                .zip(out.scales.par_chunks_mut(bpt))
+                .zip(scale_codes.par_iter_mut())
+                .zip(scale_params.par_iter_mut())
+                .enumerate()
+                .map(
+                    |(task, ((((x, codes), scales), scale_codes), scale_params))| {
+                        let out = TaskOut {
+                            codes,
+                            scales,
+                            scale_codes,
+                            scale_params,
+                        };
+                        // SAFETY: `isa` was checked to be supported by this CPU above.
+                        unsafe { pack_task(isa, x, &context, out, task * bpt) }
+                    },
+                )
+                // Tasks are in flat order and each stops at its first bad block.
+                .collect::<Vec<Result<Vec<Outlier>>>>()
+        })
+        .into_iter()
+        .collect()
+}
+
+/// Lays out outlier parts (as [`pack_ext_parts_with_isa`] returns them) as two arrays, in
+/// parallel on the pool: `indices[k] = index(i_k)` and `values[k] = v_k` for the `k`-th outlier
+/// `(i_k, v_k)` of the concatenation. `index` narrows a flat index to the index type.
+///
+/// # Panics
+/// When `indices` or `values` does not have one slot per outlier.
+pub fn split_outliers<I: Send>(
+    parts: &[Vec<Outlier>],
+    index: impl Fn(u64) -> I + Sync,
+    indices: &mut [I],
+    values: &mut [u16],
+) {
+    let total: usize = parts.iter().map(Vec::len).sum();
+    assert!(
+        indices.len() == total && values.len() == total,
+        "one slot per outlier"
+    );
+    let mut slots = Vec::with_capacity(parts.len());
+    let (mut rest_i, mut rest_v) = (indices, values);
     for part in parts {
-        outliers.extend(part);
+        let (i, ri) = rest_i.split_at_mut(part.len());
+        let (v, rv) = rest_v.split_at_mut(part.len());
+        slots.push((part, i, v));
+        (rest_i, rest_v) = (ri, rv);
     }
-    Ok(outliers)
+    pool().install(|| {
+        slots.into_par_iter().for_each(|(part, i, v)| {
+            for ((&(flat, value), i), v) in part.iter().zip(i).zip(v) {
+                *i = index(flat);
+                *v = value;
+            }
+        })
+    });
 }
 
 /// What every task needs to know.
@@ -242,6 +292,16 @@ trait Kernel {
     ) -> Option<f32>;
     /// [`signed_scale_masked`].
     fn signed_masked<T: Element>(&self, block: &[T], mask: &[u64; MASK_WORDS], max: f32) -> f32;
+    /// The OPQ filter of [`GROUP_BLOCKS`] full blocks of `bs` values (`group`, finite values,
+    /// `max_abs` their largest magnitudes); `None` where unsupported (then one block at a time).
+    fn group_filter<T: Element>(
+        &self,
+        group: &[T],
+        bs: usize,
+        max_abs: &[f32; GROUP_BLOCKS],
+        threshold: &Threshold,
+        bound: &FilterBound,
+    ) -> Option<GroupPlan>;
 }
 
 /// The portable kernels: the definition of the results.
@@ -294,6 +354,17 @@ impl Kernel for Portable<'_> {
     fn signed_masked<T: Element>(&self, block: &[T], mask: &[u64; MASK_WORDS], max: f32) -> f32 {
         signed_scale_masked(block, mask, max)
     }
+    #[inline(always)]
+    fn group_filter<T: Element>(
+        &self,
+        _group: &[T],
+        _bs: usize,
+        _max_abs: &[f32; GROUP_BLOCKS],
+        _threshold: &Threshold,
+        _bound: &FilterBound,
+    ) -> Option<GroupPlan> {
+        None
+    }
 }
 
 /// Dispatches one task to the kernel variant.
@@ -340,79 +411,34 @@ fn run_task<E: Element, K: Kernel>(
     let bs = options.block_size;
     let norm = options.normalization;
     let blocks = out.scales.len();
-    let opq_blocks = if context.opq.is_some() { blocks } else { 0 };
-    // Blocks the filter did not clear, one bit each, and the filter's sums of every block.
-    let mut suspects = vec![0u64; opq_blocks.div_ceil(64)];
-    let mut filter_sums = vec![None; opq_blocks];
-    // Blocks before the first one with a non-finite value.
-    let mut finite_blocks = blocks;
-    for (b, (block, scale)) in input.chunks(bs).zip(out.scales.iter_mut()).enumerate() {
-        let max_bits = kernel.max_abs_bits(block);
-        if max_bits >= E::NON_FINITE_ABS_BITS {
-            finite_blocks = b;
-            break;
-        }
-        // Cannot fail for a finite maximum.
-        *scale = raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0);
-        if let Some(opq) = &context.opq {
-            let (threshold, bound) = opq.for_length(block.len(), bs);
-            let max_abs = E::abs_bits_to_f32(max_bits);
-            let sums = kernel.f32_sums(block);
-            let clean = sums.is_some_and(|(s, q)| threshold.provably_clean(max_abs, s, q, bound));
-            suspects[b / 64] |= (!clean as u64) << (b % 64);
-            filter_sums[b] = sums;
-        }
-    }
     let mut outliers: Vec<Outlier> = Vec::new();
-    // The first block whose outliers cannot be stored, with the error.
-    let mut outlier_error = None;
-    if let Some(opq) = &context.opq {
-        // The f32 thresholds of every suspect block first (a loop without unpredictable
-        // branches, so the latency of successive blocks overlaps), then their outliers.
-        let mut plans = Vec::with_capacity(suspects.iter().map(|w| w.count_ones() as usize).sum());
-        'words: for (w, &word) in suspects.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let b = w * 64 + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                if b >= finite_blocks {
-                    break 'words;
+    // Blocks before the first one with a non-finite value, and the first block whose outliers
+    // cannot be stored, with the error.
+    let (finite_blocks, outlier_error) = match &context.opq {
+        None => {
+            let mut finite_blocks = blocks;
+            for (b, (block, scale)) in input.chunks(bs).zip(out.scales.iter_mut()).enumerate() {
+                let max_bits = kernel.max_abs_bits(block);
+                if max_bits >= E::NON_FINITE_ABS_BITS {
+                    finite_blocks = b;
+                    break;
                 }
-                let len = bs.min(input.len() - b * bs);
-                let (threshold, bound) = opq.for_length(len, bs);
-                let max_abs = out.scales[b].abs();
-                plans.push((b, f32_thresholds(threshold, bound, filter_sums[b], max_abs)));
+                // Cannot fail for a finite maximum.
+                *scale = raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0);
             }
+            (finite_blocks, None)
         }
-        outliers.reserve(2 * plans.len());
-        let mut mask = [0u64; MASK_WORDS];
-        for (b, plan) in plans {
-            let start = b * bs;
-            let block = &input[start..input.len().min(start + bs)];
-            let (threshold, _) = opq.for_length(block.len(), bs);
-            let Some(max) = outliers_of_block(kernel, block, plan, threshold, &mut mask) else {
-                continue;
-            };
-            let first_index = first_block * bs + start;
-            let options = &opq.options;
-            let stored = collect(
-                block,
-                &mask,
-                options,
-                first_index,
-                E::MAX_FINITE,
-                &mut outliers,
-            );
-            if let Err(err) = stored {
-                outlier_error = Some((b, err));
-                break;
-            }
-            out.scales[b] = match norm {
-                Normalization::Absmax => max,
-                Normalization::SignedAbsmax => kernel.signed_masked(block, &mask, max),
-            };
-        }
-    }
+        Some(opq) => opq_pass(
+            kernel,
+            input,
+            opq,
+            bs,
+            norm,
+            out.scales,
+            first_block,
+            &mut outliers,
+        ),
+    };
     let stored_blocks = outlier_error.as_ref().map_or(finite_blocks, |e| e.0);
     if !context.double_quant {
         for (b, scale) in out.scales[..stored_blocks].iter_mut().enumerate() {
@@ -474,6 +500,168 @@ fn run_task<E: Element, K: Kernel>(
         };
     }
     Ok(outliers)
+}
+
+/// Blocks of one [`Kernel::group_filter`] call.
+pub(crate) const GROUP_BLOCKS: usize = 8;
+
+/// The OPQ filter's verdict on [`GROUP_BLOCKS`] consecutive full blocks (bit `j` of a mask is
+/// block `j`).
+#[derive(Debug, Clone, Copy, Default)]
+struct GroupPlan {
+    /// Blocks the filter did not clear ([`Threshold::provably_clean`] failed).
+    suspects: u32,
+    /// Suspects with f32 thresholds from [`f32_bracket`] whose largest magnitude is above
+    /// `t_hi` (as [`f32_thresholds`] decides).
+    decided: u32,
+    t_lo: [f32; GROUP_BLOCKS],
+    t_hi: [f32; GROUP_BLOCKS],
+}
+
+/// The first pass of a task with OPQ, in flat block order: every block's raw scale (without its
+/// outliers) and, for the blocks the filter does not clear, their outliers appended to
+/// `outliers`. Stops at the first block with a non-finite value or whose outliers cannot be
+/// stored. Returns the number of blocks before the first non-finite one (all when none) and
+/// the storage error with its block.
+///
+/// Groups of [`GROUP_BLOCKS`] full blocks go through [`Kernel::group_filter`] where the kernel
+/// has it (one vectorized filter for the group, then only the suspects, while the group is in
+/// cache); the other blocks one at a time. Either way the filter only decides which blocks the
+/// exact rule is applied to, so the results are those of the portable code.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn opq_pass<E: Element, K: Kernel>(
+    kernel: &K,
+    input: &[E],
+    opq: &OpqContext,
+    bs: usize,
+    norm: Normalization,
+    scales: &mut [f32],
+    first_block: usize,
+    outliers: &mut Vec<Outlier>,
+) -> (usize, Option<(usize, Error)>) {
+    let blocks = scales.len();
+    let full_blocks = input.len() / bs;
+    let mut mask = [0u64; MASK_WORDS];
+    let mut b = 0;
+    // Blocks before `single` go one at a time (a group with a non-finite value).
+    let mut single = 0;
+    while b < blocks {
+        if b >= single && b + GROUP_BLOCKS <= full_blocks {
+            let group = &input[b * bs..(b + GROUP_BLOCKS) * bs];
+            let mut max_abs = [0f32; GROUP_BLOCKS];
+            let mut finite = true;
+            for (j, (block, scale)) in group
+                .chunks_exact(bs)
+                .zip(scales[b..b + GROUP_BLOCKS].iter_mut())
+                .enumerate()
+            {
+                let max_bits = kernel.max_abs_bits(block);
+                finite &= max_bits < E::NON_FINITE_ABS_BITS;
+                max_abs[j] = E::abs_bits_to_f32(max_bits);
+                *scale = raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0);
+            }
+            if finite {
+                let (threshold, bound) = &opq.full;
+                if let Some(plan) = kernel.group_filter(group, bs, &max_abs, threshold, bound) {
+                    let mut bits = plan.suspects;
+                    while bits != 0 {
+                        let j = bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        let thresholds =
+                            (plan.decided >> j & 1 == 1).then(|| (plan.t_lo[j], plan.t_hi[j]));
+                        // A function, not a closure: closures do not inherit target features.
+                        let at = (b + j, thresholds);
+                        if let Err(err) = suspect_block(
+                            kernel,
+                            input,
+                            opq,
+                            bs,
+                            norm,
+                            first_block,
+                            at,
+                            &mut mask,
+                            scales,
+                            outliers,
+                        ) {
+                            return (blocks, Some((b + j, err)));
+                        }
+                    }
+                    b += GROUP_BLOCKS;
+                    continue;
+                }
+            }
+            single = b + GROUP_BLOCKS;
+        }
+        let start = b * bs;
+        let block = &input[start..input.len().min(start + bs)];
+        let max_bits = kernel.max_abs_bits(block);
+        if max_bits >= E::NON_FINITE_ABS_BITS {
+            return (b, None);
+        }
+        // Cannot fail for a finite maximum.
+        scales[b] = raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0);
+        let (threshold, bound) = opq.for_length(block.len(), bs);
+        let max_abs = E::abs_bits_to_f32(max_bits);
+        let sums = kernel.f32_sums(block);
+        if !sums.is_some_and(|(s, q)| threshold.provably_clean(max_abs, s, q, bound)) {
+            let thresholds = f32_thresholds(threshold, bound, sums, max_abs);
+            let at = (b, thresholds);
+            if let Err(err) = suspect_block(
+                kernel,
+                input,
+                opq,
+                bs,
+                norm,
+                first_block,
+                at,
+                &mut mask,
+                scales,
+                outliers,
+            ) {
+                return (blocks, Some((b, err)));
+            }
+        }
+        b += 1;
+    }
+    (blocks, None)
+}
+
+/// The outliers of suspect block `b` (`plan`: its thresholds, as [`f32_thresholds`] gives
+/// them), appended to `outliers`, and its raw scale without them.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn suspect_block<E: Element, K: Kernel>(
+    kernel: &K,
+    input: &[E],
+    opq: &OpqContext,
+    bs: usize,
+    norm: Normalization,
+    first_block: usize,
+    (b, plan): (usize, Option<(f32, f32)>),
+    mask: &mut [u64; MASK_WORDS],
+    scales: &mut [f32],
+    outliers: &mut Vec<Outlier>,
+) -> Result<()> {
+    let start = b * bs;
+    let block = &input[start..input.len().min(start + bs)];
+    let (threshold, _) = opq.for_length(block.len(), bs);
+    let Some(max) = outliers_of_block(kernel, block, plan, threshold, mask) else {
+        return Ok(());
+    };
+    collect(
+        block,
+        mask,
+        &opq.options,
+        first_block * bs + start,
+        E::MAX_FINITE,
+        outliers,
+    )?;
+    scales[b] = match norm {
+        Normalization::Absmax => max,
+        Normalization::SignedAbsmax => kernel.signed_masked(block, mask, max),
+    };
+    Ok(())
 }
 
 /// The f32 thresholds `(t_lo, t_hi)` ([`f32_bracket`]) that decide the outliers of a block
@@ -577,12 +765,14 @@ fn encode_tail<E: Element>(values: &[E], scale: f32, codebook: &Codebook, out: &
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{
-        encode_tail, encode_zero_block, run_task, Kernel, TaskContext, TaskOut, MASK_WORDS, STEP,
+        encode_tail, encode_zero_block, run_task, GroupPlan, Kernel, TaskContext, TaskOut,
+        GROUP_BLOCKS, MASK_WORDS, STEP,
     };
     use crate::codebook::{Codebook, Normalization};
     use crate::element::{Bf16, Element, F16};
     use crate::error::Result;
     use crate::opq::Outlier;
+    use crate::opq::{FilterBound, Threshold, NARROW, WIDEN};
     use std::any::TypeId;
     use std::arch::x86_64::*;
 
@@ -768,6 +958,171 @@ mod x86 {
             // SAFETY: as above.
             unsafe { signed_masked_avx2(block, mask, max) }
         }
+        #[inline(always)]
+        fn group_filter<T: Element>(
+            &self,
+            group: &[T],
+            bs: usize,
+            max_abs: &[f32; GROUP_BLOCKS],
+            threshold: &Threshold,
+            bound: &FilterBound,
+        ) -> Option<GroupPlan> {
+            // SAFETY: as above.
+            unsafe { group_filter_avx2(group, bs, max_abs, threshold, bound) }
+        }
+    }
+
+    /// Sums of each of 8 vectors, as the 8 lanes of one (`[sum(v0), .., sum(v7)]`), by a
+    /// transposing tree of unpacks and adds.
+    #[inline(always)]
+    unsafe fn sum8(v: [__m256; 8]) -> __m256 {
+        let pair = |a: __m256, b: __m256| {
+            _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b))
+        };
+        let quad = |a: __m256, b: __m256| {
+            let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
+            _mm256_add_ps(
+                _mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+                _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)),
+            )
+        };
+        let lo = quad(pair(v[0], v[1]), pair(v[2], v[3]));
+        let hi = quad(pair(v[4], v[5]), pair(v[6], v[7]));
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(lo, hi),
+            _mm256_permute2f128_ps::<0x31>(lo, hi),
+        )
+    }
+
+    /// [`Kernel::group_filter`]: the f32 shifted sums of each block (as [`f32_sums_avx2`],
+    /// any order), then for four blocks at a time in f64 exactly the scalar steps of
+    /// [`Threshold::provably_clean`], [`Threshold::bracket`], [`crate::opq::f32_bracket`] and
+    /// `f32_thresholds` (the same operations in the same order, so the same verdicts).
+    #[inline(always)]
+    pub(super) unsafe fn group_filter_avx2<E: Element>(
+        group: &[E],
+        bs: usize,
+        max_abs: &[f32; GROUP_BLOCKS],
+        threshold: &Threshold,
+        bound: &FilterBound,
+    ) -> Option<GroupPlan> {
+        if !known::<E>() || bs == 0 || bs % 16 != 0 || group.len() != GROUP_BLOCKS * bs {
+            return None;
+        }
+        let bf16 = TypeId::of::<E>() == TypeId::of::<Bf16>();
+        let mut sums = [_mm256_setzero_ps(); GROUP_BLOCKS];
+        let mut squares = [_mm256_setzero_ps(); GROUP_BLOCKS];
+        for j in 0..GROUP_BLOCKS {
+            let block = group.as_ptr().add(j * bs);
+            let vk = _mm256_set1_ps((*block).to_f32());
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut q0, mut q1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for i in 0..bs / 16 {
+                let p = block.add(i * 16);
+                let (v0, v1) = if bf16 {
+                    let raw = _mm256_loadu_si256(p as *const __m256i);
+                    let zero = _mm256_setzero_si256();
+                    (
+                        _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)),
+                        _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw)),
+                    )
+                } else {
+                    (load8(p), load8(p.add(8)))
+                };
+                let d0 = _mm256_sub_ps(v0, vk);
+                let d1 = _mm256_sub_ps(v1, vk);
+                s0 = _mm256_add_ps(s0, d0);
+                s1 = _mm256_add_ps(s1, d1);
+                q0 = _mm256_fmadd_ps(d0, d0, q0);
+                q1 = _mm256_fmadd_ps(d1, d1, q1);
+            }
+            sums[j] = _mm256_add_ps(s0, s1);
+            squares[j] = _mm256_add_ps(q0, q1);
+        }
+        let (s8, q8) = (sum8(sums), sum8(squares));
+        let m8 = _mm256_loadu_ps(max_abs.as_ptr());
+        let pd = |x: f64| _mm256_set1_pd(x);
+        let abs = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fff_ffff_ffff_ffff));
+        let inf = pd(f64::INFINITY);
+        let mut plan = GroupPlan::default();
+        let (mut t_lo, mut t_hi) = ([0f32; GROUP_BLOCKS], [0f32; GROUP_BLOCKS]);
+        for half in 0..2 {
+            let (s, ss, max32) = if half == 0 {
+                (
+                    _mm256_castps256_ps128(s8),
+                    _mm256_castps256_ps128(q8),
+                    _mm256_castps256_ps128(m8),
+                )
+            } else {
+                (
+                    _mm256_extractf128_ps::<1>(s8),
+                    _mm256_extractf128_ps::<1>(q8),
+                    _mm256_extractf128_ps::<1>(m8),
+                )
+            };
+            let (s, ss, max) = (
+                _mm256_cvtps_pd(s),
+                _mm256_cvtps_pd(ss),
+                _mm256_cvtps_pd(max32),
+            );
+            // Finite sums (ordered compares: false for NaN).
+            let finite = _mm256_and_pd(
+                _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_and_pd(s, abs), inf),
+                _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_and_pd(ss, abs), inf),
+            );
+            // Threshold::bracket.
+            let a = _mm256_add_pd(_mm256_and_pd(s, abs), pd(bound.c_tiny));
+            let m2_lo = _mm256_sub_pd(
+                _mm256_sub_pd(
+                    _mm256_mul_pd(ss, pd(bound.c_ss)),
+                    _mm256_mul_pd(_mm256_mul_pd(a, a), pd(bound.c_a)),
+                ),
+                pd(bound.c_0),
+            );
+            let positive = _mm256_cmp_pd::<_CMP_GT_OQ>(m2_lo, _mm256_setzero_pd());
+            let lo = _mm256_blendv_pd(
+                pd(-1.0),
+                _mm256_mul_pd(_mm256_mul_pd(m2_lo, pd(threshold.factor)), pd(1.0 - 1e-12)),
+                positive,
+            );
+            let m2_hi = _mm256_sub_pd(
+                _mm256_add_pd(_mm256_mul_pd(ss, pd(bound.h_ss)), pd(bound.h_0)),
+                _mm256_mul_pd(_mm256_mul_pd(s, s), pd(bound.h_a)),
+            );
+            let hi = _mm256_mul_pd(
+                _mm256_mul_pd(
+                    _mm256_max_pd(m2_hi, _mm256_setzero_pd()),
+                    pd(threshold.factor),
+                ),
+                pd(1.0 + 1e-12),
+            );
+            // Threshold::provably_clean.
+            let clean = _mm256_and_pd(
+                finite,
+                _mm256_cmp_pd::<_CMP_LE_OQ>(_mm256_mul_pd(max, max), lo),
+            );
+            // f32_bracket, and f32_thresholds' `max_abs > t_hi`.
+            let lo32 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sqrt_pd(lo), pd(NARROW)));
+            let hi32 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sqrt_pd(hi), pd(WIDEN)));
+            let (lo64, hi64) = (_mm256_cvtps_pd(lo32), _mm256_cvtps_pd(hi32));
+            let decided = _mm256_and_pd(
+                _mm256_and_pd(finite, _mm256_cmp_pd::<_CMP_GT_OQ>(lo, _mm256_setzero_pd())),
+                _mm256_and_pd(
+                    _mm256_cmp_pd::<_CMP_LE_OQ>(_mm256_mul_pd(lo64, lo64), lo),
+                    _mm256_cmp_pd::<_CMP_GE_OQ>(_mm256_mul_pd(hi64, hi64), hi),
+                ),
+            );
+            let above = _mm256_cvtps_pd(_mm_cmpgt_ps(max32, hi32));
+            let decided = _mm256_and_pd(decided, above);
+            plan.suspects |= ((!_mm256_movemask_pd(clean) & 0xf) as u32) << (4 * half);
+            plan.decided |= (_mm256_movemask_pd(decided) as u32) << (4 * half);
+            _mm_storeu_ps(t_lo.as_mut_ptr().add(4 * half), lo32);
+            _mm_storeu_ps(t_hi.as_mut_ptr().add(4 * half), hi32);
+        }
+        plan.decided &= plan.suspects;
+        plan.t_lo = t_lo;
+        plan.t_hi = t_hi;
+        Some(plan)
     }
 
     /// [`Kernel::split`] for whole words of 64 values: 8 values at a time, the mask of
@@ -1247,6 +1602,115 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The fused OPQ pass (groups of 8 blocks through the vector filter, suspects in place)
+    /// against the portable kernels, which apply the exact rule to every block: adversarial
+    /// blocks (a value one step either side of the exact limit, large offsets, tiny and huge
+    /// magnitudes whose f32 sums overflow, constant blocks, groups with a NaN or an outlier
+    /// float16 cannot hold), every element type, block sizes with and without groups, tails.
+    #[test]
+    fn fused_opq_pass_matches_the_exact_rule_on_adversarial_blocks() {
+        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        use crate::opq::OutlierDType;
+        fn run<E: Element>(
+            isa: Isa,
+            x: &[E],
+            bs: usize,
+            norm: Normalization,
+            dtype: OutlierDType,
+        ) -> String {
+            let cb = Codebook::new(&NF4).unwrap();
+            let opts = EncodeOptions {
+                codebook: &cb,
+                block_size: bs,
+                normalization: norm,
+                scale_dtype: ScaleDType::BFloat16,
+            };
+            let layout = BlockLayout::new(x.len(), bs).unwrap();
+            let mut codes = vec![0u8; layout.code_bytes()];
+            let mut scales = vec![0f32; layout.num_blocks()];
+            let extras = PackExtras {
+                opq: Some(OpqOptions::new(0.95, dtype).unwrap()),
+                double_quant: false,
+            };
+            let buffers = PackBuffers {
+                codes: &mut codes,
+                scales: &mut scales,
+                scale_codes: &mut [],
+                scale_params: &mut [],
+            };
+            match pack_ext_with_isa(isa, x, &opts, &extras, buffers) {
+                Ok(outliers) => format!("{codes:?} {scales:?} {outliers:?}"),
+                Err(err) => format!("error {err:?}"),
+            }
+        }
+        let mut state = 5u64;
+        let mut rand = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut checked = 0;
+        for trial in 0..96 {
+            let bs = [64usize, 16, 128, 32][trial % 4];
+            let n = bs * (8 * (1 + trial % 3)) + [0, 5, bs][(trial / 4) % 3].min(bs - 1);
+            let offset = [0.0, 100.0, -3.0][(trial / 12) % 3];
+            let scale = [1.0, 1e-30, 1e37][(trial / 36) % 3];
+            let mut x: Vec<f32> = (0..n)
+                .map(|_| {
+                    let u = (rand() - 0.5) * 3.46;
+                    let heavy = u / rand().max(1e-3).powf(0.25);
+                    ((if trial % 2 == 0 { u } else { heavy } + offset) * scale) as f32
+                })
+                .collect();
+            for b in 0..n / bs {
+                let block = &mut x[b * bs..(b + 1) * bs];
+                match (b + trial) % 5 {
+                    0 => block.fill(block[0]),
+                    1 | 2 => {
+                        // One value just at, above or below the exact limit.
+                        let th = Threshold::new(bs, 0.95);
+                        let limit = th.limit2(block_sums(block)).sqrt() as f32;
+                        let step = [0i32, 1, -1][b % 3];
+                        let at = (b * 7) % bs;
+                        block[at] = f32::from_bits((limit.to_bits() as i32 + step) as u32);
+                    }
+                    _ => {}
+                }
+            }
+            if trial % 8 == 3 {
+                x[n / 2] = f32::NAN;
+            }
+            if trial % 8 == 5 {
+                x[n / 3] = 1e6; // beyond float16: refused as a float16 outlier
+            }
+            let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect();
+            let xh: Vec<F16> = x.iter().map(|&v| F16(f32_to_f16(v))).collect();
+            for norm in [Normalization::Absmax, Normalization::SignedAbsmax] {
+                for dtype in [OutlierDType::BFloat16, OutlierDType::Float16] {
+                    let want = (
+                        run(Isa::Portable, &x, bs, norm, dtype),
+                        run(Isa::Portable, &xb, bs, norm, dtype),
+                        run(Isa::Portable, &xh, bs, norm, dtype),
+                    );
+                    for isa in Isa::supported() {
+                        let got = (
+                            run(isa, &x, bs, norm, dtype),
+                            run(isa, &xb, bs, norm, dtype),
+                            run(isa, &xh, bs, norm, dtype),
+                        );
+                        assert!(
+                            got == want,
+                            "trial {trial} bs={bs} n={n} {isa:?} {norm:?} {dtype:?}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked >= 96 * 4);
     }
 
     #[test]

@@ -187,8 +187,8 @@ pub fn threshold(n: usize, q: f64) -> f64 {
 /// Blocks of fewer than two values get `limit2 = 0` (no outliers).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Threshold {
-    inv_n: f64,
-    factor: f64,
+    pub(crate) inv_n: f64,
+    pub(crate) factor: f64,
 }
 
 impl Threshold {
@@ -260,16 +260,16 @@ impl Threshold {
 /// `m2_lo = ss c_ss - (|s| + c_tiny)^2 c_a - c_0`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FilterBound {
-    c_ss: f64,
-    c_a: f64,
-    c_0: f64,
-    c_tiny: f64,
+    pub(crate) c_ss: f64,
+    pub(crate) c_a: f64,
+    pub(crate) c_0: f64,
+    pub(crate) c_tiny: f64,
     /// Upper bound ([`Threshold::bracket`]): `(1 + 2e + 3e-12) / (1 - e)`.
-    h_ss: f64,
+    pub(crate) h_ss: f64,
     /// `nT (1 + 2e + 3e-12) + 2 n T^2 / e`.
-    h_0: f64,
+    pub(crate) h_0: f64,
     /// `(1 - e) / n`.
-    h_a: f64,
+    pub(crate) h_a: f64,
 }
 
 impl FilterBound {
@@ -294,6 +294,10 @@ impl FilterBound {
     }
 }
 
+/// Factors of [`f32_bracket`]: `sqrt(lo)` is narrowed, `sqrt(hi)` widened by `2^-22`.
+pub(crate) const NARROW: f64 = 1.0 - 1.0 / (1u64 << 22) as f64;
+pub(crate) const WIDEN: f64 = 1.0 + 1.0 / (1u64 << 22) as f64;
+
 /// f32 thresholds `(t_lo, t_hi)` for bounds `0 < lo <= limit2 <= hi` ([`Threshold::bracket`]):
 /// `t_lo^2 <= lo` and `t_hi^2 >= hi` (exact f64 squares of f32), so for every finite f32 `x`,
 /// `|x| <= t_lo` proves `x * x <= limit2` (kept) and `|x| > t_hi` proves `x * x > limit2`
@@ -301,8 +305,6 @@ impl FilterBound {
 /// rounded threshold misses its side (then the exact limit decides).
 #[inline(always)]
 pub fn f32_bracket(lo: f64, hi: f64) -> Option<(f32, f32)> {
-    const NARROW: f64 = 1.0 - 1.0 / (1u64 << 22) as f64;
-    const WIDEN: f64 = 1.0 + 1.0 / (1u64 << 22) as f64;
     let t_lo = (lo.sqrt() * NARROW) as f32;
     let t_hi = (hi.sqrt() * WIDEN) as f32;
     let square = |t: f32| (t as f64) * (t as f64);

@@ -6,7 +6,7 @@ use bofrs_core::buffer::zeroed_vec;
 use bofrs_core::decode::{unpack_ext_with_isa, OutlierView, Output};
 use bofrs_core::dq::{decode_scales as dq_decode_scales, GROUP};
 use bofrs_core::encode::{
-    pack_ext_with_isa, pack_with_isa, EncodeOptions, PackBuffers, PackExtras,
+    pack_ext_parts_with_isa, pack_with_isa, split_outliers, EncodeOptions, PackBuffers, PackExtras,
 };
 use bofrs_core::opq::{OpqOptions, OutlierDType};
 use bofrs_core::{Bf16, BlockLayout, Codebook, Element, Normalization, ScaleDType, F16};
@@ -124,16 +124,24 @@ enum Indices {
 }
 
 impl Indices {
-    /// Splits `(index, value)` pairs into indices of the type for `numel` values and values.
-    fn split(outliers: &[bofrs_core::opq::Outlier], numel: usize) -> (Self, Vec<u16>) {
-        let values = outliers.iter().map(|o| o.1).collect();
+    /// Splits `(index, value)` parts (in flat order, see `pack_ext_parts_with_isa`) into
+    /// indices of the type for `numel` values and values, in parallel.
+    fn split(parts: &[Vec<bofrs_core::opq::Outlier>], numel: usize) -> (Self, Vec<u16>) {
+        let total = parts.iter().map(Vec::len).sum();
+        let mut values = zeroed_vec::<u16>(total);
         // Every index is below `numel`, so the narrowing casts are exact.
         let indices = if numel <= 1 << 16 {
-            Self::U16(outliers.iter().map(|o| o.0 as u16).collect())
+            let mut i = zeroed_vec::<u16>(total);
+            split_outliers(parts, |x| x as u16, &mut i, &mut values);
+            Self::U16(i)
         } else if numel as u64 <= 1 << 32 {
-            Self::U32(outliers.iter().map(|o| o.0 as u32).collect())
+            let mut i = zeroed_vec::<u32>(total);
+            split_outliers(parts, |x| x as u32, &mut i, &mut values);
+            Self::U32(i)
         } else {
-            Self::U64(outliers.iter().map(|o| o.0).collect())
+            let mut i = zeroed_vec::<u64>(total);
+            split_outliers(parts, |x| x, &mut i, &mut values);
+            Self::U64(i)
         };
         (indices, values)
     }
@@ -168,7 +176,7 @@ fn pack_ext_slice<'py, E: Element>(
             scale_codes: &mut scale_codes,
             scale_params: &mut params,
         };
-        let outliers = pack_ext_with_isa(isa, data, &options, &extras, buffers)?;
+        let outliers = pack_ext_parts_with_isa(isa, data, &options, &extras, buffers)?;
         Ok((
             codes,
             scales,
