@@ -33,9 +33,14 @@ UNIFORM = [
     "nf4", "af4", "bof4", "bof4s", "bof4s+opq", "bof4s+rot", "bof4s@32", "af4@32",
     "higgs4p1", "higgs4p2", "higgs3p2",
 ]  # fmt: skip
+#: Wider uniform rows, for reference (the acceptance compares the 4-bit class, <= 4.5 bits).
+WIDER = ["bof4s@32+rot", "bof4s@16", "higgs5p1", "higgs6p1"]
+#: The allocation menu: 2 to 8 bits without a gap above 4.5 bits (5- and 6-bit scalar HIGGS,
+#: 16-value blocks), plus the 4.5-bit block-wise variants with rotation or OPQ.
 MENU = [
-    "higgs2p2", "higgs3p2", "higgs4p2", "af4", "bof4s", "bof4s+opq", "bof4s+rot", "bof4s@32",
-    "af4@32", "higgs8p1", "bf16",
+    "higgs2p2", "higgs3p2", "higgs4p2", "higgs4p1", "af4", "bof4s", "bof4s+opq", "bof4s+rot",
+    "bof4s@32", "bof4s@32+rot", "bof4s@32+opq", "af4@32", "af4@32+opq", "bof4s@16", "higgs5p1",
+    "higgs6p1", "higgs8p1", "bf16",
 ]  # fmt: skip
 
 
@@ -73,7 +78,7 @@ def main() -> None:
     def as_ppl(increase: float) -> float:
         return increase if args.metric == "perplexity" else base * math.expm1(increase)
 
-    errors = bofrs.layer_errors(model, sorted(set(UNIFORM + MENU)))
+    errors = bofrs.layer_errors(model, sorted(set(UNIFORM + WIDER + MENU)))
     # Per-format factors measured on the calibration windows (not the evaluation text).
     calibrated, factors = (errors, {}) if args.metric != "cross_entropy" else \
         bofrs.calibrate_errors(model, real.calib, alphas, errors)
@@ -81,7 +86,7 @@ def main() -> None:
         say("format factors c_f (measured / predicted increase on the calibration windows): "
             + ", ".join(f"{k} {v:.2f}" for k, v in sorted(factors.items())))
     rows = []
-    for spec in UNIFORM:
+    for spec in UNIFORM + WIDER:
         choice = {n: spec for n in errors}
         rows.append(measure(model, real.evaluation, base, spec, choice, errors, calibrated, alphas, as_ppl))
     for budget in [float(b) for b in args.budgets.split(",")]:
@@ -106,8 +111,10 @@ def main() -> None:
         if "counts" in r:
             beaten_by = [u["format"] for u in rows if "counts" not in u
                          and u["bits"] >= r["bits"] - 1e-9 and u["measured"] <= r["measured"]]
-            say(f"{r['format']}: {r['counts']}; uniform formats with at least its bits that "
-                f"beat it: {beaten_by or 'none'}")
+            four = [f for f in beaten_by if f in UNIFORM]
+            say(f"{r['format']}: {r['counts']}; uniform 4-bit-class formats with at least its "
+                f"bits that beat it: {four or 'none'}; wider ones that do: "
+                f"{[f for f in beaten_by if f not in UNIFORM] or 'none'}")
     say(f"total time {time.time() - start:.0f} s")
     out = Path(args.out or f"benches/results/linearity_{real.name}.txt")
     out.write_text("\n".join(lines) + "\n")

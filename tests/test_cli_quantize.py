@@ -136,7 +136,7 @@ def test_budget_allocates_by_the_alphas(
     alphas["model.layers.1.mlp.down_proj"] = 100.0
     alphas_file.write_text(json.dumps(alphas))
     dst = tmp_path / "mixed"
-    menu = "higgs2p2,bof4s,bf16"
+    menu = "higgs2p2,higgs5p1,bof4s,bf16"
     assert main(["quantize", str(src), str(dst), "--budget", "6.0", "--alphas", str(alphas_file),
                  "--menu", menu, "--no-progress"]) == 0  # fmt: skip
     summary = capsys.readouterr().out

@@ -301,7 +301,7 @@ def test_hadamard_on_cuda_refuses_nan() -> None:
         bofrs.hadamard(x)
 
 
-HIGGS_GRIDS = [(4, 1), (4, 2), (2, 1), (3, 1), (3, 2), (2, 2), (8, 1)]
+HIGGS_GRIDS = [(4, 1), (4, 2), (2, 1), (3, 1), (3, 2), (2, 2), (5, 1), (6, 1), (8, 1)]
 
 
 @pytest.mark.parametrize("bits,p", HIGGS_GRIDS)

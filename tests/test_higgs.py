@@ -48,7 +48,7 @@ def test_hadamard_dtypes_and_bad_input() -> None:
         bofrs.hadamard(torch.ones(16, dtype=torch.int32))
 
 
-@pytest.mark.parametrize(("p", "n"), [(1, 4), (1, 8), (1, 16), (1, 256), (2, 16), (2, 64)])
+@pytest.mark.parametrize(("p", "n"), [(1, 4), (1, 8), (1, 16), (1, 32), (1, 64), (1, 256), (2, 16), (2, 64)])
 def test_shipped_grids_regenerate_exactly(p: int, n: int) -> None:
     shipped = _grids.grid(p, n)
     fresh = _grids.generate(p, n)
@@ -65,9 +65,14 @@ def test_grid_mse_matches_published_values_and_monte_carlo() -> None:
     assert abs(_grids.grid(1, 16).mse - 0.009497) < 0.01 * 0.009497  # Max 1960
     assert abs(_grids.grid(1, 8).mse - 0.03454) < 0.01 * 0.03454
     assert abs(_grids.grid(1, 4).mse - 0.1175) < 0.01 * 0.1175
+    assert abs(_grids.grid(1, 32).mse - 0.002499) < 0.01 * 0.002499
+    # 64 levels: Lloyd-Max iterated to a fixed point in float64 with scipy gives 0.00064424.
+    assert abs(_grids.grid(1, 64).mse - 0.0006442) < 0.01 * 0.0006442
+    mses = [_grids.grid(1, n).mse for n in (4, 8, 16, 32, 64, 256)]
+    assert all(a > b for a, b in itertools.pairwise(mses))
     assert abs(_grids.grid(2, 256).mse - 0.0078) < 0.02 * 0.0078
     # Monte-Carlo with a brute-force nearest point.
-    for p, n in [(1, 16), (2, 64), (2, 256)]:
+    for p, n in [(1, 16), (1, 32), (1, 64), (2, 64), (2, 256)]:
         g = _grids.grid(p, n)
         z = RNG(n).standard_normal((100_000, p))
         pts = g.points.astype(np.float64)
@@ -99,7 +104,7 @@ def pack_reference(w: np.ndarray, g: int, grid: _grids.Grid) -> np.ndarray:
     return (q * s[..., None]).reshape(rows, padded)
 
 
-@pytest.mark.parametrize(("bits", "p"), [(4, 1), (4, 2), (2, 1), (3, 2), (2, 2), (8, 1)])
+@pytest.mark.parametrize(("bits", "p"), [(4, 1), (4, 2), (2, 1), (3, 2), (2, 2), (5, 1), (6, 1), (8, 1)])
 @pytest.mark.parametrize(("cols", "g"), [(256, 64), (100, 64), (130, 16)])
 def test_pack_matches_numpy_reference(bits: int, p: int, cols: int, g: int) -> None:
     w = (RNG(cols + bits).standard_normal((7, cols)) * 0.02).astype(np.float32)
@@ -116,7 +121,7 @@ def test_relative_error_equals_grid_mse_on_gaussian_and_heavy_tailed_weights() -
     gaussian = torch.randn(256, 2048, generator=torch.Generator().manual_seed(0))
     heavy = torch.distributions.StudentT(3.0).sample((256, 2048))
     for w in (gaussian, heavy):
-        for bits, p in [(4, 1), (4, 2), (3, 2)]:
+        for bits, p in [(4, 1), (4, 2), (3, 2), (5, 1), (6, 1)]:
             packed = bofrs.pack_higgs(w, bits, p, 1024)
             rel = float(((packed.dequantize() - w) ** 2).sum() / (w**2).sum())
             assert abs(rel - packed.grid.mse) < 0.05 * packed.grid.mse, (bits, p, rel)
@@ -144,7 +149,9 @@ def test_bits_per_weight_and_dtypes() -> None:
 def test_pack_higgs_bad_input() -> None:
     w = torch.randn(4, 64)
     with pytest.raises(ValueError, match="bits"):
-        bofrs.pack_higgs(w, 5, 1)
+        bofrs.pack_higgs(w, 7, 1)
+    with pytest.raises(ValueError, match="bits=5 p=1"):  # the message lists the choices
+        bofrs.pack_higgs(w, 5, 2)
     with pytest.raises(ValueError, match="p=3"):
         bofrs.pack_higgs(w, 4, 3)
     with pytest.raises(ValueError, match="group_size"):
@@ -237,12 +244,14 @@ def test_higgs_tensors_round_trip_through_files(tmp_path) -> None:  # type: igno
     tensors = {
         "a": bofrs.pack_higgs(w, 4, 2, 64),
         "b": bofrs.pack_higgs(w, 3, 1, 128, scale_dtype="float32"),
+        "c": bofrs.pack_higgs(w, 5, 1, 16),
+        "d": bofrs.pack_higgs(w, 6, 1, 32),
         "bias": torch.ones(3),
     }
     path = tmp_path / "h.safetensors"
     bofrs.save_file(tensors, path)
     loaded = bofrs.load_file(path)
-    for key in ("a", "b"):
+    for key in ("a", "b", "c", "d"):
         got, want = loaded[key], tensors[key]
         assert isinstance(got, bofrs.HiggsTensor) and isinstance(want, bofrs.HiggsTensor)
         assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)

@@ -12,7 +12,7 @@ import bofrs
 from bofrs.nn import HiggsLinear
 
 
-@pytest.mark.parametrize(("bits", "p"), [(4, 2), (4, 1), (3, 2), (2, 1)])
+@pytest.mark.parametrize(("bits", "p"), [(4, 2), (4, 1), (3, 2), (2, 1), (5, 1), (6, 1)])
 @pytest.mark.parametrize("in_features", [256, 200])
 @pytest.mark.parametrize("tokens", [1, 7, 50])
 def test_output_equals_decoded_weight_product(bits: int, p: int, in_features: int, tokens: int) -> None:
@@ -63,7 +63,9 @@ def test_bad_arguments() -> None:
     with pytest.raises(TypeError, match="HiggsTensor"):
         HiggsLinear(bofrs.pack(torch.randn(4, 64), "nf4", 64))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="bits"):
-        bofrs.QuantConfig(codebook="higgs", bits=5)
+        bofrs.QuantConfig(codebook="higgs", bits=5)  # 5 bits only with p=1
+    with pytest.raises(ValueError, match="bits"):
+        bofrs.QuantConfig(codebook="higgs", bits=7, p=1)
     with pytest.raises(ValueError, match="higgs"):
         bofrs.QuantConfig(codebook="higgs", opq=0.9)
     layer = HiggsLinear.from_linear(nn.Linear(64, 8), 4, 1, 64)

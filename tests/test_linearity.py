@@ -270,6 +270,33 @@ def test_quant_config_from_allocation_reproduces_the_measured_errors() -> None:
         bofrs.QuantConfig.from_allocation({"up": "nf4 @ 64"}, shapes)
 
 
+@pytest.mark.parametrize("specs", [("higgs5p1", "higgs6p1@64"), ("higgs6p1", "higgs5p1@16")])
+def test_five_and_six_bit_scalar_higgs_specs_work_end_to_end(specs: tuple[str, str]) -> None:
+    model = trained()
+    errors = bofrs.layer_errors(model, ["higgs4p1", *specs])
+    for name, row in errors.items():
+        width = getattr(model, name).in_features
+        for spec in specs:
+            bits = int(spec[5])
+            group = int(spec.split("@")[1]) if "@" in spec else bofrs._linearity.spec_options(spec, width)["group_size"]
+            assert row[spec][0] == pytest.approx(bits + 16 / group)
+            # The relative error is about the grid's MSE (Lloyd-Max: 0.0025 at 5 bits, 0.00064 at 6).
+            assert row[spec][1] < row["higgs4p1"][1]
+            assert row[spec][1] == pytest.approx(bofrs.higgs_grid(bits, 1).mse, rel=0.5)
+    choice = dict(zip(("up", "down"), specs))
+    shapes = {n: m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    config = bofrs.QuantConfig.from_allocation(choice, shapes)
+    assert bofrs.QuantConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    originals = {n: getattr(model, n).weight.detach().clone() for n in choice}
+    bofrs.quantize_model(model, config, progress=False)
+    for name, spec in choice.items():
+        layer = getattr(model, name)
+        assert isinstance(layer, bofrs.nn.HiggsLinear) and layer.packed.grid.n == 2 ** int(spec[5])
+        back = layer.packed.dequantize(torch.float32)
+        t2 = float(((back - originals[name]) ** 2).sum() / (originals[name] ** 2).sum())
+        assert t2 == pytest.approx(errors[name][spec][1], rel=1e-6)
+
+
 def test_calibrate_errors_scales_each_format_to_its_measured_increase() -> None:
     model, ids = trained(), tokens()
     alphas = bofrs.estimate_sensitivity(model, ids, metric="cross_entropy", noise_levels=(0.05,), draws=2, progress=False)

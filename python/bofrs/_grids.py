@@ -19,7 +19,7 @@ from . import _native
 
 TABLE = Path(__file__).with_name("grids.json")
 #: (p, n) of every shipped grid.
-GRID_SIZES = ((1, 4), (1, 8), (1, 16), (1, 256), (2, 16), (2, 64), (2, 256))
+GRID_SIZES = ((1, 4), (1, 8), (1, 16), (1, 32), (1, 64), (1, 256), (2, 16), (2, 64), (2, 256))
 SEED = 0
 
 

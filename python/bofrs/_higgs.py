@@ -16,7 +16,9 @@ from ._packed import SCALE_DTYPES
 from ._validate import check_choice
 
 #: Bits per weight -> (p, n) of the default grid for that width.
-GRIDS_FOR_BITS = {2: {1: 4, 2: 16}, 3: {1: 8, 2: 64}, 4: {1: 16, 2: 256}, 8: {1: 256}}
+GRIDS_FOR_BITS = {
+    2: {1: 4, 2: 16}, 3: {1: 8, 2: 64}, 4: {1: 16, 2: 256}, 5: {1: 32}, 6: {1: 64}, 8: {1: 256},
+}  # fmt: skip
 
 
 def higgs_grid(bits: int = 4, p: int = 2) -> Grid:
@@ -179,8 +181,9 @@ def pack_higgs(
     """Quantizes a weight with HIGGS: per row, groups of ``group_size`` values are rotated by
     the orthonormal Hadamard transform, scaled by their RMS and matched to the ``p``-dimensional
     Gaussian MSE-optimal grid of ``2**(bits*p)`` points (4 bits: ``p=1`` 16 levels or ``p=2``
-    256 points; also 2, 3 and 8 bits). The relative error is about the grid's MSE whatever the
-    weight's distribution. Scales are stored in ``scale_dtype`` (float16 by default, as HIGGS).
+    256 points; also 2, 3 and 8 bits, and 5 or 6 bits with ``p=1``). The relative error is
+    about the grid's MSE whatever the weight's distribution. Scales are stored in
+    ``scale_dtype`` (float16 by default, as HIGGS).
     """
     g = higgs_grid(bits, p)
     group_size = check_group_size(group_size)

@@ -279,7 +279,7 @@ def _rebuild_higgs(name: str, entry: Mapping[str, Any], raw: Mapping[str, torch.
     if not isinstance(spec, dict):
         raise FormatError(f"{name}: invalid grid {spec!r}")
     p, n, points = spec.get("p"), spec.get("n"), spec.get("points")
-    if p not in (1, 2) or n not in (4, 8, 16, 64, 256) or not isinstance(points, list) or len(points) != n * p:
+    if p not in (1, 2) or n not in (4, 8, 16, 32, 64, 256) or not isinstance(points, list) or len(points) != n * p:
         raise FormatError(f"{name}: invalid grid (p={p!r}, n={n!r})")
     grid_points = torch.tensor(points, dtype=torch.float64)
     if not bool(torch.isfinite(grid_points).all()) or (p == 1 and not bool((grid_points.diff() > 0).all())):

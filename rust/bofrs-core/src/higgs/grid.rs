@@ -22,10 +22,12 @@ const PLANE_STEP: f64 = 0.025;
 const POINTS_PER_TASK: usize = 8192;
 
 /// Grid sizes we generate: `(p, n)`.
-pub const GRID_SIZES: [(usize, usize); 7] = [
+pub const GRID_SIZES: [(usize, usize); 9] = [
     (1, 4),
     (1, 8),
     (1, 16),
+    (1, 32),
+    (1, 64),
     (1, 256),
     (2, 16),
     (2, 64),
@@ -209,10 +211,18 @@ mod tests {
 
     #[test]
     fn scalar_grids_match_max_1960() {
-        for (n, published) in [(4, 0.1175), (8, 0.03454), (16, 0.009497)] {
+        for (n, published) in [
+            (4, 0.1175),
+            (8, 0.03454),
+            (16, 0.009497),
+            // Max's table gives 0.002499 for 32 levels (0.2 % off, as his 0.009497 for 16 is
+            // 0.04 % off the exact 0.0095010); 64 levels: a float64 Lloyd iteration gives 0.00064424.
+            (32, 0.002499),
+            (64, 0.0006442),
+        ] {
             let g = scalar_grid(n).unwrap();
             assert!(
-                (g.mse - published).abs() < 2e-3 * published,
+                (g.mse - published).abs() < 3e-3 * published,
                 "n={n}: {}",
                 g.mse
             );

@@ -97,7 +97,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::higgs::grid::plane_grid;
+    use crate::higgs::grid::{plane_grid, scalar_grid};
     use crate::higgs::quantize::{higgs_pack, higgs_unpack};
     use crate::scale::ScaleDType;
 
@@ -107,14 +107,26 @@ mod tests {
         let data: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 300.0)
             .collect();
-        let grid = plane_grid(16, 0).unwrap();
+        // 4-bit codes (two a byte) and 5-bit scalar codes (straddling bytes).
+        for grid in [plane_grid(16, 0).unwrap(), scalar_grid(32).unwrap()] {
+            check_against_decoded(rows, cols, tokens, &data, &grid);
+        }
+    }
+
+    fn check_against_decoded(
+        rows: usize,
+        cols: usize,
+        tokens: usize,
+        data: &[f32],
+        grid: &crate::higgs::Grid,
+    ) {
         let points: Vec<f32> = grid.points.iter().map(|&v| v as f32).collect();
-        let search = GridSearch::new(2, &points).unwrap();
+        let search = GridSearch::new(grid.dim, &points).unwrap();
         let layout = HiggsLayout::new(rows, cols, 64, &search).unwrap();
         let mut codes = vec![0u8; layout.code_bytes()];
         let mut scales = vec![0f32; layout.num_groups()];
         higgs_pack(
-            &data,
+            data,
             &layout,
             &search,
             ScaleDType::Float32,

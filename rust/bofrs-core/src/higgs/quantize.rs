@@ -306,7 +306,7 @@ mod tests {
 
     #[test]
     fn bit_stream_round_trips_every_width() {
-        for bits in [2usize, 3, 4, 6, 8] {
+        for bits in [1usize, 2, 3, 4, 5, 6, 7, 8] {
             let n = 64;
             let mut buf = vec![0u8; n * bits / 8];
             let codes: Vec<u8> = (0..n).map(|i| ((i * 37 + 5) % (1 << bits)) as u8).collect();
@@ -339,7 +339,12 @@ mod tests {
                 ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
             })
             .collect();
-        for grid in [scalar_grid(16).unwrap(), plane_grid(16, 0).unwrap()] {
+        for grid in [
+            scalar_grid(16).unwrap(),
+            scalar_grid(32).unwrap(),
+            scalar_grid(64).unwrap(),
+            plane_grid(16, 0).unwrap(),
+        ] {
             let points: Vec<f32> = grid.points.iter().map(|&v| v as f32).collect();
             let search = GridSearch::new(grid.dim, &points).unwrap();
             let layout = HiggsLayout::new(rows, cols, 256, &search).unwrap();

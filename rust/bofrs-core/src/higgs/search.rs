@@ -214,7 +214,9 @@ mod tests {
 
     #[test]
     fn fast_paths_equal_the_scan() {
-        let scalar = GridSearch::new(1, &f32s(&scalar_grid(16).unwrap().points)).unwrap();
+        let scalars: Vec<GridSearch> = [16, 32, 64, 256]
+            .map(|n| GridSearch::new(1, &f32s(&scalar_grid(n).unwrap().points)).unwrap())
+            .into();
         let plane = GridSearch::new(2, &f32s(&plane_grid(64, 3).unwrap().points)).unwrap();
         let mut state = 12345u64;
         for i in 0..200_000 {
@@ -227,14 +229,12 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             let b = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 12.0;
             // Points exactly between neighbours and on cell edges too.
-            let a = if i % 7 == 0 {
-                scalar.thresholds[i % 15]
-            } else {
-                a
-            };
+            let scalar = &scalars[i % scalars.len()];
+            let t = &scalar.thresholds;
+            let a1 = if i % 7 == 0 { t[(i / 7) % t.len()] } else { a };
             // 1-D codes are defined by the f32 midpoints (exactly as the block-wise encoder).
-            let count = scalar.thresholds.iter().filter(|&&t| a > t).count() as u8;
-            assert_eq!(scalar.nearest_1d(a), count, "{a}");
+            let count = t.iter().filter(|&&t| a1 > t).count() as u8;
+            assert_eq!(scalar.nearest_1d(a1), count, "{a1} n={}", scalar.len());
             assert_eq!(
                 plane.nearest_2d(a, b),
                 plane.nearest_scan(&[a, b]),
