@@ -32,8 +32,13 @@ use crate::pool::pool;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Weights per parallel task, about (whole rows); smaller products run on the calling thread.
+/// Weights per parallel task, about (whole rows).
 const TASK_WEIGHTS: usize = 1 << 16;
+/// Products up to this many weight-uses (weights times activation rows, up to a tile) run on
+/// the calling thread: a round trip through a pool that has gone idle costs 40-110 us on the
+/// 2-core VM we measure on (`cargo run --release --example pool_time`), about the time of one
+/// core on 1M weights, so splitting smaller products loses.
+const INLINE_WEIGHTS: usize = 1 << 20;
 /// Activation rows decoded weights are reused for.
 const TILE: usize = 4;
 
@@ -279,8 +284,8 @@ pub fn matvec_with_options<X: Activation>(
     };
     // Fills results row-major by output feature ([out, batch]).
     let run = |by_row: &mut [f32]| {
-        if n_out * n_in * batch.min(TILE) <= TASK_WEIGHTS {
-            // One task's worth: waking the pool would cost more than the work.
+        if n_out * n_in * batch.min(TILE) <= INLINE_WEIGHTS {
+            // Waking the pool would cost more than the split saves.
             task(0, by_row);
         } else {
             pool().install(|| {
@@ -1037,21 +1042,21 @@ mod tests {
     #[test]
     fn reports_the_first_non_finite_scale_across_tasks() {
         let cb = Codebook::new(&NF4).unwrap();
-        // 16 rows per task: the bad scales sit in the third and fifth tasks.
+        // Above the inline limit, 16 rows per task: the bad scales sit in tasks 12 and 17.
         let shape = MatShape {
-            out_features: 80,
+            out_features: 320,
             in_features: 4096,
             block_size: 64,
         };
-        let codes = vec![0x37u8; 80 * 2048];
+        let codes = vec![0x37u8; 320 * 2048];
         let x = vec![1f32; 2 * 4096];
         for mode in Activations::ALL {
             for isa in Isa::supported() {
-                let mut scales = vec![1f32; 80 * 64];
-                scales[70 * 64 + 3] = f32::INFINITY;
-                scales[40 * 64 + 9] = f32::NAN;
+                let mut scales = vec![1f32; 320 * 64];
+                scales[280 * 64 + 3] = f32::INFINITY;
+                scales[200 * 64 + 9] = f32::NAN;
                 for batch in [1, 2] {
-                    let mut out = vec![0f32; batch * 80];
+                    let mut out = vec![0f32; batch * 320];
                     let got = matvec_with_options(
                         isa,
                         mode,
@@ -1065,7 +1070,7 @@ mod tests {
                     );
                     let message = format!("{:?}", got.unwrap_err());
                     assert!(
-                        message.contains(&format!("scale of block {}", 40 * 64 + 9)),
+                        message.contains(&format!("scale of block {}", 200 * 64 + 9)),
                         "{mode:?} {isa:?}: {message}"
                     );
                 }

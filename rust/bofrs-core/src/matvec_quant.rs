@@ -113,9 +113,9 @@ pub fn quantize_activations<X: Element, Q: QInt>(
             *w = v.to_f32();
         }
         for (g, chunk) in wide.chunks(group).enumerate() {
-            let finite = chunk
-                .iter()
-                .fold(true, |ok, v| ok & (v.to_bits() & 0x7F80_0000 != 0x7F80_0000));
+            let finite = chunk.iter().fold(true, |ok, v| {
+                ok & (v.to_bits() & 0x7F80_0000 != 0x7F80_0000)
+            });
             let top = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
             d[b * groups + g] = if finite { top / Q::QMAX } else { f32::NAN };
             let out = &mut row[g * group..g * group + chunk.len()];
