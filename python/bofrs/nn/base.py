@@ -78,8 +78,9 @@ class PackedLinear(nn.Module):
             y = cast(torch.Tensor, _FrozenMatmul.apply(input, self))
         else:
             y = self._matmul(input)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        bias = self.bias
+        if bias is not None:
+            y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
         return y
 
     def _apply(self, fn: Any, recurse: bool = True) -> PackedLinear:

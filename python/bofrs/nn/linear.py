@@ -93,8 +93,8 @@ class QuantLinear(PackedLinear):
             self.outlier_q = packed.outliers.q
             self.register_buffer("outlier_indices", packed.outliers.indices)
             self.register_buffer("outlier_values", packed.outliers.values)
-        self._cache: tuple[tuple[torch.Tensor, ...], tuple[int, ...], _Fused | None] | None = None
-        self._cuda_cache: tuple[tuple[torch.Tensor, ...], tuple[int, ...], _CudaFused] | None = None
+        self._cache: tuple[tuple[torch.Tensor | None, ...], tuple[int, ...], _Fused | None] | None = None
+        self._cuda_cache: tuple[tuple[torch.Tensor | None, ...], tuple[int, ...], _CudaFused] | None = None
 
     def packed_buffer_names(self) -> tuple[str, ...]:
         """The buffers that together hold the packed weight."""
@@ -210,18 +210,21 @@ class QuantLinear(PackedLinear):
     def _cached(self, slot: str, build: Callable[[], object]) -> object:
         """``build()``, kept in attribute ``slot`` while the packed buffers are the same objects
         at the same versions (holding the tensors keeps their ids unique while cached)."""
-        buffers = tuple(self._buffers[n] for n in self.packed_buffer_names())
-        versions = tuple(b._version for b in buffers if b is not None)
+        present = self._buffers
         cache = getattr(self, slot)
-        if (
-            cache is not None
-            and len(cache[0]) == len(buffers)
-            and all(a is b for a, b in zip(cache[0], buffers))
-            and cache[1] == versions
-        ):
-            return cache[2]
+        if cache is not None:
+            tensors, versions, value = cache
+            # Every packed buffer slot holds the same object (or the same None) at the same version.
+            for name, tensor, version in zip(_PACKED_BUFFERS, tensors, versions):
+                now = present.get(name)
+                if now is not tensor or (now is not None and now._version != version):
+                    break
+            else:
+                return value
+        tensors = tuple(present.get(n) for n in _PACKED_BUFFERS)
+        versions = tuple(-1 if t is None else t._version for t in tensors)
         value = build()
-        setattr(self, slot, (tuple(b for b in buffers if b is not None), versions, value))
+        setattr(self, slot, (tensors, versions, value))
         return value
 
     def _after_apply(self) -> None:
@@ -281,6 +284,8 @@ class _Fused:
 
     def apply(self, rows: torch.Tensor, element: str, activations: str = "float") -> torch.Tensor:
         """``rows @ W.T`` for 2-D CPU ``rows`` of dtype ``element``."""
+        if self.rotation is None and self.correction is None:
+            return fused_rows(rows, self.ops, element, None, activations)  # in rows.dtype
         x = rows
         if self.rotation is not None:
             x = hadamard(rows.float(), self.rotation)
