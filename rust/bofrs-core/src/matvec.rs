@@ -683,6 +683,24 @@ mod tests {
         ((*state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     }
 
+    /// Random codes and scales for `shape`, every fifth scale (from the fourth) zero.
+    fn random_weight(st: &mut u64, shape: MatShape) -> (Vec<u8>, Vec<f32>) {
+        let n = shape.out_features * shape.in_features;
+        let codes = (0..n / 2)
+            .map(|_| ((lcg(st) + 1.0) * 128.0) as u8)
+            .collect();
+        let scales = (0..n / shape.block_size)
+            .map(|b| {
+                if b % 5 == 3 {
+                    0.0
+                } else {
+                    lcg(st) as f32 * 3.0
+                }
+            })
+            .collect();
+        (codes, scales)
+    }
+
     /// Float64 reference and the bound on |error| of an f32 evaluation.
     fn reference(
         shape: MatShape,
@@ -733,18 +751,7 @@ mod tests {
                     in_features: n_in,
                     block_size: bs,
                 };
-                let codes: Vec<u8> = (0..n_out * n_in / 2)
-                    .map(|_| ((lcg(&mut st) + 1.0) * 128.0) as u8)
-                    .collect();
-                let scales: Vec<f32> = (0..n_out * n_in / bs)
-                    .map(|b| {
-                        if b % 5 == 3 {
-                            0.0
-                        } else {
-                            lcg(&mut st) as f32 * 3.0
-                        }
-                    })
-                    .collect();
+                let (codes, scales) = random_weight(&mut st, shape);
                 for batch in 1..=9 {
                     let x: Vec<f32> = (0..batch * n_in)
                         .map(|_| lcg(&mut st) as f32 * 10.0)
@@ -852,18 +859,7 @@ mod tests {
                     in_features: n_in,
                     block_size: bs,
                 };
-                let codes: Vec<u8> = (0..n_out * n_in / 2)
-                    .map(|_| ((lcg(&mut st) + 1.0) * 128.0) as u8)
-                    .collect();
-                let scales: Vec<f32> = (0..n_out * n_in / bs)
-                    .map(|b| {
-                        if b % 5 == 3 {
-                            0.0
-                        } else {
-                            lcg(&mut st) as f32 * 3.0
-                        }
-                    })
-                    .collect();
+                let (codes, scales) = random_weight(&mut st, shape);
                 for batch in 1..=9 {
                     // Mixed magnitudes per group (the quantization step follows the largest).
                     let x: Vec<f32> = (0..batch * n_in)
