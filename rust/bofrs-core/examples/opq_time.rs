@@ -39,15 +39,31 @@ fn pack_like_python(
     extras: &PackExtras,
     buffers: PackBuffers<'_>,
 ) -> (Vec<u32>, Vec<u16>) {
+    let t0 = Instant::now();
     let parts = pack_ext_parts_with_isa(isa, input, opts, extras, buffers).unwrap();
-    let total = parts.iter().map(Vec::len).sum();
+    let t1 = Instant::now();
+    let total = parts.total();
     let (mut indices, mut values) = (zeroed_vec::<u32>(total), zeroed_vec::<u16>(total));
     split_outliers(&parts, |i| i as u32, &mut indices, &mut values);
+    let t2 = Instant::now();
+    drop(parts);
+    let t3 = Instant::now();
+    if std::env::var("PHASES").is_ok() {
+        eprintln!(
+            "pack {:.2} split {:.2} drop {:.2} ms",
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3,
+            (t3 - t2).as_secs_f64() * 1e3
+        );
+    }
     (indices, values)
 }
 
 fn main() {
-    let n = 4096 * 4096;
+    let n: usize = std::env::var("SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096 * 4096);
     // HEAVY=t4: Student-t(4); HEAVY=1: another heavy tail; unset: about N(0, 1/3).
     let heavy = std::env::var("HEAVY").ok();
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
@@ -87,7 +103,12 @@ fn main() {
     let opts = EncodeOptions {
         codebook: &cb,
         block_size: 64,
-        normalization: Normalization::Absmax,
+        // NORM=signed: signed absmax (as BOF4-S).
+        normalization: if std::env::var("NORM").is_ok_and(|v| v == "signed") {
+            Normalization::SignedAbsmax
+        } else {
+            Normalization::Absmax
+        },
         scale_dtype: ScaleDType::BFloat16,
     };
     let mut codes = vec![0u8; n / 2];
@@ -115,6 +136,41 @@ fn main() {
         .nth(1)
         .and_then(|s| Isa::parse(&s))
         .unwrap_or(Isa::best());
+    if let Ok(pattern) = std::env::var("PATTERN") {
+        // e.g. PATTERN=pppo: per position, the median wall time over ROUNDS repetitions.
+        let rounds: usize = std::env::var("ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20);
+        let mut times = vec![Vec::new(); pattern.len()];
+        for _ in 0..rounds {
+            for (k, c) in pattern.chars().enumerate() {
+                let ex = if c == 'o' {
+                    variants[1].1
+                } else {
+                    variants[0].1
+                };
+                let t = Instant::now();
+                let b = PackBuffers {
+                    codes: &mut codes,
+                    scales: &mut scales,
+                    scale_codes: &mut [],
+                    scale_params: &mut [],
+                };
+                pack_like_python(isa, &input, &opts, &ex, b);
+                times[k].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        for (k, c) in pattern.chars().enumerate() {
+            times[k].sort_by(f64::total_cmp);
+            println!(
+                "{k} {c}: median {:.2} min {:.2}",
+                times[k][times[k].len() / 2],
+                times[k][0]
+            );
+        }
+        return;
+    }
     if let Some(only) = std::env::args().nth(2) {
         let ex = variants.iter().find(|v| v.0 == only).unwrap().1;
         let dq = ex.double_quant;
@@ -133,9 +189,13 @@ fn main() {
         }
         return;
     }
-    let mut best = vec![f64::INFINITY; variants.len()];
-    let mut best_cpu = vec![f64::INFINITY; variants.len()];
-    for _ in 0..30 {
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let mut walls = vec![Vec::new(); variants.len()];
+    let mut cpus = vec![Vec::new(); variants.len()];
+    for _ in 0..rounds {
         for (k, (_, ex)) in variants.iter().enumerate() {
             let dq = ex.double_quant;
             let t = Instant::now();
@@ -147,17 +207,24 @@ fn main() {
                 scale_params: if dq { &mut sp } else { &mut [] },
             };
             pack_like_python(isa, &input, &opts, ex, b);
-            best[k] = best[k].min(t.elapsed().as_secs_f64());
-            best_cpu[k] = best_cpu[k].min(cpu_seconds() - c);
+            walls[k].push(t.elapsed().as_secs_f64());
+            cpus[k].push(cpu_seconds() - c);
         }
     }
+    let stats = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[0], v[v.len() / 2])
+    };
+    let mut rows = Vec::new();
+    for k in 0..variants.len() {
+        rows.push((stats(&mut walls[k]), stats(&mut cpus[k])));
+    }
     for (k, (name, _)) in variants.iter().enumerate() {
+        let ((wmin, wmed), (cmin, cmed)) = rows[k];
+        let ((bwmin, bwmed), (bcmin, bcmed)) = rows[0];
         println!(
-            "{name}: wall {:.2} ms ({:.2}x), cpu {:.2} ms ({:.2}x)",
-            best[k] * 1e3,
-            best[k] / best[0],
-            best_cpu[k] * 1e3,
-            best_cpu[k] / best_cpu[0]
+            "{name:6}: wall min {:6.2} ms ({:.2}x) median {:6.2} ms ({:.2}x) | cpu min {:6.2} ({:.2}x) median {:6.2} ({:.2}x)",
+            wmin * 1e3, wmin / bwmin, wmed * 1e3, wmed / bwmed, cmin * 1e3, cmin / bcmin, cmed * 1e3, cmed / bcmed
         );
     }
 }

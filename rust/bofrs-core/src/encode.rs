@@ -16,10 +16,11 @@ use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::layout::BlockLayout;
 use crate::opq::{
-    block_sums, collect, f32_bracket, f32_limit, raw_scale_within, scan, signed_scale_masked,
+    block_sums, collect_word, f32_bracket, f32_limit, raw_scale_within, scan, signed_scale_masked,
     FilterBound, OpqOptions, Outlier, Threshold, MASK_WORDS,
 };
 use crate::pool::{blocks_per_task, pool};
+use crate::recycle::{self, OutlierParts};
 use crate::scale::{max_abs_bits, raw_block_scale_from_max, ScaleDType};
 use rayon::prelude::*;
 
@@ -95,27 +96,34 @@ pub fn pack_ext_with_isa<E: Element>(
     out: PackBuffers<'_>,
 ) -> Result<Vec<Outlier>> {
     let parts = pack_ext_parts_with_isa(isa, input, options, extras, out)?;
-    let mut outliers = Vec::with_capacity(parts.iter().map(Vec::len).sum());
-    for part in parts {
-        outliers.extend(part);
+    let mut outliers = Vec::with_capacity(parts.total());
+    for part in parts.iter() {
+        outliers.extend_from_slice(part);
     }
     Ok(outliers)
 }
 
 /// [`pack_ext_with_isa`] with the outliers as the parallel tasks found them: consecutive
 /// parts, in flat order, whose concatenation is [`pack_ext_with_isa`]'s result (see
-/// [`split_outliers`] to lay them out without a serial join).
+/// [`split_outliers`] to lay them out without a serial join). Their vectors are reused by the
+/// next pack once the parts are dropped.
 pub fn pack_ext_parts_with_isa<E: Element>(
     isa: Isa,
     input: &[E],
     options: &EncodeOptions<'_>,
     extras: &PackExtras,
     out: PackBuffers<'_>,
-) -> Result<Vec<Vec<Outlier>>> {
+) -> Result<OutlierParts> {
     isa.ensure_supported()?;
     let bs = options.block_size;
     let layout = BlockLayout::new(input.len(), bs)?;
     layout.check_buffers(out.codes.len(), out.scales.len())?;
+    if extras.opq.is_some() && input.len() as u64 >= Outlier::INDEX_LIMIT {
+        return Err(Error::InvalidArgument {
+            name: "opq",
+            message: format!("OPQ takes fewer than 2^48 values, got {}", input.len()),
+        });
+    }
     let blocks = layout.num_blocks();
     let dq = extras.double_quant;
     let (want_codes, want_params) = if dq {
@@ -191,7 +199,8 @@ pub fn pack_ext_parts_with_isa<E: Element>(
                 .collect::<Vec<Result<Vec<Outlier>>>>()
         })
         .into_iter()
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(OutlierParts::new)
 }
 
 /// Lays out outlier parts (as [`pack_ext_parts_with_isa`] returns them) as two arrays, in
@@ -221,9 +230,9 @@ pub fn split_outliers<I: Send>(
     }
     pool().install(|| {
         slots.into_par_iter().for_each(|(part, i, v)| {
-            for ((&(flat, value), i), v) in part.iter().zip(i).zip(v) {
-                *i = index(flat);
-                *v = value;
+            for ((outlier, i), v) in part.iter().zip(i).zip(v) {
+                *i = index(outlier.index());
+                *v = outlier.value();
             }
         })
     });
@@ -292,13 +301,21 @@ trait Kernel {
     ) -> Option<f32>;
     /// [`signed_scale_masked`].
     fn signed_masked<T: Element>(&self, block: &[T], mask: &[u64; MASK_WORDS], max: f32) -> f32;
-    /// The OPQ filter of [`GROUP_BLOCKS`] full blocks of `bs` values (`group`, finite values,
-    /// `max_abs` their largest magnitudes); `None` where unsupported (then one block at a time).
+    /// The raw scale of a finite block from its largest `abs_bits`, exactly as
+    /// [`raw_block_scale_from_max`] gives it.
+    fn raw_scale_from_max<T: Element>(
+        &self,
+        block: &[T],
+        max_bits: u32,
+        norm: Normalization,
+    ) -> f32;
+    /// The largest `abs_bits` of each of [`GROUP_BLOCKS`] full blocks of `bs` values (`group`)
+    /// and, when all are finite, the OPQ filter's verdict on them, in one pass over the values;
+    /// `None` where unsupported (then one block at a time).
     fn group_filter<T: Element>(
         &self,
         group: &[T],
         bs: usize,
-        max_abs: &[f32; GROUP_BLOCKS],
         threshold: &Threshold,
         bound: &FilterBound,
     ) -> Option<GroupPlan>;
@@ -355,11 +372,20 @@ impl Kernel for Portable<'_> {
         signed_scale_masked(block, mask, max)
     }
     #[inline(always)]
+    fn raw_scale_from_max<T: Element>(
+        &self,
+        block: &[T],
+        max_bits: u32,
+        norm: Normalization,
+    ) -> f32 {
+        // Cannot fail for a finite maximum.
+        raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0)
+    }
+    #[inline(always)]
     fn group_filter<T: Element>(
         &self,
         _group: &[T],
         _bs: usize,
-        _max_abs: &[f32; GROUP_BLOCKS],
         _threshold: &Threshold,
         _bound: &FilterBound,
     ) -> Option<GroupPlan> {
@@ -411,7 +437,11 @@ fn run_task<E: Element, K: Kernel>(
     let bs = options.block_size;
     let norm = options.normalization;
     let blocks = out.scales.len();
-    let mut outliers: Vec<Outlier> = Vec::new();
+    let mut outliers: Vec<Outlier> = if context.opq.is_some() {
+        recycle::take()
+    } else {
+        Vec::new()
+    };
     // Blocks before the first one with a non-finite value, and the first block whose outliers
     // cannot be stored, with the error.
     let (finite_blocks, outlier_error) = match &context.opq {
@@ -424,20 +454,36 @@ fn run_task<E: Element, K: Kernel>(
                     break;
                 }
                 // Cannot fail for a finite maximum.
-                *scale = raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0);
+                *scale = kernel.raw_scale_from_max(block, max_bits, norm);
             }
             (finite_blocks, None)
         }
-        Some(opq) => opq_pass(
-            kernel,
-            input,
-            opq,
-            bs,
-            norm,
-            out.scales,
-            first_block,
-            &mut outliers,
-        ),
+        Some(opq) => {
+            let mut marks = MARKS.take();
+            marks.clear();
+            marks.reserve(blocks * bs.div_ceil(64));
+            let finite_blocks = opq_pass(kernel, input, opq, bs, norm, out.scales, &mut marks);
+            // The marked values in flat order, up to the first that cannot be stored.
+            let mut outlier_error = None;
+            for &(start, word) in &marks {
+                let start = start as usize;
+                let values = &input[start..input.len().min(start + 64)];
+                let first_index = first_block * bs + start;
+                if let Err(err) = collect_word(
+                    values,
+                    word,
+                    &opq.options,
+                    first_index,
+                    E::MAX_FINITE,
+                    &mut outliers,
+                ) {
+                    outlier_error = Some((start / bs, err));
+                    break;
+                }
+            }
+            MARKS.set(marks);
+            (finite_blocks, outlier_error)
+        }
     };
     let stored_blocks = outlier_error.as_ref().map_or(finite_blocks, |e| e.0);
     if !context.double_quant {
@@ -490,14 +536,12 @@ fn run_task<E: Element, K: Kernel>(
     // Outliers are coded as the value 0 (codes depend only on the value and the scale).
     let zero = options.codebook.encode_one(0.0);
     let task_start = (first_block * bs) as u64;
-    for &(index, _) in &outliers {
-        let i = (index - task_start) as usize;
+    for outlier in &outliers {
+        let i = (outlier.index() - task_start) as usize;
+        // High nibble for even `i`, low for odd, without a data-dependent branch.
+        let shift = 4 - 4 * (i as u32 & 1);
         let byte = &mut out.codes[i / 2];
-        *byte = if i % 2 == 0 {
-            (*byte & 0x0f) | (zero << 4)
-        } else {
-            (*byte & 0xf0) | zero
-        };
+        *byte = (*byte & !(0x0f << shift)) | (zero << shift);
     }
     Ok(outliers)
 }
@@ -506,9 +550,11 @@ fn run_task<E: Element, K: Kernel>(
 pub(crate) const GROUP_BLOCKS: usize = 8;
 
 /// The OPQ filter's verdict on [`GROUP_BLOCKS`] consecutive full blocks (bit `j` of a mask is
-/// block `j`).
+/// block `j`); the masks and thresholds are meaningful only when every block is finite.
 #[derive(Debug, Clone, Copy, Default)]
 struct GroupPlan {
+    /// Largest `abs_bits` of each block.
+    max_bits: [u32; GROUP_BLOCKS],
     /// Blocks the filter did not clear ([`Threshold::provably_clean`] failed).
     suspects: u32,
     /// Suspects with f32 thresholds from [`f32_bracket`] whose largest magnitude is above
@@ -519,10 +565,9 @@ struct GroupPlan {
 }
 
 /// The first pass of a task with OPQ, in flat block order: every block's raw scale (without its
-/// outliers) and, for the blocks the filter does not clear, their outliers appended to
-/// `outliers`. Stops at the first block with a non-finite value or whose outliers cannot be
-/// stored. Returns the number of blocks before the first non-finite one (all when none) and
-/// the storage error with its block.
+/// outliers) and, for the blocks the filter does not clear, their outlier masks appended to
+/// `marks` (as [`suspect_block`] does). Stops at the first block with a non-finite value;
+/// returns the number of blocks before it (all when none).
 ///
 /// Groups of [`GROUP_BLOCKS`] full blocks go through [`Kernel::group_filter`] where the kernel
 /// has it (one vectorized filter for the group, then only the suspects, while the group is in
@@ -537,9 +582,8 @@ fn opq_pass<E: Element, K: Kernel>(
     bs: usize,
     norm: Normalization,
     scales: &mut [f32],
-    first_block: usize,
-    outliers: &mut Vec<Outlier>,
-) -> (usize, Option<(usize, Error)>) {
+    marks: &mut Vec<Mark>,
+) -> usize {
     let blocks = scales.len();
     let full_blocks = input.len() / bs;
     let mut mask = [0u64; MASK_WORDS];
@@ -549,47 +593,31 @@ fn opq_pass<E: Element, K: Kernel>(
     while b < blocks {
         if b >= single && b + GROUP_BLOCKS <= full_blocks {
             let group = &input[b * bs..(b + GROUP_BLOCKS) * bs];
-            let mut max_abs = [0f32; GROUP_BLOCKS];
-            let mut finite = true;
-            for (j, (block, scale)) in group
-                .chunks_exact(bs)
-                .zip(scales[b..b + GROUP_BLOCKS].iter_mut())
-                .enumerate()
+            let (threshold, bound) = &opq.full;
+            let plan = kernel.group_filter(group, bs, threshold, bound);
+            if let Some(plan) =
+                plan.filter(|p| p.max_bits.iter().all(|&m| m < E::NON_FINITE_ABS_BITS))
             {
-                let max_bits = kernel.max_abs_bits(block);
-                finite &= max_bits < E::NON_FINITE_ABS_BITS;
-                max_abs[j] = E::abs_bits_to_f32(max_bits);
-                *scale = raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0);
-            }
-            if finite {
-                let (threshold, bound) = &opq.full;
-                if let Some(plan) = kernel.group_filter(group, bs, &max_abs, threshold, bound) {
-                    let mut bits = plan.suspects;
-                    while bits != 0 {
-                        let j = bits.trailing_zeros() as usize;
-                        bits &= bits - 1;
-                        let thresholds =
-                            (plan.decided >> j & 1 == 1).then(|| (plan.t_lo[j], plan.t_hi[j]));
-                        // A function, not a closure: closures do not inherit target features.
-                        let at = (b + j, thresholds);
-                        if let Err(err) = suspect_block(
-                            kernel,
-                            input,
-                            opq,
-                            bs,
-                            norm,
-                            first_block,
-                            at,
-                            &mut mask,
-                            scales,
-                            outliers,
-                        ) {
-                            return (blocks, Some((b + j, err)));
-                        }
-                    }
-                    b += GROUP_BLOCKS;
-                    continue;
+                for ((block, scale), &max_bits) in group
+                    .chunks_exact(bs)
+                    .zip(scales[b..b + GROUP_BLOCKS].iter_mut())
+                    .zip(&plan.max_bits)
+                {
+                    // Cannot fail for a finite maximum.
+                    *scale = kernel.raw_scale_from_max(block, max_bits, norm);
                 }
+                let mut bits = plan.suspects;
+                while bits != 0 {
+                    let j = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let thresholds =
+                        (plan.decided >> j & 1 == 1).then(|| (plan.t_lo[j], plan.t_hi[j]));
+                    // A function, not a closure: closures do not inherit target features.
+                    let at = (b + j, thresholds);
+                    suspect_block(kernel, input, opq, bs, norm, at, &mut mask, scales, marks);
+                }
+                b += GROUP_BLOCKS;
+                continue;
             }
             single = b + GROUP_BLOCKS;
         }
@@ -597,38 +625,44 @@ fn opq_pass<E: Element, K: Kernel>(
         let block = &input[start..input.len().min(start + bs)];
         let max_bits = kernel.max_abs_bits(block);
         if max_bits >= E::NON_FINITE_ABS_BITS {
-            return (b, None);
+            return b;
         }
         // Cannot fail for a finite maximum.
-        scales[b] = raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0);
+        scales[b] = kernel.raw_scale_from_max(block, max_bits, norm);
         let (threshold, bound) = opq.for_length(block.len(), bs);
         let max_abs = E::abs_bits_to_f32(max_bits);
         let sums = kernel.f32_sums(block);
         if !sums.is_some_and(|(s, q)| threshold.provably_clean(max_abs, s, q, bound)) {
             let thresholds = f32_thresholds(threshold, bound, sums, max_abs);
-            let at = (b, thresholds);
-            if let Err(err) = suspect_block(
+            suspect_block(
                 kernel,
                 input,
                 opq,
                 bs,
                 norm,
-                first_block,
-                at,
+                (b, thresholds),
                 &mut mask,
                 scales,
-                outliers,
-            ) {
-                return (blocks, Some((b, err)));
-            }
+                marks,
+            );
         }
         b += 1;
     }
-    (blocks, None)
+    blocks
+}
+
+/// A nonzero word of an outlier mask: the task-relative index of its first value, and its bits
+/// (bit `i` marks that index plus `i`).
+type Mark = (u32, u64);
+
+thread_local! {
+    /// Each worker's [`Mark`] buffer, kept from task to task.
+    static MARKS: std::cell::Cell<Vec<Mark>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The outliers of suspect block `b` (`plan`: its thresholds, as [`f32_thresholds`] gives
-/// them), appended to `outliers`, and its raw scale without them.
+/// them): the nonzero words of their mask appended to `marks` (collected after the pass, in a
+/// loop of its own), and its raw scale without them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn suspect_block<E: Element, K: Kernel>(
@@ -637,31 +671,27 @@ fn suspect_block<E: Element, K: Kernel>(
     opq: &OpqContext,
     bs: usize,
     norm: Normalization,
-    first_block: usize,
     (b, plan): (usize, Option<(f32, f32)>),
     mask: &mut [u64; MASK_WORDS],
     scales: &mut [f32],
-    outliers: &mut Vec<Outlier>,
-) -> Result<()> {
+    marks: &mut Vec<Mark>,
+) {
     let start = b * bs;
     let block = &input[start..input.len().min(start + bs)];
     let (threshold, _) = opq.for_length(block.len(), bs);
     let Some(max) = outliers_of_block(kernel, block, plan, threshold, mask) else {
-        return Ok(());
+        return;
     };
-    collect(
-        block,
-        mask,
-        &opq.options,
-        first_block * bs + start,
-        E::MAX_FINITE,
-        outliers,
-    )?;
+    for (w, &word) in mask[..block.len().div_ceil(64)].iter().enumerate() {
+        if word != 0 {
+            // Task-relative: a task holds far fewer than 2^32 values.
+            marks.push(((start + w * 64) as u32, word));
+        }
+    }
     scales[b] = match norm {
         Normalization::Absmax => max,
         Normalization::SignedAbsmax => kernel.signed_masked(block, mask, max),
     };
-    Ok(())
 }
 
 /// The f32 thresholds `(t_lo, t_hi)` ([`f32_bracket`]) that decide the outliers of a block
@@ -959,112 +989,169 @@ mod x86 {
             unsafe { signed_masked_avx2(block, mask, max) }
         }
         #[inline(always)]
+        fn raw_scale_from_max<T: Element>(
+            &self,
+            block: &[T],
+            max_bits: u32,
+            norm: Normalization,
+        ) -> f32 {
+            let fast = match norm {
+                Normalization::Absmax => Some(T::abs_bits_to_f32(max_bits)),
+                // SAFETY: as above.
+                Normalization::SignedAbsmax => unsafe { signed_scale_avx2(block, max_bits) },
+            };
+            // Cannot fail for a finite maximum.
+            fast.unwrap_or_else(|| {
+                crate::scale::raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0)
+            })
+        }
+        #[inline(always)]
         fn group_filter<T: Element>(
             &self,
             group: &[T],
             bs: usize,
-            max_abs: &[f32; GROUP_BLOCKS],
             threshold: &Threshold,
             bound: &FilterBound,
         ) -> Option<GroupPlan> {
             // SAFETY: as above.
-            unsafe { group_filter_avx2(group, bs, max_abs, threshold, bound) }
+            unsafe { group_filter_avx2(group, bs, threshold, bound) }
         }
     }
 
-    /// Sums of each of 8 vectors, as the 8 lanes of one (`[sum(v0), .., sum(v7)]`), by a
-    /// transposing tree of unpacks and adds.
+    /// Lanes of 4 vectors reduced by `op` across each vector, as the 4 lanes of one
+    /// (`[op(v0), .., op(v3)]`), by a transposing tree (`op` associative and commutative).
     #[inline(always)]
-    unsafe fn sum8(v: [__m256; 8]) -> __m256 {
-        let pair = |a: __m256, b: __m256| {
-            _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b))
-        };
-        let quad = |a: __m256, b: __m256| {
-            let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
-            _mm256_add_ps(
-                _mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
-                _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)),
-            )
-        };
-        let lo = quad(pair(v[0], v[1]), pair(v[2], v[3]));
-        let hi = quad(pair(v[4], v[5]), pair(v[6], v[7]));
-        _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(lo, hi),
-            _mm256_permute2f128_ps::<0x31>(lo, hi),
-        )
+    unsafe fn reduce4(v: [__m256; 4], op: impl Fn(__m256, __m256) -> __m256) -> __m128 {
+        let pair = |a: __m256, b: __m256| op(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        let (a, b) = (
+            _mm256_castps_pd(pair(v[0], v[1])),
+            _mm256_castps_pd(pair(v[2], v[3])),
+        );
+        let quad = op(
+            _mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+            _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)),
+        );
+        let halves = op(quad, _mm256_permute2f128_ps::<0x01>(quad, quad));
+        _mm256_castps256_ps128(halves)
     }
 
-    /// [`Kernel::group_filter`]: the f32 shifted sums of each block (as [`f32_sums_avx2`],
-    /// any order), then for four blocks at a time in f64 exactly the scalar steps of
+    /// One block's largest `abs_bits` (u32 lanes whose maximum it is) and its f32 shifted sums
+    /// (as [`f32_sums_avx2`], in another order: any order is fine for the filter), in one pass
+    /// of 16 values at a time (`block.len() % 16 == 0`, a type [`known`] reads).
+    #[inline(always)]
+    unsafe fn block_stats<E: Element>(block: *const E, len: usize) -> (__m256i, __m256, __m256) {
+        let kind = TypeId::of::<E>();
+        let vk = _mm256_set1_ps((*block).to_f32());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut q0, mut q1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut acc = _mm256_setzero_si256();
+        let half = kind != TypeId::of::<f32>();
+        for i in 0..len / 16 {
+            let p = block.add(i * 16);
+            let (v0, v1) = if half {
+                let raw = _mm256_loadu_si256(p as *const __m256i);
+                acc = _mm256_max_epu16(acc, _mm256_and_si256(raw, _mm256_set1_epi16(0x7fff)));
+                if kind == TypeId::of::<Bf16>() {
+                    // Each 32-bit lane holds two bfloat16: shifted up, the first; masked, the
+                    // second (exact f32 values, in another order than load8's).
+                    (
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(raw)),
+                        _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(-65536))),
+                    )
+                } else {
+                    (
+                        _mm256_cvtph_ps(_mm256_castsi256_si128(raw)),
+                        _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(raw)),
+                    )
+                }
+            } else {
+                let (v0, v1) = (
+                    _mm256_loadu_ps(p as *const f32),
+                    _mm256_loadu_ps(p.add(8) as *const f32),
+                );
+                let abs = _mm256_set1_epi32(0x7fff_ffff);
+                let bits = _mm256_max_epu32(
+                    _mm256_and_si256(_mm256_castps_si256(v0), abs),
+                    _mm256_and_si256(_mm256_castps_si256(v1), abs),
+                );
+                acc = _mm256_max_epu32(acc, bits);
+                (v0, v1)
+            };
+            let d0 = _mm256_sub_ps(v0, vk);
+            let d1 = _mm256_sub_ps(v1, vk);
+            s0 = _mm256_add_ps(s0, d0);
+            s1 = _mm256_add_ps(s1, d1);
+            q0 = _mm256_fmadd_ps(d0, d0, q0);
+            q1 = _mm256_fmadd_ps(d1, d1, q1);
+        }
+        if half {
+            // 16 u16 maxima to 8 u32 lanes (zero-extended).
+            let zero = _mm256_setzero_si256();
+            acc = _mm256_max_epu32(
+                _mm256_unpacklo_epi16(acc, zero),
+                _mm256_unpackhi_epi16(acc, zero),
+            );
+        }
+        (acc, _mm256_add_ps(s0, s1), _mm256_add_ps(q0, q1))
+    }
+
+    /// Four `abs_bits` (u32 lanes) of a type [`known`] reads as f32 lanes (exact).
+    #[inline(always)]
+    unsafe fn abs_bits_to_f32_lanes4<E: Element>(bits: __m128i) -> __m128 {
+        let kind = TypeId::of::<E>();
+        if kind == TypeId::of::<Bf16>() {
+            _mm_castsi128_ps(_mm_slli_epi32::<16>(bits))
+        } else if kind == TypeId::of::<F16>() {
+            // Lanes are below 2^16: pack to u16 in order, then convert.
+            _mm_cvtph_ps(_mm_packus_epi32(bits, bits))
+        } else {
+            _mm_castsi128_ps(bits)
+        }
+    }
+
+    /// [`Kernel::group_filter`]: every block's largest `abs_bits` and f32 shifted sums
+    /// ([`block_stats`]), then for four blocks at a time in f64 exactly the scalar steps of
     /// [`Threshold::provably_clean`], [`Threshold::bracket`], [`crate::opq::f32_bracket`] and
     /// `f32_thresholds` (the same operations in the same order, so the same verdicts).
     #[inline(always)]
     pub(super) unsafe fn group_filter_avx2<E: Element>(
         group: &[E],
         bs: usize,
-        max_abs: &[f32; GROUP_BLOCKS],
         threshold: &Threshold,
         bound: &FilterBound,
     ) -> Option<GroupPlan> {
         if !known::<E>() || bs == 0 || bs % 16 != 0 || group.len() != GROUP_BLOCKS * bs {
             return None;
         }
-        let bf16 = TypeId::of::<E>() == TypeId::of::<Bf16>();
-        let mut sums = [_mm256_setzero_ps(); GROUP_BLOCKS];
-        let mut squares = [_mm256_setzero_ps(); GROUP_BLOCKS];
-        for j in 0..GROUP_BLOCKS {
-            let block = group.as_ptr().add(j * bs);
-            let vk = _mm256_set1_ps((*block).to_f32());
-            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let (mut q0, mut q1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            for i in 0..bs / 16 {
-                let p = block.add(i * 16);
-                let (v0, v1) = if bf16 {
-                    let raw = _mm256_loadu_si256(p as *const __m256i);
-                    let zero = _mm256_setzero_si256();
-                    (
-                        _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)),
-                        _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw)),
-                    )
-                } else {
-                    (load8(p), load8(p.add(8)))
-                };
-                let d0 = _mm256_sub_ps(v0, vk);
-                let d1 = _mm256_sub_ps(v1, vk);
-                s0 = _mm256_add_ps(s0, d0);
-                s1 = _mm256_add_ps(s1, d1);
-                q0 = _mm256_fmadd_ps(d0, d0, q0);
-                q1 = _mm256_fmadd_ps(d1, d1, q1);
-            }
-            sums[j] = _mm256_add_ps(s0, s1);
-            squares[j] = _mm256_add_ps(q0, q1);
-        }
-        let (s8, q8) = (sum8(sums), sum8(squares));
-        let m8 = _mm256_loadu_ps(max_abs.as_ptr());
+        let mut plan = GroupPlan::default();
         let pd = |x: f64| _mm256_set1_pd(x);
         let abs = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fff_ffff_ffff_ffff));
         let inf = pd(f64::INFINITY);
-        let mut plan = GroupPlan::default();
-        let (mut t_lo, mut t_hi) = ([0f32; GROUP_BLOCKS], [0f32; GROUP_BLOCKS]);
+        let umax = |a: __m256, b: __m256| {
+            _mm256_castsi256_ps(_mm256_max_epu32(
+                _mm256_castps_si256(a),
+                _mm256_castps_si256(b),
+            ))
+        };
+        let add = |a: __m256, b: __m256| _mm256_add_ps(a, b);
+        // Four blocks at a time: the f64 steps are four lanes wide, and four blocks' statistics
+        // stay in registers.
         for half in 0..2 {
-            let (s, ss, max32) = if half == 0 {
-                (
-                    _mm256_castps256_ps128(s8),
-                    _mm256_castps256_ps128(q8),
-                    _mm256_castps256_ps128(m8),
-                )
-            } else {
-                (
-                    _mm256_extractf128_ps::<1>(s8),
-                    _mm256_extractf128_ps::<1>(q8),
-                    _mm256_extractf128_ps::<1>(m8),
-                )
-            };
-            let (s, ss, max) = (
-                _mm256_cvtps_pd(s),
-                _mm256_cvtps_pd(ss),
-                _mm256_cvtps_pd(max32),
+            let at = |j: usize| group.as_ptr().add((4 * half + j) * bs);
+            let (m0, s0, q0) = block_stats(at(0), bs);
+            let (m1, s1, q1) = block_stats(at(1), bs);
+            let (m2, s2, q2) = block_stats(at(2), bs);
+            let (m3, s3, q3) = block_stats(at(3), bs);
+            let c = _mm256_castsi256_ps;
+            let max_bits = _mm_castps_si128(reduce4([c(m0), c(m1), c(m2), c(m3)], umax));
+            _mm_storeu_si128(
+                plan.max_bits.as_mut_ptr().add(4 * half) as *mut __m128i,
+                max_bits,
             );
+            let s = _mm256_cvtps_pd(reduce4([s0, s1, s2, s3], add));
+            let ss = _mm256_cvtps_pd(reduce4([q0, q1, q2, q3], add));
+            let max32 = abs_bits_to_f32_lanes4::<E>(max_bits);
+            let max = _mm256_cvtps_pd(max32);
             // Finite sums (ordered compares: false for NaN).
             let finite = _mm256_and_pd(
                 _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_and_pd(s, abs), inf),
@@ -1101,6 +1188,10 @@ mod x86 {
                 finite,
                 _mm256_cmp_pd::<_CMP_LE_OQ>(_mm256_mul_pd(max, max), lo),
             );
+            let suspects = !_mm256_movemask_pd(clean) as u32 & 0xf;
+            if suspects == 0 {
+                continue;
+            }
             // f32_bracket, and f32_thresholds' `max_abs > t_hi`.
             let lo32 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sqrt_pd(lo), pd(NARROW)));
             let hi32 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sqrt_pd(hi), pd(WIDEN)));
@@ -1114,19 +1205,17 @@ mod x86 {
             );
             let above = _mm256_cvtps_pd(_mm_cmpgt_ps(max32, hi32));
             let decided = _mm256_and_pd(decided, above);
-            plan.suspects |= ((!_mm256_movemask_pd(clean) & 0xf) as u32) << (4 * half);
-            plan.decided |= (_mm256_movemask_pd(decided) as u32) << (4 * half);
-            _mm_storeu_ps(t_lo.as_mut_ptr().add(4 * half), lo32);
-            _mm_storeu_ps(t_hi.as_mut_ptr().add(4 * half), hi32);
+            plan.suspects |= suspects << (4 * half);
+            plan.decided |= (_mm256_movemask_pd(decided) as u32 & suspects) << (4 * half);
+            _mm_storeu_ps(plan.t_lo.as_mut_ptr().add(4 * half), lo32);
+            _mm_storeu_ps(plan.t_hi.as_mut_ptr().add(4 * half), hi32);
         }
-        plan.decided &= plan.suspects;
-        plan.t_lo = t_lo;
-        plan.t_hi = t_hi;
         Some(plan)
     }
 
     /// [`Kernel::split`] for whole words of 64 values: 8 values at a time, the mask of
-    /// `|x| > t_hi`, the maximum of the other magnitudes, and whether any is above `t_lo`.
+    /// `|x| > t_hi` and the maximum of the other magnitudes. A value lies between the two
+    /// thresholds exactly when that maximum is above `t_lo`.
     #[inline(always)]
     pub(super) unsafe fn split_avx2<E: Element>(
         block: &[E],
@@ -1140,31 +1229,27 @@ mod x86 {
         if TypeId::of::<E>() == TypeId::of::<Bf16>() {
             return split_bf16(block, t_lo, t_hi, mask);
         }
-        let (lo, hi) = (_mm256_set1_ps(t_lo), _mm256_set1_ps(t_hi));
+        let hi = _mm256_set1_ps(t_hi);
         let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         let mut acc = _mm256_setzero_ps();
-        let mut between = _mm256_setzero_ps();
         for (w, word) in mask[..block.len() / 64].iter_mut().enumerate() {
             let mut bits = 0u64;
             for k in 0..8 {
                 let v = _mm256_and_ps(load8(block.as_ptr().add(w * 64 + k * 8)), abs);
                 let out = _mm256_cmp_ps::<_CMP_GT_OQ>(v, hi);
-                let above_lo = _mm256_cmp_ps::<_CMP_GT_OQ>(v, lo);
-                between = _mm256_or_ps(between, _mm256_andnot_ps(out, above_lo));
                 acc = _mm256_max_ps(acc, _mm256_andnot_ps(out, v));
                 bits |= (_mm256_movemask_ps(out) as u8 as u64) << (k * 8);
             }
             *word = bits;
         }
-        if _mm256_movemask_ps(between) != 0 {
-            return None;
-        }
-        Some(hmax(acc))
+        let kept = hmax(acc);
+        (kept <= t_lo).then_some(kept)
     }
 
     /// [`split_avx2`] for bfloat16, 16 values at a time on the magnitude bits: for a bfloat16
     /// `x` and an f32 `t >= 0`, `|x| > t` iff `abs_bits(x) > B`, `B` the bits of the largest
-    /// bfloat16 `<= t` (`t` truncated), and magnitude bits order like the magnitudes.
+    /// bfloat16 `<= t` (`t` truncated), and magnitude bits order like the magnitudes. A value
+    /// lies between the thresholds exactly when the largest kept bits exceed `t_lo`'s `B`.
     #[inline(always)]
     unsafe fn split_bf16<E: Element>(
         block: &[E],
@@ -1172,11 +1257,10 @@ mod x86 {
         t_hi: f32,
         mask: &mut [u64; MASK_WORDS],
     ) -> Option<f32> {
-        let below = |t: f32| _mm256_set1_epi16((t.to_bits() >> 16) as i16);
-        let (lo, hi) = (below(t_lo), below(t_hi));
+        let below = |t: f32| t.to_bits() >> 16;
+        let hi = _mm256_set1_epi16(below(t_hi) as i16);
         let abs = _mm256_set1_epi16(0x7fff);
         let mut acc = _mm256_setzero_si256();
-        let mut between = _mm256_setzero_si256();
         let p = block.as_ptr() as *const __m256i;
         for (w, word) in mask[..block.len() / 64].iter_mut().enumerate() {
             let mut out = [_mm256_setzero_si256(); 4];
@@ -1184,8 +1268,6 @@ mod x86 {
                 // Finite magnitudes are at most 0x7f7f: positive as i16.
                 let v = _mm256_and_si256(_mm256_loadu_si256(p.add(w * 4 + k)), abs);
                 *o = _mm256_cmpgt_epi16(v, hi);
-                let above_lo = _mm256_cmpgt_epi16(v, lo);
-                between = _mm256_or_si256(between, _mm256_andnot_si256(*o, above_lo));
                 acc = _mm256_max_epu16(acc, _mm256_andnot_si256(*o, v));
             }
             // Bytes [a0-7, b0-7 | a8-15, b8-15] -> [a0-15, b0-15]: one bit per value, in order.
@@ -1194,9 +1276,6 @@ mod x86 {
                 _mm256_movemask_epi8(packed) as u32 as u64
             };
             *word = bits(out[0], out[1]) | (bits(out[2], out[3]) << 32);
-        }
-        if _mm256_testz_si256(between, between) == 0 {
-            return None;
         }
         // Largest u16 lane: widen to u32 lanes and reduce.
         let wide = _mm256_max_epu32(
@@ -1209,7 +1288,8 @@ mod x86 {
         );
         let pair = _mm_max_epu32(quad, _mm_shuffle_epi32::<0b01_00_11_10>(quad));
         let one = _mm_max_epu32(pair, _mm_shuffle_epi32::<0b10_11_00_01>(pair));
-        Some(E::abs_bits_to_f32(_mm_cvtsi128_si32(one) as u32))
+        let kept = _mm_cvtsi128_si32(one) as u32;
+        (kept <= below(t_lo)).then(|| E::abs_bits_to_f32(kept))
     }
 
     /// Largest lane of a vector of non-negative values.
@@ -1218,6 +1298,54 @@ mod x86 {
         let x = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
         let x = _mm_max_ps(x, _mm_movehl_ps(x, x));
         _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps::<0b01>(x, x)))
+    }
+
+    /// The mask of the 64 values from `p` (a type [`known`] reads) whose `abs_bits` equal
+    /// `bits` (bit `i` for value `i`): 16-bit types 16 at a time on their bits, f32 8 at a time.
+    #[inline(always)]
+    unsafe fn abs_equal_word<E: Element>(p: *const E, bits: u32) -> u64 {
+        if TypeId::of::<E>() == TypeId::of::<f32>() {
+            let (abs, target) = (
+                _mm256_set1_epi32(0x7fff_ffff),
+                _mm256_set1_epi32(bits as i32),
+            );
+            let mut word = 0u64;
+            for k in 0..8 {
+                let v = _mm256_and_si256(_mm256_loadu_si256(p.add(k * 8) as *const __m256i), abs);
+                let hit = _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, target));
+                word |= (_mm256_movemask_ps(hit) as u8 as u64) << (k * 8);
+            }
+            return word;
+        }
+        let (abs, target) = (_mm256_set1_epi16(0x7fff), _mm256_set1_epi16(bits as i16));
+        let q = p as *const __m256i;
+        let hit = |k: usize| {
+            _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_loadu_si256(q.add(k)), abs), target)
+        };
+        // Bytes [a0-7, b0-7 | a8-15, b8-15] -> [a0-15, b0-15]: one bit per value, in order.
+        let half = |a: __m256i, b: __m256i| {
+            let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(a, b));
+            _mm256_movemask_epi8(packed) as u32 as u64
+        };
+        half(hit(0), hit(1)) | (half(hit(2), hit(3)) << 32)
+    }
+
+    /// The signed-absmax raw scale of a finite block with largest `abs_bits` `max_bits`, as
+    /// [`crate::scale::raw_block_scale_from_max`] gives it (the first value of that magnitude),
+    /// for whole words of 64 values (`None`: use the portable code).
+    #[inline(always)]
+    pub(super) unsafe fn signed_scale_avx2<E: Element>(block: &[E], max_bits: u32) -> Option<f32> {
+        if !known::<E>() || block.is_empty() || block.len() % 64 != 0 {
+            return None;
+        }
+        for w in 0..block.len() / 64 {
+            let hits = abs_equal_word(block.as_ptr().add(w * 64), max_bits);
+            if hits != 0 {
+                return Some(block[w * 64 + hits.trailing_zeros() as usize].to_f32());
+            }
+        }
+        // Unreachable for a true maximum; the portable code decides otherwise.
+        None
     }
 
     /// [`crate::opq::signed_scale_masked`] for whole words of 64 values (else the portable
@@ -1231,16 +1359,17 @@ mod x86 {
         if !known::<E>() || max == 0.0 || block.len() % 64 != 0 {
             return crate::opq::signed_scale_masked(block, mask, max);
         }
-        let target = _mm256_set1_ps(max);
-        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        // `max` is a magnitude of the block: its bits in the element type, exactly.
+        let kind = TypeId::of::<E>();
+        let bits = if kind == TypeId::of::<Bf16>() {
+            max.to_bits() >> 16
+        } else if kind == TypeId::of::<F16>() {
+            crate::element::f32_to_f16(max) as u32
+        } else {
+            max.to_bits()
+        };
         for (w, &outliers) in mask[..block.len() / 64].iter().enumerate() {
-            let mut bits = 0u64;
-            for k in 0..8 {
-                let v = _mm256_and_ps(load8(block.as_ptr().add(w * 64 + k * 8)), abs);
-                let hit = _mm256_cmp_ps::<_CMP_EQ_OQ>(v, target);
-                bits |= (_mm256_movemask_ps(hit) as u8 as u64) << (k * 8);
-            }
-            let kept = bits & !outliers;
+            let kept = abs_equal_word(block.as_ptr().add(w * 64), bits) & !outliers;
             if kept != 0 {
                 return block[w * 64 + kept.trailing_zeros() as usize].to_f32();
             }
@@ -1586,8 +1715,8 @@ mod tests {
                             assert!(!want.4.is_empty(), "n={n} bs={bs}: outliers expected");
                         }
                         // Outlier positions encode as 0 against the block's scale.
-                        for &(i, _) in &want.4 {
-                            let i = i as usize;
+                        for outlier in &want.4 {
+                            let i = outlier.index() as usize;
                             let byte = want.0[i / 2];
                             let code = if i % 2 == 0 { byte >> 4 } else { byte & 15 };
                             assert_eq!(code, cb.encode_one(0.0), "n={n} i={i}");
@@ -1847,5 +1976,67 @@ mod tests {
         let (codes, scales) = encode(Isa::Portable, &x, 16, Normalization::SignedAbsmax);
         assert_eq!(scales[0], -3.0);
         assert_eq!(codes[0] & 15, 15);
+    }
+
+    #[test]
+    fn signed_scale_is_the_first_value_of_largest_magnitude_on_every_isa() {
+        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        // Small integers: the largest magnitude repeats with both signs at random places; some
+        // blocks are all zeros with a -0.0 or +0.0 first.
+        fn check<E: Element + std::fmt::Debug>(x: &[E], bs: usize) {
+            let cb = Codebook::new(&NF4).unwrap();
+            let opts = EncodeOptions {
+                codebook: &cb,
+                block_size: bs,
+                normalization: Normalization::SignedAbsmax,
+                scale_dtype: ScaleDType::Float32,
+            };
+            let layout = BlockLayout::new(x.len(), bs).unwrap();
+            let run = |isa| {
+                let mut codes = vec![0u8; layout.code_bytes()];
+                let mut scales = vec![0f32; layout.num_blocks()];
+                pack_with_isa(isa, x, &opts, &mut codes, &mut scales).unwrap();
+                (
+                    codes,
+                    scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                )
+            };
+            let want = run(Isa::Portable);
+            for (b, block) in x.chunks(bs).enumerate() {
+                let max = block.iter().map(|v| v.abs_bits()).max().unwrap();
+                let first = block.iter().find(|v| v.abs_bits() == max).unwrap();
+                assert_eq!(want.1[b], first.to_f32().to_bits(), "block {b}");
+            }
+            for isa in Isa::supported() {
+                assert_eq!(run(isa), want, "{isa:?} bs={bs} n={}", x.len());
+            }
+        }
+        let mut state = 11u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for trial in 0..40 {
+            let bs = [64usize, 128, 16, 256][trial % 4];
+            let n = bs * (1 + trial % 5) + [0, 17, 64][trial % 3].min(bs - 1);
+            let x: Vec<f32> = (0..n)
+                .map(|i| match (i / bs + trial) % 4 {
+                    0 => 0.0,
+                    1 if i % bs == 0 => -0.0,
+                    _ => ((next() % 7) as f32 - 3.0) * 0.5,
+                })
+                .collect();
+            check(&x, bs);
+            check(
+                &x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect::<Vec<_>>(),
+                bs,
+            );
+            check(
+                &x.iter().map(|&v| F16(f32_to_f16(v))).collect::<Vec<_>>(),
+                bs,
+            );
+        }
     }
 }

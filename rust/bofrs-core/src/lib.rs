@@ -12,6 +12,7 @@
 //! - [`matvec_int16`] / [`matvec_int8`]: its opt-in integer-activation paths (approximate,
 //!   faster), with their shared pieces in [`matvec_quant`],
 //! - [`pool`]: the dedicated rayon pool (size from `BOFRS_NUM_THREADS`),
+//! - [`recycle`]: outlier buffers kept from one pack to the next,
 //! - [`checksum`]: CRC-32 of stored buffers, used to validate files.
 //!
 //! Block layout: blocks are consecutive runs of `block_size` values of the flattened input
@@ -40,6 +41,7 @@ pub mod matvec_int8;
 pub mod matvec_quant;
 pub mod opq;
 pub mod pool;
+pub mod recycle;
 pub mod scale;
 mod simd;
 

@@ -110,8 +110,35 @@ impl OpqOptions {
     }
 }
 
-/// One outlier: flat index and stored 16-bit value.
-pub type Outlier = (u64, u16);
+/// One outlier: flat index (below [`Outlier::INDEX_LIMIT`]) and stored 16-bit value, packed in
+/// one word (`index << 16 | value`) so that collecting one is a single store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(transparent)]
+pub struct Outlier(u64);
+
+impl Outlier {
+    /// Flat indices are below this (2^48 values: far beyond any addressable tensor).
+    pub const INDEX_LIMIT: u64 = 1 << 48;
+
+    /// Packs an index (below [`Outlier::INDEX_LIMIT`]) and a stored value.
+    #[inline(always)]
+    pub fn new(index: u64, value: u16) -> Self {
+        debug_assert!(index < Self::INDEX_LIMIT);
+        Self(index << 16 | value as u64)
+    }
+
+    /// The flat index.
+    #[inline(always)]
+    pub fn index(self) -> u64 {
+        self.0 >> 16
+    }
+
+    /// The stored 16-bit value.
+    #[inline(always)]
+    pub fn value(self) -> u16 {
+        self.0 as u16
+    }
+}
 
 /// `z` with `P(Z > z) = tail` for a standard normal `Z`, `tail` in (0, 1).
 ///
@@ -371,10 +398,6 @@ pub fn scan<E: Element>(block: &[E], limit2: f64, mask: &mut [u64; MASK_WORDS]) 
 
 /// Appends the values a [`scan`] marked as outliers (flat indices from `first_index`, values
 /// stored per [`OutlierDType::store`]) and returns how many there were.
-///
-/// For bfloat16 values stored as bfloat16 (the bits themselves), the first four of each mask
-/// word are taken without a data-dependent branch (a block rarely has more); the rest, and
-/// other types, one by one.
 #[inline(always)]
 pub fn collect<E: Element>(
     block: &[E],
@@ -384,14 +407,64 @@ pub fn collect<E: Element>(
     input_max: f32,
     out: &mut Vec<Outlier>,
 ) -> Result<usize> {
-    const UNROLL: usize = 4;
     let before = out.len();
+    for (w, &word) in mask[..block.len().div_ceil(64)].iter().enumerate() {
+        collect_word(
+            &block[w * 64..],
+            word,
+            opq,
+            first_index + w * 64,
+            input_max,
+            out,
+        )?;
+    }
+    Ok(out.len() - before)
+}
+
+/// [`collect`] for one mask word: bit `i` marks `values[i]` (flat index `first_index + i`);
+/// only bits below `values.len()` may be set, and `values` is not empty.
+///
+/// For bfloat16 values stored as bfloat16 (the bits themselves), the first two marks are taken
+/// without a data-dependent branch (a block rarely has more); the rest, and other types, one
+/// by one.
+#[inline(always)]
+pub fn collect_word<E: Element>(
+    values: &[E],
+    word: u64,
+    opq: &OpqOptions,
+    first_index: usize,
+    input_max: f32,
+    out: &mut Vec<Outlier>,
+) -> Result<()> {
+    const UNROLL: usize = 2;
     // bfloat16 values stored as bfloat16: the bits themselves (what `store` returns for them).
     let same_bits = std::any::TypeId::of::<E>() == std::any::TypeId::of::<Bf16>()
         && opq.dtype == OutlierDType::BFloat16;
-    let stored = |i: usize| {
-        let x = block[i].to_f32();
-        opq.dtype
+    let mut bits = word;
+    if same_bits {
+        // No conversion, no error: the first two without a data-dependent branch.
+        out.reserve(UNROLL);
+        let len = out.len();
+        let spare = &mut out.spare_capacity_mut()[..UNROLL];
+        let mut taken = 0;
+        for _ in 0..UNROLL {
+            // With no bit left this reads `values[0]` and takes nothing.
+            let i = bits.trailing_zeros() as usize & 63;
+            let value = (values[i].to_f32().to_bits() >> 16) as u16;
+            spare[taken].write(Outlier::new((first_index + i) as u64, value));
+            taken += (bits != 0) as usize;
+            bits &= bits.wrapping_sub(1);
+        }
+        // SAFETY: the first `taken` spare slots were written above (slot `taken` is written at
+        // every step, and `taken` only grows past a written slot).
+        unsafe { out.set_len(len + taken) };
+    }
+    while bits != 0 {
+        let i = bits.trailing_zeros() as usize;
+        bits &= bits - 1;
+        let x = values[i].to_f32();
+        let stored = opq
+            .dtype
             .store(x, input_max)
             .ok_or_else(|| Error::InvalidArgument {
                 name: "outlier_dtype",
@@ -400,35 +473,10 @@ pub fn collect<E: Element>(
                  use outlier_dtype='bfloat16'",
                     first_index + i
                 ),
-            })
-    };
-    for (w, &word) in mask[..block.len().div_ceil(64)].iter().enumerate() {
-        let mut bits = word;
-        if same_bits {
-            // No conversion, no error: the first four without a data-dependent branch.
-            out.reserve(UNROLL);
-            let len = out.len();
-            let spare = &mut out.spare_capacity_mut()[..UNROLL];
-            let mut taken = 0;
-            for _ in 0..UNROLL {
-                // With no bit left this reads value `w * 64` (in the block) and takes nothing.
-                let i = w * 64 + (bits.trailing_zeros() as usize & 63);
-                let value = (block[i].to_f32().to_bits() >> 16) as u16;
-                spare[taken].write(((first_index + i) as u64, value));
-                taken += (bits != 0) as usize;
-                bits &= bits.wrapping_sub(1);
-            }
-            // SAFETY: the first `taken` spare slots were written above (slot `taken` is
-            // written at every step, and `taken` only grows past a written slot).
-            unsafe { out.set_len(len + taken) };
-        }
-        while bits != 0 {
-            let i = w * 64 + bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            out.push(((first_index + i) as u64, stored(i)?));
-        }
+            })?;
+        out.push(Outlier::new((first_index + i) as u64, stored));
     }
-    Ok(out.len() - before)
+    Ok(())
 }
 
 /// The largest f32 `T >= 0` with `(T as f64)^2 <= limit2` (`limit2 > 0`): for every f32 `x`,
@@ -686,7 +734,7 @@ mod tests {
                         }
                     }
                 }
-                let (mut a, mut b) = (Vec::new(), vec![(7, 7)]);
+                let (mut a, mut b) = (Vec::new(), vec![Outlier::new(7, 7)]);
                 let na = collect(&xb[..len], &mask, &opq, 1000, Bf16::MAX_FINITE, &mut a).unwrap();
                 let xf: Vec<f32> = xb[..len].iter().map(|v| v.to_f32()).collect();
                 let nb = collect(&xf, &mask, &opq, 1000, f32::MAX, &mut b).unwrap();
@@ -696,7 +744,10 @@ mod tests {
                     .filter(|&i| mask[i / 64] >> (i % 64) & 1 == 1)
                     .map(|i| 1000 + i as u64)
                     .collect();
-                assert_eq!(a.iter().map(|o| o.0).collect::<Vec<_>>(), want);
+                assert_eq!(a.iter().map(|o| o.index()).collect::<Vec<_>>(), want);
+                assert!(a
+                    .iter()
+                    .all(|o| o.value() == f32_to_bf16(xb[(o.index() - 1000) as usize].to_f32())));
             }
         }
     }
@@ -733,7 +784,10 @@ mod tests {
         assert_eq!(mask[0], (1 << 10) | (1 << 50));
         let n = collect(&x, &mask, &opq, 128, f32::MAX, &mut out).unwrap();
         assert_eq!(n, 2);
-        assert_eq!(out, vec![(138, 0x4220), (178, 0xc20c)]);
+        assert_eq!(
+            out,
+            vec![Outlier::new(138, 0x4220), Outlier::new(178, 0xc20c)]
+        );
         let largest_kept = x.iter().enumerate().filter(|(i, _)| *i != 10 && *i != 50);
         let want = largest_kept.fold(0f32, |m, (_, v)| m.max(v.abs()));
         assert_eq!(raw_scale_within(&x, limit2, Normalization::Absmax), want);
@@ -759,7 +813,12 @@ mod tests {
         m3[0] = 0b10;
         let half = OpqOptions::new(0.9, OutlierDType::Float16).unwrap();
         assert_eq!(collect(&h, &m3, &half, 7, 65504.0, &mut out).unwrap(), 1);
-        assert_eq!(out.last(), Some(&(8, 0x3c00)));
+        assert_eq!(out.last(), Some(&Outlier::new(8, 0x3c00)));
+        let top = Outlier::new(Outlier::INDEX_LIMIT - 1, 0xffff);
+        assert_eq!(
+            (top.index(), top.value()),
+            (Outlier::INDEX_LIMIT - 1, 0xffff)
+        );
         assert!(OpqOptions::new(1.0, OutlierDType::BFloat16).is_err());
         assert!(OpqOptions::new(f64::NAN, OutlierDType::BFloat16).is_err());
     }
