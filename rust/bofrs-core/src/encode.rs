@@ -606,15 +606,31 @@ fn opq_pass<E: Element, K: Kernel>(
                     // Cannot fail for a finite maximum.
                     *scale = kernel.raw_scale_from_max(block, max_bits, norm);
                 }
+                // Decided suspects split at their f32 thresholds here; the rest (and those
+                // with a value between the thresholds) take the exact path.
                 let mut bits = plan.suspects;
                 while bits != 0 {
                     let j = bits.trailing_zeros() as usize;
                     bits &= bits - 1;
-                    let thresholds =
-                        (plan.decided >> j & 1 == 1).then(|| (plan.t_lo[j], plan.t_hi[j]));
-                    // A function, not a closure: closures do not inherit target features.
-                    let at = (b + j, thresholds);
-                    suspect_block(kernel, input, opq, bs, norm, at, &mut mask, scales, marks);
+                    let block = &group[j * bs..(j + 1) * bs];
+                    let kept = if plan.decided >> j & 1 == 1 {
+                        kernel.split(block, plan.t_lo[j], plan.t_hi[j], &mut mask)
+                    } else {
+                        None
+                    };
+                    match kept {
+                        Some(max) => {
+                            let at = (b + j, bs);
+                            mark_block(kernel, block, at, norm, max, &mask, scales, marks)
+                        }
+                        // A function, not a closure: closures do not inherit target features.
+                        None => {
+                            let at = (b + j, None);
+                            suspect_block(
+                                kernel, input, opq, bs, norm, at, &mut mask, scales, marks,
+                            )
+                        }
+                    }
                 }
                 b += GROUP_BLOCKS;
                 continue;
@@ -682,6 +698,24 @@ fn suspect_block<E: Element, K: Kernel>(
     let Some(max) = outliers_of_block(kernel, block, plan, threshold, mask) else {
         return;
     };
+    mark_block(kernel, block, (b, bs), norm, max, mask, scales, marks);
+}
+
+/// Records the outliers (`mask`) of block `b` (of a task with blocks of `bs` values) in `marks`
+/// and sets its raw scale from `max`, the largest magnitude of the other values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn mark_block<E: Element, K: Kernel>(
+    kernel: &K,
+    block: &[E],
+    (b, bs): (usize, usize),
+    norm: Normalization,
+    max: f32,
+    mask: &[u64; MASK_WORDS],
+    scales: &mut [f32],
+    marks: &mut Vec<Mark>,
+) {
+    let start = b * bs;
     for (w, &word) in mask[..block.len().div_ceil(64)].iter().enumerate() {
         if word != 0 {
             // Task-relative: a task holds far fewer than 2^32 values.
@@ -1277,18 +1311,13 @@ mod x86 {
             };
             *word = bits(out[0], out[1]) | (bits(out[2], out[3]) << 32);
         }
-        // Largest u16 lane: widen to u32 lanes and reduce.
-        let wide = _mm256_max_epu32(
-            _mm256_unpacklo_epi16(acc, _mm256_setzero_si256()),
-            _mm256_unpackhi_epi16(acc, _mm256_setzero_si256()),
+        // Largest u16 lane: the smallest of the complements (`minpos`), complemented.
+        let eight = _mm_max_epu16(
+            _mm256_castsi256_si128(acc),
+            _mm256_extracti128_si256::<1>(acc),
         );
-        let quad = _mm_max_epu32(
-            _mm256_castsi256_si128(wide),
-            _mm256_extracti128_si256::<1>(wide),
-        );
-        let pair = _mm_max_epu32(quad, _mm_shuffle_epi32::<0b01_00_11_10>(quad));
-        let one = _mm_max_epu32(pair, _mm_shuffle_epi32::<0b10_11_00_01>(pair));
-        let kept = _mm_cvtsi128_si32(one) as u32;
+        let least = _mm_minpos_epu16(_mm_xor_si128(eight, _mm_set1_epi16(-1)));
+        let kept = (_mm_cvtsi128_si32(least) as u32 & 0xffff) ^ 0xffff;
         (kept <= below(t_lo)).then(|| E::abs_bits_to_f32(kept))
     }
 
