@@ -51,7 +51,7 @@ def pack_ext(
     isa: str | None = None,
 ) -> tuple[
     npt.NDArray[np.uint8],
-    npt.NDArray[np.float32],
+    npt.NDArray[np.float32] | npt.NDArray[np.uint16],
     npt.NDArray[np.uint8] | None,
     npt.NDArray[np.float32] | None,
     npt.NDArray[np.uint16] | npt.NDArray[np.uint32] | npt.NDArray[np.uint64],

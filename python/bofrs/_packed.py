@@ -326,7 +326,11 @@ class PackedTensor:
 
 
 def scales_from_native(scales: np.ndarray, scale_dtype: str) -> torch.Tensor:
-    """Native float32 scales (already rounded) as a tensor of the storage dtype (exact)."""
+    """Native scales as a tensor of the storage dtype: uint16 bits of bfloat16 / float16 scales
+    are viewed (no copy, and no torch kernel whose worker threads would then compete with the
+    next native call), float32 scales are rounded to ``scale_dtype`` (exact: already rounded)."""
+    if scales.dtype == np.uint16:
+        return torch.from_numpy(scales.view(np.int16)).view(SCALE_DTYPES[scale_dtype])
     return torch.from_numpy(scales).to(SCALE_DTYPES[scale_dtype])
 
 

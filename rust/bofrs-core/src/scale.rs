@@ -167,10 +167,62 @@ pub fn stored_block_scale<E: Element>(
     )
 }
 
+/// The 16-bit storage bits of scales already rounded to `dtype` (exact for such scales), in
+/// parallel on the pool: lets callers hold bfloat16 / float16 scales without converting them
+/// again. `None` for float32 (not a 16-bit type).
+///
+/// # Panics
+/// When `out` is not as long as `scales`.
+pub fn storage_bits(scales: &[f32], dtype: ScaleDType, out: &mut [u16]) -> Option<()> {
+    use rayon::prelude::*;
+    let convert: fn(f32) -> u16 = match dtype {
+        ScaleDType::BFloat16 => f32_to_bf16,
+        ScaleDType::Float16 => f32_to_f16,
+        ScaleDType::Float32 => return None,
+    };
+    assert_eq!(scales.len(), out.len(), "one slot per scale");
+    const CHUNK: usize = 1 << 16;
+    let chunk =
+        |(o, s): (&mut [u16], &[f32])| o.iter_mut().zip(s).for_each(|(o, &s)| *o = convert(s));
+    if scales.len() <= CHUNK {
+        // Not worth a trip through the pool.
+        chunk((out, scales));
+    } else {
+        crate::pool::pool().install(|| {
+            out.par_chunks_mut(CHUNK)
+                .zip(scales.par_chunks(CHUNK))
+                .for_each(chunk)
+        });
+    }
+    Some(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::element::Bf16;
+
+    #[test]
+    fn storage_bits_are_the_rounded_scales_bits() {
+        let raw: Vec<f32> = (0..200_001).map(|i| (i as f32 - 1e5) * 0.37).collect();
+        for dtype in [ScaleDType::BFloat16, ScaleDType::Float16] {
+            let stored: Vec<f32> = raw
+                .iter()
+                .map(|&r| dtype.store(r, f32::MAX).unwrap())
+                .collect();
+            let mut bits = vec![0u16; stored.len()];
+            storage_bits(&stored, dtype, &mut bits).unwrap();
+            for (&b, &s) in bits.iter().zip(&stored) {
+                let back = if dtype == ScaleDType::BFloat16 {
+                    bf16_to_f32(b)
+                } else {
+                    f16_to_f32(b)
+                };
+                assert_eq!(back.to_bits(), s.to_bits());
+            }
+        }
+        assert!(storage_bits(&[1.0], ScaleDType::Float32, &mut [0]).is_none());
+    }
 
     #[test]
     fn absmax_and_signed() {

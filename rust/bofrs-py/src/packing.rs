@@ -9,6 +9,7 @@ use bofrs_core::encode::{
     pack_ext_parts_with_isa, pack_with_isa, split_outliers, EncodeOptions, PackBuffers, PackExtras,
 };
 use bofrs_core::opq::{OpqOptions, OutlierDType};
+use bofrs_core::scale::storage_bits;
 use bofrs_core::{Bf16, BlockLayout, Codebook, Element, Normalization, ScaleDType, F16};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -103,12 +104,13 @@ fn pack<'py>(
     }
 }
 
-/// What `pack_ext` returns: codes, decoded f32 scales, dq8 scale bytes and group parameters
-/// (`None` without double quantization), outlier indices (uint16 / uint32 / uint64 array, see
-/// [`Indices`]) and values (u16 bits).
+/// What `pack_ext` returns: codes, scales (uint16 bits for bfloat16 / float16 scales, else
+/// decoded float32), dq8 scale bytes and group parameters (`None` without double
+/// quantization), outlier indices (uint16 / uint32 / uint64 array, see [`Indices`]) and values
+/// (u16 bits).
 type PackedExt<'py> = (
     Bound<'py, PyArray1<u8>>,
-    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyAny>,
     Option<Bound<'py, PyArray1<u8>>>,
     Option<Bound<'py, PyArray1<f32>>>,
     Bound<'py, PyAny>,
@@ -155,6 +157,12 @@ impl Indices {
     }
 }
 
+/// Scales as `pack_ext` returns them.
+enum Scales {
+    Bits(Vec<u16>),
+    Float(Vec<f32>),
+}
+
 fn pack_ext_slice<'py, E: Element>(
     py: Python<'py>,
     data: &[E],
@@ -177,6 +185,14 @@ fn pack_ext_slice<'py, E: Element>(
             scale_params: &mut params,
         };
         let outliers = pack_ext_parts_with_isa(isa, data, &options, &extras, buffers)?;
+        // 16-bit scales as their bits: the caller holds them without converting again.
+        let scales = if !dq && options.scale_dtype.bits() == 16 {
+            let mut bits = zeroed_vec::<u16>(scales.len());
+            storage_bits(&scales, options.scale_dtype, &mut bits);
+            Scales::Bits(bits)
+        } else {
+            Scales::Float(scales)
+        };
         Ok((
             codes,
             scales,
@@ -188,7 +204,10 @@ fn pack_ext_slice<'py, E: Element>(
     let (indices, values) = outliers;
     Ok((
         codes.into_pyarray(py),
-        scales.into_pyarray(py),
+        match scales {
+            Scales::Bits(v) => v.into_pyarray(py).into_any(),
+            Scales::Float(v) => v.into_pyarray(py).into_any(),
+        },
         dq.then(|| scale_codes.into_pyarray(py)),
         dq.then(|| params.into_pyarray(py)),
         indices.into_py(py),
@@ -198,7 +217,8 @@ fn pack_ext_slice<'py, E: Element>(
 
 /// `pack` with OPQ outliers (`opq`: the quantile q, or None) and double-quantized scales
 /// (`scale_dtype="dq8"`). Returns `(codes, scales, scale_codes, scale_scales, outlier_indices,
-/// outlier_values)`: scales are the decoded float32 values; `scale_codes` (uint8 per block) and
+/// outlier_values)`: scales are the uint16 bits of bfloat16 / float16 scales, else the decoded
+/// float32 values; `scale_codes` (uint8 per block) and
 /// `scale_scales` (float32 `[lo, step]` per group of 256) are None without dq8; outlier
 /// indices are ascending, in the smallest of uint16 / uint32 / uint64 that holds every flat
 /// index, values the uint16 bits of `outlier_dtype`.
