@@ -15,10 +15,12 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::layout::BlockLayout;
+use crate::element::Bf16;
 use crate::opq::{
     block_sums, collect_word, f32_bracket, f32_limit, raw_scale_within, scan, signed_scale_masked,
-    FilterBound, OpqOptions, Outlier, Threshold, MASK_WORDS,
+    FilterBound, OpqOptions, Outlier, OutlierDType, Threshold, MASK_WORDS,
 };
+use std::any::TypeId;
 use crate::pool::{blocks_per_task, pool};
 use crate::recycle::{self, OutlierParts};
 use crate::scale::{max_abs_bits, raw_block_scale_from_max, ScaleDType};
@@ -442,6 +444,12 @@ fn run_task<E: Element, K: Kernel>(
     } else {
         Vec::new()
     };
+    // Outlier masks of the task, in flat order (OPQ only).
+    let mut marks = MARKS.take();
+    marks.clear();
+    // bfloat16 outliers of a bfloat16 tensor: their bits, taken when the codes are patched.
+    let same_bits = TypeId::of::<E>() == TypeId::of::<Bf16>()
+        && context.opq.as_ref().is_some_and(|o| o.options.dtype == OutlierDType::BFloat16);
     // Blocks before the first one with a non-finite value, and the first block whose outliers
     // cannot be stored, with the error.
     let (finite_blocks, outlier_error) = match &context.opq {
@@ -459,13 +467,12 @@ fn run_task<E: Element, K: Kernel>(
             (finite_blocks, None)
         }
         Some(opq) => {
-            let mut marks = MARKS.take();
-            marks.clear();
             marks.reserve(blocks * bs.div_ceil(64));
             let finite_blocks = opq_pass(kernel, input, opq, bs, norm, out.scales, &mut marks);
-            // The marked values in flat order, up to the first that cannot be stored.
+            // The marked values in flat order, up to the first that cannot be stored (bfloat16
+            // stored as bfloat16 cannot fail: those are taken with the codes, below).
             let mut outlier_error = None;
-            for &(start, word) in &marks {
+            for &(start, word) in if same_bits { &marks[..0] } else { &marks[..] } {
                 let start = start as usize;
                 let values = &input[start..input.len().min(start + 64)];
                 let first_index = first_block * bs + start;
@@ -481,7 +488,6 @@ fn run_task<E: Element, K: Kernel>(
                     break;
                 }
             }
-            MARKS.set(marks);
             (finite_blocks, outlier_error)
         }
     };
@@ -535,14 +541,33 @@ fn run_task<E: Element, K: Kernel>(
     }
     // Outliers are coded as the value 0 (codes depend only on the value and the scale).
     let zero = options.codebook.encode_one(0.0);
-    let task_start = (first_block * bs) as u64;
-    for outlier in &outliers {
-        let i = (outlier.index() - task_start) as usize;
+    let task_start = first_block * bs;
+    let mut set_zero = |i: usize| {
         // High nibble for even `i`, low for odd, without a data-dependent branch.
         let shift = 4 - 4 * (i as u32 & 1);
         let byte = &mut out.codes[i / 2];
         *byte = (*byte & !(0x0f << shift)) | (zero << shift);
+    };
+    if same_bits {
+        let total = marks.iter().map(|m| m.1.count_ones() as usize).sum();
+        outliers.reserve(total);
+        for &(start, word) in &marks {
+            let mut bits = word;
+            while bits != 0 {
+                let i = start as usize + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                // The bfloat16 bits themselves (what `OutlierDType::store` returns for them).
+                let value = (input[i].to_f32().to_bits() >> 16) as u16;
+                outliers.push(Outlier::new((task_start + i) as u64, value));
+                set_zero(i);
+            }
+        }
+    } else {
+        for outlier in &outliers {
+            set_zero(outlier.index() as usize - task_start);
+        }
     }
+    MARKS.set(marks);
     Ok(outliers)
 }
 
