@@ -1600,7 +1600,7 @@ mod x86 {
 
     /// One task with the AVX2 kernels (the shared driver is inlined here, so its loops are
     /// compiled for AVX2 too).
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma,f16c,bmi1,bmi2,popcnt,lzcnt")]
     pub(super) unsafe fn pack_task_avx2<E: Element>(
         input: &[E],
         context: &TaskContext<'_>,

@@ -32,9 +32,14 @@ impl Isa {
             Isa::Portable => true,
             #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
             Isa::Avx2 => {
+                // Every AVX2 CPU also has the bit-manipulation sets the encoder uses.
                 is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("f16c")
+                    && is_x86_feature_detected!("bmi1")
+                    && is_x86_feature_detected!("bmi2")
+                    && is_x86_feature_detected!("popcnt")
+                    && is_x86_feature_detected!("lzcnt")
             }
             #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
             Isa::Avx512 => {
