@@ -11,20 +11,20 @@
 
 use crate::codebook::{Codebook, Normalization};
 use crate::dq::{quantize_group, GROUP};
+use crate::element::Bf16;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::layout::BlockLayout;
-use crate::element::Bf16;
 use crate::opq::{
     block_sums, collect_word, f32_bracket, f32_limit, raw_scale_within, scan, signed_scale_masked,
     FilterBound, OpqOptions, Outlier, OutlierDType, Threshold, MASK_WORDS,
 };
-use std::any::TypeId;
 use crate::pool::{blocks_per_task, pool};
 use crate::recycle::{self, OutlierParts};
 use crate::scale::{max_abs_bits, raw_block_scale_from_max, ScaleDType};
 use rayon::prelude::*;
+use std::any::TypeId;
 
 /// What to encode with.
 #[derive(Debug, Clone, Copy)]
@@ -449,7 +449,10 @@ fn run_task<E: Element, K: Kernel>(
     marks.clear();
     // bfloat16 outliers of a bfloat16 tensor: their bits, taken when the codes are patched.
     let same_bits = TypeId::of::<E>() == TypeId::of::<Bf16>()
-        && context.opq.as_ref().is_some_and(|o| o.options.dtype == OutlierDType::BFloat16);
+        && context
+            .opq
+            .as_ref()
+            .is_some_and(|o| o.options.dtype == OutlierDType::BFloat16);
     // Blocks before the first one with a non-finite value, and the first block whose outliers
     // cannot be stored, with the error.
     let (finite_blocks, outlier_error) = match &context.opq {
@@ -549,19 +552,7 @@ fn run_task<E: Element, K: Kernel>(
         *byte = (*byte & !(0x0f << shift)) | (zero << shift);
     };
     if same_bits {
-        let total = marks.iter().map(|m| m.1.count_ones() as usize).sum();
-        outliers.reserve(total);
-        for &(start, word) in &marks {
-            let mut bits = word;
-            while bits != 0 {
-                let i = start as usize + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                // The bfloat16 bits themselves (what `OutlierDType::store` returns for them).
-                let value = (input[i].to_f32().to_bits() >> 16) as u16;
-                outliers.push(Outlier::new((task_start + i) as u64, value));
-                set_zero(i);
-            }
-        }
+        take_marked_bits(input, &marks, task_start, zero, out.codes, &mut outliers);
     } else {
         for outlier in &outliers {
             set_zero(outlier.index() as usize - task_start);
@@ -569,6 +560,51 @@ fn run_task<E: Element, K: Kernel>(
     }
     MARKS.set(marks);
     Ok(outliers)
+}
+
+/// For bfloat16 outliers of a bfloat16 tensor: appends the marked values (their bits, what
+/// [`OutlierDType::store`] returns for them) to `outliers` and sets their codes to `zero`, in
+/// one tight loop (`task_start`: flat index of the task's first value).
+#[inline(always)]
+fn take_marked_bits<E: Element>(
+    input: &[E],
+    marks: &[Mark],
+    task_start: usize,
+    zero: u8,
+    codes: &mut [u8],
+    outliers: &mut Vec<Outlier>,
+) {
+    let total: usize = marks.iter().map(|m| m.1.count_ones() as usize).sum();
+    outliers.reserve(total);
+    let len = outliers.len();
+    let spare = outliers.spare_capacity_mut();
+    let dst = spare.as_mut_ptr();
+    let mut n = 0;
+    for &(start, word) in marks {
+        let start = start as usize;
+        // One past the last marked value: every marked value and its code byte are in range.
+        let end = start + 64 - word.leading_zeros() as usize;
+        assert!(end <= input.len() && end.div_ceil(2) <= codes.len());
+        let mut bits = word;
+        while bits != 0 {
+            let i = start + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            debug_assert!(i < end && n < total);
+            // SAFETY: `i < end`, checked against both lengths above; `n < total`, the number of
+            // marked bits, which `reserve` made room for.
+            unsafe {
+                let value = (input.get_unchecked(i).to_f32().to_bits() >> 16) as u16;
+                (*dst.add(n)).write(Outlier::new((task_start + i) as u64, value));
+                // High nibble for even `i`, low for odd, without a data-dependent branch.
+                let shift = 4 - 4 * (i as u32 & 1);
+                let byte = codes.get_unchecked_mut(i / 2);
+                *byte = (*byte & !(0x0f << shift)) | (zero << shift);
+            }
+            n += 1;
+        }
+    }
+    // SAFETY: the first `n` spare slots were written above.
+    unsafe { outliers.set_len(len + n) };
 }
 
 /// Blocks of one [`Kernel::group_filter`] call.
