@@ -616,6 +616,10 @@ pub(crate) const GROUP_BLOCKS: usize = 8;
 struct GroupPlan {
     /// Largest `abs_bits` of each block.
     max_bits: [u32; GROUP_BLOCKS],
+    /// The same magnitudes as f32 (each block's absmax raw scale).
+    max_abs: [f32; GROUP_BLOCKS],
+    /// Whether every block is finite (every `max_bits` below the type's non-finite bits).
+    finite: bool,
     /// Blocks the filter did not clear ([`Threshold::provably_clean`] failed).
     suspects: u32,
     /// Suspects with f32 thresholds from [`f32_bracket`] whose largest magnitude is above
@@ -656,16 +660,20 @@ fn opq_pass<E: Element, K: Kernel>(
             let group = &input[b * bs..(b + GROUP_BLOCKS) * bs];
             let (threshold, bound) = &opq.full;
             let plan = kernel.group_filter(group, bs, threshold, bound);
-            if let Some(plan) =
-                plan.filter(|p| p.max_bits.iter().all(|&m| m < E::NON_FINITE_ABS_BITS))
-            {
-                for ((block, scale), &max_bits) in group
-                    .chunks_exact(bs)
-                    .zip(scales[b..b + GROUP_BLOCKS].iter_mut())
-                    .zip(&plan.max_bits)
-                {
-                    // Cannot fail for a finite maximum.
-                    *scale = kernel.raw_scale_from_max(block, max_bits, norm);
+            if let Some(plan) = plan.filter(|p| p.finite) {
+                let group_scales = &mut scales[b..b + GROUP_BLOCKS];
+                match norm {
+                    Normalization::Absmax => group_scales.copy_from_slice(&plan.max_abs),
+                    Normalization::SignedAbsmax => {
+                        for ((block, scale), &max_bits) in group
+                            .chunks_exact(bs)
+                            .zip(group_scales.iter_mut())
+                            .zip(&plan.max_bits)
+                        {
+                            // Cannot fail for a finite maximum.
+                            *scale = kernel.raw_scale_from_max(block, max_bits, norm);
+                        }
+                    }
                 }
                 // Decided suspects split at their f32 thresholds here; the rest (and those
                 // with a value between the thresholds) take the exact path.
@@ -1231,6 +1239,7 @@ mod x86 {
         let add = |a: __m256, b: __m256| _mm256_add_ps(a, b);
         // Four blocks at a time: the f64 steps are four lanes wide, and four blocks' statistics
         // stay in registers.
+        let mut finite_blocks = 0xf;
         for half in 0..2 {
             let at = |j: usize| group.as_ptr().add((4 * half + j) * bs);
             let (m0, s0, q0) = block_stats(at(0), bs);
@@ -1246,6 +1255,11 @@ mod x86 {
             let s = _mm256_cvtps_pd(reduce4([s0, s1, s2, s3], add));
             let ss = _mm256_cvtps_pd(reduce4([q0, q1, q2, q3], add));
             let max32 = abs_bits_to_f32_lanes4::<E>(max_bits);
+            _mm_storeu_ps(plan.max_abs.as_mut_ptr().add(4 * half), max32);
+            // Magnitude bits are below 2^31: a signed compare orders them.
+            let non_finite = _mm_set1_epi32(E::NON_FINITE_ABS_BITS as i32);
+            finite_blocks &=
+                _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(non_finite, max_bits)));
             let max = _mm256_cvtps_pd(max32);
             // Finite sums (ordered compares: false for NaN).
             let finite = _mm256_and_pd(
@@ -1305,6 +1319,7 @@ mod x86 {
             _mm_storeu_ps(plan.t_lo.as_mut_ptr().add(4 * half), lo32);
             _mm_storeu_ps(plan.t_hi.as_mut_ptr().add(4 * half), hi32);
         }
+        plan.finite = finite_blocks == 0xf;
         Some(plan)
     }
 
