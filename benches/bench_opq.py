@@ -22,10 +22,11 @@ run, and the median ratio of process CPU time (all threads; less disturbed by ot
 on a busy machine). The last table is the OPQ cost: pack(opq=0.95) / pack(opq=None), bf16
 scales, from that interleaved loop and from two more orders of the same two calls: A/B
 alternating (plain, OPQ, plain, ...) and separate blocks (``--repeat`` plain packs, then
-``--repeat`` OPQ packs). The orders disagree on this project's VM: plain pack's CPU time moves
-by up to 1.5x with the calls before it (no page faults are counted; the OPQ call's time is
-stable), so all three are shown. Timings on a shared machine are noisy; compare the ratios,
-not the absolute numbers. ``BOFRS_NUM_THREADS=1`` times one thread.
+``--repeat`` OPQ packs). The orders used to disagree: a torch kernel in ``bofrs.pack`` (the
+scales' cast to bfloat16) left OpenMP workers spinning into the next call; pack runs no torch
+kernel now, and the three orders agree within the machine's noise. Timings on a shared machine
+are noisy; compare the ratios, not the absolute numbers. ``BOFRS_NUM_THREADS=1`` times one
+thread.
 """
 
 from __future__ import annotations
