@@ -424,9 +424,11 @@ unsafe fn pack_task<E: Element>(
 ///
 /// In passes, so that the common case runs without unpredictable branches: every block's
 /// maximum, raw scale and (with OPQ) the cheap outlier filter; then only the blocks the filter
-/// could not clear (their outliers, raw scale without them); then the scales' storage; then
-/// every block's codes; then the outliers' codes set to the code of 0. Errors are those of
-/// the first bad block in flat order (within a block: non-finite value, outlier, scale).
+/// could not clear (their outlier masks, raw scale without them); then the outliers' stored
+/// values (for bfloat16 outliers of a bfloat16 tensor, which cannot fail, this waits for the
+/// last pass); then the scales' storage; then every block's codes; then the outliers' codes set
+/// to the code of 0. Errors are those of the first bad block in flat order (within a block:
+/// non-finite value, outlier, scale).
 #[inline(always)]
 fn run_task<E: Element, K: Kernel>(
     kernel: &K,
