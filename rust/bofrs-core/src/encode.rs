@@ -667,13 +667,16 @@ fn opq_pass<E: Element, K: Kernel>(
                 match norm {
                     Normalization::Absmax => group_scales.copy_from_slice(&plan.max_abs),
                     Normalization::SignedAbsmax => {
-                        for ((block, scale), &max_bits) in group
-                            .chunks_exact(bs)
-                            .zip(group_scales.iter_mut())
-                            .zip(&plan.max_bits)
-                        {
+                        // Decided suspects hold an outlier for sure: their scale is set with
+                        // their outliers below.
+                        let mut rest = !plan.decided & ((1 << GROUP_BLOCKS) - 1);
+                        while rest != 0 {
+                            let j = rest.trailing_zeros() as usize;
+                            rest &= rest - 1;
+                            let block = &group[j * bs..(j + 1) * bs];
                             // Cannot fail for a finite maximum.
-                            *scale = kernel.raw_scale_from_max(block, max_bits, norm);
+                            group_scales[j] =
+                                kernel.raw_scale_from_max(block, plan.max_bits[j], norm);
                         }
                     }
                 }
