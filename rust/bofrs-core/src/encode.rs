@@ -770,6 +770,8 @@ fn suspect_block<E: Element, K: Kernel>(
     let block = &input[start..input.len().min(start + bs)];
     let (threshold, _) = opq.for_length(block.len(), bs);
     let Some(max) = outliers_of_block(kernel, block, plan, threshold, mask) else {
+        // No outlier after all: the plain raw scale (the group pass may not have set it).
+        scales[b] = kernel.raw_scale_from_max(block, kernel.max_abs_bits(block), norm);
         return;
     };
     mark_block(kernel, block, (b, bs), norm, max, mask, scales, marks);
