@@ -447,7 +447,11 @@ fn run_task<E: Element, K: Kernel>(
         Vec::new()
     };
     // Outlier masks of the task, in flat order (OPQ only).
-    let mut marks = MARKS.take();
+    let mut marks = if context.opq.is_some() {
+        MARKS.take()
+    } else {
+        Vec::new()
+    };
     marks.clear();
     // bfloat16 outliers of a bfloat16 tensor: their bits, taken when the codes are patched.
     let same_bits = TypeId::of::<E>() == TypeId::of::<Bf16>()
@@ -560,7 +564,9 @@ fn run_task<E: Element, K: Kernel>(
             set_zero(outlier.index() as usize - task_start);
         }
     }
-    MARKS.set(marks);
+    if context.opq.is_some() {
+        MARKS.set(marks);
+    }
     Ok(outliers)
 }
 
@@ -1387,12 +1393,7 @@ mod x86 {
                 *o = _mm256_cmpgt_epi16(v, hi);
                 acc = _mm256_max_epu16(acc, _mm256_andnot_si256(*o, v));
             }
-            // Bytes [a0-7, b0-7 | a8-15, b8-15] -> [a0-15, b0-15]: one bit per value, in order.
-            let bits = |a: __m256i, b: __m256i| {
-                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(a, b));
-                _mm256_movemask_epi8(packed) as u32 as u64
-            };
-            *word = bits(out[0], out[1]) | (bits(out[2], out[3]) << 32);
+            *word = word_of_masks16(out);
         }
         // Largest u16 lane: the smallest of the complements (`minpos`), complemented.
         let eight = _mm_max_epu16(
@@ -1434,12 +1435,19 @@ mod x86 {
         let hit = |k: usize| {
             _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_loadu_si256(q.add(k)), abs), target)
         };
+        word_of_masks16([hit(0), hit(1), hit(2), hit(3)])
+    }
+
+    /// Four 16-lane compare masks (values `16k..16k+15` in mask `k`) as one 64-bit word, bit `i`
+    /// for value `i`.
+    #[inline(always)]
+    unsafe fn word_of_masks16(m: [__m256i; 4]) -> u64 {
         // Bytes [a0-7, b0-7 | a8-15, b8-15] -> [a0-15, b0-15]: one bit per value, in order.
         let half = |a: __m256i, b: __m256i| {
             let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(a, b));
             _mm256_movemask_epi8(packed) as u32 as u64
         };
-        half(hit(0), hit(1)) | (half(hit(2), hit(3)) << 32)
+        half(m[0], m[1]) | (half(m[2], m[3]) << 32)
     }
 
     /// The signed-absmax raw scale of a finite block with largest `abs_bits` `max_bits`, as
@@ -1732,19 +1740,30 @@ mod tests {
             .collect()
     }
 
-    fn encode(isa: Isa, x: &[f32], bs: usize, norm: Normalization) -> (Vec<u8>, Vec<f32>) {
+    /// NF4 codes and stored scales of `x` (plain pack).
+    fn pack_nf4<E: Element>(
+        isa: Isa,
+        x: &[E],
+        bs: usize,
+        norm: Normalization,
+        scale_dtype: ScaleDType,
+    ) -> (Vec<u8>, Vec<f32>) {
         let cb = Codebook::new(&NF4).unwrap();
         let opts = EncodeOptions {
             codebook: &cb,
             block_size: bs,
             normalization: norm,
-            scale_dtype: ScaleDType::BFloat16,
+            scale_dtype,
         };
         let layout = BlockLayout::new(x.len(), bs).unwrap();
         let mut codes = vec![0u8; layout.code_bytes()];
         let mut scales = vec![0f32; layout.num_blocks()];
         pack_with_isa(isa, x, &opts, &mut codes, &mut scales).unwrap();
         (codes, scales)
+    }
+
+    fn encode(isa: Isa, x: &[f32], bs: usize, norm: Normalization) -> (Vec<u8>, Vec<f32>) {
+        pack_nf4(isa, x, bs, norm, ScaleDType::BFloat16)
     }
 
     #[test]
@@ -2096,18 +2115,9 @@ mod tests {
         // Small integers: the largest magnitude repeats with both signs at random places; some
         // blocks are all zeros with a -0.0 or +0.0 first.
         fn check<E: Element + std::fmt::Debug>(x: &[E], bs: usize) {
-            let cb = Codebook::new(&NF4).unwrap();
-            let opts = EncodeOptions {
-                codebook: &cb,
-                block_size: bs,
-                normalization: Normalization::SignedAbsmax,
-                scale_dtype: ScaleDType::Float32,
-            };
-            let layout = BlockLayout::new(x.len(), bs).unwrap();
             let run = |isa| {
-                let mut codes = vec![0u8; layout.code_bytes()];
-                let mut scales = vec![0f32; layout.num_blocks()];
-                pack_with_isa(isa, x, &opts, &mut codes, &mut scales).unwrap();
+                let norm = Normalization::SignedAbsmax;
+                let (codes, scales) = pack_nf4(isa, x, bs, norm, ScaleDType::Float32);
                 (
                     codes,
                     scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
