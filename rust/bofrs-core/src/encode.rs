@@ -292,15 +292,16 @@ trait Kernel {
     fn raw_scale<T: Element>(&self, block: &[T], limit2: f64, t32: f32, norm: Normalization)
         -> f32;
     /// For f32 thresholds from [`f32_bracket`]: when no value has `t_lo < |x| <= t_hi`, the
-    /// mask of `|x| > t_hi` (then exactly [`scan`]'s) and the largest `|x| <= t_hi` (the
-    /// absmax raw scale without outliers); `None` otherwise or where unsupported.
+    /// mask of `|x| > t_hi` (then exactly [`scan`]'s) and the kept values' raw scales
+    /// ([`Kept`]: the signed one only where cheap and `norm` is signed absmax); `None`
+    /// otherwise or where unsupported.
     fn split<T: Element>(
         &self,
         block: &[T],
-        t_lo: f32,
-        t_hi: f32,
+        thresholds: (f32, f32),
+        norm: Normalization,
         mask: &mut [u64; MASK_WORDS],
-    ) -> Option<f32>;
+    ) -> Option<Kept>;
     /// [`signed_scale_masked`].
     fn signed_masked<T: Element>(&self, block: &[T], mask: &[u64; MASK_WORDS], max: f32) -> f32;
     /// The raw scale of a finite block from its largest `abs_bits`, exactly as
@@ -311,16 +312,34 @@ trait Kernel {
         max_bits: u32,
         norm: Normalization,
     ) -> f32;
-    /// The largest `abs_bits` of each of [`GROUP_BLOCKS`] full blocks of `bs` values (`group`)
-    /// and, when all are finite, the OPQ filter's verdict on them, in one pass over the values;
-    /// `None` where unsupported (then one block at a time).
+    /// Into `plan`: the largest `abs_bits` of each of [`GROUP_BLOCKS`] full blocks of `bs`
+    /// values (`group`), their signed-absmax raw scales where one sign has that magnitude (for
+    /// a signed `norm`) and, when all are finite, the OPQ filter's verdict on them, in one pass
+    /// over the values; `false` where unsupported (then one block at a time).
     fn group_filter<T: Element>(
         &self,
         group: &[T],
-        bs: usize,
-        threshold: &Threshold,
-        bound: &FilterBound,
-    ) -> Option<GroupPlan>;
+        block: (usize, Normalization),
+        opq: (&Threshold, &FilterBound),
+        plan: &mut GroupPlan,
+    ) -> bool;
+}
+
+/// The raw scales of a block's values without its outliers.
+#[derive(Debug, Clone, Copy)]
+struct Kept {
+    /// The largest magnitude (the absmax raw scale; 0 when every value is an outlier).
+    max: f32,
+    /// The signed-absmax raw scale when the kernel knows it (`None`: [`Kernel::signed_masked`]
+    /// finds it).
+    signed: Option<f32>,
+}
+
+impl Kept {
+    /// Only the largest magnitude.
+    fn magnitude(max: f32) -> Self {
+        Self { max, signed: None }
+    }
 }
 
 /// The portable kernels: the definition of the results.
@@ -363,10 +382,10 @@ impl Kernel for Portable<'_> {
     fn split<T: Element>(
         &self,
         _block: &[T],
-        _t_lo: f32,
-        _t_hi: f32,
+        _thresholds: (f32, f32),
+        _norm: Normalization,
         _mask: &mut [u64; MASK_WORDS],
-    ) -> Option<f32> {
+    ) -> Option<Kept> {
         None
     }
     #[inline(always)]
@@ -387,11 +406,11 @@ impl Kernel for Portable<'_> {
     fn group_filter<T: Element>(
         &self,
         _group: &[T],
-        _bs: usize,
-        _threshold: &Threshold,
-        _bound: &FilterBound,
-    ) -> Option<GroupPlan> {
-        None
+        _block: (usize, Normalization),
+        _opq: (&Threshold, &FilterBound),
+        _plan: &mut GroupPlan,
+    ) -> bool {
+        false
     }
 }
 
@@ -424,10 +443,10 @@ unsafe fn pack_task<E: Element>(
 ///
 /// In passes, so that the common case runs without unpredictable branches: every block's
 /// maximum, raw scale and (with OPQ) the cheap outlier filter; then only the blocks the filter
-/// could not clear (their outlier masks, raw scale without them); then the outliers' stored
-/// values (for bfloat16 outliers of a bfloat16 tensor, which cannot fail, this waits for the
-/// last pass); then the scales' storage; then every block's codes; then the outliers' codes set
-/// to the code of 0. Errors are those of the first bad block in flat order (within a block:
+/// could not clear (their outlier masks, raw scale without them; bfloat16 outliers of a
+/// bfloat16 tensor, which cannot fail, are taken right there); then the other outliers' stored
+/// values; then the scales' storage; then every block's codes; then the outliers' codes set to
+/// the code of 0. Errors are those of the first bad block in flat order (within a block:
 /// non-finite value, outlier, scale).
 #[inline(always)]
 fn run_task<E: Element, K: Kernel>(
@@ -476,12 +495,21 @@ fn run_task<E: Element, K: Kernel>(
             (finite_blocks, None)
         }
         Some(opq) => {
-            marks.reserve(blocks * bs.div_ceil(64));
-            let finite_blocks = opq_pass(kernel, input, opq, bs, norm, out.scales, &mut marks);
+            if !same_bits {
+                marks.reserve(blocks * bs.div_ceil(64));
+            }
+            let mut found = Found {
+                marks,
+                outliers,
+                direct: same_bits,
+                task_start: first_block * bs,
+            };
+            let finite_blocks = opq_pass(kernel, input, opq, bs, norm, out.scales, &mut found);
+            (marks, outliers) = (found.marks, found.outliers);
             // The marked values in flat order, up to the first that cannot be stored (bfloat16
-            // stored as bfloat16 cannot fail: those are taken with the codes, below).
+            // stored as bfloat16 cannot fail: those were taken where found).
             let mut outlier_error = None;
-            for &(start, word) in if same_bits { &marks[..0] } else { &marks[..] } {
+            for &(start, word) in &marks {
                 let start = start as usize;
                 let values = &input[start..input.len().min(start + 64)];
                 let first_index = first_block * bs + start;
@@ -557,62 +585,13 @@ fn run_task<E: Element, K: Kernel>(
         let byte = &mut out.codes[i / 2];
         *byte = (*byte & !(0x0f << shift)) | (zero << shift);
     };
-    if same_bits {
-        take_marked_bits(input, &marks, task_start, zero, out.codes, &mut outliers);
-    } else {
-        for outlier in &outliers {
-            set_zero(outlier.index() as usize - task_start);
-        }
+    for outlier in &outliers {
+        set_zero(outlier.index() as usize - task_start);
     }
     if context.opq.is_some() {
         MARKS.set(marks);
     }
     Ok(outliers)
-}
-
-/// For bfloat16 outliers of a bfloat16 tensor: appends the marked values (their bits, what
-/// [`OutlierDType::store`] returns for them) to `outliers` and sets their codes to `zero`, in
-/// one tight loop (`task_start`: flat index of the task's first value).
-#[inline(always)]
-fn take_marked_bits<E: Element>(
-    input: &[E],
-    marks: &[Mark],
-    task_start: usize,
-    zero: u8,
-    codes: &mut [u8],
-    outliers: &mut Vec<Outlier>,
-) {
-    let total: usize = marks.iter().map(|m| m.1.count_ones() as usize).sum();
-    outliers.reserve(total);
-    let len = outliers.len();
-    let spare = outliers.spare_capacity_mut();
-    let dst = spare.as_mut_ptr();
-    let mut n = 0;
-    for &(start, word) in marks {
-        let start = start as usize;
-        // One past the last marked value: every marked value and its code byte are in range.
-        let end = start + 64 - word.leading_zeros() as usize;
-        assert!(end <= input.len() && end.div_ceil(2) <= codes.len());
-        let mut bits = word;
-        while bits != 0 {
-            let i = start + bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            debug_assert!(i < end && n < total);
-            // SAFETY: `i < end`, checked against both lengths above; `n < total`, the number of
-            // marked bits, which `reserve` made room for.
-            unsafe {
-                let value = (input.get_unchecked(i).to_f32().to_bits() >> 16) as u16;
-                (*dst.add(n)).write(Outlier::new((task_start + i) as u64, value));
-                // High nibble for even `i`, low for odd, without a data-dependent branch.
-                let shift = 4 - 4 * (i as u32 & 1);
-                let byte = codes.get_unchecked_mut(i / 2);
-                *byte = (*byte & !(0x0f << shift)) | (zero << shift);
-            }
-            n += 1;
-        }
-    }
-    // SAFETY: the first `n` spare slots were written above.
-    unsafe { outliers.set_len(len + n) };
 }
 
 /// Blocks of one [`Kernel::group_filter`] call.
@@ -626,6 +605,11 @@ struct GroupPlan {
     max_bits: [u32; GROUP_BLOCKS],
     /// The same magnitudes as f32 (each block's absmax raw scale).
     max_abs: [f32; GROUP_BLOCKS],
+    /// The same magnitudes with the sign of the block's values of that magnitude (each block's
+    /// signed-absmax raw scale), except for blocks in `sign_ties`.
+    signed: [f32; GROUP_BLOCKS],
+    /// Blocks with both signs at the largest magnitude (their first such value decides).
+    sign_ties: u32,
     /// Whether every block is finite (every `max_bits` below the type's non-finite bits).
     finite: bool,
     /// Blocks the filter did not clear ([`Threshold::provably_clean`] failed).
@@ -655,11 +639,12 @@ fn opq_pass<E: Element, K: Kernel>(
     bs: usize,
     norm: Normalization,
     scales: &mut [f32],
-    marks: &mut Vec<Mark>,
+    found: &mut Found,
 ) -> usize {
     let blocks = scales.len();
     let full_blocks = input.len() / bs;
     let mut mask = [0u64; MASK_WORDS];
+    let mut plan = GroupPlan::default();
     let mut b = 0;
     // Blocks before `single` go one at a time (a group with a non-finite value).
     let mut single = 0;
@@ -667,18 +652,17 @@ fn opq_pass<E: Element, K: Kernel>(
         if b >= single && b + GROUP_BLOCKS <= full_blocks {
             let group = &input[b * bs..(b + GROUP_BLOCKS) * bs];
             let (threshold, bound) = &opq.full;
-            let plan = kernel.group_filter(group, bs, threshold, bound);
-            if let Some(plan) = plan.filter(|p| p.finite) {
+            let filtered = kernel.group_filter(group, (bs, norm), (threshold, bound), &mut plan);
+            if filtered && plan.finite {
                 let group_scales = &mut scales[b..b + GROUP_BLOCKS];
                 match norm {
                     Normalization::Absmax => group_scales.copy_from_slice(&plan.max_abs),
                     Normalization::SignedAbsmax => {
-                        // Decided suspects hold an outlier for sure: their scale is set with
-                        // their outliers below.
-                        let mut rest = !plan.decided & ((1 << GROUP_BLOCKS) - 1);
-                        while rest != 0 {
-                            let j = rest.trailing_zeros() as usize;
-                            rest &= rest - 1;
+                        group_scales.copy_from_slice(&plan.signed);
+                        let mut ties = plan.sign_ties;
+                        while ties != 0 {
+                            let j = ties.trailing_zeros() as usize;
+                            ties &= ties - 1;
                             let block = &group[j * bs..(j + 1) * bs];
                             // Cannot fail for a finite maximum.
                             group_scales[j] =
@@ -694,20 +678,20 @@ fn opq_pass<E: Element, K: Kernel>(
                     bits &= bits - 1;
                     let block = &group[j * bs..(j + 1) * bs];
                     let kept = if plan.decided >> j & 1 == 1 {
-                        kernel.split(block, plan.t_lo[j], plan.t_hi[j], &mut mask)
+                        kernel.split(block, (plan.t_lo[j], plan.t_hi[j]), norm, &mut mask)
                     } else {
                         None
                     };
                     match kept {
-                        Some(max) => {
+                        Some(kept) => {
                             let at = (b + j, bs);
-                            mark_block(kernel, block, at, norm, max, &mask, scales, marks)
+                            mark_block(kernel, block, at, norm, kept, &mask, scales, found)
                         }
                         // A function, not a closure: closures do not inherit target features.
                         None => {
                             let at = (b + j, None);
                             suspect_block(
-                                kernel, input, opq, bs, norm, at, &mut mask, scales, marks,
+                                kernel, input, opq, bs, norm, at, &mut mask, scales, found,
                             )
                         }
                     }
@@ -739,12 +723,57 @@ fn opq_pass<E: Element, K: Kernel>(
                 (b, thresholds),
                 &mut mask,
                 scales,
-                marks,
+                found,
             );
         }
         b += 1;
     }
     blocks
+}
+
+/// Where the OPQ pass records the outliers it finds.
+struct Found {
+    /// The nonzero words of the outlier masks, for outliers whose storage can fail: collected
+    /// after the pass, so that errors come in flat order.
+    marks: Vec<Mark>,
+    /// Outliers taken where found (`direct`: bfloat16 outliers of a bfloat16 tensor, whose
+    /// stored bits are the value's own and cannot fail), in flat order.
+    outliers: Vec<Outlier>,
+    direct: bool,
+    /// Flat index of the task's first value.
+    task_start: usize,
+}
+
+/// Appends the values of `block` (bfloat16: [`OutlierDType::store`] of one is its own bits)
+/// marked in `words` (bit `i` of word `w`: value `64 w + i`) to `outliers`, as their bits, with
+/// flat indices from `first_index`.
+#[inline(always)]
+fn take_bits<E: Element>(
+    block: &[E],
+    words: &[u64],
+    first_index: u64,
+    outliers: &mut Vec<Outlier>,
+) {
+    assert!(words.len() * 64 >= block.len());
+    outliers.reserve(block.len());
+    let len = outliers.len();
+    let dst = outliers.spare_capacity_mut().as_mut_ptr();
+    let mut n = 0;
+    for (w, &word) in words.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let i = w * 64 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            // Marks lie within the block: a set bit beyond it is a caller's bug.
+            let value = (block[i].to_f32().to_bits() >> 16) as u16;
+            // SAFETY: at most one write per value of the block, and `reserve` made room for
+            // `block.len()`.
+            unsafe { (*dst.add(n)).write(Outlier::new(first_index + i as u64, value)) };
+            n += 1;
+        }
+    }
+    // SAFETY: the first `n` spare slots were written above.
+    unsafe { outliers.set_len(len + n) };
 }
 
 /// A nonzero word of an outlier mask: the task-relative index of its first value, and its bits
@@ -770,21 +799,21 @@ fn suspect_block<E: Element, K: Kernel>(
     (b, plan): (usize, Option<(f32, f32)>),
     mask: &mut [u64; MASK_WORDS],
     scales: &mut [f32],
-    marks: &mut Vec<Mark>,
+    found: &mut Found,
 ) {
     let start = b * bs;
     let block = &input[start..input.len().min(start + bs)];
     let (threshold, _) = opq.for_length(block.len(), bs);
-    let Some(max) = outliers_of_block(kernel, block, plan, threshold, mask) else {
+    let Some(kept) = outliers_of_block(kernel, block, (plan, norm), threshold, mask) else {
         // No outlier after all: the plain raw scale (the group pass may not have set it).
         scales[b] = kernel.raw_scale_from_max(block, kernel.max_abs_bits(block), norm);
         return;
     };
-    mark_block(kernel, block, (b, bs), norm, max, mask, scales, marks);
+    mark_block(kernel, block, (b, bs), norm, kept, mask, scales, found);
 }
 
-/// Records the outliers (`mask`) of block `b` (of a task with blocks of `bs` values) in `marks`
-/// and sets its raw scale from `max`, the largest magnitude of the other values.
+/// Records the outliers (`mask`) of block `b` (of a task with blocks of `bs` values) in `found`
+/// and sets its raw scale from `kept`, the other values' scales.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn mark_block<E: Element, K: Kernel>(
@@ -792,21 +821,33 @@ fn mark_block<E: Element, K: Kernel>(
     block: &[E],
     (b, bs): (usize, usize),
     norm: Normalization,
-    max: f32,
+    kept: Kept,
     mask: &[u64; MASK_WORDS],
     scales: &mut [f32],
-    marks: &mut Vec<Mark>,
+    found: &mut Found,
 ) {
     let start = b * bs;
-    for (w, &word) in mask[..block.len().div_ceil(64)].iter().enumerate() {
-        if word != 0 {
-            // Task-relative: a task holds far fewer than 2^32 values.
-            marks.push(((start + w * 64) as u32, word));
+    let words = &mask[..block.len().div_ceil(64)];
+    if found.direct {
+        take_bits(
+            block,
+            words,
+            (found.task_start + start) as u64,
+            &mut found.outliers,
+        );
+    } else {
+        for (w, &word) in words.iter().enumerate() {
+            if word != 0 {
+                // Task-relative: a task holds far fewer than 2^32 values.
+                found.marks.push(((start + w * 64) as u32, word));
+            }
         }
     }
     scales[b] = match norm {
-        Normalization::Absmax => max,
-        Normalization::SignedAbsmax => kernel.signed_masked(block, mask, max),
+        Normalization::Absmax => kept.max,
+        Normalization::SignedAbsmax => kept
+            .signed
+            .unwrap_or_else(|| kernel.signed_masked(block, mask, kept.max)),
     };
 }
 
@@ -827,8 +868,8 @@ fn f32_thresholds(
 }
 
 /// Finds the OPQ outliers of a finite block: `None` when it has none; else marks them in
-/// `mask` (exactly as [`scan`] at the block's exact limit) and returns the largest magnitude of
-/// the other values (0 when all are outliers).
+/// `mask` (exactly as [`scan`] at the block's exact limit) and returns the other values' scales
+/// (largest magnitude 0 when all are outliers).
 ///
 /// With thresholds from [`f32_thresholds`] one pass marks the values above `t_hi`, unless a
 /// value falls between the two; only then, and without thresholds, the exact f64 sums decide.
@@ -836,12 +877,12 @@ fn f32_thresholds(
 fn outliers_of_block<E: Element, K: Kernel>(
     kernel: &K,
     block: &[E],
-    thresholds: Option<(f32, f32)>,
+    (thresholds, norm): (Option<(f32, f32)>, Normalization),
     threshold: &Threshold,
     mask: &mut [u64; MASK_WORDS],
-) -> Option<f32> {
-    if let Some((t_lo, t_hi)) = thresholds {
-        if let Some(kept) = kernel.split(block, t_lo, t_hi, mask) {
+) -> Option<Kept> {
+    if let Some(thresholds) = thresholds {
+        if let Some(kept) = kernel.split(block, thresholds, norm, mask) {
             return Some(kept);
         }
     }
@@ -852,7 +893,12 @@ fn outliers_of_block<E: Element, K: Kernel>(
     }
     let t32 = f32_limit(limit2);
     kernel.scan(block, limit2, t32, mask);
-    Some(kernel.raw_scale(block, limit2, t32, Normalization::Absmax))
+    Some(Kept::magnitude(kernel.raw_scale(
+        block,
+        limit2,
+        t32,
+        Normalization::Absmax,
+    )))
 }
 
 /// Fills the codes of a block whose stored scale is 0: every value encodes as 0.
@@ -911,7 +957,7 @@ fn encode_tail<E: Element>(values: &[E], scale: f32, codebook: &Codebook, out: &
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{
-        encode_tail, encode_zero_block, run_task, GroupPlan, Kernel, TaskContext, TaskOut,
+        encode_tail, encode_zero_block, run_task, GroupPlan, Kept, Kernel, TaskContext, TaskOut,
         GROUP_BLOCKS, MASK_WORDS, STEP,
     };
     use crate::codebook::{Codebook, Normalization};
@@ -1087,12 +1133,17 @@ mod x86 {
         fn split<T: Element>(
             &self,
             block: &[T],
-            t_lo: f32,
-            t_hi: f32,
+            (t_lo, t_hi): (f32, f32),
+            norm: Normalization,
             mask: &mut [u64; MASK_WORDS],
-        ) -> Option<f32> {
+        ) -> Option<Kept> {
             // SAFETY: as above.
-            unsafe { split_avx2(block, t_lo, t_hi, mask) }
+            unsafe {
+                match norm {
+                    Normalization::Absmax => split_avx2::<T, false>(block, t_lo, t_hi, mask),
+                    Normalization::SignedAbsmax => split_avx2::<T, true>(block, t_lo, t_hi, mask),
+                }
+            }
         }
         #[inline(always)]
         fn signed_masked<T: Element>(
@@ -1125,12 +1176,21 @@ mod x86 {
         fn group_filter<T: Element>(
             &self,
             group: &[T],
-            bs: usize,
-            threshold: &Threshold,
-            bound: &FilterBound,
-        ) -> Option<GroupPlan> {
+            (bs, norm): (usize, Normalization),
+            (threshold, bound): (&Threshold, &FilterBound),
+            plan: &mut GroupPlan,
+        ) -> bool {
             // SAFETY: as above.
-            unsafe { group_filter_avx2(group, bs, threshold, bound) }
+            unsafe {
+                match norm {
+                    Normalization::Absmax => {
+                        group_filter_avx2::<T, false>(group, bs, threshold, bound, plan)
+                    }
+                    Normalization::SignedAbsmax => {
+                        group_filter_avx2::<T, true>(group, bs, threshold, bound, plan)
+                    }
+                }
+            }
         }
     }
 
@@ -1151,22 +1211,40 @@ mod x86 {
         _mm256_castps256_ps128(halves)
     }
 
-    /// One block's largest `abs_bits` (u32 lanes whose maximum it is) and its f32 shifted sums
-    /// (as [`f32_sums_avx2`], in another order: any order is fine for the filter), in one pass
-    /// of 16 values at a time (`block.len() % 16 == 0`, a type [`known`] reads).
+    /// One block's maxima and its f32 shifted sums (as [`f32_sums_avx2`], in another order: any
+    /// order is fine for the filter), in one pass of 16 values at a time (`block.len() % 16 ==
+    /// 0`, a type [`known`] reads). The maxima are 32-bit lanes: without `SIGNS`, of the
+    /// `abs_bits` (and zeros); with `SIGNS`, of the raw bits as unsigned (the largest is a
+    /// negative value's, sign bit set, when the block has one) and as signed (sign-extended: the
+    /// largest is a non-negative value's, when the block has one), which [`sign_split`] turns
+    /// into magnitudes.
     #[inline(always)]
-    unsafe fn block_stats<E: Element>(block: *const E, len: usize) -> (__m256i, __m256, __m256) {
+    unsafe fn block_stats<E: Element, const SIGNS: bool>(
+        block: *const E,
+        len: usize,
+    ) -> (__m256i, __m256i, __m256, __m256) {
         let kind = TypeId::of::<E>();
         let vk = _mm256_set1_ps((*block).to_f32());
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let (mut q0, mut q1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut acc = _mm256_setzero_si256();
         let half = kind != TypeId::of::<f32>();
+        // Start at the least unsigned (0) and signed (the sign bit alone) raw bits.
+        let (mut hi_u, mut hi_s) = if half {
+            (_mm256_setzero_si256(), _mm256_set1_epi16(i16::MIN))
+        } else {
+            (_mm256_setzero_si256(), _mm256_set1_epi32(i32::MIN))
+        };
         for i in 0..len / 16 {
             let p = block.add(i * 16);
             let (v0, v1) = if half {
                 let raw = _mm256_loadu_si256(p as *const __m256i);
-                acc = _mm256_max_epu16(acc, _mm256_and_si256(raw, _mm256_set1_epi16(0x7fff)));
+                if SIGNS {
+                    hi_u = _mm256_max_epu16(hi_u, raw);
+                    hi_s = _mm256_max_epi16(hi_s, raw);
+                } else {
+                    let abs = _mm256_and_si256(raw, _mm256_set1_epi16(0x7fff));
+                    hi_u = _mm256_max_epu16(hi_u, abs);
+                }
                 if kind == TypeId::of::<Bf16>() {
                     // Each 32-bit lane holds two bfloat16: shifted up, the first; masked, the
                     // second (exact f32 values, in another order than load8's).
@@ -1185,12 +1263,16 @@ mod x86 {
                     _mm256_loadu_ps(p as *const f32),
                     _mm256_loadu_ps(p.add(8) as *const f32),
                 );
-                let abs = _mm256_set1_epi32(0x7fff_ffff);
-                let bits = _mm256_max_epu32(
-                    _mm256_and_si256(_mm256_castps_si256(v0), abs),
-                    _mm256_and_si256(_mm256_castps_si256(v1), abs),
-                );
-                acc = _mm256_max_epu32(acc, bits);
+                let (r0, r1) = (_mm256_castps_si256(v0), _mm256_castps_si256(v1));
+                if SIGNS {
+                    hi_u = _mm256_max_epu32(hi_u, _mm256_max_epu32(r0, r1));
+                    hi_s = _mm256_max_epi32(hi_s, _mm256_max_epi32(r0, r1));
+                } else {
+                    let abs = _mm256_set1_epi32(0x7fff_ffff);
+                    let bits =
+                        _mm256_max_epu32(_mm256_and_si256(r0, abs), _mm256_and_si256(r1, abs));
+                    hi_u = _mm256_max_epu32(hi_u, bits);
+                }
                 (v0, v1)
             };
             let d0 = _mm256_sub_ps(v0, vk);
@@ -1201,14 +1283,50 @@ mod x86 {
             q1 = _mm256_fmadd_ps(d1, d1, q1);
         }
         if half {
-            // 16 u16 maxima to 8 u32 lanes (zero-extended).
+            // 16 u16 / i16 maxima to 8 zero- / sign-extended 32-bit lanes.
             let zero = _mm256_setzero_si256();
-            acc = _mm256_max_epu32(
-                _mm256_unpacklo_epi16(acc, zero),
-                _mm256_unpackhi_epi16(acc, zero),
+            hi_u = _mm256_max_epu32(
+                _mm256_unpacklo_epi16(hi_u, zero),
+                _mm256_unpackhi_epi16(hi_u, zero),
             );
+            if SIGNS {
+                hi_s = _mm256_max_epi32(
+                    _mm256_srai_epi32::<16>(_mm256_unpacklo_epi16(zero, hi_s)),
+                    _mm256_srai_epi32::<16>(_mm256_unpackhi_epi16(zero, hi_s)),
+                );
+            }
         }
-        (acc, _mm256_add_ps(s0, s1), _mm256_add_ps(q0, q1))
+        (hi_u, hi_s, _mm256_add_ps(s0, s1), _mm256_add_ps(q0, q1))
+    }
+
+    /// From the largest raw bits of four blocks (unsigned `hi_u`, signed `hi_s`, as
+    /// [`block_stats`] leaves them, reduced per block): each block's largest `abs_bits`, and
+    /// the masks of blocks whose values of that magnitude are all negative / all non-negative
+    /// (neither: both signs have it, the first value decides).
+    #[inline(always)]
+    unsafe fn sign_split<E: Element>(hi_u: __m128i, hi_s: __m128i) -> (__m128i, __m128i, __m128i) {
+        let sign_shift = if TypeId::of::<E>() == TypeId::of::<f32>() {
+            31
+        } else {
+            15
+        };
+        let magnitude = _mm_set1_epi32(((1u32 << sign_shift) - 1) as i32);
+        // Largest negative magnitude, or -1 without a negative value.
+        let has_negative = _mm_sub_epi32(
+            _mm_setzero_si128(),
+            _mm_srl_epi32(hi_u, _mm_cvtsi32_si128(sign_shift)),
+        );
+        let negative = _mm_or_si128(
+            _mm_and_si128(hi_u, magnitude),
+            _mm_xor_si128(has_negative, _mm_set1_epi32(-1)),
+        );
+        // Largest non-negative magnitude, or negative without a non-negative value.
+        let positive = hi_s;
+        (
+            _mm_max_epi32(negative, positive),
+            _mm_cmpgt_epi32(negative, positive),
+            _mm_cmpgt_epi32(positive, negative),
+        )
     }
 
     /// Four `abs_bits` (u32 lanes) of a type [`known`] reads as f32 lanes (exact).
@@ -1225,132 +1343,175 @@ mod x86 {
         }
     }
 
-    /// [`Kernel::group_filter`]: every block's largest `abs_bits` and f32 shifted sums
-    /// ([`block_stats`]), then for four blocks at a time in f64 exactly the scalar steps of
-    /// [`Threshold::provably_clean`], [`Threshold::bracket`], [`crate::opq::f32_bracket`] and
-    /// `f32_thresholds` (the same operations in the same order, so the same verdicts).
+    /// Four blocks' statistics, as [`four_block_verdict`] takes them.
+    type FourStats = (__m128i, __m128i, __m128i, __m256d, __m256d);
+
+    /// The statistics of four consecutive blocks of `bs` values from `p`: their largest
+    /// `abs_bits`, their sign masks ([`sign_split`]; with `SIGNS`, else 0), and their f32
+    /// shifted sums and sums of squares as f64 lanes.
     #[inline(always)]
-    pub(super) unsafe fn group_filter_avx2<E: Element>(
-        group: &[E],
-        bs: usize,
-        threshold: &Threshold,
-        bound: &FilterBound,
-    ) -> Option<GroupPlan> {
-        if !known::<E>() || bs == 0 || bs % 16 != 0 || group.len() != GROUP_BLOCKS * bs {
-            return None;
-        }
-        let mut plan = GroupPlan::default();
-        let pd = |x: f64| _mm256_set1_pd(x);
-        let abs = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fff_ffff_ffff_ffff));
-        let inf = pd(f64::INFINITY);
+    unsafe fn four_block_stats<E: Element, const SIGNS: bool>(p: *const E, bs: usize) -> FourStats {
+        let c = _mm256_castsi256_ps;
         let umax = |a: __m256, b: __m256| {
-            _mm256_castsi256_ps(_mm256_max_epu32(
+            c(_mm256_max_epu32(
+                _mm256_castps_si256(a),
+                _mm256_castps_si256(b),
+            ))
+        };
+        let smax = |a: __m256, b: __m256| {
+            c(_mm256_max_epi32(
                 _mm256_castps_si256(a),
                 _mm256_castps_si256(b),
             ))
         };
         let add = |a: __m256, b: __m256| _mm256_add_ps(a, b);
-        // Four blocks at a time: the f64 steps are four lanes wide, and four blocks' statistics
-        // stay in registers.
-        let mut finite_blocks = 0xf;
-        for half in 0..2 {
-            let at = |j: usize| group.as_ptr().add((4 * half + j) * bs);
-            let (m0, s0, q0) = block_stats(at(0), bs);
-            let (m1, s1, q1) = block_stats(at(1), bs);
-            let (m2, s2, q2) = block_stats(at(2), bs);
-            let (m3, s3, q3) = block_stats(at(3), bs);
-            let c = _mm256_castsi256_ps;
-            let max_bits = _mm_castps_si128(reduce4([c(m0), c(m1), c(m2), c(m3)], umax));
-            _mm_storeu_si128(
-                plan.max_bits.as_mut_ptr().add(4 * half) as *mut __m128i,
-                max_bits,
-            );
-            let s = _mm256_cvtps_pd(reduce4([s0, s1, s2, s3], add));
-            let ss = _mm256_cvtps_pd(reduce4([q0, q1, q2, q3], add));
-            let max32 = abs_bits_to_f32_lanes4::<E>(max_bits);
-            _mm_storeu_ps(plan.max_abs.as_mut_ptr().add(4 * half), max32);
-            // Magnitude bits are below 2^31: a signed compare orders them.
-            let non_finite = _mm_set1_epi32(E::NON_FINITE_ABS_BITS as i32);
-            finite_blocks &=
-                _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(non_finite, max_bits)));
-            let max = _mm256_cvtps_pd(max32);
-            // Finite sums (ordered compares: false for NaN).
-            let finite = _mm256_and_pd(
-                _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_and_pd(s, abs), inf),
-                _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_and_pd(ss, abs), inf),
-            );
-            // Threshold::bracket.
-            let a = _mm256_add_pd(_mm256_and_pd(s, abs), pd(bound.c_tiny));
-            let m2_lo = _mm256_sub_pd(
-                _mm256_sub_pd(
-                    _mm256_mul_pd(ss, pd(bound.c_ss)),
-                    _mm256_mul_pd(_mm256_mul_pd(a, a), pd(bound.c_a)),
-                ),
-                pd(bound.c_0),
-            );
-            let positive = _mm256_cmp_pd::<_CMP_GT_OQ>(m2_lo, _mm256_setzero_pd());
-            let lo = _mm256_blendv_pd(
-                pd(-1.0),
-                _mm256_mul_pd(_mm256_mul_pd(m2_lo, pd(threshold.factor)), pd(1.0 - 1e-12)),
-                positive,
-            );
-            let m2_hi = _mm256_sub_pd(
-                _mm256_add_pd(_mm256_mul_pd(ss, pd(bound.h_ss)), pd(bound.h_0)),
-                _mm256_mul_pd(_mm256_mul_pd(s, s), pd(bound.h_a)),
-            );
-            let hi = _mm256_mul_pd(
-                _mm256_mul_pd(
-                    _mm256_max_pd(m2_hi, _mm256_setzero_pd()),
-                    pd(threshold.factor),
-                ),
-                pd(1.0 + 1e-12),
-            );
-            // Threshold::provably_clean.
-            let clean = _mm256_and_pd(
-                finite,
-                _mm256_cmp_pd::<_CMP_LE_OQ>(_mm256_mul_pd(max, max), lo),
-            );
-            let suspects = !_mm256_movemask_pd(clean) as u32 & 0xf;
-            if suspects == 0 {
-                continue;
-            }
-            // f32_bracket, and f32_thresholds' `max_abs > t_hi`.
-            let lo32 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sqrt_pd(lo), pd(NARROW)));
-            let hi32 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sqrt_pd(hi), pd(WIDEN)));
-            let (lo64, hi64) = (_mm256_cvtps_pd(lo32), _mm256_cvtps_pd(hi32));
-            let decided = _mm256_and_pd(
-                _mm256_and_pd(finite, _mm256_cmp_pd::<_CMP_GT_OQ>(lo, _mm256_setzero_pd())),
-                _mm256_and_pd(
-                    _mm256_cmp_pd::<_CMP_LE_OQ>(_mm256_mul_pd(lo64, lo64), lo),
-                    _mm256_cmp_pd::<_CMP_GE_OQ>(_mm256_mul_pd(hi64, hi64), hi),
-                ),
-            );
-            let above = _mm256_cvtps_pd(_mm_cmpgt_ps(max32, hi32));
-            let decided = _mm256_and_pd(decided, above);
-            plan.suspects |= suspects << (4 * half);
-            plan.decided |= (_mm256_movemask_pd(decided) as u32 & suspects) << (4 * half);
-            _mm_storeu_ps(plan.t_lo.as_mut_ptr().add(4 * half), lo32);
-            _mm_storeu_ps(plan.t_hi.as_mut_ptr().add(4 * half), hi32);
+        let (u0, i0, s0, q0) = block_stats::<E, SIGNS>(p, bs);
+        let (u1, i1, s1, q1) = block_stats::<E, SIGNS>(p.add(bs), bs);
+        let (u2, i2, s2, q2) = block_stats::<E, SIGNS>(p.add(2 * bs), bs);
+        let (u3, i3, s3, q3) = block_stats::<E, SIGNS>(p.add(3 * bs), bs);
+        let hi_u = _mm_castps_si128(reduce4([c(u0), c(u1), c(u2), c(u3)], umax));
+        let (max_bits, negative, positive) = if SIGNS {
+            let hi_s = _mm_castps_si128(reduce4([c(i0), c(i1), c(i2), c(i3)], smax));
+            sign_split::<E>(hi_u, hi_s)
+        } else {
+            (hi_u, _mm_setzero_si128(), _mm_setzero_si128())
+        };
+        let s = _mm256_cvtps_pd(reduce4([s0, s1, s2, s3], add));
+        let ss = _mm256_cvtps_pd(reduce4([q0, q1, q2, q3], add));
+        (max_bits, negative, positive, s, ss)
+    }
+
+    /// The filter's verdict on four blocks from their statistics ([`four_block_stats`]), in
+    /// f64 exactly the scalar steps of [`Threshold::provably_clean`], [`Threshold::bracket`],
+    /// [`crate::opq::f32_bracket`] and `f32_thresholds` (the same operations in the same order,
+    /// so the same verdicts): stores their maxima and f32 thresholds at `plan`'s lanes
+    /// `at..at + 4` and returns the masks (bit `j`: block `at + j`) of finite blocks, suspects
+    /// and decided suspects. Branch-free, so that the two halves of a group overlap.
+    #[inline(always)]
+    unsafe fn four_block_verdict<E: Element>(
+        (max_bits, negative, positive, s, ss): FourStats,
+        threshold: &Threshold,
+        bound: &FilterBound,
+        plan: &mut GroupPlan,
+        at: usize,
+    ) -> (u32, u32, u32, u32) {
+        let pd = |x: f64| _mm256_set1_pd(x);
+        let abs = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fff_ffff_ffff_ffff));
+        let inf = pd(f64::INFINITY);
+        _mm_storeu_si128(plan.max_bits.as_mut_ptr().add(at) as *mut __m128i, max_bits);
+        let max32 = abs_bits_to_f32_lanes4::<E>(max_bits);
+        _mm_storeu_ps(plan.max_abs.as_mut_ptr().add(at), max32);
+        // The signed-absmax raw scales where one sign has the largest magnitude.
+        let sign = _mm_and_si128(negative, _mm_set1_epi32(i32::MIN));
+        _mm_storeu_ps(
+            plan.signed.as_mut_ptr().add(at),
+            _mm_or_ps(max32, _mm_castsi128_ps(sign)),
+        );
+        let decided_sign =
+            _mm_movemask_ps(_mm_castsi128_ps(_mm_or_si128(negative, positive))) as u32;
+        // Magnitude bits are below 2^31: a signed compare orders them.
+        let non_finite = _mm_set1_epi32(E::NON_FINITE_ABS_BITS as i32);
+        let finite_blocks =
+            _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(non_finite, max_bits))) as u32;
+        let max = _mm256_cvtps_pd(max32);
+        // Finite sums (ordered compares: false for NaN).
+        let finite = _mm256_and_pd(
+            _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_and_pd(s, abs), inf),
+            _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_and_pd(ss, abs), inf),
+        );
+        // Threshold::bracket.
+        let a = _mm256_add_pd(_mm256_and_pd(s, abs), pd(bound.c_tiny));
+        let m2_lo = _mm256_sub_pd(
+            _mm256_sub_pd(
+                _mm256_mul_pd(ss, pd(bound.c_ss)),
+                _mm256_mul_pd(_mm256_mul_pd(a, a), pd(bound.c_a)),
+            ),
+            pd(bound.c_0),
+        );
+        let positive = _mm256_cmp_pd::<_CMP_GT_OQ>(m2_lo, _mm256_setzero_pd());
+        let lo = _mm256_blendv_pd(
+            pd(-1.0),
+            _mm256_mul_pd(_mm256_mul_pd(m2_lo, pd(threshold.factor)), pd(1.0 - 1e-12)),
+            positive,
+        );
+        let m2_hi = _mm256_sub_pd(
+            _mm256_add_pd(_mm256_mul_pd(ss, pd(bound.h_ss)), pd(bound.h_0)),
+            _mm256_mul_pd(_mm256_mul_pd(s, s), pd(bound.h_a)),
+        );
+        let hi = _mm256_mul_pd(
+            _mm256_mul_pd(
+                _mm256_max_pd(m2_hi, _mm256_setzero_pd()),
+                pd(threshold.factor),
+            ),
+            pd(1.0 + 1e-12),
+        );
+        // Threshold::provably_clean.
+        let clean = _mm256_and_pd(
+            finite,
+            _mm256_cmp_pd::<_CMP_LE_OQ>(_mm256_mul_pd(max, max), lo),
+        );
+        let suspects = !_mm256_movemask_pd(clean) as u32 & 0xf;
+        // f32_bracket, and f32_thresholds' `max_abs > t_hi` (meaningful for suspects only).
+        let lo32 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sqrt_pd(lo), pd(NARROW)));
+        let hi32 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sqrt_pd(hi), pd(WIDEN)));
+        let (lo64, hi64) = (_mm256_cvtps_pd(lo32), _mm256_cvtps_pd(hi32));
+        let decided = _mm256_and_pd(
+            _mm256_and_pd(finite, _mm256_cmp_pd::<_CMP_GT_OQ>(lo, _mm256_setzero_pd())),
+            _mm256_and_pd(
+                _mm256_cmp_pd::<_CMP_LE_OQ>(_mm256_mul_pd(lo64, lo64), lo),
+                _mm256_cmp_pd::<_CMP_GE_OQ>(_mm256_mul_pd(hi64, hi64), hi),
+            ),
+        );
+        let above = _mm256_cvtps_pd(_mm_cmpgt_ps(max32, hi32));
+        let decided = _mm256_movemask_pd(_mm256_and_pd(decided, above)) as u32 & suspects;
+        _mm_storeu_ps(plan.t_lo.as_mut_ptr().add(at), lo32);
+        _mm_storeu_ps(plan.t_hi.as_mut_ptr().add(at), hi32);
+        (finite_blocks, suspects, decided, !decided_sign & 0xf)
+    }
+
+    /// [`Kernel::group_filter`]: every block's largest `abs_bits` (and sign masks, with
+    /// `SIGNS`) and f32 shifted sums ([`block_stats`]), then the verdicts of
+    /// [`four_block_verdict`], into `plan`; `false` where unsupported (a type [`known`] does
+    /// not read, or blocks not a multiple of 16).
+    #[inline(always)]
+    pub(super) unsafe fn group_filter_avx2<E: Element, const SIGNS: bool>(
+        group: &[E],
+        bs: usize,
+        threshold: &Threshold,
+        bound: &FilterBound,
+        plan: &mut GroupPlan,
+    ) -> bool {
+        if !known::<E>() || bs == 0 || bs % 16 != 0 || group.len() != GROUP_BLOCKS * bs {
+            return false;
         }
-        plan.finite = finite_blocks == 0xf;
-        Some(plan)
+        let p = group.as_ptr();
+        // Both halves' statistics first, then both verdicts without a branch between them.
+        let first = four_block_stats::<E, SIGNS>(p, bs);
+        let second = four_block_stats::<E, SIGNS>(p.add(4 * bs), bs);
+        let (f0, s0, d0, t0) = four_block_verdict::<E>(first, threshold, bound, plan, 0);
+        let (f1, s1, d1, t1) = four_block_verdict::<E>(second, threshold, bound, plan, 4);
+        plan.sign_ties = t0 | t1 << 4;
+        plan.finite = (f0 & f1) == 0xf;
+        plan.suspects = s0 | s1 << 4;
+        plan.decided = d0 | d1 << 4;
+        true
     }
 
     /// [`Kernel::split`] for whole words of 64 values: 8 values at a time, the mask of
     /// `|x| > t_hi` and the maximum of the other magnitudes. A value lies between the two
     /// thresholds exactly when that maximum is above `t_lo`.
     #[inline(always)]
-    pub(super) unsafe fn split_avx2<E: Element>(
+    pub(super) unsafe fn split_avx2<E: Element, const SIGNS: bool>(
         block: &[E],
         t_lo: f32,
         t_hi: f32,
         mask: &mut [u64; MASK_WORDS],
-    ) -> Option<f32> {
+    ) -> Option<Kept> {
         if !known::<E>() || block.is_empty() || block.len() % 64 != 0 {
             return None;
         }
         if TypeId::of::<E>() == TypeId::of::<Bf16>() {
-            return split_bf16(block, t_lo, t_hi, mask);
+            return split_bf16::<E, SIGNS>(block, t_lo, t_hi, mask);
         }
         let hi = _mm256_set1_ps(t_hi);
         let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
@@ -1366,43 +1527,76 @@ mod x86 {
             *word = bits;
         }
         let kept = hmax(acc);
-        (kept <= t_lo).then_some(kept)
+        (kept <= t_lo).then_some(Kept::magnitude(kept))
     }
 
     /// [`split_avx2`] for bfloat16, 16 values at a time on the magnitude bits: for a bfloat16
     /// `x` and an f32 `t >= 0`, `|x| > t` iff `abs_bits(x) > B`, `B` the bits of the largest
     /// bfloat16 `<= t` (`t` truncated), and magnitude bits order like the magnitudes. A value
     /// lies between the thresholds exactly when the largest kept bits exceed `t_lo`'s `B`.
+    ///
+    /// The kept raw bits (outliers as +0) are also maximized as unsigned and as signed
+    /// numbers ([`sign_split`]): when only one sign has the largest magnitude, and that is not
+    /// 0, it is the signed-absmax scale's.
     #[inline(always)]
-    unsafe fn split_bf16<E: Element>(
+    unsafe fn split_bf16<E: Element, const SIGNS: bool>(
         block: &[E],
         t_lo: f32,
         t_hi: f32,
         mask: &mut [u64; MASK_WORDS],
-    ) -> Option<f32> {
+    ) -> Option<Kept> {
         let below = |t: f32| t.to_bits() >> 16;
         let hi = _mm256_set1_epi16(below(t_hi) as i16);
         let abs = _mm256_set1_epi16(0x7fff);
-        let mut acc = _mm256_setzero_si256();
+        let mut hi_u = _mm256_setzero_si256();
+        let mut hi_s = _mm256_set1_epi16(i16::MIN);
         let p = block.as_ptr() as *const __m256i;
         for (w, word) in mask[..block.len() / 64].iter_mut().enumerate() {
             let mut out = [_mm256_setzero_si256(); 4];
             for (k, o) in out.iter_mut().enumerate() {
+                let raw = _mm256_loadu_si256(p.add(w * 4 + k));
                 // Finite magnitudes are at most 0x7f7f: positive as i16.
-                let v = _mm256_and_si256(_mm256_loadu_si256(p.add(w * 4 + k)), abs);
-                *o = _mm256_cmpgt_epi16(v, hi);
-                acc = _mm256_max_epu16(acc, _mm256_andnot_si256(*o, v));
+                let magnitude = _mm256_and_si256(raw, abs);
+                *o = _mm256_cmpgt_epi16(magnitude, hi);
+                if SIGNS {
+                    let kept = _mm256_andnot_si256(*o, raw);
+                    hi_u = _mm256_max_epu16(hi_u, kept);
+                    hi_s = _mm256_max_epi16(hi_s, kept);
+                } else {
+                    hi_u = _mm256_max_epu16(hi_u, _mm256_andnot_si256(*o, magnitude));
+                }
             }
             *word = word_of_masks16(out);
         }
-        // Largest u16 lane: the smallest of the complements (`minpos`), complemented.
-        let eight = _mm_max_epu16(
-            _mm256_castsi256_si128(acc),
-            _mm256_extracti128_si256::<1>(acc),
-        );
-        let least = _mm_minpos_epu16(_mm_xor_si128(eight, _mm_set1_epi16(-1)));
-        let kept = (_mm_cvtsi128_si32(least) as u32 & 0xffff) ^ 0xffff;
-        (kept <= below(t_lo)).then(|| E::abs_bits_to_f32(kept))
+        // Largest u16 lane: the smallest of the complements (`minpos`), complemented; the
+        // largest i16 lane likewise, after flipping the sign bit (signed to unsigned order).
+        let largest = |v: __m256i, flip: i16| {
+            let v = _mm256_xor_si256(v, _mm256_set1_epi16(flip));
+            let eight = _mm_max_epu16(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            let least = _mm_minpos_epu16(_mm_xor_si128(eight, _mm_set1_epi16(-1)));
+            (_mm_cvtsi128_si32(least) as u32 & 0xffff) ^ 0xffff ^ (flip as u16 as u32)
+        };
+        let top_u = largest(hi_u, 0);
+        if !SIGNS {
+            return (top_u <= below(t_lo)).then(|| Kept::magnitude(E::abs_bits_to_f32(top_u)));
+        }
+        let top_s = largest(hi_s, i16::MIN);
+        // Magnitudes, -1 for a sign without kept values (`top_s` below 0x8000: non-negative),
+        // by arithmetic: the signs of random data would defeat branch prediction.
+        let negative = (top_u & 0x7fff) as i32 | ((top_u >> 15) as i32 - 1);
+        let positive = top_s as i32 | -((top_s >> 15) as i32);
+        let kept = negative.max(positive) as u32;
+        if kept > below(t_lo) {
+            return None;
+        }
+        let max = E::abs_bits_to_f32(kept);
+        let signed = f32::from_bits(max.to_bits() | ((negative > positive) as u32) << 31);
+        // Outliers count as +0 above: a kept magnitude of 0 is left to the exact search.
+        let decided = kept != 0 && negative != positive;
+        Some(Kept {
+            max,
+            signed: decided.then_some(signed),
+        })
     }
 
     /// Largest lane of a vector of non-negative values.
@@ -1927,8 +2121,38 @@ mod tests {
                 .collect();
             for b in 0..n / bs {
                 let block = &mut x[b * bs..(b + 1) * bs];
-                match (b + trial) % 5 {
+                let argmax = |v: &[f32]| {
+                    (0..v.len()).fold(0, |m, i| if v[i].abs() > v[m].abs() { i } else { m })
+                };
+                match (b + trial) % 7 {
                     0 => block.fill(block[0]),
+                    5 => {
+                        // Both signs at the largest magnitude, or at the largest below an
+                        // outlier (the first of them gives the signed scale).
+                        if b % 2 == 0 {
+                            block[(b * 5) % bs] = block[argmax(block)] * 40.0;
+                        }
+                        let mut rest = block.to_vec();
+                        let top = argmax(&rest);
+                        if b % 2 == 0 {
+                            rest[top] = 0.0;
+                        }
+                        let j = argmax(&rest);
+                        let i = (j + 1 + b % (bs - 1)) % bs;
+                        if i != top || b % 2 == 1 {
+                            block[i] = -block[j];
+                        }
+                    }
+                    6 => {
+                        // Signed zeros, with one large value (an outlier) or two.
+                        for (i, v) in block.iter_mut().enumerate() {
+                            *v = if (i + b) % 3 == 0 { -0.0 } else { 0.0 };
+                        }
+                        block[(b * 3) % bs] = 7.0;
+                        if b % 2 == 1 {
+                            block[(b * 3 + 1) % bs] = -7.0;
+                        }
+                    }
                     1 | 2 => {
                         // One value just at, above or below the exact limit.
                         let th = Threshold::new(bs, 0.95);
@@ -2033,17 +2257,25 @@ mod tests {
                     scan(x, limit2, &mut want);
                     let mut got = [0u64; MASK_WORDS];
                     // SAFETY: AVX2 checked by the caller.
-                    let kept = unsafe { x86::split_avx2(x, t32, t32, &mut got) };
+                    let kept = unsafe { x86::split_avx2::<E, true>(x, t32, t32, &mut got) };
                     let kept = kept.expect("nothing lies strictly between equal thresholds");
                     assert_eq!(got, want, "limit2={limit2}");
-                    let absmax = raw_scale_within(x, limit2, Normalization::Absmax);
-                    assert_eq!(kept.to_bits(), absmax.to_bits());
-                    let signed = raw_scale_within(x, limit2, Normalization::SignedAbsmax);
+                    let mut plain = [0u64; MASK_WORDS];
                     // SAFETY: as above.
-                    let got_signed = unsafe { x86::signed_masked_avx2(x, &got, kept) };
+                    let magnitude = unsafe { x86::split_avx2::<E, false>(x, t32, t32, &mut plain) };
+                    assert_eq!(plain, want);
+                    assert_eq!(magnitude.map(|k| k.max.to_bits()), Some(kept.max.to_bits()));
+                    let absmax = raw_scale_within(x, limit2, Normalization::Absmax);
+                    assert_eq!(kept.max.to_bits(), absmax.to_bits());
+                    let signed = raw_scale_within(x, limit2, Normalization::SignedAbsmax);
+                    if let Some(fast) = kept.signed {
+                        assert_eq!(fast.to_bits(), signed.to_bits(), "limit2={limit2}");
+                    }
+                    // SAFETY: as above.
+                    let got_signed = unsafe { x86::signed_masked_avx2(x, &got, kept.max) };
                     assert_eq!(got_signed.to_bits(), signed.to_bits());
                     assert_eq!(
-                        signed_scale_within(x, limit2, kept).to_bits(),
+                        signed_scale_within(x, limit2, kept.max).to_bits(),
                         signed.to_bits()
                     );
                     // A value strictly between the thresholds: undecided.
@@ -2051,7 +2283,8 @@ mod tests {
                     if m > 0.0 {
                         let below = f32::from_bits(m.to_bits() - 1);
                         // SAFETY: as above.
-                        let undecided = unsafe { x86::split_avx2(x, below, m, &mut got) };
+                        let undecided =
+                            unsafe { x86::split_avx2::<E, true>(x, below, m, &mut got) };
                         assert!(undecided.is_none());
                     }
                 }
