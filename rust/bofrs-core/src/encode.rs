@@ -605,8 +605,9 @@ struct GroupPlan {
     max_bits: [u32; GROUP_BLOCKS],
     /// The same magnitudes as f32 (each block's absmax raw scale).
     max_abs: [f32; GROUP_BLOCKS],
-    /// The same magnitudes with the sign of the block's values of that magnitude (each block's
-    /// signed-absmax raw scale), except for blocks in `sign_ties`.
+    /// With signs (a signed-absmax filter): the same magnitudes with the sign of the block's
+    /// values of that magnitude (each block's signed-absmax raw scale), except for blocks in
+    /// `sign_ties`.
     signed: [f32; GROUP_BLOCKS],
     /// Blocks with both signs at the largest magnitude (their first such value decides).
     sign_ties: u32,
@@ -622,8 +623,8 @@ struct GroupPlan {
 }
 
 /// The first pass of a task with OPQ, in flat block order: every block's raw scale (without its
-/// outliers) and, for the blocks the filter does not clear, their outlier masks appended to
-/// `marks` (as [`suspect_block`] does). Stops at the first block with a non-finite value;
+/// outliers) and, for the blocks the filter does not clear, their outliers recorded in `found`
+/// (as [`suspect_block`] does). Stops at the first block with a non-finite value;
 /// returns the number of blocks before it (all when none).
 ///
 /// Groups of [`GROUP_BLOCKS`] full blocks go through [`Kernel::group_filter`] where the kernel
