@@ -312,6 +312,24 @@ trait Kernel {
         max_bits: u32,
         norm: Normalization,
     ) -> f32;
+    /// The suspects `bits` of a group of [`GROUP_BLOCKS`] bfloat16 blocks of 64 values
+    /// (`plan`: their verdicts) whose outliers are taken as their own bits, in order: each
+    /// decided one split at its f32 thresholds ([`Kernel::split`]), its outliers appended to
+    /// `outliers` (flat indices from `first_index`) and its raw scale set in `scales` (one per
+    /// block of the group), up to the first that needs more (undecided, a value between the
+    /// thresholds, or a tie of signs). Returns the suspects left, that one first; `None` where
+    /// unsupported (other types or block sizes).
+    #[allow(clippy::too_many_arguments)]
+    fn take_decided<T: Element>(
+        &self,
+        group: &[T],
+        block: (usize, Normalization),
+        plan: &GroupPlan,
+        bits: u32,
+        first_index: u64,
+        scales: &mut [f32],
+        outliers: &mut Vec<Outlier>,
+    ) -> Option<u32>;
     /// Into `plan`: the largest `abs_bits` of each of [`GROUP_BLOCKS`] full blocks of `bs`
     /// values (`group`), their signed-absmax raw scales where one sign has that magnitude (for
     /// a signed `norm`) and, when all are finite, the OPQ filter's verdict on them, in one pass
@@ -401,6 +419,19 @@ impl Kernel for Portable<'_> {
     ) -> f32 {
         // Cannot fail for a finite maximum.
         raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0)
+    }
+    #[inline(always)]
+    fn take_decided<T: Element>(
+        &self,
+        _group: &[T],
+        _block: (usize, Normalization),
+        _plan: &GroupPlan,
+        _bits: u32,
+        _first_index: u64,
+        _scales: &mut [f32],
+        _outliers: &mut Vec<Outlier>,
+    ) -> Option<u32> {
+        None
     }
     #[inline(always)]
     fn group_filter<T: Element>(
@@ -578,20 +609,26 @@ fn run_task<E: Element, K: Kernel>(
     }
     // Outliers are coded as the value 0 (codes depend only on the value and the scale).
     let zero = options.codebook.encode_one(0.0);
-    let task_start = first_block * bs;
-    let mut set_zero = |i: usize| {
-        // High nibble for even `i`, low for odd, without a data-dependent branch.
-        let shift = 4 - 4 * (i as u32 & 1);
-        let byte = &mut out.codes[i / 2];
-        *byte = (*byte & !(0x0f << shift)) | (zero << shift);
-    };
-    for outlier in &outliers {
-        set_zero(outlier.index() as usize - task_start);
-    }
+    code_outliers_as(zero, &outliers, (first_block * bs) as u64, out.codes);
     if context.opq.is_some() {
         MARKS.set(marks);
     }
     Ok(outliers)
+}
+
+/// Sets the code of every outlier (flat indices from `task_start`, within `codes`) to `zero`.
+/// Not inlined: a short loop of its own, outside the task's register pressure.
+#[inline(never)]
+fn code_outliers_as(zero: u8, outliers: &[Outlier], task_start: u64, codes: &mut [u8]) {
+    // High nibble for even `i`, low for odd, without a data-dependent branch: the nibble kept
+    // and the one put in, by parity.
+    let keep = [0x0f_u8, 0xf0];
+    let put = [zero << 4, zero & 0x0f];
+    for outlier in outliers {
+        let i = (outlier.index() - task_start) as usize;
+        let byte = &mut codes[i / 2];
+        *byte = (*byte & keep[i & 1]) | put[i & 1];
+    }
 }
 
 /// Blocks of one [`Kernel::group_filter`] call.
@@ -675,6 +712,25 @@ fn opq_pass<E: Element, K: Kernel>(
                 // with a value between the thresholds) take the exact path.
                 let mut bits = plan.suspects;
                 while bits != 0 {
+                    if found.direct {
+                        let first_index = (found.task_start + b * bs) as u64;
+                        let scales = &mut scales[b..b + GROUP_BLOCKS];
+                        let taken = kernel.take_decided(
+                            group,
+                            (bs, norm),
+                            &plan,
+                            bits,
+                            first_index,
+                            scales,
+                            &mut found.outliers,
+                        );
+                        if let Some(rest) = taken {
+                            bits = rest;
+                            if bits == 0 {
+                                break;
+                            }
+                        }
+                    }
                     let j = bits.trailing_zeros() as usize;
                     bits &= bits - 1;
                     let block = &group[j * bs..(j + 1) * bs];
@@ -1174,6 +1230,39 @@ mod x86 {
             })
         }
         #[inline(always)]
+        fn take_decided<T: Element>(
+            &self,
+            group: &[T],
+            (bs, norm): (usize, Normalization),
+            plan: &GroupPlan,
+            bits: u32,
+            first_index: u64,
+            scales: &mut [f32],
+            outliers: &mut Vec<Outlier>,
+        ) -> Option<u32> {
+            if TypeId::of::<T>() != TypeId::of::<Bf16>()
+                || bs != 64
+                || group.len() != GROUP_BLOCKS * 64
+                || scales.len() != GROUP_BLOCKS
+            {
+                return None;
+            }
+            // SAFETY: as above; `T` is `Bf16` (checked), so the cast keeps the type.
+            let group =
+                unsafe { std::slice::from_raw_parts(group.as_ptr() as *const Bf16, group.len()) };
+            // SAFETY: as above; the lengths were checked.
+            Some(unsafe {
+                match norm {
+                    Normalization::Absmax => {
+                        take_decided_bf16::<false>(group, plan, bits, first_index, scales, outliers)
+                    }
+                    Normalization::SignedAbsmax => {
+                        take_decided_bf16::<true>(group, plan, bits, first_index, scales, outliers)
+                    }
+                }
+            })
+        }
+        #[inline(always)]
         fn group_filter<T: Element>(
             &self,
             group: &[T],
@@ -1498,6 +1587,67 @@ mod x86 {
         true
     }
 
+    /// [`Kernel::take_decided`] for bfloat16 blocks of 64 values: one word of outlier bits
+    /// per block, kept in a register from the split to the outliers it takes.
+    ///
+    /// # Safety
+    /// AVX2 must be supported; `group` holds [`GROUP_BLOCKS`] blocks of 64 values and
+    /// `scales` one slot per block.
+    #[inline(always)]
+    unsafe fn take_decided_bf16<const SIGNS: bool>(
+        group: &[Bf16],
+        plan: &GroupPlan,
+        mut bits: u32,
+        first_index: u64,
+        scales: &mut [f32],
+        outliers: &mut Vec<Outlier>,
+    ) -> u32 {
+        debug_assert!(group.len() == GROUP_BLOCKS * 64 && scales.len() == GROUP_BLOCKS);
+        outliers.reserve(group.len());
+        let len = outliers.len();
+        let dst = outliers.spare_capacity_mut().as_mut_ptr();
+        let mut n = 0;
+        while bits != 0 {
+            let j = bits.trailing_zeros() as usize;
+            if plan.decided >> j & 1 == 0 {
+                break;
+            }
+            let block = &group[j * 64..(j + 1) * 64];
+            let mut word = 0u64;
+            let kept = split_bf16::<Bf16, SIGNS>(
+                block,
+                plan.t_lo[j],
+                plan.t_hi[j],
+                std::slice::from_mut(&mut word),
+            );
+            let scale = match kept {
+                Some(kept) if !SIGNS => kept.max,
+                Some(Kept {
+                    signed: Some(signed),
+                    ..
+                }) => signed,
+                _ => break,
+            };
+            scales[j] = scale;
+            let base = first_index + (j * 64) as u64;
+            while word != 0 {
+                let i = word.trailing_zeros() as usize;
+                word &= word - 1;
+                // SAFETY: `i < 64` (a bit of the word) and at most 64 writes per block, within
+                // the `group.len()` reserved above.
+                unsafe {
+                    let value = block.get_unchecked(i).0;
+                    (*dst.add(n)).write(Outlier::new(base + i as u64, value));
+                }
+                n += 1;
+            }
+            bits &= bits - 1;
+        }
+        // SAFETY: the first `n` spare slots were written above.
+        unsafe { outliers.set_len(len + n) };
+        bits
+    }
+
     /// [`Kernel::split`] for whole words of 64 values: 8 values at a time, the mask of
     /// `|x| > t_hi` and the maximum of the other magnitudes. A value lies between the two
     /// thresholds exactly when that maximum is above `t_lo`.
@@ -1512,7 +1662,8 @@ mod x86 {
             return None;
         }
         if TypeId::of::<E>() == TypeId::of::<Bf16>() {
-            return split_bf16::<E, SIGNS>(block, t_lo, t_hi, mask);
+            let words = block.len() / 64;
+            return split_bf16::<E, SIGNS>(block, t_lo, t_hi, &mut mask[..words]);
         }
         let hi = _mm256_set1_ps(t_hi);
         let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
@@ -1544,7 +1695,7 @@ mod x86 {
         block: &[E],
         t_lo: f32,
         t_hi: f32,
-        mask: &mut [u64; MASK_WORDS],
+        mask: &mut [u64],
     ) -> Option<Kept> {
         let below = |t: f32| t.to_bits() >> 16;
         let hi = _mm256_set1_epi16(below(t_hi) as i16);
@@ -1552,7 +1703,7 @@ mod x86 {
         let mut hi_u = _mm256_setzero_si256();
         let mut hi_s = _mm256_set1_epi16(i16::MIN);
         let p = block.as_ptr() as *const __m256i;
-        for (w, word) in mask[..block.len() / 64].iter_mut().enumerate() {
+        for (w, word) in mask.iter_mut().enumerate().take(block.len() / 64) {
             let mut out = [_mm256_setzero_si256(); 4];
             for (k, o) in out.iter_mut().enumerate() {
                 let raw = _mm256_loadu_si256(p.add(w * 4 + k));
