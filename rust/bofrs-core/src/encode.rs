@@ -318,18 +318,21 @@ trait Kernel {
     /// `outliers` (flat indices from `first_index`) and its raw scale set in `scales` (one per
     /// block of the group), up to the first that needs more (undecided, a value between the
     /// thresholds, or a tie of signs). Returns the suspects left, that one first; `None` where
-    /// unsupported (other types or block sizes).
+    /// unsupported (other types or block sizes; the default).
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn take_decided<T: Element>(
         &self,
-        group: &[T],
-        block: (usize, Normalization),
-        plan: &GroupPlan,
-        bits: u32,
-        first_index: u64,
-        scales: &mut [f32],
-        outliers: &mut Vec<Outlier>,
-    ) -> Option<u32>;
+        _group: &[T],
+        _block: (usize, Normalization),
+        _plan: &GroupPlan,
+        _bits: u32,
+        _first_index: u64,
+        _scales: &mut [f32],
+        _outliers: &mut Vec<Outlier>,
+    ) -> Option<u32> {
+        None
+    }
     /// Into `plan`: the largest `abs_bits` of each of [`GROUP_BLOCKS`] full blocks of `bs`
     /// values (`group`), their signed-absmax raw scales where one sign has that magnitude (for
     /// a signed `norm`) and, when all are finite, the OPQ filter's verdict on them, in one pass
@@ -419,19 +422,6 @@ impl Kernel for Portable<'_> {
     ) -> f32 {
         // Cannot fail for a finite maximum.
         raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0)
-    }
-    #[inline(always)]
-    fn take_decided<T: Element>(
-        &self,
-        _group: &[T],
-        _block: (usize, Normalization),
-        _plan: &GroupPlan,
-        _bits: u32,
-        _first_index: u64,
-        _scales: &mut [f32],
-        _outliers: &mut Vec<Outlier>,
-    ) -> Option<u32> {
-        None
     }
     #[inline(always)]
     fn group_filter<T: Element>(
@@ -1703,7 +1693,7 @@ mod x86 {
         let mut hi_u = _mm256_setzero_si256();
         let mut hi_s = _mm256_set1_epi16(i16::MIN);
         let p = block.as_ptr() as *const __m256i;
-        for (w, word) in mask.iter_mut().enumerate().take(block.len() / 64) {
+        for (w, word) in mask[..block.len() / 64].iter_mut().enumerate() {
             let mut out = [_mm256_setzero_si256(); 4];
             for (k, o) in out.iter_mut().enumerate() {
                 let raw = _mm256_loadu_si256(p.add(w * 4 + k));
