@@ -1593,7 +1593,7 @@ mod x86 {
         outliers: &mut Vec<Outlier>,
     ) -> u32 {
         debug_assert!(group.len() == GROUP_BLOCKS * 64 && scales.len() == GROUP_BLOCKS);
-        outliers.reserve(group.len());
+        outliers.reserve(group.len() + 1);
         let len = outliers.len();
         let dst = outliers.spare_capacity_mut().as_mut_ptr();
         let mut n = 0;
@@ -1620,17 +1620,35 @@ mod x86 {
             };
             scales[j] = scale;
             let base = first_index + (j * 64) as u64;
-            while word != 0 {
-                let i = word.trailing_zeros() as usize;
-                word &= word - 1;
-                // SAFETY: `i < 64` (a bit of the word) and at most 64 writes per block, within
-                // the `group.len()` reserved above.
-                unsafe {
+            // A decided suspect has an outlier, mostly one or two: both slots are written
+            // without a branch (a second slot past the block's count is rewritten by the next
+            // block or left beyond the length), a loop takes any others.
+            let count = word.count_ones() as usize;
+            let second = word & word.wrapping_sub(1);
+            let (i0, i1) = (
+                (word.trailing_zeros() & 63) as usize,
+                (second.trailing_zeros() & 63) as usize,
+            );
+            // SAFETY: `i0, i1 < 64` (masked: a word of 0 writes slots it does not count); the
+            // slots written are below `n + max(count, 2)`, at most `group.len() + 1`, reserved
+            // above (`n + count <= group.len()`, and a block after `group.len()` outliers is
+            // impossible).
+            unsafe {
+                let write = |slot: usize, i: usize| {
                     let value = block.get_unchecked(i).0;
-                    (*dst.add(n)).write(Outlier::new(base + i as u64, value));
+                    (*dst.add(slot)).write(Outlier::new(base + i as u64, value));
+                };
+                write(n, i0);
+                write(n + 1, i1);
+                let mut rest = second & second.wrapping_sub(1);
+                let mut slot = n + 2;
+                while rest != 0 {
+                    write(slot, rest.trailing_zeros() as usize);
+                    rest &= rest - 1;
+                    slot += 1;
                 }
-                n += 1;
             }
+            n += count;
             bits &= bits - 1;
         }
         // SAFETY: the first `n` spare slots were written above.
