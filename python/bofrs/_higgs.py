@@ -53,7 +53,9 @@ class HiggsTensor:
     input group (:func:`bofrs.hadamard`).
     """
 
-    __slots__ = ("_codes", "_scales", "_shape", "_dtype", "_group_size", "_grid", "_scale_dtype")
+    __slots__ = (
+        "_codes", "_scales", "_shape", "_dtype", "_group_size", "_grid", "_scale_dtype", "_cuda_cache",
+    )
 
     def __init__(
         self,
@@ -75,6 +77,7 @@ class HiggsTensor:
         self._shape, self._dtype = torch.Size(shape), dtype
         self._group_size, self._grid = group_size, grid
         self._scale_dtype = dtype_name(scales.dtype)
+        self._cuda_cache: tuple[tuple[int, int], _cuda_higgs.HiggsOperands] | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -132,12 +135,19 @@ class HiggsTensor:
         return torch.from_numpy(out)
 
     def cuda_operands(self) -> _cuda_higgs.HiggsOperands:
-        """The parts as the CUDA kernels read them (validated; needs CuPy and a CUDA device)."""
+        """The parts as the CUDA kernels read them (validated once per tensor, while neither part
+        is modified in place; needs CuPy and a CUDA device)."""
+        versions = (self._codes._version, self._scales._version)
+        cache = self._cuda_cache
+        if cache is not None and cache[0] == versions:
+            return cache[1]
         rows, cols = _rows_cols(self._shape)
-        return _cuda_higgs.operands(
+        ops = _cuda_higgs.operands(
             self._codes, self._scales, rows, cols, self._group_size, self._grid.p,
             self._grid.points,
         )
+        self._cuda_cache = (versions, ops)
+        return ops
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in its original basis and shape (``dtype`` default: the original's)."""

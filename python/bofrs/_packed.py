@@ -49,6 +49,7 @@ class PackedTensor:
         "_scale_scales",
         "_outliers",
         "_rotation",
+        "_cuda_cache",
     )
 
     def __init__(
@@ -118,6 +119,7 @@ class PackedTensor:
         self._dtype = dtype
         self._block_size = block_size
         self._codebook = codebook
+        self._cuda_cache: tuple[tuple[int, ...], _cuda_blockwise.BlockOperands] | None = None
 
     @property
     def rotation(self) -> int | None:
@@ -252,16 +254,25 @@ class PackedTensor:
 
     def cuda_operands(self) -> _cuda_blockwise.BlockOperands:
         """The parts as the CUDA kernels read them, validated like the CPU decoder does (one
-        synchronization). Needs CuPy and a CUDA device (:class:`bofrs._cuda.CudaKernelsUnavailable`
-        otherwise)."""
+        synchronization), once per tensor: kept while no part is modified in place. Needs CuPy
+        and a CUDA device (:class:`bofrs._cuda.CudaKernelsUnavailable` otherwise)."""
         outliers = self._outliers
-        return _cuda_blockwise.operands(
+        parts = [self._codes, self._scales, self._scale_scales]
+        if outliers is not None:
+            parts += [outliers.indices, outliers.values]
+        versions = tuple(-1 if t is None else t._version for t in parts)
+        cache = self._cuda_cache
+        if cache is not None and cache[0] == versions:
+            return cache[1]
+        ops = _cuda_blockwise.operands(
             self._codes, self._scales, self._scale_scales,
             self._codebook.normalization == "signed_absmax", self._codebook.levels,
             self.numel, self._block_size,
             None if outliers is None else outliers.indices,
             None if outliers is None else outliers.values,
         )  # fmt: skip
+        self._cuda_cache = (versions, ops)
+        return ops
 
     def _dequantize_native(self, dtype: torch.dtype) -> torch.Tensor:
         out_dtype = dtype if dtype in _NATIVE_OUTPUTS else torch.float32

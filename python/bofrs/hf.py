@@ -180,7 +180,7 @@ class BofrsHfQuantizer(HfQuantizer):
                 module._parameters.pop("weight", None)
                 if module.codes.device.type == "meta" or module.scales.device.type == "meta":
                     raise ValueError("bofrs: a quantized layer received no weights from the checkpoint")
-                module._cache = None
+                module.invalidate_caches()
         return model
 
     def is_serializable(self) -> bool:

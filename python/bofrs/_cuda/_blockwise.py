@@ -254,7 +254,7 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     """A reused flat buffer of at least ``numel`` values for decoded weights, one per (device,
     current stream, dtype): grows to the largest weight and is reused by every layer (the
     stream orders its uses)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = rt.device_index(device)
     key = (index, torch.cuda.current_stream(index).cuda_stream, dtype)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < numel:

@@ -51,7 +51,6 @@ class HiggsLinear(PackedLinear):
         self.register_buffer("codes", packed.codes)
         self.register_buffer("scales", packed.scales)
         self.register_buffer("grid_points", torch.from_numpy(np.array(packed.grid.points, dtype=np.float32)))
-        self._cuda_cache: tuple[tuple[torch.Tensor, ...], tuple[int, ...], _cuda_higgs.HiggsOperands] | None = None
 
     @classmethod
     def from_linear(
@@ -77,7 +76,11 @@ class HiggsLinear(PackedLinear):
 
     @property
     def packed(self) -> HiggsTensor:
-        """The weight as a :class:`bofrs.HiggsTensor` (views of the buffers)."""
+        """The weight as a :class:`bofrs.HiggsTensor` (views of the buffers; the same object while
+        the buffers are unchanged, so its CUDA operands are validated once)."""
+        return self._cached("packed", self._build_packed)  # type: ignore[no-any-return]
+
+    def _build_packed(self) -> HiggsTensor:
         points = self.grid_points.detach().cpu().numpy().reshape(self.grid_n, self.grid_p)
         grid = Grid(self.grid_p, self.grid_n, points, self.grid_mse)
         return HiggsTensor(
@@ -96,17 +99,7 @@ class HiggsLinear(PackedLinear):
 
     def _cuda_operands(self) -> _cuda_higgs.HiggsOperands:
         """CUDA operands, cached until the buffers are replaced or modified in place."""
-        buffers = (self.codes, self.scales, self.grid_points)
-        versions = tuple(b._version for b in buffers)
-        cache = self._cuda_cache
-        if cache is not None and all(a is b for a, b in zip(cache[0], buffers)) and cache[1] == versions:
-            return cache[2]
-        ops = self.packed.cuda_operands()
-        self._cuda_cache = (buffers, versions, ops)
-        return ops
-
-    def _after_apply(self) -> None:
-        self._cuda_cache = None
+        return self.packed.cuda_operands()
 
     def _cuda_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The CUDA product: rotate (kernel), then the fused HIGGS matvec for up to
