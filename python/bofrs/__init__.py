@@ -11,24 +11,24 @@ True
 
 from __future__ import annotations
 
-from . import _native
-from ._allocate import Allocation, allocate
-from ._codebooks import Codebook, available_codebooks, codebook
-from ._convert import quantize_checkpoint
-from ._checkpoint import load_quantized, save_quantized
-from ._errors import FormatError
-from ._evaluate import allocate_model, calibrate_errors, evaluate_formats, fake_quantized
-from ._hadamard import hadamard
-from ._higgs import HiggsTensor, higgs_grid, pack_higgs
-from ._linearity import build_menu, cross_entropy, estimate_sensitivity, layer_errors, perplexity
-from ._io import load_file, read_metadata, save_file
-from ._metrics import quantization_error
-from ._optimize import expected_error, optimize_codebook
-from ._outliers import Outliers
-from ._pack import pack, unpack
-from ._packed import PackedTensor
-from ._quantize import QuantConfig, quantize_model
-from . import nn
+from bofrs import _native
+from bofrs._allocate import Allocation, allocate
+from bofrs.formats.blockwise.codebooks import Codebook, available_codebooks, codebook
+from bofrs.io.convert import quantize_checkpoint
+from bofrs.io.checkpoint import load_quantized, save_quantized
+from bofrs._errors import FormatError
+from bofrs._evaluate import allocate_model, calibrate_errors, evaluate_formats, fake_quantized
+from bofrs.formats.hadamard import hadamard
+from bofrs.formats.higgs.tensor import HiggsTensor, higgs_grid, pack_higgs
+from bofrs._linearity import build_menu, cross_entropy, estimate_sensitivity, layer_errors, perplexity
+from bofrs.io.files import load_file, read_metadata, save_file
+from bofrs.formats.metrics import quantization_error
+from bofrs.formats.blockwise.optimize import expected_error, optimize_codebook
+from bofrs.formats.blockwise.outliers import Outliers
+from bofrs.formats.pack import pack, unpack
+from bofrs.formats.blockwise.packed import PackedTensor
+from bofrs.nn.quantize import QuantConfig, quantize_model
+from bofrs import nn
 
 __version__: str = _native.__version__
 
@@ -41,7 +41,7 @@ def num_threads() -> int:
 def opq_threshold(block_size: int, q: float) -> float:
     """OPQ threshold factor ``t(I, q) = Phi^-1((q^(1/I) + 1) / 2)``: a value is an outlier when
     its magnitude exceeds ``t`` times its block's sample standard deviation."""
-    from ._outliers import check_quantile
+    from bofrs.formats.blockwise.outliers import check_quantile
 
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -101,7 +101,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # transformers is optional (the `hf` extra): BofrsConfig imports it on first use.
     if name == "BofrsConfig":
-        from .hf import BofrsConfig
+        from bofrs.hf import BofrsConfig
 
         return BofrsConfig
     raise AttributeError(f"module 'bofrs' has no attribute {name!r}")

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from . import _native
+from bofrs import _native
 
 
 @dataclass(frozen=True)

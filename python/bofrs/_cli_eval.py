@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._evaluate import evaluate_formats, format_table
+from bofrs._evaluate import evaluate_formats, format_table
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -47,7 +47,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 def _load_model(path: Path) -> tuple[Any, Any]:
     if path.suffix == ".gguf":
-        from .evaldata import load_gguf
+        from bofrs.evaldata import load_gguf
 
         return load_gguf(path)
     if not path.is_dir():
@@ -102,7 +102,7 @@ def run_eval(args: argparse.Namespace) -> str:
 
 def run_sensitivity(args: argparse.Namespace) -> str:
     """Runs ``bofrs sensitivity``; returns what to print."""
-    from ._linearity import estimate_sensitivity
+    from bofrs._linearity import estimate_sensitivity
 
     model, tokenizer = _load_model(Path(args.model))
     tokens = None
@@ -131,7 +131,7 @@ def run_report(args: argparse.Namespace) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plot import plot_codebooks, plot_error_vs_block_size
+    from bofrs.plot import plot_codebooks, plot_error_vs_block_size
 
     try:
         result = json.loads(Path(args.result).read_text())

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._allocate import Allocation, allocate
-from ._linearity import _quantized_error, build_menu, dequantized, linear_layers, perplexity
+from bofrs._allocate import Allocation, allocate
+from bofrs._linearity import _quantized_error, build_menu, dequantized, linear_layers, perplexity
 
 
 @contextmanager
@@ -70,7 +70,7 @@ def calibrate_errors(
     multiplies the format's ``t^2`` in the returned errors (formats predicted to change the
     loss by under 1e-4 keep ``c_f = 1``). Returns ``(scaled errors, {format: c_f})``, ready for
     :func:`allocate_model`."""
-    from ._linearity import METRICS, _metric
+    from bofrs._linearity import METRICS, _metric
 
     if metric not in METRICS or metric == "perplexity":
         raise ValueError(f"metric must be 'cross_entropy' or 'kl', got {metric!r}")

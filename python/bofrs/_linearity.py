@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._higgs import pack_higgs
-from ._pack import pack
+from bofrs.formats.higgs.tensor import pack_higgs
+from bofrs.formats.pack import pack
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

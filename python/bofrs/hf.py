@@ -29,11 +29,11 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ._codebooks import Codebook, resolve
-from ._pack import pack
-from ._packed import SCALE_DTYPES, PackedTensor
-from ._quantize import QuantConfig, linear_layers, matches
-from .nn.linear import FUSED_MAX_TOKENS, QuantLinear
+from bofrs.formats.blockwise.codebooks import Codebook, resolve
+from bofrs.formats.pack import pack
+from bofrs.formats.blockwise.packed import SCALE_DTYPES, PackedTensor
+from bofrs.nn.quantize import QuantConfig, linear_layers, matches
+from bofrs.nn.linear import FUSED_MAX_TOKENS, QuantLinear
 
 METHOD = "bofrs"
 

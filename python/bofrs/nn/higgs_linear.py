@@ -7,14 +7,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import _cuda, _native
-from .._cuda import _higgs as _cuda_higgs
-from .._cuda._hadamard import hadamard_groups
-from .._grids import Grid
-from .._hadamard import hadamard
-from .._higgs import HiggsTensor, pack_higgs
-from .base import PackedLinear
-from .linear import FUSED_MAX_TOKENS
+from bofrs import _cuda, _native
+from bofrs._cuda import _higgs as _cuda_higgs
+from bofrs._cuda._hadamard import hadamard_groups
+from bofrs.formats.higgs.grids import Grid
+from bofrs.formats.hadamard import hadamard
+from bofrs.formats.higgs.tensor import HiggsTensor, pack_higgs
+from bofrs.nn.base import PackedLinear
+from bofrs.nn.linear import FUSED_MAX_TOKENS
 
 
 class HiggsLinear(PackedLinear):

@@ -6,17 +6,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import _cuda
-from .._codebooks import Codebook
-from .._cuda import _blockwise as _cuda_blockwise
-from .._cuda._hadamard import hadamard_groups
-from .._hadamard import hadamard
-from .._inputs import dtype_name
-from .._linear import _ELEMENT, Operands, check_activations, fusable, fused_rows, operands
-from .._outliers import Outliers
-from .._pack import pack
-from .._packed import PackedTensor
-from .base import PackedLinear
+from bofrs import _cuda
+from bofrs.formats.blockwise.codebooks import Codebook
+from bofrs._cuda import _blockwise as _cuda_blockwise
+from bofrs._cuda._hadamard import hadamard_groups
+from bofrs.formats.hadamard import hadamard
+from bofrs._inputs import dtype_name
+from bofrs.formats.blockwise.matmul import _ELEMENT, Operands, check_activations, fusable, fused_rows, operands
+from bofrs.formats.blockwise.outliers import Outliers
+from bofrs.formats.pack import pack
+from bofrs.formats.blockwise.packed import PackedTensor
+from bofrs.nn.base import PackedLinear
 
 #: Token counts up to this use the fused kernel on CPU; larger batches decode the weight once and
 #: call ``F.linear``. Measured with ``benches/bench_matvec_vs_peers.py --crossover`` (4096x4096,

@@ -8,11 +8,11 @@ import time
 
 import torch
 
-from ._codebooks import Codebook, available_codebooks, codebook
-from ._io import load_file, save_file
-from ._metrics import quantization_error
-from ._optimize import optimize_codebook
-from ._pack import pack
+from bofrs.formats.blockwise.codebooks import Codebook, available_codebooks, codebook
+from bofrs.io.files import load_file, save_file
+from bofrs.formats.metrics import quantization_error
+from bofrs.formats.blockwise.optimize import optimize_codebook
+from bofrs.formats.pack import pack
 
 
 def example_weight(rows: int = 1024, cols: int = 4096, seed: int = 0) -> torch.Tensor:

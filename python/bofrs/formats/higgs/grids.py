@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from . import _native
+from bofrs import _native
 
 TABLE = Path(__file__).with_name("grids.json")
 #: (p, n) of every shipped grid.

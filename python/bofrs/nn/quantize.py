@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._codebooks import Codebook, resolve
-from ._hadamard import check_group_size
-from ._higgs import higgs_grid
-from ._packed import SCALE_DTYPES, SCALE_FORMATS
-from ._validate import check_block_size, check_choice
-from .nn.higgs_linear import HiggsLinear
-from .nn.linear import FUSED_MAX_TOKENS, QuantLinear
+from bofrs.formats.blockwise.codebooks import Codebook, resolve
+from bofrs.formats.hadamard import check_group_size
+from bofrs.formats.higgs.tensor import higgs_grid
+from bofrs.formats.blockwise.packed import SCALE_DTYPES, SCALE_FORMATS
+from bofrs._validate import check_block_size, check_choice
+from bofrs.nn.higgs_linear import HiggsLinear
+from bofrs.nn.linear import FUSED_MAX_TOKENS, QuantLinear
 
 #: Options a per-layer override may set.
 OVERRIDE_KEYS = (
@@ -156,7 +156,7 @@ class QuantConfig:
         :func:`bofrs.allocate_model`) its format, as exact-name overrides on top of the
         ``defaults`` (other :class:`QuantConfig` fields); ``in_features`` gives each layer's row
         length (HIGGS group size and rotation depend on it). ``"bf16"`` keeps a layer as is."""
-        from ._linearity import spec_options
+        from bofrs._linearity import spec_options
 
         missing = [n for n in choice if n not in in_features]
         if missing:

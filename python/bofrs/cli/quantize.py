@@ -7,8 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from ._convert import DEFAULT_MENU, allocation_config, quantize_checkpoint
-from ._quantize import QuantConfig
+from bofrs.io.convert import DEFAULT_MENU, allocation_config, quantize_checkpoint
+from bofrs.nn.quantize import QuantConfig
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

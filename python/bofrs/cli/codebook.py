@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._codebooks import Codebook
-from ._optimize import expected_error, optimize_codebook
+from bofrs.formats.blockwise.codebooks import Codebook
+from bofrs.formats.blockwise.optimize import expected_error, optimize_codebook
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -50,7 +50,7 @@ def _plot(book: Codebook, block_size: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from .plot import plot_codebooks
+    from bofrs.plot import plot_codebooks
 
     import matplotlib.pyplot as plt
 

@@ -27,15 +27,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ._allocate import Allocation, allocate
-from ._checkpoint import INDEX, MODEL_FORMAT, MODEL_FORMAT_VERSION
-from ._higgs import HiggsTensor, pack_higgs
-from ._inputs import dtype_name
-from ._io import save_file
-from ._linearity import _format_error, build_menu
-from ._pack import pack
-from ._packed import PackedTensor
-from ._quantize import LayerSpec, QuantConfig
+from bofrs._allocate import Allocation, allocate
+from bofrs.io.checkpoint import INDEX, MODEL_FORMAT, MODEL_FORMAT_VERSION
+from bofrs.formats.higgs.tensor import HiggsTensor, pack_higgs
+from bofrs._inputs import dtype_name
+from bofrs.io.files import save_file
+from bofrs._linearity import _format_error, build_menu
+from bofrs.formats.pack import pack
+from bofrs.formats.blockwise.packed import PackedTensor
+from bofrs.nn.quantize import LayerSpec, QuantConfig
 
 #: Name fragments of 2-D weights that are not Linear layers.
 NOT_LINEAR = ("embed", "wte", "wpe", "norm", "ln_")
@@ -215,7 +215,7 @@ def allocation_config(
     base = QuantConfig() if config is None else config
     source = Path(src)
     if source.suffix == ".gguf":
-        from .evaldata import load_gguf
+        from bofrs.evaldata import load_gguf
 
         model, _ = load_gguf(source)
         assert isinstance(model, torch.nn.Module)
@@ -264,9 +264,9 @@ def allocation_config(
 def _quantize_gguf(source: Path, target: Path, config: QuantConfig, progress: bool) -> dict[str, float]:
     """GGUF input: transformers loads and dequantizes the whole model; then quantize_model and
     save_quantized, staged like the safetensors path."""
-    from ._checkpoint import save_quantized
-    from ._quantize import quantize_model
-    from .evaldata import load_gguf
+    from bofrs.io.checkpoint import save_quantized
+    from bofrs.nn.quantize import quantize_model
+    from bofrs.evaldata import load_gguf
 
     if not source.is_file():
         raise FileNotFoundError(f"src: {source} does not exist")

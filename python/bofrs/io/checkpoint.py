@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import FormatError
-from ._inputs import dtype_from_name, dtype_name
-from ._io import load_file, save_file
-from ._higgs import HiggsTensor
-from ._packed import PackedTensor
-from ._quantize import QuantConfig
-from .nn.higgs_linear import HiggsLinear
-from .nn.linear import FUSED_MAX_TOKENS, QuantLinear
+from bofrs._errors import FormatError
+from bofrs._inputs import dtype_from_name, dtype_name
+from bofrs.io.files import load_file, save_file
+from bofrs.formats.higgs.tensor import HiggsTensor
+from bofrs.formats.blockwise.packed import PackedTensor
+from bofrs.nn.quantize import QuantConfig
+from bofrs.nn.higgs_linear import HiggsLinear
+from bofrs.nn.linear import FUSED_MAX_TOKENS, QuantLinear
 
 #: Modules whose weight is stored packed.
 QuantModule = QuantLinear | HiggsLinear

@@ -31,15 +31,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file as _safetensors_save
 
-from . import _native
-from ._codebooks import Codebook
-from ._errors import FormatError
-from ._inputs import dtype_from_name, dtype_name
-from ._grids import Grid
-from ._higgs import HiggsTensor
-from ._outliers import OUTLIER_DTYPES, Outliers, check_quantile, index_dtype
-from ._packed import DQ8, DQ_GROUP, SCALE_DTYPES, PackedTensor
-from ._validate import check_block_size
+from bofrs import _native
+from bofrs.formats.blockwise.codebooks import Codebook
+from bofrs._errors import FormatError
+from bofrs._inputs import dtype_from_name, dtype_name
+from bofrs.formats.higgs.grids import Grid
+from bofrs.formats.higgs.tensor import HiggsTensor
+from bofrs.formats.blockwise.outliers import OUTLIER_DTYPES, Outliers, check_quantile, index_dtype
+from bofrs.formats.blockwise.packed import DQ8, DQ_GROUP, SCALE_DTYPES, PackedTensor
+from bofrs._validate import check_block_size
 
 FORMAT = "bofrs.packed"
 #: The newest version written and read; files without outliers or dq8 scales are written as 1.

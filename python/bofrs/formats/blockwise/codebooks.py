@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import _native
-from ._validate import check_block_size, check_choice
+from bofrs import _native
+from bofrs._validate import check_block_size, check_choice
 
 NORMALIZATIONS = ("absmax", "signed_absmax")
 

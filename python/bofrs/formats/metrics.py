@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from ._inputs import as_tensor
-from ._higgs import HiggsTensor
-from ._packed import PackedTensor
+from bofrs._inputs import as_tensor
+from bofrs.formats.higgs.tensor import HiggsTensor
+from bofrs.formats.blockwise.packed import PackedTensor
 
 _CHUNK = 1 << 22
 

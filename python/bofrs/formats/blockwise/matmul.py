@@ -12,8 +12,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from . import _native
-from ._packed import PackedTensor
+from bofrs import _native
+from bofrs.formats.blockwise.packed import PackedTensor
 
 #: Activation dtypes the fused kernel reads directly.
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _cuda, _native
-from ._codebooks import Codebook
-from ._cuda import _blockwise as _cuda_blockwise
-from ._hadamard import check_group_size, hadamard
-from ._inputs import dtype_name
-from ._outliers import Outliers
-from ._validate import check_block_size
+from bofrs import _cuda, _native
+from bofrs.formats.blockwise.codebooks import Codebook
+from bofrs._cuda import _blockwise as _cuda_blockwise
+from bofrs.formats.hadamard import check_group_size, hadamard
+from bofrs._inputs import dtype_name
+from bofrs.formats.blockwise.outliers import Outliers
+from bofrs._validate import check_block_size
 
 #: Decoder output types of the native layer (others are decoded to float32, then cast).
 _NATIVE_OUTPUTS = (torch.float32, torch.bfloat16, torch.float16)

@@ -11,10 +11,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from . import _native
-from ._codebooks import NORMALIZATIONS, Codebook, resolve
-from ._inputs import flatten_for_native
-from ._validate import check_block_size, check_choice
+from bofrs import _native
+from bofrs.formats.blockwise.codebooks import NORMALIZATIONS, Codebook, resolve
+from bofrs._inputs import flatten_for_native
+from bofrs._validate import check_block_size, check_choice
 
 METRICS = ("mse", "mae")
 

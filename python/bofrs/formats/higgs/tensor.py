@@ -7,13 +7,13 @@ import numbers
 import numpy as np
 import torch
 
-from . import _cuda, _native
-from ._cuda import _higgs as _cuda_higgs
-from ._grids import Grid, grid
-from ._hadamard import check_group_size
-from ._inputs import dtype_name, flatten_for_native
-from ._packed import SCALE_DTYPES
-from ._validate import check_choice
+from bofrs import _cuda, _native
+from bofrs._cuda import _higgs as _cuda_higgs
+from bofrs.formats.higgs.grids import Grid, grid
+from bofrs.formats.hadamard import check_group_size
+from bofrs._inputs import dtype_name, flatten_for_native
+from bofrs.formats.blockwise.packed import SCALE_DTYPES
+from bofrs._validate import check_choice
 
 #: Bits per weight -> (p, n) of the default grid for that width.
 GRIDS_FOR_BITS = {

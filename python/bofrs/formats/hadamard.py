@@ -6,9 +6,9 @@ import numbers
 
 import torch
 
-from . import _cuda, _native
-from ._cuda import _hadamard as _cuda_hadamard
-from ._inputs import as_tensor
+from bofrs import _cuda, _native
+from bofrs._cuda import _hadamard as _cuda_hadamard
+from bofrs._inputs import as_tensor
 
 MIN_GROUP, MAX_GROUP = 16, 1 << 15
 

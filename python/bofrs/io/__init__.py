@@ -1,0 +1,1 @@
+"""Files: bofrs safetensors files, model checkpoints, and whole-checkpoint conversion."""
