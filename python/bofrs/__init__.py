@@ -7,72 +7,79 @@
 4.25
 >>> bofrs.quantization_error(w, packed)["relative_mse"] < 0.01
 True
+>>> str(bofrs.pack(w, "bof4s@128+opq").format)
+'bof4s@128+opq'
+
+The package by layer: :mod:`bofrs.formats` (the quantization formats and :class:`Format`),
+:mod:`bofrs.io` (files, checkpoints, conversion), :mod:`bofrs.nn` (modules, ``quantize_model``),
+the evaluation (perplexity, sensitivities, allocation) and :mod:`bofrs.cli`.
 """
 
 from __future__ import annotations
 
 from bofrs import _native
-from bofrs._allocate import Allocation, allocate
-from bofrs.formats.blockwise.codebooks import Codebook, available_codebooks, codebook
-from bofrs.io.convert import quantize_checkpoint
-from bofrs.io.checkpoint import load_quantized, save_quantized
 from bofrs._errors import FormatError
-from bofrs._evaluate import allocate_model, calibrate_errors, evaluate_formats, fake_quantized
-from bofrs.formats.hadamard import hadamard
-from bofrs.formats.higgs.tensor import HiggsTensor, higgs_grid, pack_higgs
-from bofrs._linearity import build_menu, cross_entropy, estimate_sensitivity, layer_errors, perplexity
-from bofrs.io.files import load_file, read_metadata, save_file
-from bofrs.formats.metrics import quantization_error
-from bofrs.formats.blockwise.optimize import expected_error, optimize_codebook
-from bofrs.formats.blockwise.outliers import Outliers
-from bofrs.formats.pack import pack, unpack
-from bofrs.formats.blockwise.packed import PackedTensor
-from bofrs.nn.quantize import QuantConfig, quantize_model
+from bofrs._system import num_threads, supported_isas
+from bofrs.formats import (
+    BlockwiseFormat,
+    Codebook,
+    Format,
+    HiggsFormat,
+    HiggsTensor,
+    KeepFormat,
+    Outliers,
+    PackedTensor,
+    QuantizedTensor,
+    available_codebooks,
+    codebook,
+    expected_error,
+    hadamard,
+    higgs_grid,
+    optimize_codebook,
+    opq_threshold,
+    pack,
+    pack_higgs,
+    quantization_error,
+    unpack,
+)
+from bofrs.io import (
+    load_file,
+    load_quantized,
+    quantize_checkpoint,
+    read_metadata,
+    save_file,
+    save_quantized,
+)
 from bofrs import nn
+from bofrs.nn import QuantConfig, quantize_model
+from bofrs._allocate import Allocation, allocate
+from bofrs._evaluate import allocate_model, calibrate_errors, evaluate_formats, fake_quantized
+from bofrs._linearity import build_menu, cross_entropy, estimate_sensitivity, layer_errors, perplexity
 
 __version__: str = _native.__version__
 
-
-def num_threads() -> int:
-    """Threads the heavy calls use (``BOFRS_NUM_THREADS`` before the first call; default: all cores)."""
-    return int(_native.num_threads())
-
-
-def opq_threshold(block_size: int, q: float) -> float:
-    """OPQ threshold factor ``t(I, q) = Phi^-1((q^(1/I) + 1) / 2)``: a value is an outlier when
-    its magnitude exceeds ``t`` times its block's sample standard deviation."""
-    from bofrs.formats.blockwise.outliers import check_quantile
-
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    checked = check_quantile(q)
-    if checked is None:
-        raise TypeError("q must be a float in (0, 1)")
-    return float(_native.opq_threshold(block_size, checked))
-
-
-def supported_isas() -> tuple[str, ...]:
-    """Kernel variants this CPU runs ("portable" first, the default last); all give identical results."""
-    return tuple(_native.supported_isas())
-
-
 __all__ = [
     "Allocation",
+    "BlockwiseFormat",
     "Codebook",
+    "Format",
     "FormatError",
+    "HiggsFormat",
     "HiggsTensor",
+    "KeepFormat",
     "Outliers",
     "PackedTensor",
     "QuantConfig",
+    "QuantizedTensor",
     "allocate",
     "allocate_model",
     "available_codebooks",
     "build_menu",
     "calibrate_errors",
+    "codebook",
     "cross_entropy",
     "estimate_sensitivity",
     "evaluate_formats",
-    "codebook",
     "expected_error",
     "fake_quantized",
     "hadamard",

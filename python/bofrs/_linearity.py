@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bofrs.formats.higgs.tensor import pack_higgs
-from bofrs.formats.pack import pack
+from bofrs.formats.format import Format, KeepFormat
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -215,52 +214,26 @@ def estimate_sensitivity(
 
 
 def spec_options(spec: str, in_features: int) -> dict[str, Any]:
-    """The :class:`bofrs.QuantConfig` options of a format spec (see :func:`layer_errors`) for a
+    """The :class:`bofrs.QuantConfig` options of a format spec (:class:`bofrs.Format`) for a
     layer with rows of ``in_features`` values: ``{"skip": True}`` for ``"bf16"`` / ``"fp16"``
-    (kept in full precision), else codebook, block size or HIGGS bits/p/group size, OPQ,
-    rotation and scale dtype exactly as :func:`layer_errors` measures them."""
-    if spec in ("bf16", "fp16"):
-        return {"skip": True}
-    higgs = re.fullmatch(r"higgs(\d)p(\d)(?:@(\d+))?", spec)
-    if higgs:
-        group = int(higgs.group(3) or _natural_group(in_features))
-        return {
-            "codebook": "higgs", "bits": int(higgs.group(1)), "p": int(higgs.group(2)),
-            "group_size": group, "scale_dtype": "float16",
-        }  # fmt: skip
-    blockwise = re.fullmatch(r"([a-z0-9-]+?)(?:@(\d+))?((?:\+(?:opq|rot|dq8))*)", spec)
-    if not blockwise:
-        raise ValueError(f"unknown format spec {spec!r}")
-    extras = set(blockwise.group(3).split("+")) - {""}
-    rotation = "hadamard" if "rot" in extras and in_features & -in_features >= 16 else None
-    return {
-        "codebook": blockwise.group(1), "block_size": int(blockwise.group(2) or 64),
-        "opq": 0.95 if "opq" in extras else None, "rotation": rotation,
-        "scale_dtype": "dq8" if "dq8" in extras else "bfloat16",
-    }  # fmt: skip
+    (kept in full precision), else the options of the format made concrete for the row length
+    (:meth:`bofrs.Format.resolved`), exactly as :func:`layer_errors` measures them."""
+    return Format.parse(spec).resolved(in_features).options()
 
 
 def _quantized(w: torch.Tensor, spec: str) -> tuple[float, torch.Tensor]:
     """(bits per weight, float32 reconstruction) of a float32 CPU weight in one format."""
-    if spec in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if spec == "bf16" else torch.float16
-        return 16.0, w.to(dtype).float()
-    o = spec_options(spec, w.shape[-1])
-    if o["codebook"] == "higgs":
-        packed_h = pack_higgs(w, o["bits"], o["p"], o["group_size"], scale_dtype=o["scale_dtype"])
-        return packed_h.bits_per_weight, packed_h.dequantize(torch.float32)
-    packed = pack(
-        w, o["codebook"], o["block_size"], opq=o["opq"], rotation=o["rotation"],
-        scale_dtype=o["scale_dtype"],
-    )  # fmt: skip
+    fmt = Format.parse(spec)
+    if isinstance(fmt, KeepFormat):
+        return 16.0, fmt.fake_quantize(w).float()
+    packed = fmt.resolved(w.shape[-1]).pack(w)
     return packed.bits_per_weight, packed.dequantize(torch.float32)
 
 
 def dequantized(weight: torch.Tensor, spec: str) -> torch.Tensor:
-    """``weight`` quantized in format ``spec`` (see :func:`layer_errors`) and decoded again, in
-    the weight's dtype and device: fake quantization for evaluations."""
-    _, back = _quantized(weight.detach().float().cpu(), spec)
-    return back.to(dtype=weight.dtype, device=weight.device)
+    """``weight`` quantized in format ``spec`` (a :class:`bofrs.Format` or its spec string) and
+    decoded again, in the weight's dtype and device: fake quantization for evaluations."""
+    return Format.parse(spec).fake_quantize(weight)
 
 
 def _quantized_error(weight: torch.Tensor, spec: str) -> tuple[float, float, torch.Tensor]:
@@ -277,13 +250,6 @@ def _format_error(weight: torch.Tensor, spec: str) -> tuple[float, float]:
     """(bits per weight, relative squared error) of one format on one weight."""
     bits, t2, _ = _quantized_error(weight, spec)
     return bits, t2
-
-
-def _natural_group(cols: int) -> int:
-    """The largest power of two dividing the row length, within 16..1024 (no padding when the
-    row length allows it)."""
-    lowest = int(cols) & -int(cols)
-    return min(1024, max(16, lowest))
 
 
 def layer_errors(

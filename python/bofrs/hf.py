@@ -30,6 +30,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bofrs.formats.blockwise.codebooks import Codebook, resolve
+from bofrs.formats.format import BlockwiseFormat
 from bofrs.formats.pack import pack
 from bofrs.formats.blockwise.packed import SCALE_DTYPES, PackedTensor
 from bofrs.nn.quantize import QuantConfig, linear_layers, matches
@@ -84,6 +85,11 @@ def _placeholder(layer: nn.Linear, config: QuantConfig, name: str) -> QuantLinea
     """A QuantLinear with empty (meta) buffers shaped for ``layer`` and the options of ``name``."""
     spec = config.spec_for(name)
     assert spec is not None
+    if not isinstance(spec, BlockwiseFormat) or spec.opq is not None or spec.rotation is not None or spec.scale_dtype == "dq8":
+        raise ValueError(
+            f"{name}: the transformers plug-in stores plain block-wise formats (no OPQ, rotation, dq8 "
+            f"or HIGGS), got {spec}; use bofrs.quantize_model and bofrs.save_quantized for those"
+        )
     out_features, in_features = layer.out_features, layer.in_features
     numel = out_features * in_features
     device = torch.device("meta")

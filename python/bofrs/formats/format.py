@@ -189,6 +189,9 @@ class BlockwiseFormat(Format):
         if not isinstance(self.codebook, (str, Codebook)):
             raise TypeError(f"codebook must be a name or a bofrs.Codebook, got {type(self.codebook).__name__}")
         book = resolve(self.codebook, self.block_size)
+        if isinstance(self.codebook, Codebook) and book.name in available_codebooks():
+            if resolve(book.name, self.block_size) == book:
+                set_(self, "codebook", book.name)  # a built-in table is named: equal formats compare equal
         if book.bits != 4:
             raise ValueError(f"codebook: block-wise formats store 4-bit codes, {book.name!r} has {book.bits}-bit levels")
 

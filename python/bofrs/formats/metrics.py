@@ -7,20 +7,19 @@ import math
 import torch
 
 from bofrs._inputs import as_tensor
-from bofrs.formats.higgs.tensor import HiggsTensor
-from bofrs.formats.blockwise.packed import PackedTensor
+from bofrs.formats.tensor import QuantizedTensor
 
 _CHUNK = 1 << 22
 
 
-def quantization_error(original: object, packed: PackedTensor | HiggsTensor) -> dict[str, float]:
+def quantization_error(original: object, packed: QuantizedTensor) -> dict[str, float]:
     """Error statistics of ``packed`` against ``original`` (computed in float64).
 
     Returns ``mse``, ``mae``, ``max_abs_error``, ``relative_mse`` (mse over the mean square of
     the original; 0 when both are 0), ``sqnr_db`` (``-10 log10 relative_mse``; inf when exact),
     ``bits_per_weight`` and ``outlier_fraction`` (OPQ outliers over all values; 0 without OPQ).
     """
-    if not isinstance(packed, (PackedTensor, HiggsTensor)):
+    if not isinstance(packed, QuantizedTensor):
         raise TypeError(
             f"packed must be a bofrs.PackedTensor or bofrs.HiggsTensor, got {type(packed).__name__}"
         )
@@ -53,11 +52,5 @@ def quantization_error(original: object, packed: PackedTensor | HiggsTensor) -> 
         "relative_mse": relative,
         "sqnr_db": -10.0 * math.log10(relative) if relative > 0 else math.inf,
         "bits_per_weight": packed.bits_per_weight,
-        "outlier_fraction": _outlier_fraction(packed, n),
+        "outlier_fraction": packed.outlier_count / n if n else 0.0,
     }
-
-
-def _outlier_fraction(packed: PackedTensor | HiggsTensor, n: int) -> float:
-    if isinstance(packed, HiggsTensor) or packed.outliers is None or not n:
-        return 0.0
-    return packed.outliers.count / n

@@ -27,14 +27,13 @@ from torch import nn
 from bofrs._errors import FormatError
 from bofrs._inputs import dtype_from_name, dtype_name
 from bofrs.io.files import load_file, save_file
-from bofrs.formats.higgs.tensor import HiggsTensor
-from bofrs.formats.blockwise.packed import PackedTensor
-from bofrs.nn.quantize import QuantConfig
-from bofrs.nn.higgs_linear import HiggsLinear
-from bofrs.nn.linear import FUSED_MAX_TOKENS, QuantLinear
+from bofrs.formats.tensor import QuantizedTensor
+from bofrs.nn.base import PackedLinear
+from bofrs.nn.linear import FUSED_MAX_TOKENS
+from bofrs.nn.quantize import LINEAR_MODULES, QuantConfig
 
 #: Modules whose weight is stored packed.
-QuantModule = QuantLinear | HiggsLinear
+QuantModule = PackedLinear
 
 INDEX = "bofrs_model.json"
 MODEL_FORMAT = "bofrs.model"
@@ -46,16 +45,16 @@ def _quant_layers(model: nn.Module) -> dict[str, QuantModule]:
     return {
         n: m
         for n, m in model.named_modules(remove_duplicate=False)
-        if isinstance(m, (QuantLinear, HiggsLinear))
+        if isinstance(m, PackedLinear)
     }
 
 
 def _entries(
     model: nn.Module,
-) -> tuple[dict[str, PackedTensor | HiggsTensor | torch.Tensor], dict[str, str]]:
+) -> tuple[dict[str, QuantizedTensor | torch.Tensor], dict[str, str]]:
     """What gets stored (name -> packed or plain tensor) and aliases (name -> stored name)."""
     layers = _quant_layers(model)
-    entries: dict[str, PackedTensor | HiggsTensor | torch.Tensor] = {}
+    entries: dict[str, QuantizedTensor | torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
     quant_keys: set[str] = set()
@@ -80,8 +79,8 @@ def _entries(
     return entries, aliases
 
 
-def _nbytes(value: PackedTensor | HiggsTensor | torch.Tensor) -> int:
-    if isinstance(value, (PackedTensor, HiggsTensor)):
+def _nbytes(value: QuantizedTensor | torch.Tensor) -> int:
+    if isinstance(value, QuantizedTensor):
         return value.nbytes
     return value.numel() * value.element_size()
 
@@ -201,7 +200,7 @@ def _skeleton(index: Mapping[str, Any]) -> nn.Module:
 
 
 def _placeholder(
-    name: str, spec: Mapping[str, Any], packed: PackedTensor | HiggsTensor
+    name: str, spec: Mapping[str, Any], packed: QuantizedTensor
 ) -> QuantModule:
     """A QuantLinear around the loaded packed weight (bias filled later from the state dict)."""
     bias = None
@@ -210,9 +209,7 @@ def _placeholder(
     if tuple(packed.shape) != (spec["out_features"], spec["in_features"]):
         raise FormatError(f"{name}: packed shape {tuple(packed.shape)} does not match the index")
     fused = int(spec.get("fused_max_tokens", FUSED_MAX_TOKENS))
-    if isinstance(packed, HiggsTensor):
-        return HiggsLinear(packed, bias, fused_max_tokens=fused)
-    return QuantLinear(packed, bias, fused_max_tokens=fused)
+    return LINEAR_MODULES[packed.kind](packed, bias, fused_max_tokens=fused)  # type: ignore[call-arg]
 
 
 def load_quantized(
@@ -244,7 +241,7 @@ def load_quantized(
         plain: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
             targets = [key, *by_source.get(key, [])]
-            if not isinstance(value, (PackedTensor, HiggsTensor)):
+            if not isinstance(value, QuantizedTensor):
                 plain.update({target: value for target in targets})
                 continue
             quant: QuantModule | None = None

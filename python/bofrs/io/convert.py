@@ -29,13 +29,11 @@ from safetensors import safe_open
 
 from bofrs._allocate import Allocation, allocate
 from bofrs.io.checkpoint import INDEX, MODEL_FORMAT, MODEL_FORMAT_VERSION
-from bofrs.formats.higgs.tensor import HiggsTensor, pack_higgs
 from bofrs._inputs import dtype_name
-from bofrs.io.files import save_file
 from bofrs._linearity import _format_error, build_menu
-from bofrs.formats.pack import pack
-from bofrs.formats.blockwise.packed import PackedTensor
-from bofrs.nn.quantize import LayerSpec, QuantConfig
+from bofrs.formats.tensor import QuantizedTensor
+from bofrs.io.files import save_file
+from bofrs.nn.quantize import QuantConfig
 
 #: Name fragments of 2-D weights that are not Linear layers.
 NOT_LINEAR = ("embed", "wte", "wpe", "norm", "ln_")
@@ -74,15 +72,6 @@ def is_linear_weight(name: str, tensor_shape: torch.Size) -> bool:
         and len(tensor_shape) == 2
         and not any(fragment in lowered for fragment in NOT_LINEAR)
     )
-
-
-def _pack_layer(weight: torch.Tensor, spec: LayerSpec) -> PackedTensor | HiggsTensor:
-    if spec.codebook == "higgs":
-        return pack_higgs(weight, spec.bits, spec.p, spec.group_size, scale_dtype=spec.scale_dtype)
-    return pack(
-        weight, spec.codebook, spec.block_size, scale_dtype=spec.scale_dtype, opq=spec.opq,
-        rotation=spec.rotation,
-    )  # fmt: skip
 
 
 def _bar(total: int, enabled: bool) -> Any:
@@ -132,14 +121,14 @@ def quantize_checkpoint(
         shards: dict[str, list[str]] = {}
         all_keys: dict[str, torch.dtype] = {}
         for number, path in enumerate(files, start=1):
-            entries: dict[str, PackedTensor | HiggsTensor | torch.Tensor] = {}
+            entries: dict[str, QuantizedTensor | torch.Tensor] = {}
             for key, tensor in _tensors(path):
                 size = tensor.numel() * tensor.element_size()
                 all_keys[key] = tensor.dtype
                 module = key.removesuffix(".weight")
                 spec = config.spec_for(module) if is_linear_weight(key, tensor.shape) else None
                 if spec is not None and tensor.dtype.is_floating_point:
-                    packed = _pack_layer(tensor, spec)
+                    packed = spec.pack(tensor)
                     entries[key] = packed
                     layers[module] = {
                         "in_features": int(tensor.shape[1]),

@@ -9,6 +9,8 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
+from bofrs.formats.tensor import QuantizedTensor
+
 
 class _FrozenMatmul(torch.autograd.Function):
     """``x @ W.T`` with the packed weight frozen: gradients flow to ``x`` only."""
@@ -61,6 +63,11 @@ class PackedLinear(nn.Module):
 
     def packed_buffer_names(self) -> tuple[str, ...]:
         """The buffers that together hold the packed weight."""
+        raise NotImplementedError
+
+    @property
+    def packed(self) -> QuantizedTensor:
+        """The weight as a packed tensor (views of the buffers)."""
         raise NotImplementedError
 
     def _cached(self, key: str, build: Callable[[], Any]) -> Any:

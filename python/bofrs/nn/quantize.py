@@ -11,32 +11,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from bofrs.formats.blockwise.codebooks import Codebook, resolve
-from bofrs.formats.hadamard import check_group_size
-from bofrs.formats.higgs.tensor import higgs_grid
-from bofrs.formats.blockwise.packed import SCALE_DTYPES, SCALE_FORMATS
-from bofrs._validate import check_block_size, check_choice
+from bofrs.formats.blockwise.codebooks import Codebook
+from bofrs.formats.format import Format, HiggsFormat, KeepFormat
+from bofrs.formats.tensor import QuantizedTensor
+from bofrs.nn.base import PackedLinear
 from bofrs.nn.higgs_linear import HiggsLinear
 from bofrs.nn.linear import FUSED_MAX_TOKENS, QuantLinear
 
-#: Options a per-layer override may set.
+#: Options a per-layer override may set (as a dict; an override may also be a whole format:
+#: a :class:`bofrs.Format` or its spec string).
 OVERRIDE_KEYS = (
-    "codebook", "block_size", "scale_dtype", "opq", "rotation", "bits", "p", "group_size", "skip",
+    "codebook", "block_size", "scale_dtype", "opq", "outlier_dtype", "rotation", "bits", "p",
+    "group_size", "skip",
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """How one layer is quantized (resolved from a :class:`QuantConfig` and the layer's name)."""
-
-    codebook: str | Codebook
-    block_size: int
-    scale_dtype: str
-    opq: float | None = None
-    rotation: str | int | None = None
-    bits: int = 4
-    p: int = 2
-    group_size: int = 1024
+#: The module that holds each kind of packed weight.
+LINEAR_MODULES: dict[str, type[PackedLinear]] = {"packed": QuantLinear, "higgs": HiggsLinear}
 
 
 @dataclass
@@ -49,9 +38,10 @@ class QuantConfig:
       :func:`bofrs.pack_higgs`);
     - ``skip``: module-name patterns left in full precision (default ``("lm_head",)``);
     - ``overrides``: ``{pattern: {option: value}}`` per-layer options (``codebook``,
-      ``block_size``, ``scale_dtype``, ``opq``, ``rotation``, or ``skip: True``); later patterns
-      win over earlier ones (a per-layer allocation, e.g. from :func:`bofrs.allocate`, is a set
-      of overrides);
+      ``block_size``, ``scale_dtype``, ``opq``, ``rotation``, ..., or ``skip: True``), or
+      ``{pattern: format}`` with a :class:`bofrs.Format` or spec string (``"higgs4p2"``,
+      ``"bf16"`` = skip); later patterns win over earlier ones (a per-layer allocation, e.g.
+      from :func:`bofrs.allocate`, is a set of overrides);
     - ``fused_max_tokens``: passed to every :class:`bofrs.nn.QuantLinear`.
 
     A pattern matches a module name with :func:`fnmatch.fnmatchcase`, either the whole name
@@ -70,6 +60,7 @@ class QuantConfig:
     skip: tuple[str, ...] = ("lm_head",)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     fused_max_tokens: int = FUSED_MAX_TOKENS
+    outlier_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if isinstance(self.skip, str):
@@ -79,51 +70,50 @@ class QuantConfig:
             raise TypeError("skip must hold str patterns")
         if not isinstance(self.overrides, Mapping):
             raise TypeError(f"overrides must be a dict, got {type(self.overrides).__name__}")
-        self.overrides = {k: dict(v) for k, v in self.overrides.items()}
-        _check_spec(self._default(), "")
+        overrides: dict[str, dict[str, Any]] = {}
         for pattern, options in self.overrides.items():
-            if not isinstance(pattern, str) or not isinstance(options, dict):
-                raise TypeError("overrides must map str patterns to dicts of options")
+            if not isinstance(pattern, str):
+                raise TypeError("overrides must map str patterns to dicts of options or formats")
+            overrides[pattern] = _override_options(pattern, options)
+        self.overrides = overrides
+        _checked_format(self._default_options(), "")
+        for pattern, options in self.overrides.items():
             unknown = set(options) - set(OVERRIDE_KEYS)
             if unknown:
                 raise ValueError(
                     f"overrides[{pattern!r}] has unknown options {sorted(unknown)}; "
                     f"allowed: {', '.join(OVERRIDE_KEYS)}"
                 )
-            spec = self._merge(self._default(), options)
-            _check_spec(spec, f"overrides[{pattern!r}].")
+            _checked_format({**self._default_options(), **options}, f"overrides[{pattern!r}].")
         if isinstance(self.fused_max_tokens, bool) or not isinstance(self.fused_max_tokens, int):
             raise TypeError("fused_max_tokens must be an int")
 
-    def _default(self) -> LayerSpec:
-        return LayerSpec(
-            self.codebook, self.block_size, self.scale_dtype, self.opq, self.rotation,
-            self.bits, self.p, self.group_size,
-        )  # fmt: skip
+    @classmethod
+    def from_format(cls, fmt: str | Format, **fields: Any) -> QuantConfig:
+        """A config quantizing every Linear layer in ``fmt`` (a :class:`bofrs.Format` or spec
+        string, e.g. ``"bof4s+opq"``); ``fields``: the other fields (``skip``, ``overrides``, ...)."""
+        options = Format.parse(fmt).options()
+        if options.get("skip"):
+            raise ValueError(f"fmt: {fmt} keeps layers in 16 bits; QuantConfig needs a quantized format")
+        return cls(**{**options, **fields})
 
-    @staticmethod
-    def _merge(spec: LayerSpec, options: Mapping[str, Any]) -> LayerSpec:
-        return LayerSpec(
-            options.get("codebook", spec.codebook),
-            options.get("block_size", spec.block_size),
-            options.get("scale_dtype", spec.scale_dtype),
-            options.get("opq", spec.opq),
-            options.get("rotation", spec.rotation),
-            options.get("bits", spec.bits),
-            options.get("p", spec.p),
-            options.get("group_size", spec.group_size),
-        )
+    def _default_options(self) -> dict[str, Any]:
+        return {
+            "codebook": self.codebook, "block_size": self.block_size, "scale_dtype": self.scale_dtype,
+            "opq": self.opq, "outlier_dtype": self.outlier_dtype, "rotation": self.rotation,
+            "bits": self.bits, "p": self.p, "group_size": self.group_size,
+        }  # fmt: skip
 
-    def spec_for(self, name: str) -> LayerSpec | None:
-        """The options for module ``name``, or ``None`` if it stays in full precision."""
+    def spec_for(self, name: str) -> Format | None:
+        """The format for module ``name``, or ``None`` if it stays in full precision."""
         skipped = any(matches(name, p) for p in self.skip)
-        spec = self._default()
-        for pattern, options in self.overrides.items():
+        options = self._default_options()
+        for pattern, override in self.overrides.items():
             if matches(name, pattern):
-                spec = self._merge(spec, options)
-                if "skip" in options:
-                    skipped = bool(options["skip"])
-        return None if skipped else spec
+                options.update({k: v for k, v in override.items() if k != "skip"})
+                if "skip" in override:
+                    skipped = bool(override["skip"])
+        return None if skipped else _format_of(options)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able description (custom codebooks as their dict)."""
@@ -140,6 +130,7 @@ class QuantConfig:
             "bits": self.bits,
             "p": self.p,
             "group_size": self.group_size,
+            "outlier_dtype": self.outlier_dtype,
             "skip": list(self.skip),
             "overrides": {
                 p: {k: book(v) if k == "codebook" else v for k, v in o.items()}
@@ -156,14 +147,12 @@ class QuantConfig:
         :func:`bofrs.allocate_model`) its format, as exact-name overrides on top of the
         ``defaults`` (other :class:`QuantConfig` fields); ``in_features`` gives each layer's row
         length (HIGGS group size and rotation depend on it). ``"bf16"`` keeps a layer as is."""
-        from bofrs._linearity import spec_options
-
         missing = [n for n in choice if n not in in_features]
         if missing:
             raise ValueError(f"in_features: no row length for layer {missing[0]!r}")
         overrides = dict(defaults.pop("overrides", {}))
         for name, spec in choice.items():
-            overrides[name] = spec_options(spec, int(in_features[name]))
+            overrides[name] = Format.parse(spec).resolved(int(in_features[name]))
         return cls(overrides=overrides, **defaults)
 
     @classmethod
@@ -189,33 +178,61 @@ class QuantConfig:
             skip=tuple(data.get("skip", ("lm_head",))),
             overrides=overrides,
             fused_max_tokens=data.get("fused_max_tokens", FUSED_MAX_TOKENS),
+            outlier_dtype=data.get("outlier_dtype", "bfloat16"),
         )
 
 
-def _check_spec(spec: LayerSpec, where: str) -> None:
-    codebook, block_size, scale_dtype = spec.codebook, spec.block_size, spec.scale_dtype
-    opq, rotation = spec.opq, spec.rotation
-    if codebook == "higgs":
-        check_choice(scale_dtype, tuple(SCALE_DTYPES), f"{where}scale_dtype")
-        higgs_grid(spec.bits, spec.p)
-        check_group_size(spec.group_size)
-        if opq is not None or rotation is not None:
-            raise ValueError(f"{where}opq and rotation do not apply to codebook='higgs'")
-        return
-    if not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool):
+def _override_options(pattern: str, override: object) -> dict[str, Any]:
+    """An override as a dict of options (a format or spec string becomes its options)."""
+    if isinstance(override, (str, Format)):
+        fmt = Format.parse(override)
+        if isinstance(fmt, KeepFormat):
+            return {"skip": True}
+        options = fmt.options()
+        if isinstance(fmt, HiggsFormat):
+            options.update(opq=None, rotation=None)  # a whole format: nothing of the defaults'
+        return options
+    if not isinstance(override, Mapping):
+        raise TypeError(
+            f"overrides[{pattern!r}] must be a dict of options, a bofrs.Format or a spec string, "
+            f"got {type(override).__name__}"
+        )
+    return dict(override)
+
+
+def _format_of(options: Mapping[str, Any]) -> Format:
+    """The format of a full set of options (see :meth:`QuantConfig._default_options`)."""
+    return Format.from_options(
+        options["codebook"], options["block_size"], scale_dtype=options["scale_dtype"],
+        opq=options["opq"], outlier_dtype=options["outlier_dtype"], rotation=options["rotation"],
+        bits=options["bits"], p=options["p"], group_size=options["group_size"],
+    )  # fmt: skip
+
+
+def _checked_format(options: Mapping[str, Any], where: str) -> Format:
+    """:func:`_format_of`, with errors naming the option's place (``overrides[...]``)."""
+    block_size = options["block_size"]
+    if options["codebook"] != "higgs" and (
+        isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)
+    ):
         raise TypeError(f"{where}block_size must be an int, got {type(block_size).__name__}")
-    check_block_size(block_size, f"{where}block_size")
-    check_choice(scale_dtype, SCALE_FORMATS, f"{where}scale_dtype")
-    if opq is not None:
+    opq = options["opq"]
+    if opq is not None and options["codebook"] != "higgs":
         if isinstance(opq, bool) or not isinstance(opq, numbers.Real) or not 0 < float(opq) < 1:
             raise ValueError(f"{where}opq must be a quantile in (0, 1) or None, got {opq!r}")
-    if rotation is not None and rotation != "hadamard":
+    rotation = options["rotation"]
+    if rotation is not None and rotation != "hadamard" and options["codebook"] != "higgs":
         if isinstance(rotation, bool) or not isinstance(rotation, int):
             raise ValueError(f"{where}rotation must be 'hadamard', a group size or None, got {rotation!r}")
-        check_group_size(rotation)
-    if not isinstance(codebook, (str, Codebook)):
+    if not isinstance(options["codebook"], (str, Codebook)):
         raise TypeError(f"{where}codebook must be a name or a bofrs.Codebook")
-    resolve(codebook, int(block_size))
+    try:
+        return _format_of(options)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        if options["codebook"] == "higgs" and "do not apply" in message:
+            message = "opq and rotation do not apply to codebook='higgs'"
+        raise type(err)(f"{where}{message}") from err
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -256,7 +273,7 @@ def quantize_model(
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a bofrs.QuantConfig, got {type(config).__name__}")
     todo = [item for item in linear_layers(model) if config.spec_for(item[0]) is not None]
-    done: dict[int, QuantLinear | HiggsLinear] = {}
+    done: dict[int, PackedLinear] = {}
     for name, parent, attr, layer in _progress(todo, progress):
         if id(layer) not in done:
             if layer.weight.device.type == "meta":
@@ -269,20 +286,8 @@ def quantize_model(
     return model
 
 
-def _quantized_layer(
-    layer: nn.Linear, spec: LayerSpec, fused_max_tokens: int
-) -> QuantLinear | HiggsLinear:
-    if spec.codebook == "higgs":
-        return HiggsLinear.from_linear(
-            layer, spec.bits, spec.p, spec.group_size, scale_dtype=spec.scale_dtype,
-            fused_max_tokens=fused_max_tokens,
-        )  # fmt: skip
-    return QuantLinear.from_linear(
-        layer,
-        spec.codebook,
-        spec.block_size,
-        scale_dtype=spec.scale_dtype,
-        opq=spec.opq,
-        rotation=spec.rotation,
-        fused_max_tokens=fused_max_tokens,
-    )
+def _quantized_layer(layer: nn.Linear, fmt: Format, fused_max_tokens: int) -> PackedLinear:
+    """``layer`` as the module that holds its weight packed in ``fmt``."""
+    packed: QuantizedTensor = fmt.pack(layer.weight.detach())
+    bias = None if layer.bias is None else layer.bias.detach()
+    return LINEAR_MODULES[packed.kind](packed, bias, fused_max_tokens=fused_max_tokens)  # type: ignore[call-arg]

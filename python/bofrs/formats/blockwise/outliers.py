@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from bofrs import _native
+
 #: Storage types of outlier values.
 OUTLIER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Index types, smallest first: the smallest one whose range holds every flat index is used.
@@ -32,6 +34,17 @@ def check_quantile(opq: object) -> float | None:
     if not (0.0 < q < 1.0) or math.isnan(q):
         raise ValueError(f"opq must be strictly between 0 and 1, got {opq!r}")
     return q
+
+
+def opq_threshold(block_size: int, q: float) -> float:
+    """OPQ threshold factor ``t(I, q) = Phi^-1((q^(1/I) + 1) / 2)``: a value is an outlier when
+    its magnitude exceeds ``t`` times its block's sample standard deviation."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    checked = check_quantile(q)
+    if checked is None:
+        raise TypeError("q must be a float in (0, 1)")
+    return float(_native.opq_threshold(block_size, checked))
 
 
 class Outliers:

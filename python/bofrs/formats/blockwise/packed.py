@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
 import numpy as np
 import torch
 
@@ -12,6 +15,11 @@ from bofrs.formats.hadamard import check_group_size, hadamard
 from bofrs._inputs import dtype_name
 from bofrs.formats.blockwise.outliers import Outliers
 from bofrs._validate import check_block_size
+from bofrs.formats.blockwise import stored
+from bofrs.formats.tensor import QuantizedTensor
+
+if TYPE_CHECKING:
+    from bofrs.formats.format import BlockwiseFormat
 
 #: Decoder output types of the native layer (others are decoded to float32, then cast).
 _NATIVE_OUTPUTS = (torch.float32, torch.bfloat16, torch.float16)
@@ -24,7 +32,7 @@ DQ_GROUP = 256
 SCALE_FORMATS = (*SCALE_DTYPES, DQ8)
 
 
-class PackedTensor:
+class PackedTensor(QuantizedTensor):
     """A tensor quantized to 4-bit codes in blocks.
 
     Layout: the tensor is flattened row-major and cut into blocks of ``block_size`` consecutive
@@ -51,6 +59,7 @@ class PackedTensor:
         "_rotation",
         "_cuda_cache",
     )
+    kind: ClassVar[str] = stored.KIND
 
     def __init__(
         self,
@@ -181,6 +190,41 @@ class PackedTensor:
     def outliers(self) -> Outliers | None:
         """The OPQ outliers (None when packed without OPQ)."""
         return self._outliers
+
+    @property
+    def outlier_count(self) -> int:
+        """Number of OPQ outliers (0 without OPQ)."""
+        return 0 if self._outliers is None else self._outliers.count
+
+    @property
+    def format(self) -> BlockwiseFormat:
+        """The :class:`bofrs.Format` of this tensor (its codebook object, rotation group)."""
+        from bofrs.formats.format import BlockwiseFormat
+
+        outliers = self._outliers
+        return BlockwiseFormat(
+            self._codebook, self._block_size, self.scale_format,
+            None if outliers is None else outliers.q,
+            "bfloat16" if outliers is None else dtype_name(outliers.dtype), self._rotation,
+        )  # fmt: skip
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return stored.parts(self)
+
+    def manifest(self) -> dict[str, Any]:
+        return stored.manifest(self)
+
+    @classmethod
+    def stored_parts(cls, entry: Mapping[str, Any]) -> tuple[str, ...]:
+        return stored.stored_parts(entry)
+
+    @classmethod
+    def format_version(cls, entry: Mapping[str, Any]) -> int:
+        return stored.format_version(entry)
+
+    @classmethod
+    def from_stored(cls, name: str, entry: Mapping[str, Any], parts: Mapping[str, torch.Tensor]) -> PackedTensor:
+        return stored.from_stored(name, entry, parts)
 
     def decoded_scales(self) -> torch.Tensor:
         """The float32 scale of every block, as the decoder uses it, on :attr:`device`."""

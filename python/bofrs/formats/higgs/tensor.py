@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from bofrs import _cuda, _native
 from bofrs._cuda import _higgs as _cuda_higgs
-from bofrs.formats.higgs.grids import Grid, grid
-from bofrs.formats.hadamard import check_group_size
 from bofrs._inputs import dtype_name, flatten_for_native
-from bofrs.formats.blockwise.packed import SCALE_DTYPES
 from bofrs._validate import check_choice
+from bofrs.formats.blockwise.packed import SCALE_DTYPES
+from bofrs.formats.hadamard import check_group_size
+from bofrs.formats.higgs import stored
+from bofrs.formats.higgs.grids import Grid, grid
+from bofrs.formats.tensor import QuantizedTensor
+
+if TYPE_CHECKING:
+    from bofrs.formats.format import HiggsFormat
 
 #: Bits per weight -> (p, n) of the default grid for that width.
 GRIDS_FOR_BITS = {
@@ -40,7 +47,7 @@ def _rows_cols(shape: torch.Size) -> tuple[int, int]:
     return (shape.numel() // cols if cols else 0), cols
 
 
-class HiggsTensor:
+class HiggsTensor(QuantizedTensor):
     """A weight packed with HIGGS.
 
     Each row (last dimension) is cut into groups of ``group_size`` values, the last one padded
@@ -56,6 +63,7 @@ class HiggsTensor:
     __slots__ = (
         "_codes", "_scales", "_shape", "_dtype", "_group_size", "_grid", "_scale_dtype", "_cuda_cache",
     )
+    kind: ClassVar[str] = stored.KIND
 
     def __init__(
         self,
@@ -108,6 +116,37 @@ class HiggsTensor:
     def scales(self) -> torch.Tensor:
         """One RMS scale per group."""
         return self._scales
+
+    @property
+    def device(self) -> torch.device:
+        """Where the codes and scales are."""
+        return self._codes.device
+
+    @property
+    def format(self) -> HiggsFormat:
+        """The :class:`bofrs.Format` of this tensor."""
+        from bofrs.formats.format import HiggsFormat
+
+        code_bits = int(self._grid.n).bit_length() - 1
+        return HiggsFormat(code_bits // self._grid.p, self._grid.p, self._group_size, self._scale_dtype)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {"codes": self._codes, "scales": self._scales}
+
+    def manifest(self) -> dict[str, Any]:
+        return stored.manifest(self)
+
+    @classmethod
+    def stored_parts(cls, entry: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("codes", "scales")
+
+    @classmethod
+    def format_version(cls, entry: Mapping[str, Any]) -> int:
+        return 2
+
+    @classmethod
+    def from_stored(cls, name: str, entry: Mapping[str, Any], parts: Mapping[str, torch.Tensor]) -> HiggsTensor:
+        return stored.from_stored(name, entry, parts)
 
     @property
     def nbytes(self) -> int:
