@@ -22,27 +22,43 @@ if TYPE_CHECKING:
 
 class QuantizedTensor(ABC):
     """A quantized tensor: its original shape and dtype, its :class:`bofrs.Format`, the stored
-    parts, exact storage, and decoding."""
+    parts (codes and scales at least), exact storage, and decoding."""
 
     __slots__ = ()
 
     #: The manifest ``kind`` of this tensor type in bofrs files.
     kind: ClassVar[str]
 
+    # Every kind keeps its original shape and dtype, and its codes and scales, in these slots.
+    _shape: torch.Size
+    _dtype: torch.dtype
+    _codes: torch.Tensor
+    _scales: torch.Tensor
+
     @property
-    @abstractmethod
     def shape(self) -> torch.Size:
         """Shape of the original tensor."""
+        return self._shape
 
     @property
-    @abstractmethod
     def dtype(self) -> torch.dtype:
         """dtype of the original tensor (the default of :meth:`dequantize`)."""
+        return self._dtype
 
     @property
-    @abstractmethod
     def device(self) -> torch.device:
         """Where the stored parts are."""
+        return self._codes.device
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The packed codes (uint8, flat)."""
+        return self._codes
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """The scales, in their storage dtype."""
+        return self._scales
 
     @property
     @abstractmethod

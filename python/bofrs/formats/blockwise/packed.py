@@ -142,16 +142,6 @@ class PackedTensor(QuantizedTensor):
         return self._rotation
 
     @property
-    def shape(self) -> torch.Size:
-        """Shape of the original tensor."""
-        return self._shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """dtype of the original tensor (the default of :meth:`dequantize`)."""
-        return self._dtype
-
-    @property
     def block_size(self) -> int:
         """Values per block."""
         return self._block_size
@@ -160,11 +150,6 @@ class PackedTensor(QuantizedTensor):
     def codebook(self) -> Codebook:
         """The codebook the codes index."""
         return self._codebook
-
-    @property
-    def codes(self) -> torch.Tensor:
-        """Packed 4-bit codes, two per byte (uint8, flat)."""
-        return self._codes
 
     @property
     def scales(self) -> torch.Tensor:
@@ -239,16 +224,6 @@ class PackedTensor(QuantizedTensor):
             )
             return torch.from_numpy(raw)
         return _dq_scales_torch(self._scales, self._scale_scales, signed)
-
-    @property
-    def device(self) -> torch.device:
-        """Where codes and scales live."""
-        return self._codes.device
-
-    @property
-    def numel(self) -> int:
-        """Number of values of the original tensor."""
-        return self._shape.numel()
 
     @property
     def nbytes(self) -> int:

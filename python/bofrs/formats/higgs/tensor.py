@@ -88,16 +88,6 @@ class HiggsTensor(QuantizedTensor):
         self._cuda_cache: tuple[tuple[int, int], _cuda_higgs.HiggsOperands] | None = None
 
     @property
-    def shape(self) -> torch.Size:
-        """Shape of the original tensor."""
-        return self._shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """dtype of the original tensor (the default of :meth:`dequantize`)."""
-        return self._dtype
-
-    @property
     def group_size(self) -> int:
         """Values per rotated group."""
         return self._group_size
@@ -108,19 +98,9 @@ class HiggsTensor(QuantizedTensor):
         return self._grid
 
     @property
-    def codes(self) -> torch.Tensor:
-        """The bit-packed codes (uint8)."""
-        return self._codes
-
-    @property
     def scales(self) -> torch.Tensor:
         """One RMS scale per group."""
         return self._scales
-
-    @property
-    def device(self) -> torch.device:
-        """Where the codes and scales are."""
-        return self._codes.device
 
     @property
     def format(self) -> HiggsFormat:
