@@ -17,8 +17,22 @@ the evaluation (perplexity, sensitivities, allocation) and :mod:`bofrs.cli`.
 
 from __future__ import annotations
 
-from bofrs import _native
+from bofrs import _native, nn
+from bofrs._allocate import Allocation, allocate
 from bofrs._errors import FormatError
+from bofrs._evaluate import (
+    allocate_model,
+    calibrate_errors,
+    evaluate_formats,
+    fake_quantized,
+)
+from bofrs._linearity import (
+    build_menu,
+    cross_entropy,
+    estimate_sensitivity,
+    layer_errors,
+    perplexity,
+)
 from bofrs._system import num_threads, supported_isas
 from bofrs.formats import (
     BlockwiseFormat,
@@ -35,8 +49,8 @@ from bofrs.formats import (
     expected_error,
     hadamard,
     higgs_grid,
-    optimize_codebook,
     opq_threshold,
+    optimize_codebook,
     pack,
     pack_higgs,
     quantization_error,
@@ -50,11 +64,7 @@ from bofrs.io import (
     save_file,
     save_quantized,
 )
-from bofrs import nn
 from bofrs.nn import QuantConfig, quantize_model
-from bofrs._allocate import Allocation, allocate
-from bofrs._evaluate import allocate_model, calibrate_errors, evaluate_formats, fake_quantized
-from bofrs._linearity import build_menu, cross_entropy, estimate_sensitivity, layer_errors, perplexity
 
 __version__: str = _native.__version__
 

@@ -29,12 +29,13 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from bofrs._dtypes import SCALE_DTYPES
 from bofrs.formats.blockwise.codebooks import Codebook, resolve
+from bofrs.formats.blockwise.packed import PackedTensor
 from bofrs.formats.format import BlockwiseFormat
 from bofrs.formats.pack import pack
-from bofrs.formats.blockwise.packed import SCALE_DTYPES, PackedTensor
-from bofrs.nn.quantize import QuantConfig, linear_layers, matches
 from bofrs.nn.linear import FUSED_MAX_TOKENS, QuantLinear
+from bofrs.nn.quantize import QuantConfig, linear_layers, matches
 
 METHOD = "bofrs"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from bofrs._validate import check_block_size, check_choice
 from bofrs.formats.blockwise.codebooks import Codebook, resolve
 from bofrs.formats.blockwise.optimize import METRICS, expected_error
-from bofrs._validate import check_block_size, check_choice
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

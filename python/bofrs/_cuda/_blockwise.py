@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._dtypes import NATIVE_FLOATS
 from . import _runtime as rt
 from ._sources import (
     KINDS,
@@ -22,13 +23,12 @@ from ._sources import (
 MAX_FUSED_TOKENS = TOKEN_TILES[-1]
 _THREADS = 256
 _MATVEC_ROWS_PER_BLOCK = 8
-_KIND_OF = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _levels_cache: dict[tuple[bytes, str], torch.Tensor] = {}
 
 
 def kind(dtype: torch.dtype) -> str | None:
     """Kernel element name of a torch dtype (None if the kernels do not read / write it)."""
-    return _KIND_OF.get(dtype)
+    return NATIVE_FLOATS.get(dtype)
 
 
 def device_levels(levels: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -50,9 +50,9 @@ def _plot(book: Codebook, block_size: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from bofrs.plot import plot_codebooks
-
     import matplotlib.pyplot as plt
+
+    from bofrs.plot import plot_codebooks
 
     _, ax = plt.subplots(figsize=(7, 3))
     plot_codebooks(block_size, names=("nf4", "af4", book), ax=ax)

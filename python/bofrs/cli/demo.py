@@ -9,10 +9,10 @@ import time
 import torch
 
 from bofrs.formats.blockwise.codebooks import Codebook, available_codebooks, codebook
-from bofrs.io.files import load_file, save_file
-from bofrs.formats.metrics import quantization_error
 from bofrs.formats.blockwise.optimize import optimize_codebook
+from bofrs.formats.metrics import quantization_error
 from bofrs.formats.pack import pack
+from bofrs.io.files import load_file, save_file
 
 
 def example_weight(rows: int = 1024, cols: int = 4096, seed: int = 0) -> torch.Tensor:

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bofrs._dtypes import dtype_from_name, dtype_name
 from bofrs._errors import FormatError
-from bofrs._inputs import dtype_from_name, dtype_name
-from bofrs.io.files import load_file, save_file
 from bofrs.formats.tensor import QuantizedTensor
+from bofrs.io.files import load_file, save_file
 from bofrs.nn.base import PackedLinear
 from bofrs.nn.linear import FUSED_MAX_TOKENS
 from bofrs.nn.quantize import LINEAR_MODULES, QuantConfig
@@ -209,7 +209,7 @@ def _placeholder(
     if tuple(packed.shape) != (spec["out_features"], spec["in_features"]):
         raise FormatError(f"{name}: packed shape {tuple(packed.shape)} does not match the index")
     fused = int(spec.get("fused_max_tokens", FUSED_MAX_TOKENS))
-    return LINEAR_MODULES[packed.kind](packed, bias, fused_max_tokens=fused)  # type: ignore[call-arg]
+    return LINEAR_MODULES[packed.kind](packed, bias, fused_max_tokens=fused)
 
 
 def load_quantized(

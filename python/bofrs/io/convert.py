@@ -28,10 +28,10 @@ import torch
 from safetensors import safe_open
 
 from bofrs._allocate import Allocation, allocate
-from bofrs.io.checkpoint import INDEX, MODEL_FORMAT, MODEL_FORMAT_VERSION
-from bofrs._inputs import dtype_name
+from bofrs._dtypes import dtype_name
 from bofrs._linearity import _format_error, build_menu
 from bofrs.formats.tensor import QuantizedTensor
+from bofrs.io.checkpoint import INDEX, MODEL_FORMAT, MODEL_FORMAT_VERSION
 from bofrs.io.files import save_file
 from bofrs.nn.quantize import QuantConfig
 
@@ -253,9 +253,9 @@ def allocation_config(
 def _quantize_gguf(source: Path, target: Path, config: QuantConfig, progress: bool) -> dict[str, float]:
     """GGUF input: transformers loads and dequantizes the whole model; then quantize_model and
     save_quantized, staged like the safetensors path."""
+    from bofrs.evaldata import load_gguf
     from bofrs.io.checkpoint import save_quantized
     from bofrs.nn.quantize import quantize_model
-    from bofrs.evaldata import load_gguf
 
     if not source.is_file():
         raise FileNotFoundError(f"src: {source} does not exist")

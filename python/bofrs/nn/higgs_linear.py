@@ -10,8 +10,8 @@ from torch.nn import functional as F
 from bofrs import _cuda, _native
 from bofrs._cuda import _higgs as _cuda_higgs
 from bofrs._cuda._hadamard import hadamard_groups
-from bofrs.formats.higgs.grids import Grid
 from bofrs.formats.hadamard import hadamard
+from bofrs.formats.higgs.grids import Grid
 from bofrs.formats.higgs.tensor import HiggsTensor, pack_higgs
 from bofrs.nn.base import PackedLinear
 from bofrs.nn.linear import FUSED_MAX_TOKENS

@@ -7,15 +7,21 @@ from torch import nn
 from torch.nn import functional as F
 
 from bofrs import _cuda
-from bofrs.formats.blockwise.codebooks import Codebook
 from bofrs._cuda import _blockwise as _cuda_blockwise
 from bofrs._cuda._hadamard import hadamard_groups
-from bofrs.formats.hadamard import hadamard
-from bofrs._inputs import dtype_name
-from bofrs.formats.blockwise.matmul import _ELEMENT, Operands, check_activations, fusable, fused_rows, operands
+from bofrs._dtypes import NATIVE_FLOATS, dtype_name
+from bofrs.formats.blockwise.codebooks import Codebook
+from bofrs.formats.blockwise.matmul import (
+    Operands,
+    check_activations,
+    fusable,
+    fused_rows,
+    operands,
+)
 from bofrs.formats.blockwise.outliers import Outliers
-from bofrs.formats.pack import pack
 from bofrs.formats.blockwise.packed import PackedTensor
+from bofrs.formats.hadamard import hadamard
+from bofrs.formats.pack import pack
 from bofrs.nn.base import PackedLinear
 
 #: Token counts up to this use the fused kernel on CPU; larger batches decode the weight once and
@@ -183,7 +189,7 @@ class QuantLinear(PackedLinear):
             return self._cuda_cached().apply(rows, self.fused_max_tokens).view(
                 *x.shape[:-1], self.out_features
             )
-        element = _ELEMENT.get(x.dtype)
+        element = NATIVE_FLOATS.get(x.dtype)
         ops = None
         if element is not None and x.is_cpu and rows.shape[0] <= self.fused_max_tokens:
             ops = self._operands()

@@ -290,4 +290,4 @@ def _quantized_layer(layer: nn.Linear, fmt: Format, fused_max_tokens: int) -> Pa
     """``layer`` as the module that holds its weight packed in ``fmt``."""
     packed: QuantizedTensor = fmt.pack(layer.weight.detach())
     bias = None if layer.bias is None else layer.bias.detach()
-    return LINEAR_MODULES[packed.kind](packed, bias, fused_max_tokens=fused_max_tokens)  # type: ignore[call-arg]
+    return LINEAR_MODULES[packed.kind](packed, bias, fused_max_tokens=fused_max_tokens)

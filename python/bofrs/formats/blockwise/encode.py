@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from bofrs import _native
+from bofrs._dtypes import HALF_DTYPES, INDEX_DTYPES, from_native
 from bofrs._inputs import as_tensor, flatten_for_native
-from bofrs.formats.blockwise.outliers import OUTLIER_DTYPES, Outliers, index_dtype
-from bofrs.formats.blockwise.packed import DQ8, DQ_GROUP, PackedTensor, scales_from_native
+from bofrs.formats.blockwise.outliers import Outliers, index_dtype
+from bofrs.formats.blockwise.packed import (
+    DQ8,
+    DQ_GROUP,
+    PackedTensor,
+    scales_from_native,
+)
 from bofrs.formats.hadamard import check_group_size, hadamard, natural_group_size
 
 if TYPE_CHECKING:
     from bofrs.formats.format import BlockwiseFormat
-
-_NUMPY_INDEX = {torch.uint16: np.uint16, torch.uint32: np.uint32, torch.uint64: np.uint64}
 
 
 def pack_blockwise(tensor: object, fmt: BlockwiseFormat, *, isa: str | None = None) -> PackedTensor:
@@ -39,8 +42,8 @@ def pack_blockwise(tensor: object, fmt: BlockwiseFormat, *, isa: str | None = No
     if q is not None:
         outliers = Outliers(
             # Already of the index type (the native call picks the same); no copy then.
-            torch.from_numpy(indices.astype(_NUMPY_INDEX[index_dtype(numel)], copy=False)),
-            torch.from_numpy(values.view(np.int16)).view(OUTLIER_DTYPES[fmt.outlier_dtype]),
+            torch.from_numpy(indices.astype(INDEX_DTYPES[index_dtype(numel)], copy=False)),
+            from_native(values, HALF_DTYPES[fmt.outlier_dtype]),
             q,
         )
     if fmt.scale_dtype == DQ8:

@@ -13,10 +13,11 @@ import numpy.typing as npt
 import torch
 
 from bofrs import _native
+from bofrs._dtypes import NATIVE_FLOATS, to_native
 from bofrs.formats.blockwise.packed import PackedTensor
 
 #: Activation dtypes the fused kernel reads directly.
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FUSED_DTYPES = tuple(NATIVE_FLOATS)
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,6 @@ def check_activations(activations: object) -> str:
     return activations
 
 
-#: Activation dtypes of the fused kernel and their native element names.
-_ELEMENT = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def fused_matmul(
@@ -97,7 +96,7 @@ def fused_matmul(
         raise ValueError(
             f"input must have shape [tokens, {ops.in_features}], got {tuple(x.shape)}"
         )
-    element = _ELEMENT.get(x.dtype)
+    element = NATIVE_FLOATS.get(x.dtype)
     if element is None:
         raise TypeError(f"input dtype must be float32, bfloat16 or float16, got {x.dtype}")
     return fused_rows(x, ops, element, isa, check_activations(activations))
@@ -110,7 +109,7 @@ def fused_rows(
     flat = x.reshape(-1)  # contiguous (a view when x is, a copy otherwise)
     if flat.requires_grad:
         flat = flat.detach()
-    data = flat.numpy() if element == "float32" else flat.view(torch.int16).numpy().view(np.uint16)
+    data = to_native(flat)
     tokens = x.shape[0]
     out = _native.matvec(
         data, element, tokens, ops.codes, ops.scales, ops.levels,

@@ -12,9 +12,9 @@ import numpy.typing as npt
 import torch
 
 from bofrs import _native
-from bofrs.formats.blockwise.codebooks import NORMALIZATIONS, Codebook, resolve
 from bofrs._inputs import flatten_for_native
 from bofrs._validate import check_block_size, check_choice
+from bofrs.formats.blockwise.codebooks import NORMALIZATIONS, Codebook, resolve
 
 METRICS = ("mse", "mae")
 

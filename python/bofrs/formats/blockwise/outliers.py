@@ -8,11 +8,10 @@ import numbers
 import torch
 
 from bofrs import _native
+from bofrs._dtypes import HALF_DTYPES, INDEX_DTYPES
 
 #: Storage types of outlier values.
-OUTLIER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Index types, smallest first: the smallest one whose range holds every flat index is used.
-INDEX_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
+OUTLIER_DTYPES = HALF_DTYPES
 
 
 def index_dtype(numel: int) -> torch.dtype:

@@ -9,22 +9,24 @@ import numpy as np
 import torch
 
 from bofrs import _cuda, _native
-from bofrs.formats.blockwise.codebooks import Codebook
 from bofrs._cuda import _blockwise as _cuda_blockwise
-from bofrs.formats.hadamard import check_group_size, hadamard
-from bofrs._inputs import dtype_name
-from bofrs.formats.blockwise.outliers import Outliers
+from bofrs._dtypes import (
+    NATIVE_FLOATS,
+    SCALE_DTYPES,
+    dtype_name,
+    from_native,
+    to_native,
+)
 from bofrs._validate import check_block_size
 from bofrs.formats.blockwise import stored
+from bofrs.formats.blockwise.codebooks import Codebook
+from bofrs.formats.blockwise.outliers import Outliers
+from bofrs.formats.hadamard import check_group_size, hadamard
 from bofrs.formats.tensor import QuantizedTensor
 
 if TYPE_CHECKING:
     from bofrs.formats.format import BlockwiseFormat
 
-#: Decoder output types of the native layer (others are decoded to float32, then cast).
-_NATIVE_OUTPUTS = (torch.float32, torch.bfloat16, torch.float16)
-#: Scale storage types.
-SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: Double-quantized scales: one byte per block, ``[lo, step]`` (float32) per group of this many.
 DQ8 = "dq8"
 DQ_GROUP = 256
@@ -294,12 +296,12 @@ class PackedTensor(QuantizedTensor):
         return ops
 
     def _dequantize_native(self, dtype: torch.dtype) -> torch.Tensor:
-        out_dtype = dtype if dtype in _NATIVE_OUTPUTS else torch.float32
+        out_dtype = dtype if dtype in NATIVE_FLOATS else torch.float32
         extra: dict[str, object] = {}
         if self._outliers is not None:
             extra = {
                 "outlier_indices": self._outliers.indices.numpy().astype(np.uint64),
-                "outlier_values": self._outliers.values.view(torch.int16).numpy().view(np.uint16),
+                "outlier_values": to_native(self._outliers.values),
                 "outlier_dtype": dtype_name(self._outliers.dtype),
             }
         raw = _native.unpack(
@@ -311,9 +313,7 @@ class PackedTensor(QuantizedTensor):
             dtype_name(out_dtype),
             **extra,  # type: ignore[arg-type]
         )
-        flat = torch.from_numpy(raw)
-        if out_dtype != torch.float32:
-            flat = flat.view(torch.int16).view(out_dtype)
+        flat = from_native(raw, out_dtype)
         return flat if out_dtype == dtype else flat.to(dtype)
 
     def _dequantize_torch(self, dtype: torch.dtype) -> torch.Tensor:
@@ -360,7 +360,7 @@ def scales_from_native(scales: np.ndarray, scale_dtype: str) -> torch.Tensor:
     are viewed (no copy, and no torch kernel whose worker threads would then compete with the
     next native call), float32 scales are rounded to ``scale_dtype`` (exact: already rounded)."""
     if scales.dtype == np.uint16:
-        return torch.from_numpy(scales.view(np.int16)).view(SCALE_DTYPES[scale_dtype])
+        return from_native(scales, SCALE_DTYPES[scale_dtype])
     return torch.from_numpy(scales).to(SCALE_DTYPES[scale_dtype])
 
 

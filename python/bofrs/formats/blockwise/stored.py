@@ -9,11 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bofrs._dtypes import SCALE_DTYPES, dtype_from_name, dtype_name
 from bofrs._errors import FormatError
-from bofrs._inputs import dtype_from_name, dtype_name
 from bofrs._validate import check_block_size
 from bofrs.formats.blockwise.codebooks import Codebook
-from bofrs.formats.blockwise.outliers import OUTLIER_DTYPES, Outliers, check_quantile, index_dtype
+from bofrs.formats.blockwise.outliers import (
+    OUTLIER_DTYPES,
+    Outliers,
+    check_quantile,
+    index_dtype,
+)
 
 if TYPE_CHECKING:
     from bofrs.formats.blockwise.packed import PackedTensor
@@ -81,7 +86,7 @@ def shape_of(name: str, entry: Mapping[str, Any]) -> list[int]:
 
 def from_stored(name: str, entry: Mapping[str, Any], raw: Mapping[str, torch.Tensor]) -> PackedTensor:
     """The packed tensor of an entry, every field validated."""
-    from bofrs.formats.blockwise.packed import DQ8, DQ_GROUP, SCALE_DTYPES, PackedTensor
+    from bofrs.formats.blockwise.packed import DQ8, DQ_GROUP, PackedTensor
 
     shape = shape_of(name, entry)
     block_size = check_block_size(entry["block_size"])

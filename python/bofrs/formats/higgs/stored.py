@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bofrs._dtypes import SCALE_DTYPES, dtype_from_name, dtype_name
 from bofrs._errors import FormatError
-from bofrs._inputs import dtype_from_name, dtype_name
 from bofrs.formats.blockwise.stored import shape_of
 from bofrs.formats.higgs.grids import Grid
 
@@ -38,7 +38,7 @@ def manifest(value: HiggsTensor) -> dict[str, Any]:
 
 def from_stored(name: str, entry: Mapping[str, Any], raw: Mapping[str, torch.Tensor]) -> HiggsTensor:
     """The HIGGS tensor of an entry, every field validated."""
-    from bofrs.formats.higgs.tensor import SCALE_DTYPES, HiggsTensor
+    from bofrs.formats.higgs.tensor import HiggsTensor
 
     shape = shape_of(name, entry)
     spec = entry["grid"]

@@ -11,9 +11,9 @@ import torch
 
 from bofrs import _cuda, _native
 from bofrs._cuda import _higgs as _cuda_higgs
-from bofrs._inputs import dtype_name, flatten_for_native
+from bofrs._dtypes import SCALE_DTYPES, dtype_name
+from bofrs._inputs import flatten_for_native
 from bofrs._validate import check_choice
-from bofrs.formats.blockwise.packed import SCALE_DTYPES
 from bofrs.formats.hadamard import check_group_size
 from bofrs.formats.higgs import stored
 from bofrs.formats.higgs.grids import Grid, grid
