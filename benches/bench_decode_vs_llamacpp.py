@@ -13,7 +13,8 @@ cannot be built the script prints why and exits 0):
 ``llama-quantize --allow-requantize`` (Q4_0, IQ4_NL by default), against the same GGUF loaded by
 transformers (dequantized to float32) and run by torch (bf16, fp32) or bofrs (every Linear
 layer, ``lm_head`` included, replaced by ``QuantLinear``: NF4 and BOF4-S, block 64, bf16 scales,
-float32 activations, the default exact path and ``set_activations(model, "int8")``). Decode: 64
+float32 activations, the default exact path and ``set_activations(model, "int8")``; the NF4
+int8 model once more with torch's own ops on one thread). Decode: 64
 single-token steps with the KV cache after an 18-token prompt (llama-bench starts from an empty
 context and feeds random tokens; at these lengths attention is a small share). Prefill: one
 forward of 128 random tokens (``logits_to_keep=1``, as llama.cpp computes only the last
@@ -58,6 +59,8 @@ SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 #: (elements per block, bytes per block) of the ggml types the kernel section can run.
 GGML_BLOCKS = {"f32": (1, 4), "q4_0": (32, 18), "q4_1": (32, 20), "iq4_nl": (32, 18), "q8_0": (32, 34)}
 COPY_BYTES = 512 << 20
+#: A contender run with ``torch.set_num_threads(1)`` (bofrs's pool keeps its threads).
+TORCH_1_THREAD = "bofrs NF4 int8, torch 1 thread"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +285,10 @@ def torch_models(gguf: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]],
             models[name] = model if mode == "float" else copy.deepcopy(model)
             bofrs.nn.set_activations(models[name], mode)
             storage[name] = info
+    # The same model with torch's own ops (attention, norms) on one thread: bofrs's products
+    # still use T threads, and no idle OpenMP worker spins beside them.
+    models[TORCH_1_THREAD] = models["bofrs NF4 int8"]
+    storage[TORCH_1_THREAD] = storage["bofrs NF4 int8"]
     return models, storage, prompt
 
 
@@ -342,8 +349,10 @@ def model_section(args: argparse.Namespace, llama: llamacpp.LlamaCpp, out: Calla
             decode[name].append(float(tests[f"tg{args.new_tokens}"]["avg_ts"]))
             prefill[name].append(float(tests[f"pp{args.prompt_tokens}"]["avg_ts"]))
         for name, model in models.items():
+            torch.set_num_threads(1 if name == TORCH_1_THREAD else args.threads)
             decode[name].append(statistics.fmean(decode_rate(model, prompt, args.new_tokens) for _ in range(args.reps)))
             prefill[name].append(statistics.fmean(prefill_rate(model, ids) for _ in range(args.reps)))
+        torch.set_num_threads(args.threads)
         out(f"  round {round_ + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.2f}")
     med = {name: statistics.median(v) for name, v in decode.items()}
     four_bit = [f"llama.cpp {k}" for k in args.types]
@@ -351,14 +360,14 @@ def model_section(args: argparse.Namespace, llama: llamacpp.LlamaCpp, out: Calla
     out("")
     out(f"SmolLM2-135M, {args.threads} threads, decode {args.new_tokens} tokens, prefill {args.prompt_tokens} tokens; "
         f"tok/s: median over {args.rounds} rounds of each round's mean of {args.reps} [range]")  # fmt: skip
-    out(f"{'contender':30s} {'bpw blk/out':>12s} {'decode tok/s':>24s} {'prefill tok/s':>26s} "
+    out(f"{'contender':32s} {'bpw blk/out':>12s} {'decode tok/s':>24s} {'prefill tok/s':>26s} "
         f"{'x ' + (best or '-').removeprefix('llama.cpp '):>9s} {'x bf16':>7s}")  # fmt: skip
     rows = []
     for name in decode:
         info = storage[name]
         ratio_best = med[name] / med[best] if best else float("nan")
         ratio_bf16 = med[name] / med["torch bf16"]
-        out(f"{name:30s} {info['blocks_bpw']:5.2f}/{info['output_bpw']:5.2f} {_spread(decode[name]):>24s} "
+        out(f"{name:32s} {info['blocks_bpw']:5.2f}/{info['output_bpw']:5.2f} {_spread(decode[name]):>24s} "
             f"{_spread(prefill[name]):>26s} {ratio_best:9.2f} {ratio_bf16:7.2f}")  # fmt: skip
         rows.append({"contender": name, "decode_tok_s": decode[name], "prefill_tok_s": prefill[name],
                      "decode_median": med[name], "prefill_median": statistics.median(prefill[name]),
@@ -372,7 +381,7 @@ def model_section(args: argparse.Namespace, llama: llamacpp.LlamaCpp, out: Calla
         out(f"  {name}: blocks {info['blocks_types']}; {info['output_tensor']} {info['output_type']}; "
             f"blocks not at the main type: {extra}")  # fmt: skip
     for name in models:
-        if name.endswith("int8"):
+        if "int8" in name:
             continue
         out(f"  {name}: {storage[name]['kept']}")
     first = next(iter(llama_runs.values()))[0]
