@@ -228,17 +228,33 @@ def run_backend_ops(llama: llamacpp.LlamaCpp, types: Iterable[str], threads: int
     return parse_backend_ops_perf(done.stdout), used
 
 
+
+def _cache_argument(model: Any) -> str:
+    """The KV-cache keyword of ``model.forward``: ``cache`` (transformers >= 5.2x), else
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _cache(out: Any) -> Any:
+    """The KV cache of a model output (``cache`` or, in older transformers, ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 def decode_rate(model: Any, prompt_ids: Any, new_tokens: int) -> float:
     """Tokens/s of ``new_tokens`` greedy single-token steps after the (untimed) prompt."""
     import torch
 
     with torch.inference_mode():
         out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        cache, token = _cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
+        key = _cache_argument(model)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=token, **{key: cache}, use_cache=True, logits_to_keep=1)
+            cache, token = _cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
         return new_tokens / (time.perf_counter() - start)
 
 
@@ -338,6 +354,7 @@ def model_section(args: argparse.Namespace, llama: llamacpp.LlamaCpp, out: Calla
     ids = torch.randint(0, int(models["torch fp32"].config.vocab_size), (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     decode: dict[str, list[float]] = {name: [] for name in [*ggufs, *models]}
     prefill: dict[str, list[float]] = {name: [] for name in decode}
+    samples: dict[str, list[float]] = {name: [] for name in decode}  # every decode repetition
     llama_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ggufs}
     for model in models.values():  # warm-up (first-call allocations, operand caches)
         decode_rate(model, prompt, 4)
@@ -348,9 +365,12 @@ def model_section(args: argparse.Namespace, llama: llamacpp.LlamaCpp, out: Calla
             llama_runs[name].append(tests)
             decode[name].append(float(tests[f"tg{args.new_tokens}"]["avg_ts"]))
             prefill[name].append(float(tests[f"pp{args.prompt_tokens}"]["avg_ts"]))
+            samples[name].extend(float(v) for v in tests[f"tg{args.new_tokens}"]["samples_ts"])
         for name, model in models.items():
             torch.set_num_threads(1 if name == TORCH_1_THREAD else args.threads)
-            decode[name].append(statistics.fmean(decode_rate(model, prompt, args.new_tokens) for _ in range(args.reps)))
+            rates = [decode_rate(model, prompt, args.new_tokens) for _ in range(args.reps)]
+            samples[name].extend(rates)
+            decode[name].append(statistics.fmean(rates))
             prefill[name].append(statistics.fmean(prefill_rate(model, ids) for _ in range(args.reps)))
         torch.set_num_threads(args.threads)
         out(f"  round {round_ + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.2f}")
@@ -359,17 +379,19 @@ def model_section(args: argparse.Namespace, llama: llamacpp.LlamaCpp, out: Calla
     best = max(four_bit, key=lambda n: med[n]) if four_bit else None
     out("")
     out(f"SmolLM2-135M, {args.threads} threads, decode {args.new_tokens} tokens, prefill {args.prompt_tokens} tokens; "
-        f"tok/s: median over {args.rounds} rounds of each round's mean of {args.reps} [range]")  # fmt: skip
+        f"tok/s: median over {args.rounds} rounds of each round's mean of {args.reps} [range]; best rep: the fastest "
+        f"single decode repetition (the least disturbed on a busy machine)")  # fmt: skip
     out(f"{'contender':32s} {'bpw blk/out':>12s} {'decode tok/s':>24s} {'prefill tok/s':>26s} "
-        f"{'x ' + (best or '-').removeprefix('llama.cpp '):>9s} {'x bf16':>7s}")  # fmt: skip
+        f"{'x ' + (best or '-').removeprefix('llama.cpp '):>9s} {'x bf16':>7s} {'best rep':>8s}")  # fmt: skip
     rows = []
     for name in decode:
         info = storage[name]
         ratio_best = med[name] / med[best] if best else float("nan")
         ratio_bf16 = med[name] / med["torch bf16"]
         out(f"{name:32s} {info['blocks_bpw']:5.2f}/{info['output_bpw']:5.2f} {_spread(decode[name]):>24s} "
-            f"{_spread(prefill[name]):>26s} {ratio_best:9.2f} {ratio_bf16:7.2f}")  # fmt: skip
+            f"{_spread(prefill[name]):>26s} {ratio_best:9.2f} {ratio_bf16:7.2f} {max(samples[name]):8.1f}")  # fmt: skip
         rows.append({"contender": name, "decode_tok_s": decode[name], "prefill_tok_s": prefill[name],
+                     "decode_samples_tok_s": samples[name],
                      "decode_median": med[name], "prefill_median": statistics.median(prefill[name]),
                      "decode_vs_best_llamacpp_4bit": ratio_best, "decode_vs_torch_bf16": ratio_bf16,
                      "storage": info})  # fmt: skip
