@@ -4,11 +4,11 @@
 //! `cargo bench` (from the repository root). Sizes: one 4096x11008 LLM projection, and 1M
 //! values (cache-resident) to show the kernels without memory traffic.
 
-use bofrs_core::codebook::NF4;
-use bofrs_core::decode::unpack_with_isa;
-use bofrs_core::element::f32_to_bf16;
-use bofrs_core::encode::{pack_with_isa, EncodeOptions};
-use bofrs_core::matvec::{matvec_with_options, Activations, MatShape};
+use bofrs_core::blockwise::codebook::NF4;
+use bofrs_core::blockwise::decode::unpack_with_isa;
+use bofrs_core::blockwise::encode::{pack_with_isa, EncodeOptions};
+use bofrs_core::blockwise::matvec::{matvec_with_options, Activations, MatShape};
+use bofrs_core::numeric::element::f32_to_bf16;
 use bofrs_core::{Bf16, BlockLayout, Codebook, Isa, Normalization, ScaleDType};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;

@@ -3,9 +3,9 @@
 //! and activation mode, and the weight rate; `BOFRS_NUM_THREADS=1` gives the single-core rate. For exploring kernel
 //! variants only: the timing claims come from benches/bench_matvec_vs_peers.py.
 
-use bofrs_core::codebook::NF4;
-use bofrs_core::element::f32_to_bf16;
-use bofrs_core::matvec::{matvec_with_options, Activations, MatShape};
+use bofrs_core::blockwise::codebook::NF4;
+use bofrs_core::blockwise::matvec::{matvec_with_options, Activations, MatShape};
+use bofrs_core::numeric::element::f32_to_bf16;
 use bofrs_core::{Bf16, Codebook, Isa};
 use std::time::Instant;
 

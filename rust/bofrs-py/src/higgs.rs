@@ -5,11 +5,11 @@ use crate::detach::run;
 use crate::errors::to_py;
 use crate::packing::{as_halfs, contiguous};
 use crate::runtime::parse_isa;
-use bofrs_core::buffer::zeroed_vec;
-use bofrs_core::hadamard::hadamard_rows_with_isa;
 use bofrs_core::higgs::{
     gaussian_grid, higgs_matvec, higgs_pack, higgs_unpack, GridSearch, HiggsLayout,
 };
+use bofrs_core::numeric::hadamard::hadamard_rows_with_isa;
+use bofrs_core::runtime::buffer::zeroed_vec;
 use bofrs_core::{allocate, Bf16, Element, ScaleDType, F16};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyTypeError;

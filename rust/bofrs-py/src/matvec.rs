@@ -2,8 +2,8 @@
 
 use crate::detach::run;
 use crate::runtime::parse_isa;
-use bofrs_core::buffer::zeroed_vec;
-use bofrs_core::matvec::{matvec_with_options, Activation, Activations, MatShape};
+use bofrs_core::blockwise::matvec::{matvec_with_options, Activation, Activations, MatShape};
+use bofrs_core::runtime::buffer::zeroed_vec;
 use bofrs_core::{Bf16, Codebook, Isa, F16};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::{PyTypeError, PyValueError};

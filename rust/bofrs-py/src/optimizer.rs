@@ -3,7 +3,9 @@
 use crate::detach::run;
 use crate::errors::to_py;
 use crate::packing::{as_halfs, contiguous};
-use bofrs_core::bof4::{self, Metric, OptimizeOptions, Optimized, Target, WeightHistogram};
+use bofrs_core::blockwise::codebook::bof4::{
+    self, Metric, OptimizeOptions, Optimized, Target, WeightHistogram,
+};
 use bofrs_core::{Bf16, Normalization, F16};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::{PyTypeError, PyValueError};

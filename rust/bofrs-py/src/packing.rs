@@ -2,14 +2,14 @@
 
 use crate::detach::run;
 use crate::runtime::parse_isa;
-use bofrs_core::buffer::zeroed_vec;
-use bofrs_core::decode::{unpack_ext_with_isa, OutlierView, Output};
-use bofrs_core::dq::{decode_scales as dq_decode_scales, GROUP};
-use bofrs_core::encode::{
+use bofrs_core::blockwise::decode::{unpack_ext_with_isa, OutlierView, Output};
+use bofrs_core::blockwise::dq::{decode_scales as dq_decode_scales, GROUP};
+use bofrs_core::blockwise::encode::{
     pack_ext_parts_with_isa, pack_with_isa, split_outliers, EncodeOptions, PackBuffers, PackExtras,
 };
-use bofrs_core::opq::{OpqOptions, OutlierDType};
-use bofrs_core::scale::storage_bits;
+use bofrs_core::blockwise::opq::{OpqOptions, OutlierDType};
+use bofrs_core::blockwise::scale::storage_bits;
+use bofrs_core::runtime::buffer::zeroed_vec;
 use bofrs_core::{Bf16, BlockLayout, Codebook, Element, Normalization, ScaleDType, F16};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -128,7 +128,7 @@ enum Indices {
 impl Indices {
     /// Splits `(index, value)` parts (in flat order, see `pack_ext_parts_with_isa`) into
     /// indices of the type for `numel` values and values, in parallel.
-    fn split(parts: &[Vec<bofrs_core::opq::Outlier>], numel: usize) -> (Self, Vec<u16>) {
+    fn split(parts: &[Vec<bofrs_core::blockwise::opq::Outlier>], numel: usize) -> (Self, Vec<u16>) {
         let total = parts.iter().map(Vec::len).sum();
         let mut values = zeroed_vec::<u16>(total);
         // Every index is below `numel`, so the narrowing casts are exact.
@@ -285,7 +285,7 @@ fn opq_threshold(n: usize, q: f64) -> PyResult<f64> {
     if n == 0 {
         return Err(PyValueError::new_err("n must be at least 1"));
     }
-    Ok(bofrs_core::opq::threshold(n, q))
+    Ok(bofrs_core::blockwise::opq::threshold(n, q))
 }
 
 /// Decodes dq8 scale bytes with their group parameters (`[lo, step]` per 256 scales) to

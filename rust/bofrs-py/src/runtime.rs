@@ -1,7 +1,9 @@
 //! Runtime facts: thread pool size, instruction sets, checksums.
 
 use crate::detach::run;
-use bofrs_core::{checksum, pool, Isa};
+use bofrs_core::numeric::checksum;
+use bofrs_core::runtime::pool;
+use bofrs_core::Isa;
 use numpy::PyReadonlyArray1;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;

@@ -1,28 +1,28 @@
 //! Encoding: per-block scales, nearest-level codes, two codes per byte.
 //!
-//! For each block with stored scale `S` (see [`crate::scale`]), each value `x` becomes
+//! For each block with stored scale `S` (see [`crate::blockwise::scale`]), each value `x` becomes
 //! `y = x / S` (f32 division; `y = 0` when `S == 0`) and then the code `#{k : y > t_k}` against
 //! the codebook's midpoint thresholds. Codes `2j` and `2j+1` share byte `j` (high, low nibble).
 //!
-//! With OPQ ([`crate::opq`]) a block's outliers are found first, the scale is taken without
-//! them and their codes are set to the code of 0; with double quantization ([`crate::dq`]) the
+//! With OPQ ([`crate::blockwise::opq`]) a block's outliers are found first, the scale is taken without
+//! them and their codes are set to the code of 0; with double quantization ([`crate::blockwise::dq`]) the
 //! raw scales of a group of 256 blocks are quantized before any code is chosen, so the codes are
 //! chosen against the decoded scales.
 
-use crate::codebook::{Codebook, Normalization};
-use crate::dq::{quantize_group, GROUP};
-use crate::element::Bf16;
-use crate::element::Element;
-use crate::error::{Error, Result};
-use crate::isa::Isa;
-use crate::layout::BlockLayout;
-use crate::opq::{
+use crate::blockwise::codebook::{Codebook, Normalization};
+use crate::blockwise::dq::{quantize_group, GROUP};
+use crate::blockwise::layout::BlockLayout;
+use crate::blockwise::opq::{
     block_sums, collect_word, f32_bracket, f32_limit, raw_scale_within, scan, signed_scale_masked,
     FilterBound, OpqOptions, Outlier, OutlierDType, Threshold, MASK_WORDS,
 };
-use crate::pool::{blocks_per_task, pool};
-use crate::recycle::{self, OutlierParts};
-use crate::scale::{max_abs_bits, raw_block_scale_from_max, ScaleDType};
+use crate::blockwise::scale::{max_abs_bits, raw_block_scale_from_max, ScaleDType};
+use crate::error::{Error, Result};
+use crate::isa::Isa;
+use crate::numeric::element::Bf16;
+use crate::numeric::element::Element;
+use crate::runtime::pool::{blocks_per_task, pool};
+use crate::runtime::recycle::{self, OutlierParts};
 use rayon::prelude::*;
 use std::any::TypeId;
 
@@ -41,9 +41,9 @@ const STEP: usize = 32;
 /// Options beyond the basic format: OPQ outliers and double-quantized scales.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PackExtras {
-    /// Outlier-preserving quantization (see [`crate::opq`]); `None` disables it.
+    /// Outlier-preserving quantization (see [`crate::blockwise::opq`]); `None` disables it.
     pub opq: Option<OpqOptions>,
-    /// Double-quantized ("dq8") scales (see [`crate::dq`]); `options.scale_dtype` is then unused.
+    /// Double-quantized ("dq8") scales (see [`crate::blockwise::dq`]); `options.scale_dtype` is then unused.
     pub double_quant: bool,
 }
 
@@ -1007,11 +1007,11 @@ mod x86 {
         encode_tail, encode_zero_block, run_task, GroupPlan, Kept, Kernel, TaskContext, TaskOut,
         GROUP_BLOCKS, MASK_WORDS, STEP,
     };
-    use crate::codebook::{Codebook, Normalization};
-    use crate::element::{Bf16, Element, F16};
+    use crate::blockwise::codebook::{Codebook, Normalization};
+    use crate::blockwise::opq::Outlier;
+    use crate::blockwise::opq::{FilterBound, Threshold, NARROW, WIDEN};
     use crate::error::Result;
-    use crate::opq::Outlier;
-    use crate::opq::{FilterBound, Threshold, NARROW, WIDEN};
+    use crate::numeric::element::{Bf16, Element, F16};
     use std::any::TypeId;
     use std::arch::x86_64::*;
 
@@ -1041,7 +1041,7 @@ mod x86 {
         let kind = TypeId::of::<E>();
         let half = kind == TypeId::of::<Bf16>() || kind == TypeId::of::<F16>();
         if !(half || kind == TypeId::of::<f32>()) {
-            return crate::scale::max_abs_bits(block);
+            return crate::blockwise::scale::max_abs_bits(block);
         }
         let lanes = if half { 16 } else { 8 };
         let full = block.len() / lanes;
@@ -1069,7 +1069,9 @@ mod x86 {
         let pair = _mm_max_epu32(quad, _mm_shuffle_epi32::<0b01_00_11_10>(quad));
         let one = _mm_max_epu32(pair, _mm_shuffle_epi32::<0b10_11_00_01>(pair));
         let vector_max = _mm_cvtsi128_si32(one) as u32;
-        vector_max.max(crate::scale::max_abs_bits(&block[full * lanes..]))
+        vector_max.max(crate::blockwise::scale::max_abs_bits(
+            &block[full * lanes..],
+        ))
     }
 
     /// The 15 thresholds arranged for a 4-step branch-free binary search: code bits are decided
@@ -1171,9 +1173,9 @@ mod x86 {
         ) -> f32 {
             // SAFETY: as above.
             match unsafe { kept_max_avx2(block, t32) } {
-                None => crate::opq::raw_scale_within(block, limit2, norm),
+                None => crate::blockwise::opq::raw_scale_within(block, limit2, norm),
                 Some(max) if norm == Normalization::Absmax => max,
-                Some(max) => crate::opq::signed_scale_within(block, limit2, max),
+                Some(max) => crate::blockwise::opq::signed_scale_within(block, limit2, max),
             }
         }
         #[inline(always)]
@@ -1216,7 +1218,8 @@ mod x86 {
             };
             // Cannot fail for a finite maximum.
             fast.unwrap_or_else(|| {
-                crate::scale::raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0)
+                crate::blockwise::scale::raw_block_scale_from_max(block, max_bits, norm)
+                    .unwrap_or(0.0)
             })
         }
         #[inline(always)]
@@ -1463,7 +1466,7 @@ mod x86 {
 
     /// The filter's verdict on four blocks from their statistics ([`four_block_stats`]), in
     /// f64 exactly the scalar steps of [`Threshold::provably_clean`], [`Threshold::bracket`],
-    /// [`crate::opq::f32_bracket`] and `f32_thresholds` (the same operations in the same order,
+    /// [`crate::blockwise::opq::f32_bracket`] and `f32_thresholds` (the same operations in the same order,
     /// so the same verdicts): stores their maxima and f32 thresholds at `plan`'s lanes
     /// `at..at + 4` and returns the masks (bit `j`: block `at + j`) of finite blocks, suspects
     /// and decided suspects. Branch-free, so that the two halves of a group overlap.
@@ -1805,7 +1808,7 @@ mod x86 {
     }
 
     /// The signed-absmax raw scale of a finite block with largest `abs_bits` `max_bits`, as
-    /// [`crate::scale::raw_block_scale_from_max`] gives it (the first value of that magnitude),
+    /// [`crate::blockwise::scale::raw_block_scale_from_max`] gives it (the first value of that magnitude),
     /// for whole words of 64 values (`None`: use the portable code).
     #[inline(always)]
     pub(super) unsafe fn signed_scale_avx2<E: Element>(block: &[E], max_bits: u32) -> Option<f32> {
@@ -1822,7 +1825,7 @@ mod x86 {
         None
     }
 
-    /// [`crate::opq::signed_scale_masked`] for whole words of 64 values (else the portable
+    /// [`crate::blockwise::opq::signed_scale_masked`] for whole words of 64 values (else the portable
     /// code): the first value of magnitude `max` whose mask bit is clear.
     #[inline(always)]
     pub(super) unsafe fn signed_masked_avx2<E: Element>(
@@ -1831,14 +1834,14 @@ mod x86 {
         max: f32,
     ) -> f32 {
         if !known::<E>() || max == 0.0 || block.len() % 64 != 0 {
-            return crate::opq::signed_scale_masked(block, mask, max);
+            return crate::blockwise::opq::signed_scale_masked(block, mask, max);
         }
         // `max` is a magnitude of the block: its bits in the element type, exactly.
         let kind = TypeId::of::<E>();
         let bits = if kind == TypeId::of::<Bf16>() {
             max.to_bits() >> 16
         } else if kind == TypeId::of::<F16>() {
-            crate::element::f32_to_f16(max) as u32
+            crate::numeric::element::f32_to_f16(max) as u32
         } else {
             max.to_bits()
         };
@@ -1851,8 +1854,8 @@ mod x86 {
         0.0
     }
 
-    /// [`crate::opq::scan`] 8 values at a time in f32: `|x| > t32` (`t32` from
-    /// [`crate::opq::f32_limit`]) is exactly the f64 test `x * x > limit2`.
+    /// [`crate::blockwise::opq::scan`] 8 values at a time in f32: `|x| > t32` (`t32` from
+    /// [`crate::blockwise::opq::f32_limit`]) is exactly the f64 test `x * x > limit2`.
     #[inline(always)]
     pub(super) unsafe fn scan_avx2<E: Element>(
         block: &[E],
@@ -1861,7 +1864,7 @@ mod x86 {
         mask: &mut [u64; MASK_WORDS],
     ) {
         if !known::<E>() || block.len() % 64 != 0 {
-            return crate::opq::scan(block, limit2, mask);
+            return crate::blockwise::opq::scan(block, limit2, mask);
         }
         let limit = _mm256_set1_ps(t32);
         let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
@@ -1947,7 +1950,7 @@ mod x86 {
         ))
     }
 
-    /// [`crate::opq::block_sums`] with the sixteen f64 lanes in four registers (values
+    /// [`crate::blockwise::opq::block_sums`] with the sixteen f64 lanes in four registers (values
     /// `16k+4r..16k+4r+3` in register `r`): the same operations in the same order
     /// (multiply then add, no FMA; lanes combined pairwise as the portable code does), so the
     /// same result.
@@ -1958,7 +1961,7 @@ mod x86 {
             || kind == TypeId::of::<Bf16>()
             || kind == TypeId::of::<F16>();
         if block.is_empty() || !known {
-            return crate::opq::block_sums(block);
+            return crate::blockwise::opq::block_sums(block);
         }
         let shift = block[0].to_f32() as f64;
         let vshift = _mm256_set1_pd(shift);
@@ -2000,14 +2003,14 @@ mod x86 {
             _mm256_storeu_pd(sl.as_mut_ptr().add(4 * k), s[k]);
             _mm256_storeu_pd(ql.as_mut_ptr().add(4 * k), q[k]);
         }
-        crate::opq::sums_from_lanes(rest, shift, sl, ql)
+        crate::blockwise::opq::sums_from_lanes(rest, shift, sl, ql)
     }
 
     /// The AVX2 raw-scale kernel, for tests (AVX2 must be supported).
     #[cfg(test)]
     pub(super) fn kernel_for_tests(
         codebook: &Codebook,
-    ) -> impl Fn(&[Bf16], f64, f32, crate::codebook::Normalization) -> f32 + '_ {
+    ) -> impl Fn(&[Bf16], f64, f32, crate::blockwise::codebook::Normalization) -> f32 + '_ {
         move |block, limit2, t32, norm| {
             // SAFETY: only called by tests that checked AVX2 support.
             let kernel = Avx2 {
@@ -2080,7 +2083,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codebook::NF4;
+    use crate::blockwise::codebook::NF4;
 
     fn lcg(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -2178,8 +2181,8 @@ mod tests {
 
     #[test]
     fn opq_and_double_quant_agree_across_isas_and_zero_the_outliers() {
-        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
-        use crate::opq::OutlierDType;
+        use crate::blockwise::opq::OutlierDType;
+        use crate::numeric::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
         let cb = Codebook::new(&NF4).unwrap();
         for &n in &[1usize, 2, 17, 64, 100, 1000, 70001, 140_000] {
             let mut x = lcg(n, n as u64 + 7);
@@ -2225,8 +2228,8 @@ mod tests {
     /// float16 cannot hold), every element type, block sizes with and without groups, tails.
     #[test]
     fn fused_opq_pass_matches_the_exact_rule_on_adversarial_blocks() {
-        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
-        use crate::opq::OutlierDType;
+        use crate::blockwise::opq::OutlierDType;
+        use crate::numeric::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
         fn run<E: Element>(
             isa: Isa,
             x: &[E],
@@ -2359,7 +2362,7 @@ mod tests {
 
     #[test]
     fn sum_kernels_are_bit_identical() {
-        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        use crate::numeric::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
         let cb = Codebook::new(&NF4).unwrap();
         if !Isa::Avx2.is_supported() {
             return;
@@ -2382,16 +2385,16 @@ mod tests {
                 // The scan at a limit that splits the block, and at the exact square of a value.
                 let first = x.first().copied().unwrap_or(1.0) as f64;
                 for limit2 in [50.0, first * first, 1e-30] {
-                    let t32 = crate::opq::f32_limit(limit2);
+                    let t32 = crate::blockwise::opq::f32_limit(limit2);
                     let (mut a, mut b) = ([0u64; MASK_WORDS], [0u64; MASK_WORDS]);
                     x86::scan_avx2(&x, limit2, t32, &mut a);
-                    crate::opq::scan(&x, limit2, &mut b);
+                    crate::blockwise::opq::scan(&x, limit2, &mut b);
                     assert_eq!(a, b, "n={n}");
                     x86::scan_avx2(&xh, limit2, t32, &mut a);
-                    crate::opq::scan(&xh, limit2, &mut b);
+                    crate::blockwise::opq::scan(&xh, limit2, &mut b);
                     assert_eq!(a, b, "n={n}");
                     for norm in [Normalization::Absmax, Normalization::SignedAbsmax] {
-                        let want = crate::opq::raw_scale_within(&xb, limit2, norm);
+                        let want = crate::blockwise::opq::raw_scale_within(&xb, limit2, norm);
                         let kernel = x86::kernel_for_tests(&cb);
                         let got = kernel(&xb, limit2, t32, norm);
                         assert_eq!(got.to_bits(), want.to_bits(), "n={n}");
@@ -2403,8 +2406,8 @@ mod tests {
 
     #[test]
     fn split_kernels_match_the_scan() {
-        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
-        use crate::opq::{f32_limit, raw_scale_within, scan, signed_scale_within};
+        use crate::blockwise::opq::{f32_limit, raw_scale_within, scan, signed_scale_within};
+        use crate::numeric::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
         if !Isa::Avx2.is_supported() {
             return;
         }
@@ -2504,7 +2507,7 @@ mod tests {
 
     #[test]
     fn signed_scale_is_the_first_value_of_largest_magnitude_on_every_isa() {
-        use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+        use crate::numeric::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
         // Small integers: the largest magnitude repeats with both signs at random places; some
         // blocks are all zeros with a -0.0 or +0.0 first.
         fn check<E: Element + std::fmt::Debug>(x: &[E], bs: usize) {

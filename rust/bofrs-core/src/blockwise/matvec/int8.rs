@@ -1,7 +1,7 @@
-//! The opt-in 8-bit integer path of the fused matvec ([`crate::matvec::Activations::Int8`]), the
+//! The opt-in 8-bit integer path of the fused matvec ([`crate::blockwise::matvec::Activations::Int8`]), the
 //! scheme llama.cpp uses for its 4-bit formats: activations quantized to int8 per group of
 //! [`GROUP`], the 16 levels rounded to int8, exact integer dot products (`pmaddubsw` on AVX2, 32
-//! products per instruction), one f32 multiply per group (see [`crate::matvec_quant`]).
+//! products per instruction), one f32 multiply per group (see [`crate::blockwise::matvec::quant`]).
 //!
 //! Per product the error is at most `|level| d / 2 + (|x| + d / 2) dl / 2` times the block
 //! scale ([`error_bound_terms`], with `d = max|x| / 127` per group and `dl = max|level| / 127`);
@@ -12,10 +12,10 @@
 //! 2^15` (no saturation; the level's sign is moved onto the activation so the unsigned operand
 //! is `|level|`), and every i32 lane then sums 8 products of one group.
 
-use crate::element::Element;
-pub use crate::matvec_quant::error_bound_terms;
-pub use crate::matvec_quant::Order;
-use crate::matvec_quant::{self as quant, Layout, QInt};
+pub use crate::blockwise::matvec::quant::error_bound_terms;
+pub use crate::blockwise::matvec::quant::Order;
+use crate::blockwise::matvec::quant::{self as quant, Layout, QInt};
+use crate::numeric::element::Element;
 
 /// Activations per quantization group (one f32 step each).
 pub const GROUP: usize = 32;
@@ -104,7 +104,7 @@ pub fn row_dot_portable(
 pub mod x86 {
     //! AVX2 int8 row kernels for `NB` activation rows.
     use super::Quantized;
-    use crate::matvec_quant::hsum;
+    use crate::blockwise::matvec::quant::hsum;
     use std::arch::x86_64::*;
 
     /// `sum(|w| * (x with the sign of w))` over each 4 bytes: the i32 dot products of `w` and

@@ -17,18 +17,20 @@
 //!
 //! [`Activations::Int16`] and [`Activations::Int8`] (opt-in, not within float tolerance)
 //! quantize the activations to int16 per 64 or int8 per 32 and run integer dot products instead;
-//! see [`crate::matvec_int16`] and [`crate::matvec_int8`].
+//! see [`crate::blockwise::matvec::int16`] and [`crate::blockwise::matvec::int8`].
 //!
 //! Work is split over output rows on the dedicated pool; batches are processed in tiles of up to
 //! four activation rows, so each decoded weight feeds up to four FMAs.
 
-use crate::codebook::Codebook;
-use crate::element::{Bf16, Element, F16};
+pub mod int16;
+pub mod int8;
+pub mod quant;
+
+use crate::blockwise::codebook::Codebook;
 use crate::error::{Error, Result};
 use crate::isa::Isa;
-use crate::matvec_int16 as int16;
-use crate::matvec_int8 as int8;
-use crate::pool::pool;
+use crate::numeric::element::{Bf16, Element, F16};
+use crate::runtime::pool::pool;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -114,10 +116,10 @@ pub enum Activations {
     #[default]
     Float,
     /// Quantized to int16 per 64 values, integer dot products with int16-rounded levels: about
-    /// twice as fast at batch 1, relative error about 6e-5 (see [`crate::matvec_int16`]).
+    /// twice as fast at batch 1, relative error about 6e-5 (see [`crate::blockwise::matvec::int16`]).
     Int16,
     /// Quantized to int8 per 32 values, integer dot products with int8-rounded levels (as
-    /// llama.cpp): the fastest, relative error about 7e-3 (see [`crate::matvec_int8`]).
+    /// llama.cpp): the fastest, relative error about 7e-3 (see [`crate::blockwise::matvec::int8`]).
     Int8,
 }
 
@@ -674,7 +676,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codebook::{FP4, NF4};
+    use crate::blockwise::codebook::{FP4, NF4};
 
     fn lcg(state: &mut u64) -> f64 {
         *state = state
@@ -794,7 +796,7 @@ mod tests {
     }
 
     /// Bound on |error| of an integer path: the quantization of levels and activations
-    /// ([`crate::matvec_quant::error_bound_terms`]) plus f32 rounding of the sums.
+    /// ([`crate::blockwise::matvec::quant::error_bound_terms`]) plus f32 rounding of the sums.
     fn quantized_bound(
         mode: Activations,
         shape: MatShape,
@@ -828,7 +830,7 @@ mod tests {
                     let l = levels[c as usize];
                     let s = scales[k / shape.block_size].abs() as f64;
                     let dg = d[i / group];
-                    q += s * crate::matvec_quant::error_bound_terms(l, xb[i], dg, dl);
+                    q += s * crate::blockwise::matvec::quant::error_bound_terms(l, xb[i], dg, dl);
                     mag += s * (l.abs() as f64 + dl as f64) * (xb[i].abs() as f64 + dg as f64);
                 }
                 bound[b * n_out + o] =
@@ -1017,11 +1019,11 @@ mod tests {
         let xf: Vec<f32> = (0..128).map(|i| (i as f32 - 60.0) * 0.25).collect();
         let xb: Vec<Bf16> = xf
             .iter()
-            .map(|&v| Bf16(crate::element::f32_to_bf16(v)))
+            .map(|&v| Bf16(crate::numeric::element::f32_to_bf16(v)))
             .collect();
         let xh: Vec<F16> = xf
             .iter()
-            .map(|&v| F16(crate::element::f32_to_f16(v)))
+            .map(|&v| F16(crate::numeric::element::f32_to_f16(v)))
             .collect();
         for isa in Isa::supported() {
             let mut a = vec![0f32; 8];

@@ -6,7 +6,7 @@
 //! vectors back to a small process-wide stock when dropped; the next pack's tasks take them, with
 //! their capacity, from there.
 
-use crate::opq::Outlier;
+use crate::blockwise::opq::Outlier;
 use std::ops::Deref;
 use std::sync::Mutex;
 

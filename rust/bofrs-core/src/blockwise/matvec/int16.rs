@@ -1,4 +1,4 @@
-//! The opt-in 16-bit integer path of the fused matvec ([`crate::matvec::Activations::Int16`]).
+//! The opt-in 16-bit integer path of the fused matvec ([`crate::blockwise::matvec::Activations::Int16`]).
 //!
 //! Activations are quantized per group of [`GROUP`] consecutive inputs to `q = round(x / d)` with
 //! `d = max|x| / QMAX` over the group, the 16 levels to `round(level / dl)` with
@@ -12,10 +12,10 @@
 //! the AVX2 kernel sums at most 8 of them per group (no overflow); the portable kernel sums in
 //! i64.
 
-use crate::element::Element;
-pub use crate::matvec_quant::error_bound_terms;
-pub use crate::matvec_quant::Order;
-use crate::matvec_quant::{self as quant, Layout, QInt};
+pub use crate::blockwise::matvec::quant::error_bound_terms;
+pub use crate::blockwise::matvec::quant::Order;
+use crate::blockwise::matvec::quant::{self as quant, Layout, QInt};
+use crate::numeric::element::Element;
 
 /// Activations per quantization group (one f32 scale each).
 pub const GROUP: usize = 64;
@@ -84,7 +84,7 @@ pub fn row_dot_portable(
 pub mod x86 {
     //! AVX2 int16 row kernels for `NB` activation rows.
     use super::{Quantized, GROUP};
-    use crate::matvec_quant::hsum;
+    use crate::blockwise::matvec::quant::hsum;
     use std::arch::x86_64::*;
 
     /// Low and high bytes of the integer levels, each broadcast to both lanes.

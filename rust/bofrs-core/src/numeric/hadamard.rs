@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::isa::Isa;
-use crate::pool::{pool, TASK_VALUES};
+use crate::runtime::pool::{pool, TASK_VALUES};
 use rayon::prelude::*;
 
 /// Smallest and largest transform sizes.

@@ -1,5 +1,5 @@
-//! Pieces shared by the integer-activation paths of the fused matvec ([`crate::matvec_int16`] and
-//! [`crate::matvec_int8`]): rounding the 16 levels, quantizing activations per group into the
+//! Pieces shared by the integer-activation paths of the fused matvec ([`crate::blockwise::matvec::int16`] and
+//! [`crate::blockwise::matvec::int8`]): rounding the 16 levels, quantizing activations per group into the
 //! order a kernel reads them, the portable integer row kernel (the definition of both paths'
 //! results) and the per-product error bound.
 //!
@@ -8,7 +8,7 @@
 //! `dl = max|level| / QMAX`. Each (block, group) piece is an exact integer dot product, scaled by
 //! `d * scale` in f32, and the row total by `dl`.
 
-use crate::element::Element;
+use crate::numeric::element::Element;
 
 /// An integer type activations and levels are rounded to (a symmetric range `[-QMAX, QMAX]`).
 pub trait QInt: Copy + Default + Send + Sync + Into<i64> + Ord {

@@ -1,13 +1,13 @@
 //! Decoding: `value = level[code] * scale`, computed in f32 and rounded (nearest even) to the
 //! output type.
 
-use crate::codebook::Codebook;
-use crate::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+use crate::blockwise::codebook::Codebook;
+use crate::blockwise::layout::BlockLayout;
+use crate::blockwise::opq::OutlierDType;
 use crate::error::{Error, Result};
 use crate::isa::Isa;
-use crate::layout::BlockLayout;
-use crate::opq::OutlierDType;
-use crate::pool::{blocks_per_task, pool};
+use crate::numeric::element::{f32_to_bf16, f32_to_f16, Bf16, F16};
+use crate::runtime::pool::{blocks_per_task, pool};
 use rayon::prelude::*;
 
 /// An output element of the decoder.
@@ -200,7 +200,7 @@ fn decode_block_portable<O: Output>(codes: &[u8], scale: f32, levels: &[f32; 16]
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{decode_block_portable, Output};
-    use crate::element::{Bf16, F16};
+    use crate::numeric::element::{Bf16, F16};
     use std::any::TypeId;
     use std::arch::x86_64::*;
 
@@ -334,8 +334,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codebook::NF4;
-    use crate::element::{bf16_to_f32, f16_to_f32};
+    use crate::blockwise::codebook::NF4;
+    use crate::numeric::element::{bf16_to_f32, f16_to_f32};
 
     fn data(n: usize, bs: usize) -> (Vec<u8>, Vec<f32>) {
         let codes = (0..n.div_ceil(2))

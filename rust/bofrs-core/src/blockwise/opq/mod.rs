@@ -26,10 +26,10 @@
 //! estimate of the sums with a rigorous error bound that clears most blocks without the f64
 //! sums, and test values in f32 against [`f32_limit`], which is exactly equivalent.
 
-use crate::codebook::Normalization;
-use crate::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Bf16, Element};
+use crate::blockwise::codebook::Normalization;
 use crate::error::{Error, Result};
-use crate::gauss::{normal_cdf, normal_pdf};
+use crate::numeric::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Bf16, Element};
+use crate::numeric::gauss::{normal_cdf, normal_pdf};
 
 /// The 16-bit type outlier values are stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -384,7 +384,7 @@ pub fn sums_from_lanes<E: Element>(
 }
 
 /// Words of a block's outlier bit mask (bit `i % 64` of word `i / 64` marks value `i`).
-pub const MASK_WORDS: usize = crate::layout::MAX_BLOCK_SIZE / 64;
+pub const MASK_WORDS: usize = crate::blockwise::layout::MAX_BLOCK_SIZE / 64;
 
 /// Marks the values of a block with `w * w > limit2` (f64): the portable definition of the scan.
 #[inline(always)]
@@ -558,7 +558,7 @@ pub fn signed_scale_masked<E: Element>(block: &[E], mask: &[u64; MASK_WORDS], ma
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::element::F16;
+    use crate::numeric::element::F16;
 
     #[test]
     fn upper_quantile_inverts_the_tail() {
