@@ -20,7 +20,6 @@ pub mod higgs;
 pub mod isa;
 pub mod numeric;
 pub mod runtime;
-mod simd;
 
 pub use blockwise::codebook::{Codebook, Normalization};
 pub use blockwise::layout::BlockLayout;

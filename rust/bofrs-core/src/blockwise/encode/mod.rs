@@ -18,7 +18,7 @@ use crate::blockwise::opq::{
 };
 use crate::blockwise::scale::{max_abs_bits, raw_block_scale_from_max, ScaleDType};
 use crate::error::{Error, Result};
-use crate::isa::Isa;
+use crate::isa::{dispatch, Isa};
 use crate::numeric::element::Bf16;
 use crate::numeric::element::Element;
 use crate::runtime::pool::{blocks_per_task, pool};
@@ -446,17 +446,15 @@ unsafe fn pack_task<E: Element>(
     out: TaskOut<'_>,
     first_block: usize,
 ) -> Result<Vec<Outlier>> {
-    match isa {
-        // AVX-512 CPUs run the AVX2 kernels (no AVX-512-specific encoder yet).
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => x86::pack_task_avx2(input, context, out, first_block),
-        _ => {
+    dispatch!(isa,
+        avx2 => x86::pack_task_avx2(input, context, out, first_block),
+        portable => {
             let kernel = Portable {
                 codebook: context.options.codebook,
             };
             run_task(&kernel, input, context, out, first_block)
-        }
-    }
+        },
+    )
 }
 
 /// One task: the raw scale of every block (after removing its outliers), the scales' storage
