@@ -5,9 +5,9 @@
 //! requirements include the previous one's, so a layer dispatches with `isa >= Isa::Avx2`:
 //! a stronger variant runs the strongest kernels a layer has for it.
 //!
-//! Layers choose their kernel with [`dispatch!`]. Adding a kernel set (say AVX-512 VNNI matvec
+//! Layers choose their kernel with `dispatch!`. Adding a kernel set (say AVX-512 VNNI matvec
 //! kernels) is a variant here ([`Isa::ALL`], [`Isa::name`], the detection in
-//! [`Isa::is_supported`]), an arm of [`dispatch!`], and the kernels in the layers that have
+//! [`Isa::is_supported`]), an arm of `dispatch!`, and the kernels in the layers that have
 //! them; every other layer then runs its AVX2 kernels for the new variant unchanged.
 
 use std::sync::OnceLock;

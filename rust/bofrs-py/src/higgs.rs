@@ -13,6 +13,9 @@ use bofrs_core::{allocate, Element, Isa, ScaleDType};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
 
+/// Codes and scales of a packed weight.
+type Packed<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>);
+
 /// The orthonormal Walsh-Hadamard transform of every run of `size` values (a new array).
 #[pyfunction]
 #[pyo3(signature = (data, size, isa=None))]
@@ -58,7 +61,7 @@ fn pack_typed<'py, E: Element>(
     layout: HiggsLayout,
     grid: &GridSearch,
     scale_dtype: ScaleDType,
-) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+) -> PyResult<Packed<'py>> {
     let (codes, scales) = run(py, || {
         let mut codes = zeroed_vec::<u8>(layout.code_bytes());
         let mut scales = vec![0f32; layout.num_groups()];
@@ -81,7 +84,7 @@ fn pack_higgs<'py>(
     p: usize,
     points: PyReadonlyArray1<'py, f32>,
     scale_dtype: Parsed<ScaleDType>,
-) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+) -> PyResult<Packed<'py>> {
     let grid = search(p, &points)?;
     let layout = HiggsLayout::new(rows, cols, group_size, &grid).map_err(to_py)?;
     with_floats!(data.view(element, "data")?, |x| pack_typed(

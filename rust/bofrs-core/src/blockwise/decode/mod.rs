@@ -1,5 +1,5 @@
 //! Decoding: `value = level[code] * scale`, computed in f32 and rounded (nearest even) to the
-//! output type; OPQ outliers written back. The kernels: [`portable`] (the definition) and its
+//! output type; OPQ outliers written back. The kernels: `portable` (the definition) and its
 //! AVX2 twin `x86`.
 
 mod portable;

@@ -28,6 +28,7 @@ pub(super) fn float_rows(w: &WeightRow<'_>, levels: &[f32; 16], x: &[f32], y: &m
 
 /// Integer dot products of one weight row with `y.len()` activation rows of `xq` from row
 /// `first_row`, against the integer levels `levels` in units of `dl`.
+#[allow(clippy::needless_range_loop)]
 pub(super) fn int_rows<Q: QInt>(
     w: &WeightRow<'_>,
     (levels, dl): (&[Q; 16], f32),

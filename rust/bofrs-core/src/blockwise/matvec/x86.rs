@@ -1,7 +1,7 @@
 //! The AVX2 row kernels of the fused matvec: float (exact f32 levels rebuilt by byte shuffles)
 //! and the two integer paths (int16 by `pmaddwd`, int8 by `pmaddubsw`), each for block sizes
-//! >= 64 (64-value steps) and for 16 and 32 (32-value steps), monomorphized for 1..=4
-//! activation rows.
+//! of 64 and more (64-value steps) and for 16 and 32 (32-value steps), monomorphized for 1 to
+//! 4 activation rows.
 
 use super::quant::{QInt, Quantized};
 use super::WeightRow;
