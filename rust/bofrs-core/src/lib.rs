@@ -20,6 +20,8 @@ pub mod higgs;
 pub mod isa;
 pub mod numeric;
 pub mod runtime;
+#[cfg(test)]
+mod testing;
 
 pub use blockwise::codebook::{Codebook, Normalization};
 pub use blockwise::layout::BlockLayout;

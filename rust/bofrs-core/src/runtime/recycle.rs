@@ -75,6 +75,15 @@ impl OutlierParts {
     pub fn total(&self) -> usize {
         self.parts.iter().map(Vec::len).sum()
     }
+
+    /// All outliers in one vector, in flat order.
+    pub fn concat(&self) -> Vec<Outlier> {
+        let mut all = Vec::with_capacity(self.total());
+        for part in &self.parts {
+            all.extend_from_slice(part);
+        }
+        all
+    }
 }
 
 impl Deref for OutlierParts {

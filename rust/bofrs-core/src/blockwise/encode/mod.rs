@@ -54,7 +54,7 @@ pub struct PackExtras {
     pub double_quant: bool,
 }
 
-/// Output buffers of [`pack_ext_with_isa`].
+/// Output buffers of [`pack_ext_parts_with_isa`].
 pub struct PackBuffers<'a> {
     /// `numel.div_ceil(2)` bytes of codes.
     pub codes: &'a mut [u8],
@@ -91,31 +91,14 @@ pub fn pack_with_isa<E: Element>(
         scale_codes: &mut [],
         scale_params: &mut [],
     };
-    pack_ext_with_isa(isa, input, options, &PackExtras::default(), buffers).map(|_| ())
+    pack_ext_parts_with_isa(isa, input, options, &PackExtras::default(), buffers).map(|_| ())
 }
 
 /// [`pack_with_isa`] with OPQ and / or double-quantized scales. Returns the outliers (flat
-/// index ascending, stored 16-bit value); empty without OPQ. Errors name the first bad block in
-/// flat order.
-pub fn pack_ext_with_isa<E: Element>(
-    isa: Isa,
-    input: &[E],
-    options: &EncodeOptions<'_>,
-    extras: &PackExtras,
-    out: PackBuffers<'_>,
-) -> Result<Vec<Outlier>> {
-    let parts = pack_ext_parts_with_isa(isa, input, options, extras, out)?;
-    let mut outliers = Vec::with_capacity(parts.total());
-    for part in parts.iter() {
-        outliers.extend_from_slice(part);
-    }
-    Ok(outliers)
-}
-
-/// [`pack_ext_with_isa`] with the outliers as the parallel tasks found them: consecutive
-/// parts, in flat order, whose concatenation is [`pack_ext_with_isa`]'s result (see
-/// [`split_outliers`] to lay them out without a serial join). Their vectors are reused by the
-/// next pack once the parts are dropped.
+/// index ascending, stored 16-bit value; none without OPQ) as the parallel tasks found them:
+/// consecutive parts in flat order ([`OutlierParts::concat`] joins them, [`split_outliers`]
+/// lays them out as two arrays without a serial join); their vectors are reused by the next
+/// pack once the parts are dropped. Errors name the first bad block in flat order.
 pub fn pack_ext_parts_with_isa<E: Element>(
     isa: Isa,
     input: &[E],
@@ -265,12 +248,7 @@ pub(crate) trait BlockKernels {
     fn max_abs_bits<T: Element>(&self, block: &[T]) -> u32;
     /// The raw scale of a finite block from its largest `abs_bits`, exactly as
     /// [`crate::blockwise::scale::raw_block_scale_from_max`] gives it.
-    fn raw_scale_from_max<T: Element>(
-        &self,
-        block: &[T],
-        max_bits: u32,
-        norm: Normalization,
-    ) -> f32;
+    fn raw_scale_from_max<T: Element>(&self, block: &[T], max: u32, norm: Normalization) -> f32;
     /// Codes of one block against its (decoded) scale.
     fn encode<T: Element>(&self, block: &[T], scale: f32, out: &mut [u8]);
 }

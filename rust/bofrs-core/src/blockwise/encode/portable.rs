@@ -17,14 +17,9 @@ impl BlockKernels for Portable<'_> {
         max_abs_bits(block)
     }
     #[inline(always)]
-    fn raw_scale_from_max<T: Element>(
-        &self,
-        block: &[T],
-        max_bits: u32,
-        norm: Normalization,
-    ) -> f32 {
+    fn raw_scale_from_max<T: Element>(&self, block: &[T], max: u32, norm: Normalization) -> f32 {
         // Cannot fail for a finite maximum.
-        raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0)
+        raw_block_scale_from_max(block, max, norm).unwrap_or(0.0)
     }
     #[inline(always)]
     fn encode<T: Element>(&self, block: &[T], scale: f32, out: &mut [u8]) {

@@ -3,18 +3,7 @@
 use super::*;
 use crate::blockwise::codebook::NF4;
 use crate::blockwise::opq::{block_sums, Threshold};
-
-fn lcg(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-        })
-        .collect()
-}
+use crate::testing::{lcg, uniform};
 
 /// NF4 codes and stored scales of `x` (plain pack).
 fn pack_nf4<E: Element>(
@@ -25,17 +14,26 @@ fn pack_nf4<E: Element>(
     scale_dtype: ScaleDType,
 ) -> (Vec<u8>, Vec<f32>) {
     let cb = Codebook::new(&NF4).unwrap();
-    let opts = EncodeOptions {
-        codebook: &cb,
-        block_size: bs,
-        normalization: norm,
-        scale_dtype,
-    };
+    let opts = nf4_options(&cb, bs, norm, scale_dtype);
     let layout = BlockLayout::new(x.len(), bs).unwrap();
     let mut codes = vec![0u8; layout.code_bytes()];
     let mut scales = vec![0f32; layout.num_blocks()];
     pack_with_isa(isa, x, &opts, &mut codes, &mut scales).unwrap();
     (codes, scales)
+}
+
+fn nf4_options(
+    cb: &Codebook,
+    block_size: usize,
+    normalization: Normalization,
+    scale_dtype: ScaleDType,
+) -> EncodeOptions<'_> {
+    EncodeOptions {
+        codebook: cb,
+        block_size,
+        normalization,
+        scale_dtype,
+    }
 }
 
 fn encode(isa: Isa, x: &[f32], bs: usize, norm: Normalization) -> (Vec<u8>, Vec<f32>) {
@@ -67,20 +65,16 @@ fn every_isa_matches_scalar_reference() {
 
 type Encoded = (Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>, Vec<Outlier>);
 
-fn encode_ext<E: Element>(
+/// Packs `x` with NF4, bfloat16 scales (unless dq8) and `extras`.
+fn try_encode_ext<E: Element>(
     isa: Isa,
     x: &[E],
     bs: usize,
     norm: Normalization,
     extras: &PackExtras,
-) -> Encoded {
+) -> Result<Encoded> {
     let cb = Codebook::new(&NF4).unwrap();
-    let opts = EncodeOptions {
-        codebook: &cb,
-        block_size: bs,
-        normalization: norm,
-        scale_dtype: ScaleDType::BFloat16,
-    };
+    let opts = nf4_options(&cb, bs, norm, ScaleDType::BFloat16);
     let layout = BlockLayout::new(x.len(), bs).unwrap();
     let blocks = layout.num_blocks();
     let mut codes = vec![0u8; layout.code_bytes()];
@@ -94,8 +88,18 @@ fn encode_ext<E: Element>(
         scale_codes: &mut sc,
         scale_params: &mut sp,
     };
-    let outliers = pack_ext_with_isa(isa, x, &opts, extras, buffers).unwrap();
-    (codes, scales, sc, sp, outliers)
+    let outliers = pack_ext_parts_with_isa(isa, x, &opts, extras, buffers)?.concat();
+    Ok((codes, scales, sc, sp, outliers))
+}
+
+fn encode_ext<E: Element>(
+    isa: Isa,
+    x: &[E],
+    bs: usize,
+    norm: Normalization,
+    extras: &PackExtras,
+) -> Encoded {
+    try_encode_ext(isa, x, bs, norm, extras).unwrap()
 }
 
 #[test]
@@ -156,38 +160,17 @@ fn fused_opq_pass_matches_the_exact_rule_on_adversarial_blocks() {
         norm: Normalization,
         dtype: OutlierDType,
     ) -> String {
-        let cb = Codebook::new(&NF4).unwrap();
-        let opts = EncodeOptions {
-            codebook: &cb,
-            block_size: bs,
-            normalization: norm,
-            scale_dtype: ScaleDType::BFloat16,
-        };
-        let layout = BlockLayout::new(x.len(), bs).unwrap();
-        let mut codes = vec![0u8; layout.code_bytes()];
-        let mut scales = vec![0f32; layout.num_blocks()];
         let extras = PackExtras {
             opq: Some(OpqOptions::new(0.95, dtype).unwrap()),
             double_quant: false,
         };
-        let buffers = PackBuffers {
-            codes: &mut codes,
-            scales: &mut scales,
-            scale_codes: &mut [],
-            scale_params: &mut [],
-        };
-        match pack_ext_with_isa(isa, x, &opts, &extras, buffers) {
-            Ok(outliers) => format!("{codes:?} {scales:?} {outliers:?}"),
+        match try_encode_ext(isa, x, bs, norm, &extras) {
+            Ok(encoded) => format!("{encoded:?}"),
             Err(err) => format!("error {err:?}"),
         }
     }
     let mut state = 5u64;
-    let mut rand = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rand = move || uniform(&mut state);
     let mut checked = 0;
     for trial in 0..96 {
         let bs = [64usize, 16, 128, 32][trial % 4];
@@ -295,12 +278,7 @@ fn reports_first_non_finite_index() {
     x[77_777] = f32::NAN;
     x[90_000] = f32::INFINITY;
     let cb = Codebook::new(&NF4).unwrap();
-    let opts = EncodeOptions {
-        codebook: &cb,
-        block_size: 64,
-        normalization: Normalization::Absmax,
-        scale_dtype: ScaleDType::Float32,
-    };
+    let opts = nf4_options(&cb, 64, Normalization::Absmax, ScaleDType::Float32);
     let mut codes = vec![0u8; 50_000];
     let mut scales = vec![0f32; 1563];
     let err = pack(&x, &opts, &mut codes, &mut scales).unwrap_err();

@@ -136,20 +136,15 @@ impl BlockKernels for Avx2<'_> {
         unsafe { max_abs_bits_avx2(block) }
     }
     #[inline(always)]
-    fn raw_scale_from_max<T: Element>(
-        &self,
-        block: &[T],
-        max_bits: u32,
-        norm: Normalization,
-    ) -> f32 {
+    fn raw_scale_from_max<T: Element>(&self, block: &[T], max: u32, norm: Normalization) -> f32 {
         let fast = match norm {
-            Normalization::Absmax => Some(T::abs_bits_to_f32(max_bits)),
+            Normalization::Absmax => Some(T::abs_bits_to_f32(max)),
             // SAFETY: as above.
-            Normalization::SignedAbsmax => unsafe { signed_scale_avx2(block, max_bits) },
+            Normalization::SignedAbsmax => unsafe { signed_scale_avx2(block, max) },
         };
         // Cannot fail for a finite maximum.
         fast.unwrap_or_else(|| {
-            crate::blockwise::scale::raw_block_scale_from_max(block, max_bits, norm).unwrap_or(0.0)
+            crate::blockwise::scale::raw_block_scale_from_max(block, max, norm).unwrap_or(0.0)
         })
     }
     #[inline(always)]

@@ -3,6 +3,7 @@
 use super::*;
 use crate::blockwise::codebook::{FP4, NF4};
 use crate::numeric::element::{Bf16, F16};
+use crate::testing::uniform;
 use quant::{quantize_activations, Order};
 
 fn weight<'a>(
@@ -19,11 +20,9 @@ fn weight<'a>(
     }
 }
 
+/// A uniform value in [-1, 1).
 fn lcg(state: &mut u64) -> f64 {
-    *state = state
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ((*state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    uniform(state) * 2.0 - 1.0
 }
 
 /// Random codes and scales for `shape`, every fifth scale (from the fourth) zero.
@@ -44,6 +43,23 @@ fn random_weight(st: &mut u64, shape: MatShape) -> (Vec<u8>, Vec<f32>) {
     (codes, scales)
 }
 
+/// Code `k` of a packed row-major weight.
+fn code(codes: &[u8], k: usize) -> u8 {
+    if k % 2 == 0 {
+        codes[k / 2] >> 4
+    } else {
+        codes[k / 2] & 15
+    }
+}
+
+fn shape_of(out_features: usize, in_features: usize, block_size: usize) -> MatShape {
+    MatShape {
+        out_features,
+        in_features,
+        block_size,
+    }
+}
+
 /// Float64 reference and the bound on |error| of an f32 evaluation.
 fn reference(
     shape: MatShape,
@@ -60,11 +76,7 @@ fn reference(
         for o in 0..n_out {
             for i in 0..n_in {
                 let k = o * n_in + i;
-                let c = if k % 2 == 0 {
-                    codes[k / 2] >> 4
-                } else {
-                    codes[k / 2] & 15
-                };
+                let c = code(codes, k);
                 let w = levels[c as usize] as f64 * scales[k / shape.block_size] as f64;
                 y[b * n_out + o] += w * x[b * n_in + i] as f64;
                 mag[b * n_out + o] += (w * x[b * n_in + i] as f64).abs();
@@ -89,11 +101,7 @@ fn every_isa_matches_the_float64_reference() {
             (17, 4096, 4096),
             (2, 0, 64),
         ] {
-            let shape = MatShape {
-                out_features: n_out,
-                in_features: n_in,
-                block_size: bs,
-            };
+            let shape = shape_of(n_out, n_in, bs);
             let (codes, scales) = random_weight(&mut st, shape);
             for batch in 1..=9 {
                 let x: Vec<f32> = (0..batch * n_in)
@@ -167,11 +175,7 @@ fn quantized_bound(
             let mut mag = 0f64;
             for i in 0..n_in {
                 let k = o * n_in + i;
-                let c = if k % 2 == 0 {
-                    codes[k / 2] >> 4
-                } else {
-                    codes[k / 2] & 15
-                };
+                let c = code(codes, k);
                 let l = levels[c as usize];
                 let s = scales[k / shape.block_size].abs() as f64;
                 let dg = d[i / group];
@@ -201,11 +205,7 @@ fn integer_activations_stay_within_their_error_bound() {
             (17, 4096, 4096),
             (2, 0, 64),
         ] {
-            let shape = MatShape {
-                out_features: n_out,
-                in_features: n_in,
-                block_size: bs,
-            };
+            let shape = shape_of(n_out, n_in, bs);
             let (codes, scales) = random_weight(&mut st, shape);
             for batch in 1..=9 {
                 // Mixed magnitudes per group (the quantization step follows the largest).
@@ -287,11 +287,7 @@ fn integer_orders_are_permutations_and_zero_rows_stay_zero() {
     }
     // All-zero activations: zero step, zero outputs (no 0/0).
     let cb = Codebook::new(&NF4).unwrap();
-    let shape = MatShape {
-        out_features: 3,
-        in_features: 128,
-        block_size: 64,
-    };
+    let shape = shape_of(3, 128, 64);
     let codes = vec![0x5Au8; 3 * 64];
     for (mode, isa) in integer_cases() {
         let mut out = vec![f32::NAN; 3];
@@ -305,11 +301,7 @@ fn integer_orders_are_permutations_and_zero_rows_stay_zero() {
 fn integer_paths_give_non_finite_outputs_for_non_finite_activations() {
     let cb = Codebook::new(&NF4).unwrap();
     for bs in [16, 64] {
-        let shape = MatShape {
-            out_features: 2,
-            in_features: 128,
-            block_size: bs,
-        };
+        let shape = shape_of(2, 128, bs);
         let codes = vec![0x9Fu8; 128];
         let scales = vec![1f32; 256 / bs];
         for bad in [f32::NAN, f32::INFINITY] {
@@ -347,11 +339,7 @@ fn activation_modes_parse_by_name() {
 #[test]
 fn half_activations_widen_exactly() {
     let cb = Codebook::new(&NF4).unwrap();
-    let shape = MatShape {
-        out_features: 4,
-        in_features: 64,
-        block_size: 32,
-    };
+    let shape = shape_of(4, 64, 32);
     let codes: Vec<u8> = (0..128).map(|i| (i * 29 + 3) as u8).collect();
     let scales = vec![0.5f32, -2.0, 1.25, 3.0, 0.0, 1.0, 7.0, 0.125];
     let xf: Vec<f32> = (0..128).map(|i| (i as f32 - 60.0) * 0.25).collect();
@@ -379,11 +367,7 @@ fn half_activations_widen_exactly() {
 fn reports_the_first_non_finite_scale_across_tasks() {
     let cb = Codebook::new(&NF4).unwrap();
     // Above the inline limit, 16 rows per task: the bad scales sit in tasks 12 and 17.
-    let shape = MatShape {
-        out_features: 320,
-        in_features: 4096,
-        block_size: 64,
-    };
+    let shape = shape_of(320, 4096, 64);
     let codes = vec![0x37u8; 320 * 2048];
     let x = vec![1f32; 2 * 4096];
     for mode in Activations::ALL {
@@ -408,11 +392,7 @@ fn reports_the_first_non_finite_scale_across_tasks() {
 #[test]
 fn rejects_bad_shapes_and_buffers() {
     let cb = Codebook::new(&NF4).unwrap();
-    let shape = MatShape {
-        out_features: 2,
-        in_features: 64,
-        block_size: 64,
-    };
+    let shape = shape_of(2, 64, 64);
     let (codes, scales, x) = (vec![0u8; 64], vec![1f32; 2], vec![1f32; 64]);
     let mut out = vec![0f32; 2];
     assert!(matvec(&weight(shape, &codes, &scales, &cb), 1, &x, &mut out).is_ok());

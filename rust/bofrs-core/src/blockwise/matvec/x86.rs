@@ -98,6 +98,12 @@ pub(super) fn permute<X: Element>(x: &[X], wide: bool) -> Vec<f32> {
     v
 }
 
+/// Pointers to rows `first..first + NB` of `data` (`per_row` values each).
+#[inline(always)]
+fn row_ptrs<T, const NB: usize>(data: &[T], per_row: usize, first: usize) -> [*const T; NB] {
+    std::array::from_fn(|b| data[(first + b) * per_row..].as_ptr())
+}
+
 /// Byte `k` of every level's f32 bits, per `k` (the float kernel's lookup tables).
 pub(super) fn byte_tables(levels: &[f32; 16]) -> [[u8; 16]; 4] {
     let mut bytes = [[0u8; 16]; 4];
@@ -178,11 +184,7 @@ unsafe fn float_step<const NB: usize>(
     x: &[f32],
     y: &mut [f32],
 ) {
-    let &WeightRow {
-        codes,
-        scales,
-        block_size,
-    } = w;
+    let (codes, scales, block_size) = (w.codes, w.scales, w.block_size);
     let n_in = codes.len() * 2;
     debug_assert!(x.len() >= NB * n_in && y.len() >= NB);
     let t = tables(bytes);
@@ -309,19 +311,13 @@ unsafe fn int16_step64<const NB: usize>(
     first_row: usize,
     y: &mut [f32],
 ) {
-    let &WeightRow {
-        codes,
-        scales,
-        block_size,
-    } = w;
+    let (codes, scales, block_size) = (w.codes, w.scales, w.block_size);
     const GROUP: usize = <i16 as QInt>::GROUP;
     let (tlo, thi) = int16_tables(l16);
     let nib = _mm256_set1_epi8(15);
     let cp = codes.as_ptr();
-    let qp: [*const i16; NB] =
-        std::array::from_fn(|b| xq.q.as_ptr().add((first_row + b) * xq.padded));
-    let dp: [*const f32; NB] =
-        std::array::from_fn(|b| xq.d.as_ptr().add((first_row + b) * xq.groups));
+    let qp: [*const i16; NB] = row_ptrs(&xq.q, xq.padded, first_row);
+    let dp: [*const f32; NB] = row_ptrs(&xq.d, xq.groups, first_row);
     let per_block = block_size / GROUP;
     let mut tot = [_mm256_setzero_ps(); NB];
     for (blk, &s) in scales.iter().enumerate() {
@@ -377,20 +373,14 @@ unsafe fn int16_step32<const NB: usize>(
     first_row: usize,
     y: &mut [f32],
 ) {
-    let &WeightRow {
-        codes,
-        scales,
-        block_size,
-    } = w;
+    let (codes, scales, block_size) = (w.codes, w.scales, w.block_size);
     const GROUP: usize = <i16 as QInt>::GROUP;
     let n_in = codes.len() * 2;
     let (tlo, thi) = int16_tables(l16);
     let shifts = _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0);
     let nib = _mm256_set1_epi8(15);
-    let qp: [*const i16; NB] =
-        std::array::from_fn(|b| xq.q.as_ptr().add((first_row + b) * xq.padded));
-    let dp: [*const f32; NB] =
-        std::array::from_fn(|b| xq.d.as_ptr().add((first_row + b) * xq.groups));
+    let qp: [*const i16; NB] = row_ptrs(&xq.q, xq.padded, first_row);
+    let dp: [*const f32; NB] = row_ptrs(&xq.d, xq.groups, first_row);
     let mut tot = [_mm256_setzero_ps(); NB];
     for t in 0..n_in.div_ceil(32) {
         let base = t * 32;
@@ -488,20 +478,15 @@ unsafe fn int8_step64<const NB: usize>(
     first_row: usize,
     y: &mut [f32],
 ) {
-    let &WeightRow {
-        codes,
-        scales,
-        block_size,
-    } = w;
+    let (codes, scales, block_size) = (w.codes, w.scales, w.block_size);
     let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(l8.as_ptr() as *const __m128i));
     let nib = _mm256_set1_epi8(15);
     let cp = codes.as_ptr();
     let sp = scales.as_ptr();
     let v = xq;
     let per_row = v.padded.div_ceil(64) * 8;
-    let qp: [*const i8; NB] = std::array::from_fn(|b| v.q.as_ptr().add((first_row + b) * v.padded));
-    let dp: [*const f32; NB] =
-        std::array::from_fn(|b| xq.lane_steps.as_ptr().add((first_row + b) * per_row));
+    let qp: [*const i8; NB] = row_ptrs(&v.q, v.padded, first_row);
+    let dp: [*const f32; NB] = row_ptrs(&xq.lane_steps, per_row, first_row);
     let steps_per_block = block_size / 64;
     let n_steps = codes.len() / 32;
     // One step: 64 codes, their levels, NB dot products scaled by step * block scale.
@@ -538,18 +523,13 @@ unsafe fn int8_step32<const NB: usize>(
     first_row: usize,
     y: &mut [f32],
 ) {
-    let &WeightRow {
-        codes,
-        scales,
-        block_size,
-    } = w;
+    let (codes, scales, block_size) = (w.codes, w.scales, w.block_size);
     let n_in = codes.len() * 2;
     let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(l8.as_ptr() as *const __m128i));
     let nib = _mm_set1_epi8(15);
     let v = xq;
-    let qp: [*const i8; NB] = std::array::from_fn(|b| v.q.as_ptr().add((first_row + b) * v.padded));
-    let dp: [*const f32; NB] =
-        std::array::from_fn(|b| v.d.as_ptr().add((first_row + b) * v.groups));
+    let qp: [*const i8; NB] = row_ptrs(&v.q, v.padded, first_row);
+    let dp: [*const f32; NB] = row_ptrs(&v.d, v.groups, first_row);
     // One step: 32 codes, their levels, NB dot products scaled by step * block scale(s).
     let step = |t: usize, tot: &mut [__m256; NB]| {
         let base = t * 32;

@@ -34,13 +34,11 @@ pub(crate) trait ExactKernels: BlockKernels {
     #[inline(always)]
     fn first_pass<E: Element>(
         &self,
-        input: &[E],
-        opq: &OpqContext,
-        block: (usize, Normalization),
+        task: Blocks<'_, E>,
         scales: &mut [f32],
         found: &mut Found,
     ) -> usize {
-        exact_pass(self, input, opq, block, scales, found)
+        exact_pass(self, task, scales, found)
     }
 }
 
@@ -91,6 +89,16 @@ pub(crate) trait FilterKernels: ExactKernels {
     ) -> Option<u32>;
 }
 
+/// The blocks of one task as the OPQ pass reads them: the values, the OPQ constants, the block
+/// size and the normalization.
+#[derive(Clone, Copy)]
+pub(crate) struct Blocks<'a, E> {
+    pub(crate) input: &'a [E],
+    pub(crate) opq: &'a OpqContext,
+    pub(crate) bs: usize,
+    pub(crate) norm: Normalization,
+}
+
 /// What the OPQ part of a task found ([`task_outliers`]).
 pub(crate) struct TaskOutliers {
     /// The outliers stored so far, in flat order (those before `error`'s block).
@@ -128,7 +136,14 @@ pub(crate) fn task_outliers<E: Element, K: ExactKernels>(
         direct,
         task_start: first_block * bs,
     };
-    let finite_blocks = kernel.first_pass(input, opq, block, scales, &mut found);
+    let (bs, norm) = block;
+    let task = Blocks {
+        input,
+        opq,
+        bs,
+        norm,
+    };
+    let finite_blocks = kernel.first_pass(task, scales, &mut found);
     let Found {
         marks,
         mut outliers,
@@ -165,12 +180,13 @@ pub(crate) fn task_outliers<E: Element, K: ExactKernels>(
 #[inline(always)]
 pub(crate) fn exact_pass<E: Element, K: ExactKernels + ?Sized>(
     kernel: &K,
-    input: &[E],
-    opq: &OpqContext,
-    (bs, norm): (usize, Normalization),
+    task: Blocks<'_, E>,
     scales: &mut [f32],
     found: &mut Found,
 ) -> usize {
+    let Blocks {
+        input, bs, norm, ..
+    } = task;
     let mut mask = [0u64; MASK_WORDS];
     for b in 0..scales.len() {
         let start = b * bs;
@@ -182,7 +198,7 @@ pub(crate) fn exact_pass<E: Element, K: ExactKernels + ?Sized>(
         // Cannot fail for a finite maximum.
         scales[b] = kernel.raw_scale_from_max(block, max_bits, norm);
         let at = (b, None);
-        suspect_block(kernel, input, opq, (bs, norm), at, &mut mask, scales, found);
+        suspect_block(kernel, task, at, &mut mask, scales, found);
     }
     scales.len()
 }
@@ -271,12 +287,16 @@ impl OpqContext {
 #[inline(always)]
 pub(crate) fn filtered_pass<E: Element, K: FilterKernels + ?Sized>(
     kernel: &K,
-    input: &[E],
-    opq: &OpqContext,
-    (bs, norm): (usize, Normalization),
+    task: Blocks<'_, E>,
     scales: &mut [f32],
     found: &mut Found,
 ) -> usize {
+    let Blocks {
+        input,
+        opq,
+        bs,
+        norm,
+    } = task;
     let blocks = scales.len();
     let full_blocks = input.len() / bs;
     let mut mask = [0u64; MASK_WORDS];
@@ -345,16 +365,7 @@ pub(crate) fn filtered_pass<E: Element, K: FilterKernels + ?Sized>(
                         // A function, not a closure: closures do not inherit target features.
                         None => {
                             let at = (b + j, None);
-                            suspect_block(
-                                kernel,
-                                input,
-                                opq,
-                                (bs, norm),
-                                at,
-                                &mut mask,
-                                scales,
-                                found,
-                            )
+                            suspect_block(kernel, task, at, &mut mask, scales, found)
                         }
                     }
                 }
@@ -380,16 +391,7 @@ pub(crate) fn filtered_pass<E: Element, K: FilterKernels + ?Sized>(
                 Some(thresholds) => kernel.split(block, thresholds, norm, &mut mask),
                 None => None,
             };
-            suspect_block(
-                kernel,
-                input,
-                opq,
-                (bs, norm),
-                (b, split),
-                &mut mask,
-                scales,
-                found,
-            );
+            suspect_block(kernel, task, (b, split), &mut mask, scales, found);
         }
         b += 1;
     }
@@ -457,9 +459,12 @@ thread_local! {
 #[allow(clippy::too_many_arguments)]
 fn suspect_block<E: Element, K: ExactKernels + ?Sized>(
     kernel: &K,
-    input: &[E],
-    opq: &OpqContext,
-    (bs, norm): (usize, Normalization),
+    Blocks {
+        input,
+        opq,
+        bs,
+        norm,
+    }: Blocks<'_, E>,
     (b, split): (usize, Option<Kept>),
     mask: &mut [u64; MASK_WORDS],
     scales: &mut [f32],

@@ -4,6 +4,7 @@ use super::*;
 use crate::blockwise::codebook::Normalization;
 use crate::numeric::element::{f32_to_bf16, Bf16, Element, F16};
 use crate::numeric::gauss::normal_cdf;
+use crate::testing::uniform;
 
 #[test]
 fn upper_quantile_inverts_the_tail() {
@@ -68,12 +69,7 @@ fn f32_sums(x: &[f32]) -> (f32, f32) {
 fn the_filter_never_clears_a_block_with_outliers() {
     let th = Threshold::new(64, 0.95);
     let mut state = 7u64;
-    let mut rand = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rand = move || uniform(&mut state);
     let (mut plain, mut plain_cleared) = (0, 0);
     for trial in 0..20000 {
         let offset = [0.0, 100.0, 1e6, -3.0][trial % 4] as f32;
@@ -110,12 +106,7 @@ fn the_filter_never_clears_a_block_with_outliers() {
 #[test]
 fn bracket_contains_the_exact_limit() {
     let mut state = 11u64;
-    let mut rand = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rand = move || uniform(&mut state);
     let mut decided = 0;
     for trial in 0..20000 {
         let n = [64usize, 16, 37, 4096][trial % 4];
@@ -278,18 +269,7 @@ mod avx2 {
     use crate::blockwise::encode::x86::Avx2;
     use crate::isa::Isa;
     use crate::numeric::element::Element;
-
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
+    use crate::testing::lcg;
 
     #[test]
     fn sum_kernels_are_bit_identical() {

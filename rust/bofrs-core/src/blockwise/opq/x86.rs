@@ -3,7 +3,7 @@
 //! which blocks the exact rule is applied to).
 
 use super::pass::{
-    filtered_pass, ExactKernels, FilterKernels, Found, GroupPlan, Kept, OpqContext, GROUP_BLOCKS,
+    filtered_pass, Blocks, ExactKernels, FilterKernels, Found, GroupPlan, Kept, GROUP_BLOCKS,
 };
 use super::portable::MASK_WORDS;
 use super::rule::{FilterBound, Threshold, NARROW, WIDEN};
@@ -47,13 +47,11 @@ impl ExactKernels for Avx2<'_> {
     #[inline(always)]
     fn first_pass<E: Element>(
         &self,
-        input: &[E],
-        opq: &OpqContext,
-        (bs, norm): (usize, Normalization),
+        task: Blocks<'_, E>,
         scales: &mut [f32],
         found: &mut Found,
     ) -> usize {
-        filtered_pass(self, input, opq, (bs, norm), scales, found)
+        filtered_pass(self, task, scales, found)
     }
 }
 
@@ -135,6 +133,45 @@ impl FilterKernels for Avx2<'_> {
     }
 }
 
+/// f32 shifted sums `sum(v - shift)` and sums of squares (fused) in two chains each.
+struct ShiftedSums {
+    s: [__m256; 2],
+    q: [__m256; 2],
+}
+
+impl ShiftedSums {
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        Self {
+            s: [_mm256_setzero_ps(); 2],
+            q: [_mm256_setzero_ps(); 2],
+        }
+    }
+
+    /// Adds 16 values (`v0` into the first chains, `v1` into the second).
+    #[inline(always)]
+    unsafe fn add(&mut self, v0: __m256, v1: __m256, shift: __m256) {
+        let d0 = _mm256_sub_ps(v0, shift);
+        let d1 = _mm256_sub_ps(v1, shift);
+        self.s[0] = _mm256_add_ps(self.s[0], d0);
+        self.s[1] = _mm256_add_ps(self.s[1], d1);
+        self.q[0] = _mm256_fmadd_ps(d0, d0, self.q[0]);
+        self.q[1] = _mm256_fmadd_ps(d1, d1, self.q[1]);
+    }
+
+    /// The sums, lane by lane (the two chains added).
+    #[inline(always)]
+    unsafe fn s(&self) -> __m256 {
+        _mm256_add_ps(self.s[0], self.s[1])
+    }
+
+    /// The sums of squares, lane by lane.
+    #[inline(always)]
+    unsafe fn q(&self) -> __m256 {
+        _mm256_add_ps(self.q[0], self.q[1])
+    }
+}
+
 /// Lanes of 4 vectors reduced by `op` across each vector, as the 4 lanes of one
 /// (`[op(v0), .., op(v3)]`), by a transposing tree (`op` associative and commutative).
 #[inline(always)]
@@ -165,8 +202,7 @@ unsafe fn block_stats<E: Element, const SIGNS: bool>(
     len: usize,
 ) -> (__m256i, __m256i, __m256, __m256) {
     let vk = _mm256_set1_ps((*block).to_f32());
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let (mut q0, mut q1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut sums = ShiftedSums::new();
     let half = !matches!(E::KIND, Kind::Float32);
     // Start at the least unsigned (0) and signed (the sign bit alone) raw bits.
     let (mut hi_u, mut hi_s) = if half {
@@ -214,12 +250,7 @@ unsafe fn block_stats<E: Element, const SIGNS: bool>(
             }
             (v0, v1)
         };
-        let d0 = _mm256_sub_ps(v0, vk);
-        let d1 = _mm256_sub_ps(v1, vk);
-        s0 = _mm256_add_ps(s0, d0);
-        s1 = _mm256_add_ps(s1, d1);
-        q0 = _mm256_fmadd_ps(d0, d0, q0);
-        q1 = _mm256_fmadd_ps(d1, d1, q1);
+        sums.add(v0, v1, vk);
     }
     if half {
         // 16 u16 / i16 maxima to 8 zero- / sign-extended 32-bit lanes.
@@ -235,7 +266,7 @@ unsafe fn block_stats<E: Element, const SIGNS: bool>(
             );
         }
     }
-    (hi_u, hi_s, _mm256_add_ps(s0, s1), _mm256_add_ps(q0, q1))
+    (hi_u, hi_s, sums.s(), sums.q())
 }
 
 /// From the largest raw bits of four blocks (unsigned `hi_u`, signed `hi_s`, as
@@ -702,8 +733,7 @@ pub(super) unsafe fn f32_sums_avx2<E: Element>(block: &[E]) -> Option<(f32, f32)
         return None;
     }
     let vk = _mm256_set1_ps(block[0].to_f32());
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let (mut q0, mut q1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut sums = ShiftedSums::new();
     let bf16 = matches!(E::KIND, Kind::BFloat16);
     for i in 0..block.len() / 16 {
         let p = block.as_ptr().add(i * 16);
@@ -719,15 +749,10 @@ pub(super) unsafe fn f32_sums_avx2<E: Element>(block: &[E]) -> Option<(f32, f32)
         } else {
             (load8(p), load8(p.add(8)))
         };
-        let d0 = _mm256_sub_ps(v0, vk);
-        let d1 = _mm256_sub_ps(v1, vk);
-        s0 = _mm256_add_ps(s0, d0);
-        s1 = _mm256_add_ps(s1, d1);
-        q0 = _mm256_fmadd_ps(d0, d0, q0);
-        q1 = _mm256_fmadd_ps(d1, d1, q1);
+        sums.add(v0, v1, vk);
     }
     // [s, s, q, q | s, s, q, q] -> [s, s, q, q] -> [s, q, s, q].
-    let h = _mm256_hadd_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(q0, q1));
+    let h = _mm256_hadd_ps(sums.s(), sums.q());
     let x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
     let x = _mm_hadd_ps(x, x);
     Some((
