@@ -1,7 +1,7 @@
 //! Published BOF4 tables, agreement of the two modes, and option checks.
 
 use super::*;
-use crate::codebook::Normalization;
+use crate::blockwise::codebook::Normalization;
 
 /// Paper Table 6 (block size 64): BOF4 MAE, BOF4 MSE, BOF4-S MAE, BOF4-S MSE.
 #[allow(clippy::excessive_precision)]
@@ -181,7 +181,10 @@ fn data_driven_mode_agrees_with_theory_on_gaussian_weights() {
 
 #[test]
 fn optimized_beats_nf4_and_signed_beats_absmax() {
-    let nf4: Vec<f64> = crate::codebook::NF4.iter().map(|&v| v as f64).collect();
+    let nf4: Vec<f64> = crate::blockwise::codebook::NF4
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
     for bs in [32, 64, 128, 256] {
         let nf4_err = expected_error(&nf4, bs, Metric::Mse, Normalization::Absmax).unwrap();
         let bof4 = theoretical(bs, Metric::Mse, Normalization::Absmax);

@@ -9,10 +9,10 @@
 //! composite Gauss-Legendre rule on the interval outside of which the density is below 1e-18.
 
 use super::{region_bounds, Metric, Target};
-use crate::codebook::Normalization;
+use crate::blockwise::codebook::Normalization;
+use crate::blockwise::layout::BlockLayout;
 use crate::error::{Error, Result};
-use crate::gauss::{bisect, composite_rule, newton_bracketed, normal_cdf, normal_pdf};
-use crate::layout::BlockLayout;
+use crate::numeric::gauss::{bisect, composite_rule, newton_bracketed, normal_cdf, normal_pdf};
 use std::f64::consts::FRAC_1_SQRT_2;
 
 /// Panels and nodes per panel of the rule over the block maximum.
@@ -286,14 +286,20 @@ mod tests {
 
     #[test]
     fn error_of_nf4_matches_published_figure() {
-        let nf4: Vec<f64> = crate::codebook::NF4.iter().map(|&v| v as f64).collect();
+        let nf4: Vec<f64> = crate::blockwise::codebook::NF4
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
         let e = expected_error(&nf4, 64, Metric::Mse, Normalization::Absmax).unwrap();
         assert!((e - 8.46e-3).abs() < 0.01 * 8.46e-3, "{e}");
     }
 
     #[test]
     fn quadrature_is_converged() {
-        let levels: Vec<f64> = crate::codebook::NF4.iter().map(|&v| v as f64).collect();
+        let levels: Vec<f64> = crate::blockwise::codebook::NF4
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
         for metric in [Metric::Mse, Metric::Mae] {
             let t = GaussianTarget::new(256, Normalization::SignedAbsmax, metric).unwrap();
             let fine_nodes: Vec<(f64, f64)> = {

@@ -1,6 +1,6 @@
 //! CRC-32 (IEEE) of stored buffers, computed in parallel and combined.
 
-use crate::pool::pool;
+use crate::runtime::pool::pool;
 use rayon::prelude::*;
 
 const PIECE: usize = 1 << 22;

@@ -1,6 +1,6 @@
 //! The data-driven target: real tensors streamed into a fine weighted histogram.
 //!
-//! Every block of a tensor (flattened row-major, as [`crate::encode::pack`] cuts it) is
+//! Every block of a tensor (flattened row-major, as [`crate::blockwise::encode::pack`] cuts it) is
 //! normalized by its exact f32 scale (absmax or signed absmax); each normalized value `x` adds
 //! weight `s^k` (`k` = 2 for MSE, 1 for MAE) to one of [`HISTOGRAM_BINS`] equal bins of
 //! (-1, 1), together with `s^k x` and `s^k x^2`; values exactly at -1 or +1 (block maxima) are
@@ -9,12 +9,12 @@
 //! its optimum is exact up to a fraction of a bin (3e-5).
 
 use super::{region_bounds, Metric, Target};
-use crate::codebook::Normalization;
-use crate::element::Element;
+use crate::blockwise::codebook::Normalization;
+use crate::blockwise::layout::BlockLayout;
+use crate::blockwise::scale::raw_block_scale;
 use crate::error::{Error, Result};
-use crate::layout::BlockLayout;
-use crate::pool::{num_threads, pool};
-use crate::scale::raw_block_scale;
+use crate::numeric::element::Element;
+use crate::runtime::pool::{num_threads, pool};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 

@@ -14,10 +14,10 @@
 //! run to a fixed point). The CDF is integrated over `m` with 64 Gauss-Legendre nodes on the
 //! interval where the density of `m` exceeds 1e-16; 48 already give 1e-12 everywhere.
 
-use crate::codebook::LEVELS;
+use crate::blockwise::codebook::LEVELS;
+use crate::blockwise::layout::BlockLayout;
 use crate::error::Result;
-use crate::gauss::{bisect, gauss_legendre, newton_bracketed, normal_pdf};
-use crate::layout::BlockLayout;
+use crate::numeric::gauss::{bisect, gauss_legendre, newton_bracketed, normal_pdf};
 use std::f64::consts::FRAC_1_SQRT_2;
 
 /// Quadrature nodes for the integral over the block maximum.

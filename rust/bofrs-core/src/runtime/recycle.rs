@@ -6,7 +6,7 @@
 //! vectors back to a small process-wide stock when dropped; the next pack's tasks take them, with
 //! their capacity, from there.
 
-use crate::opq::Outlier;
+use crate::blockwise::opq::Outlier;
 use std::ops::Deref;
 use std::sync::Mutex;
 
@@ -74,6 +74,15 @@ impl OutlierParts {
     /// Number of outliers over all parts.
     pub fn total(&self) -> usize {
         self.parts.iter().map(Vec::len).sum()
+    }
+
+    /// All outliers in one vector, in flat order.
+    pub fn concat(&self) -> Vec<Outlier> {
+        let mut all = Vec::with_capacity(self.total());
+        for part in &self.parts {
+            all.extend_from_slice(part);
+        }
+        all
     }
 }
 

@@ -7,8 +7,8 @@
 //! pool.
 
 use crate::error::{Error, Result};
-use crate::isa::Isa;
-use crate::pool::{pool, TASK_VALUES};
+use crate::isa::{dispatch, Isa};
+use crate::runtime::pool::{pool, TASK_VALUES};
 use rayon::prelude::*;
 
 /// Smallest and largest transform sizes.
@@ -77,7 +77,7 @@ fn rows_portable(data: &mut [f32], size: usize) {
     data.chunks_exact_mut(size).for_each(transform_row);
 }
 
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_avx2(data: &mut [f32], size: usize) {
     data.chunks_exact_mut(size).for_each(transform_row);
@@ -88,12 +88,17 @@ unsafe fn rows_avx2(data: &mut [f32], size: usize) {
 pub fn transform_one(isa: Isa, row: &mut [f32]) {
     debug_assert!(check_size(row.len()).is_ok());
     let size = row.len();
-    match isa {
-        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-        // SAFETY: callers pass a variant `ensure_supported` accepted.
-        Isa::Avx2 | Isa::Avx512 => unsafe { rows_avx2(row, size) },
-        _ => rows_portable(row, size),
-    }
+    rows(isa, row, size)
+}
+
+/// Transforms every run of `size` values of `data` with the kernel of `isa` (supported).
+#[inline(always)]
+fn rows(isa: Isa, data: &mut [f32], size: usize) {
+    dispatch!(isa,
+        // SAFETY: callers pass a variant `ensure_supported` accepted: AVX2 and FMA are there.
+        avx2 => unsafe { rows_avx2(data, size) },
+        portable => rows_portable(data, size),
+    )
 }
 
 /// Transforms every consecutive run of `size` values of `data` in place with the best kernel.
@@ -114,14 +119,8 @@ pub fn hadamard_rows_with_isa(isa: Isa, data: &mut [f32], size: usize) -> Result
     }
     let per_task = (TASK_VALUES / size).max(1) * size;
     pool().install(|| {
-        data.par_chunks_mut(per_task).for_each(|chunk| match isa {
-            Isa::Portable => rows_portable(chunk, size),
-            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-            // SAFETY: `ensure_supported` checked that this CPU has AVX2 and FMA.
-            Isa::Avx2 | Isa::Avx512 => unsafe { rows_avx2(chunk, size) },
-            #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
-            _ => rows_portable(chunk, size),
-        })
+        data.par_chunks_mut(per_task)
+            .for_each(|chunk| rows(isa, chunk, size))
     });
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The named BOF4 codebooks: Gaussian-optimal, 16 levels, the paper's pinned levels.
 
 use super::{optimize, GaussianTarget, Metric, OptimizeOptions};
-use crate::codebook::{Normalization, LEVELS};
+use crate::blockwise::codebook::{Normalization, LEVELS};
 use crate::error::{Error, Result};
 
 /// Names of the built-in BOF4 variants: (name, metric, normalization).

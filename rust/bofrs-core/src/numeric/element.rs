@@ -1,13 +1,36 @@
-//! Input element types and exact, branch-free conversions between f32, bf16 and f16.
+//! Element types (f32, bf16, f16) and exact, branch-free conversions between them.
 //!
 //! bf16 and f16 are carried as their raw `u16` bits ([`Bf16`], [`F16`]) so that buffers coming
-//! from torch / numpy can be viewed without copies. Widening to f32 is exact; narrowing rounds
-//! to nearest, ties to even (what torch and numpy do).
+//! from torch / numpy can be viewed without copies ([`Half`]). Widening to f32 is exact;
+//! narrowing rounds to nearest, ties to even (what torch and numpy do).
+//!
+//! [`Element`] is the one trait of the three types: the encoder reads them, the decoder writes
+//! them, the fused matvec takes them as activations. Its implementations are the table of
+//! per-type facts (one row per type, as ggml's type traits); it is sealed, so kernels may match
+//! on [`Element::KIND`] exhaustively.
 
-/// A float element the encoder accepts.
-pub trait Element: Copy + Send + Sync + 'static {
+mod sealed {
+    /// Only the element types of this module implement [`super::Element`] and [`super::Half`].
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for super::Bf16 {}
+    impl Sealed for super::F16 {}
+}
+
+/// Which element type a generic `E: Element` is (a constant: matches on it compile away).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Float32,
+    BFloat16,
+    Float16,
+}
+
+/// A float element type: f32, bf16 or f16.
+pub trait Element: sealed::Sealed + Copy + Default + Send + Sync + 'static {
     /// Name used in messages.
     const NAME: &'static str;
+    /// Which type this is.
+    const KIND: Kind;
     /// `abs_bits() >= NON_FINITE_ABS_BITS` exactly when the value is NaN or infinite.
     const NON_FINITE_ABS_BITS: u32;
     /// The largest finite value of the type.
@@ -16,6 +39,8 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn abs_bits(self) -> u32;
     /// The value as f32 (exact for every type here).
     fn to_f32(self) -> f32;
+    /// An f32 rounded to this type (nearest, ties to even; f32 itself unchanged).
+    fn from_f32(v: f32) -> Self;
     /// The f32 value of a magnitude given by its `abs_bits`.
     fn abs_bits_to_f32(bits: u32) -> f32;
 }
@@ -32,6 +57,7 @@ pub struct F16(pub u16);
 
 impl Element for f32 {
     const NAME: &'static str = "float32";
+    const KIND: Kind = Kind::Float32;
     const NON_FINITE_ABS_BITS: u32 = 0x7f80_0000;
     const MAX_FINITE: f32 = f32::MAX;
     #[inline(always)]
@@ -43,6 +69,10 @@ impl Element for f32 {
         self
     }
     #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
     fn abs_bits_to_f32(bits: u32) -> f32 {
         f32::from_bits(bits)
     }
@@ -50,6 +80,7 @@ impl Element for f32 {
 
 impl Element for Bf16 {
     const NAME: &'static str = "bfloat16";
+    const KIND: Kind = Kind::BFloat16;
     const NON_FINITE_ABS_BITS: u32 = 0x7f80;
     const MAX_FINITE: f32 = f32::from_bits(0x7f7f_0000);
     #[inline(always)]
@@ -61,6 +92,10 @@ impl Element for Bf16 {
         bf16_to_f32(self.0)
     }
     #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        Bf16(f32_to_bf16(v))
+    }
+    #[inline(always)]
     fn abs_bits_to_f32(bits: u32) -> f32 {
         bf16_to_f32(bits as u16)
     }
@@ -68,6 +103,7 @@ impl Element for Bf16 {
 
 impl Element for F16 {
     const NAME: &'static str = "float16";
+    const KIND: Kind = Kind::Float16;
     const NON_FINITE_ABS_BITS: u32 = 0x7c00;
     const MAX_FINITE: f32 = 65504.0;
     #[inline(always)]
@@ -79,10 +115,44 @@ impl Element for F16 {
         f16_to_f32(self.0)
     }
     #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        F16(f32_to_f16(v))
+    }
+    #[inline(always)]
     fn abs_bits_to_f32(bits: u32) -> f32 {
         f16_to_f32(bits as u16)
     }
 }
+
+/// A 16-bit element type carried as its raw bits: a `u16` buffer (numpy's view of a torch
+/// bfloat16 / float16 tensor) is a buffer of these without a copy.
+pub trait Half: Element {
+    /// `bits` viewed as values of this type.
+    fn from_bits_slice(bits: &[u16]) -> &[Self];
+    /// `bits` viewed as values of this type, writable.
+    fn from_bits_slice_mut(bits: &mut [u16]) -> &mut [Self];
+}
+
+macro_rules! half_views {
+    ($($t:ty),*) => {$(
+        impl Half for $t {
+            #[inline(always)]
+            fn from_bits_slice(bits: &[u16]) -> &[Self] {
+                // SAFETY: the type is `repr(transparent)` over `u16`: same size, alignment and
+                // validity (every bit pattern is a value).
+                unsafe { std::slice::from_raw_parts(bits.as_ptr() as *const Self, bits.len()) }
+            }
+            #[inline(always)]
+            fn from_bits_slice_mut(bits: &mut [u16]) -> &mut [Self] {
+                // SAFETY: as above; the borrow of `bits` is moved into the result.
+                unsafe {
+                    std::slice::from_raw_parts_mut(bits.as_mut_ptr() as *mut Self, bits.len())
+                }
+            }
+        }
+    )*};
+}
+half_views!(Bf16, F16);
 
 /// Exact bf16 -> f32.
 #[inline(always)]
@@ -214,6 +284,15 @@ mod tests {
         assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
         assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
         assert_eq!(f32_to_bf16(f32::MAX), 0x7f80); // rounds up to inf
+    }
+
+    #[test]
+    fn half_views_are_the_bits() {
+        let mut bits = [0x3f80u16, 0xc000, 0x7bff];
+        assert_eq!(Bf16::from_bits_slice(&bits)[1].to_f32(), -2.0);
+        assert_eq!(F16::from_bits_slice(&bits)[2].to_f32(), 65504.0);
+        F16::from_bits_slice_mut(&mut bits)[0] = F16::from_f32(1.0);
+        assert_eq!(bits[0], 0x3c00);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Per-block scales: absmax or signed absmax, and their rounding to the storage type.
 
-use crate::codebook::Normalization;
-use crate::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Element};
+use crate::blockwise::codebook::Normalization;
 use crate::error::{Error, Result};
+use crate::numeric::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Element};
 
 /// The type block scales are stored in. Scales are rounded to it *before* encoding, so the codes
 /// are chosen against the scale the decoder will actually use.
@@ -188,7 +188,7 @@ pub fn storage_bits(scales: &[f32], dtype: ScaleDType, out: &mut [u16]) -> Optio
         // Not worth a trip through the pool.
         chunk((out, scales));
     } else {
-        crate::pool::pool().install(|| {
+        crate::runtime::pool::pool().install(|| {
             out.par_chunks_mut(CHUNK)
                 .zip(scales.par_chunks(CHUNK))
                 .for_each(chunk)
@@ -200,7 +200,7 @@ pub fn storage_bits(scales: &[f32], dtype: ScaleDType, out: &mut [u16]) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::element::Bf16;
+    use crate::numeric::element::Bf16;
 
     #[test]
     fn storage_bits_are_the_rounded_scales_bits() {

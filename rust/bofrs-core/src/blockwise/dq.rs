@@ -16,7 +16,7 @@
 //! The encoder then codes the block's values against the *decoded* scale.
 
 use crate::error::{Error, Result};
-use crate::pool::pool;
+use crate::runtime::pool::pool;
 use rayon::prelude::*;
 
 /// Scales per group.

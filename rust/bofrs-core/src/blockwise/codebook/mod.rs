@@ -1,5 +1,8 @@
 //! 16-level codebooks for 4-bit codes, their midpoint thresholds, and the built-in tables.
 
+pub mod af4;
+pub mod bof4;
+
 use crate::error::{Error, Result};
 
 /// Number of levels of a 4-bit codebook.
