@@ -49,15 +49,18 @@ def pack_ext(
 ]: ...
 def unpack(
     codes: npt.NDArray[np.uint8],
-    scales: npt.NDArray[np.float32],
+    scales: npt.NDArray[np.float32] | npt.NDArray[np.uint16] | npt.NDArray[np.uint8],
     levels: npt.NDArray[np.float32],
     block_size: int,
     numel: int,
     out_dtype: str,
     isa: str | None = None,
-    outlier_indices: npt.NDArray[np.uint64] | None = None,
+    outlier_indices: npt.NDArray[np.uint16] | npt.NDArray[np.uint32] | npt.NDArray[np.uint64] | None = None,
     outlier_values: npt.NDArray[np.uint16] | None = None,
     outlier_dtype: str = "bfloat16",
+    scale_dtype: str = "float32",
+    scale_params: npt.NDArray[np.float32] | None = None,
+    signed: bool = False,
 ) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]: ...
 def decode_scales(
     codes: npt.NDArray[np.uint8], params: npt.NDArray[np.float32], signed: bool

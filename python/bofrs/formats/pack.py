@@ -74,7 +74,7 @@ def pack(
     dividing it (at most 1024), or of the given int group size, before quantizing: rotated
     weights are close to Gaussian, the distribution BOF4 is optimized for;
     :meth:`PackedTensor.dequantize` rotates back. ``isa`` forces a kernel
-    variant (``"portable"``, ``"avx2"``, ``"avx512"``; default: the best this CPU has) — all
+    variant (``"portable"``, ``"avx2"``; default: the best this CPU has) — all
     give identical results.
 
     Each block is normalized by its absmax (or signed absmax, per the codebook) and every value

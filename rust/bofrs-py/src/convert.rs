@@ -7,6 +7,7 @@
 //! hands to a generic core call.
 
 use bofrs_core::blockwise::codebook::bof4::Metric;
+use bofrs_core::blockwise::decode::{OutlierIndices, StoredScales};
 use bofrs_core::blockwise::matvec::Activations;
 use bofrs_core::blockwise::opq::OutlierDType;
 use bofrs_core::numeric::element::{Half, Kind};
@@ -30,6 +31,76 @@ pub fn contiguous<'a, T: numpy::Element>(
 pub enum FloatArray<'py> {
     F32(PyReadonlyArray1<'py, f32>),
     Bits(PyReadonlyArray1<'py, u16>),
+}
+
+/// Block scales as Python passes them to the decoder: float32 values, the uint16 bits of
+/// bfloat16 / float16 scales, or dq8 bytes (the storage named by `scale_dtype`).
+#[derive(FromPyObject)]
+pub enum ScaleArray<'py> {
+    F32(PyReadonlyArray1<'py, f32>),
+    Bits(PyReadonlyArray1<'py, u16>),
+    Bytes(PyReadonlyArray1<'py, u8>),
+}
+
+impl ScaleArray<'_> {
+    /// The scales as stored: `format` names their storage, `params` are the dq8 group
+    /// parameters, `signed` marks signed-absmax dq8 bytes.
+    pub fn view<'a>(
+        &'a self,
+        format: ScaleFormat,
+        params: Option<&'a [f32]>,
+        signed: bool,
+    ) -> PyResult<StoredScales<'a>> {
+        let mismatch = |want: &str| {
+            PyTypeError::new_err(format!(
+                "scales must be a {want} array for scale_dtype {:?}",
+                match format {
+                    ScaleFormat::Plain(d) => d.name(),
+                    ScaleFormat::DoubleQuant => "dq8",
+                }
+            ))
+        };
+        match (self, format) {
+            (Self::F32(a), ScaleFormat::Plain(ScaleDType::Float32)) => {
+                Ok(StoredScales::F32(contiguous(a, "scales")?))
+            }
+            (Self::Bits(a), ScaleFormat::Plain(ScaleDType::BFloat16)) => {
+                Ok(StoredScales::Bf16(Bf16::from_bits_slice(contiguous(a, "scales")?)))
+            }
+            (Self::Bits(a), ScaleFormat::Plain(ScaleDType::Float16)) => {
+                Ok(StoredScales::F16(F16::from_bits_slice(contiguous(a, "scales")?)))
+            }
+            (Self::Bytes(a), ScaleFormat::DoubleQuant) => Ok(StoredScales::Dq8 {
+                codes: contiguous(a, "scales")?,
+                params: params.ok_or_else(|| {
+                    PyValueError::new_err("dq8 scales need scale_params ([lo, step] per group)")
+                })?,
+                signed,
+            }),
+            (_, ScaleFormat::Plain(ScaleDType::Float32)) => Err(mismatch("float32")),
+            (_, ScaleFormat::Plain(_)) => Err(mismatch("uint16 (the bits of the 16-bit scales)")),
+            (_, ScaleFormat::DoubleQuant) => Err(mismatch("uint8")),
+        }
+    }
+}
+
+/// OPQ outlier indices in their stored index type.
+#[derive(FromPyObject)]
+pub enum IndexArray<'py> {
+    U16(PyReadonlyArray1<'py, u16>),
+    U32(PyReadonlyArray1<'py, u32>),
+    U64(PyReadonlyArray1<'py, u64>),
+}
+
+impl IndexArray<'_> {
+    /// The indices as a slice of their type (contiguous).
+    pub fn view(&self) -> PyResult<OutlierIndices<'_>> {
+        Ok(match self {
+            Self::U16(a) => OutlierIndices::U16(contiguous(a, "outlier_indices")?),
+            Self::U32(a) => OutlierIndices::U32(contiguous(a, "outlier_indices")?),
+            Self::U64(a) => OutlierIndices::U64(contiguous(a, "outlier_indices")?),
+        })
+    }
 }
 
 /// A float array viewed as its element type.

@@ -1,8 +1,8 @@
 //! `pack_ext` / `unpack` over numpy arrays.
 
 use crate::convert::{
-    codebook, contiguous, isa_or_best, with_floats, ElementName, FloatArray, OutDType, Parsed,
-    ScaleFormat,
+    codebook, contiguous, isa_or_best, with_floats, ElementName, FloatArray, IndexArray, OutDType,
+    Parsed, ScaleArray, ScaleFormat,
 };
 use crate::detach::run;
 use bofrs_core::blockwise::decode::{unpack_with_isa, OutlierView, Packed};
@@ -219,33 +219,38 @@ fn unpack_into<E: Element>(
 }
 
 /// Decodes codes and scales back to `numel` values: float32, or uint16 bits of bfloat16 /
-/// float16 (named by `out_dtype`). With `outlier_indices` (uint64, ascending) and
-/// `outlier_values` (uint16 bits of `outlier_dtype`), writes the OPQ outliers back.
+/// float16 (named by `out_dtype`). Scales come as stored (`scale_dtype`: float32 values, the
+/// uint16 bits of bfloat16 / float16, or dq8 bytes with `scale_params` and `signed`). With
+/// `outlier_indices` (uint16 / uint32 / uint64, ascending) and `outlier_values` (uint16 bits
+/// of `outlier_dtype`), writes the OPQ outliers back.
 #[pyfunction]
 #[pyo3(
-    signature = (codes, scales, levels, block_size, numel, out_dtype, isa=None, outlier_indices=None, outlier_values=None, outlier_dtype=Parsed(OutlierDType::BFloat16)),
-    text_signature = "(codes, scales, levels, block_size, numel, out_dtype, isa=None, outlier_indices=None, outlier_values=None, outlier_dtype='bfloat16')"
+    signature = (codes, scales, levels, block_size, numel, out_dtype, isa=None, outlier_indices=None, outlier_values=None, outlier_dtype=Parsed(OutlierDType::BFloat16), scale_dtype=ScaleFormat::Plain(ScaleDType::Float32), scale_params=None, signed=false),
+    text_signature = "(codes, scales, levels, block_size, numel, out_dtype, isa=None, outlier_indices=None, outlier_values=None, outlier_dtype='bfloat16', scale_dtype='float32', scale_params=None, signed=False)"
 )]
 #[allow(clippy::too_many_arguments)]
 fn unpack<'py>(
     py: Python<'py>,
     codes: PyReadonlyArray1<'py, u8>,
-    scales: PyReadonlyArray1<'py, f32>,
+    scales: ScaleArray<'py>,
     levels: PyReadonlyArray1<'py, f32>,
     block_size: usize,
     numel: usize,
     out_dtype: OutDType,
     isa: Option<Parsed<Isa>>,
-    outlier_indices: Option<PyReadonlyArray1<'py, u64>>,
+    outlier_indices: Option<IndexArray<'py>>,
     outlier_values: Option<PyReadonlyArray1<'py, u16>>,
     outlier_dtype: Parsed<OutlierDType>,
+    scale_dtype: ScaleFormat,
+    scale_params: Option<PyReadonlyArray1<'py, f32>>,
+    signed: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let codebook = codebook(&levels)?;
     let isa = isa_or_best(isa);
     let outliers = match (&outlier_indices, &outlier_values) {
         (None, None) => None,
         (Some(i), Some(v)) => Some(OutlierView {
-            indices: contiguous(i, "outlier_indices")?,
+            indices: i.view()?,
             values: contiguous(v, "outlier_values")?,
             dtype: outlier_dtype.0,
         }),
@@ -255,9 +260,13 @@ fn unpack<'py>(
             ))
         }
     };
+    let params = match &scale_params {
+        Some(p) => Some(contiguous(p, "scale_params")?),
+        None => None,
+    };
     let packed = Packed {
         codes: contiguous(&codes, "codes")?,
-        scales: contiguous(&scales, "scales")?,
+        scales: scales.view(scale_dtype, params, signed)?,
         codebook: &codebook,
         block_size,
         outliers,

@@ -296,23 +296,27 @@ class PackedTensor(QuantizedTensor):
         return ops
 
     def _dequantize_native(self, dtype: torch.dtype) -> torch.Tensor:
+        """The native decoder, fed every part in its stored dtype (nothing converted first)."""
         out_dtype = dtype if dtype in NATIVE_FLOATS else torch.float32
         extra: dict[str, object] = {}
         if self._outliers is not None:
             extra = {
-                "outlier_indices": self._outliers.indices.numpy().astype(np.uint64),
-                "outlier_values": to_native(self._outliers.values),
+                "outlier_indices": self._outliers.indices.contiguous().numpy(),
+                "outlier_values": to_native(self._outliers.values.contiguous()),
                 "outlier_dtype": dtype_name(self._outliers.dtype),
             }
+        scales = self._scales.contiguous()
+        if self._scale_scales is not None:
+            extra["scale_params"] = self._scale_scales.contiguous().reshape(-1).numpy()
+            extra["signed"] = self._codebook.normalization == "signed_absmax"
+            stored = scales.numpy()
+        else:
+            stored = to_native(scales)
         raw = _native.unpack(
-            self._codes.contiguous().numpy(),
-            self.decoded_scales().contiguous().numpy(),
-            self._codebook.levels,
-            self._block_size,
-            self.numel,
-            dtype_name(out_dtype),
+            self._codes.contiguous().numpy(), stored, self._codebook.levels, self._block_size,
+            self.numel, dtype_name(out_dtype), scale_dtype=self.scale_format,
             **extra,  # type: ignore[arg-type]
-        )
+        )  # fmt: skip
         flat = from_native(raw, out_dtype)
         return flat if out_dtype == dtype else flat.to(dtype)
 

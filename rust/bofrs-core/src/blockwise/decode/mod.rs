@@ -3,8 +3,11 @@
 //! AVX2 twin `x86`.
 
 mod portable;
+mod stored;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use stored::{OutlierIndices, StoredScales};
 
 use crate::blockwise::codebook::Codebook;
 use crate::blockwise::layout::BlockLayout;
@@ -20,8 +23,8 @@ use rayon::prelude::*;
 pub struct Packed<'a> {
     /// `numel.div_ceil(2)` bytes of codes.
     pub codes: &'a [u8],
-    /// One decoded scale per block.
-    pub scales: &'a [f32],
+    /// One scale per block, as stored.
+    pub scales: StoredScales<'a>,
     pub codebook: &'a Codebook,
     pub block_size: usize,
     /// OPQ outliers to write back, if any.
@@ -37,7 +40,7 @@ pub fn unpack<E: Element>(packed: &Packed<'_>, out: &mut [E]) -> Result<()> {
 /// Stored OPQ outliers: flat indices (strictly ascending) and 16-bit values.
 #[derive(Debug, Clone, Copy)]
 pub struct OutlierView<'a> {
-    pub indices: &'a [u64],
+    pub indices: OutlierIndices<'a>,
     pub values: &'a [u16],
     pub dtype: OutlierDType,
 }
@@ -52,13 +55,13 @@ impl OutlierView<'_> {
                 actual: self.values.len(),
             });
         }
-        if let Some(i) = self.indices.windows(2).position(|w| w[0] >= w[1]) {
+        if let Some(i) = self.indices.first_unordered() {
             return Err(Error::InvalidArgument {
                 name: "outlier_indices",
-                message: format!("must be strictly ascending (position {})", i + 1),
+                message: format!("must be strictly ascending (position {i})"),
             });
         }
-        if let Some(&last) = self.indices.last() {
+        if let Some(last) = self.indices.len().checked_sub(1).map(|k| self.indices.get(k)) {
             if last >= numel as u64 {
                 return Err(Error::InvalidArgument {
                     name: "outlier_indices",
@@ -93,12 +96,7 @@ pub fn unpack_with_isa<E: Element>(isa: Isa, packed: &Packed<'_>, out: &mut [E])
     isa.ensure_supported()?;
     let layout = BlockLayout::new(out.len(), block_size)?;
     layout.check_buffers(codes.len(), scales.len())?;
-    if let Some(b) = scales.iter().position(|s| !s.is_finite()) {
-        return Err(Error::InvalidArgument {
-            name: "scales",
-            message: format!("scale of block {b} is not finite"),
-        });
-    }
+    scales.validate()?;
     if let Some(view) = &outliers {
         view.validate(out.len())?;
     }
@@ -108,13 +106,15 @@ pub fn unpack_with_isa<E: Element>(isa: Isa, packed: &Packed<'_>, out: &mut [E])
     pool().install(|| {
         out.par_chunks_mut(task_values)
             .zip(codes.par_chunks(task_values / 2))
-            .zip(scales.par_chunks(bpt))
             .enumerate()
-            .for_each(|(task, ((o, c), s))| {
+            .for_each(|(task, (o, c))| {
+                let first = task * bpt;
+                let mut s = vec![0f32; o.len().div_ceil(block_size)];
+                scales.decode_into(first, &mut s);
                 for ((block, bytes), &scale) in o
                     .chunks_mut(block_size)
                     .zip(c.chunks(block_size / 2))
-                    .zip(s)
+                    .zip(&s)
                 {
                     dispatch!(isa,
                         // SAFETY: `isa` was checked to be supported by this CPU above.
@@ -125,10 +125,11 @@ pub fn unpack_with_isa<E: Element>(isa: Isa, packed: &Packed<'_>, out: &mut [E])
                 if let Some(view) = &outliers {
                     let base = (task * task_values) as u64;
                     let end = base + o.len() as u64;
-                    let from = view.indices.partition_point(|&i| i < base);
-                    let to = view.indices.partition_point(|&i| i < end);
-                    for (&i, &v) in view.indices[from..to].iter().zip(&view.values[from..to]) {
-                        o[(i - base) as usize] = E::from_f32(view.dtype.to_f32(v));
+                    let from = view.indices.count_below(base);
+                    let to = view.indices.count_below(end);
+                    for k in from..to {
+                        let i = view.indices.get(k);
+                        o[(i - base) as usize] = E::from_f32(view.dtype.to_f32(view.values[k]));
                     }
                 }
             })
@@ -159,7 +160,7 @@ mod tests {
     fn packed<'a>(codes: &'a [u8], scales: &'a [f32], cb: &'a Codebook, bs: usize) -> Packed<'a> {
         Packed {
             codes,
-            scales,
+            scales: scales.into(),
             codebook: cb,
             block_size: bs,
             outliers: None,
