@@ -24,7 +24,7 @@ pub const GROUP: usize = 256;
 
 /// Largest magnitude code.
 #[inline(always)]
-fn max_code(signed: bool) -> u32 {
+pub fn max_code(signed: bool) -> u32 {
     if signed {
         127
     } else {

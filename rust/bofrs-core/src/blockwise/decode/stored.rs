@@ -2,7 +2,7 @@
 //! f16, or dq8 bytes with their group parameters) and OPQ outlier indices in their index type
 //! (u16, u32, u64), so that a dequantize converts nothing before it starts.
 
-use crate::blockwise::dq::{decode_one, GROUP};
+use crate::blockwise::dq::{decode_one, max_code, GROUP};
 use crate::error::{Error, Result};
 use crate::numeric::element::{Bf16, Element, F16};
 
@@ -73,7 +73,13 @@ impl StoredScales<'_> {
                         ),
                     });
                 }
-                (0..codes.len()).find(|&b| !self.decode_dq8(codes, params, *signed, b).is_finite())
+                // Decoding is monotonic in the code: a group whose largest code decodes to a
+                // finite magnitude has only finite scales; only other groups are scanned.
+                let top = (max_code(*signed) - 1) as f32;
+                (0..groups)
+                    .filter(|&g| !(params[2 * g] + top * params[2 * g + 1]).is_finite())
+                    .flat_map(|g| g * GROUP..((g + 1) * GROUP).min(codes.len()))
+                    .find(|&b| !self.decode_dq8(codes, params, *signed, b).is_finite())
             }
         };
         match bad {
@@ -227,6 +233,11 @@ mod tests {
         assert!(e.unwrap_err().to_string().contains("scale_scales"));
         let huge = StoredScales::Dq8 { codes: &[255], params: &[3.0e38, 3.0e38], signed: false };
         assert!(huge.validate().is_err());
+        // A group whose largest code would overflow but whose stored codes do not is valid.
+        let unused = StoredScales::Dq8 { codes: &[0, 1, 2], params: &[1.0, 3.0e36], signed: false };
+        unused.validate().unwrap();
+        let used = StoredScales::Dq8 { codes: &[0, 1, 200], params: &[1.0, 3.0e36], signed: false };
+        assert!(used.validate().unwrap_err().to_string().contains("block 2"));
     }
 
     #[test]
