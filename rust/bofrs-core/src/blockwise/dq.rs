@@ -117,10 +117,10 @@ pub fn quantize_group(
     [lo, step]
 }
 
-/// Decodes stored bytes with their group parameters (`params[2g..2g+2] = [lo, step]` of group
-/// `g`) into f32 scales, on the pool.
-pub fn decode_scales(codes: &[u8], params: &[f32], signed: bool, out: &mut [f32]) -> Result<()> {
-    let groups = codes.len().div_ceil(GROUP);
+/// Checks the group parameters of `blocks` stored bytes: `[lo, step]` per group, finite and
+/// non-negative.
+pub fn check_params(blocks: usize, params: &[f32]) -> Result<()> {
+    let groups = blocks.div_ceil(GROUP);
     if params.len() != 2 * groups {
         return Err(Error::LengthMismatch {
             what: "scale_scales",
@@ -128,20 +128,27 @@ pub fn decode_scales(codes: &[u8], params: &[f32], signed: bool, out: &mut [f32]
             actual: params.len(),
         });
     }
+    match params
+        .chunks(2)
+        .position(|p| !(p[0].is_finite() && p[1].is_finite() && p[0] >= 0.0 && p[1] >= 0.0))
+    {
+        Some(g) => Err(Error::InvalidArgument {
+            name: "scale_scales",
+            message: format!("parameters of scale group {g} are not finite and non-negative"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Decodes stored bytes with their group parameters (`params[2g..2g+2] = [lo, step]` of group
+/// `g`) into f32 scales, on the pool.
+pub fn decode_scales(codes: &[u8], params: &[f32], signed: bool, out: &mut [f32]) -> Result<()> {
+    check_params(codes.len(), params)?;
     if out.len() != codes.len() {
         return Err(Error::LengthMismatch {
             what: "scales",
             expected: codes.len(),
             actual: out.len(),
-        });
-    }
-    if let Some(g) = params
-        .chunks(2)
-        .position(|p| !(p[0].is_finite() && p[1].is_finite() && p[0] >= 0.0 && p[1] >= 0.0))
-    {
-        return Err(Error::InvalidArgument {
-            name: "scale_scales",
-            message: format!("parameters of scale group {g} are not finite and non-negative"),
         });
     }
     pool().install(|| {

@@ -2,7 +2,7 @@
 //! f16, or dq8 bytes with their group parameters) and OPQ outlier indices in their index type
 //! (u16, u32, u64), so that a dequantize converts nothing before it starts.
 
-use crate::blockwise::dq::{decode_one, max_code, GROUP};
+use crate::blockwise::dq::{check_params, decode_one, max_code, GROUP};
 use crate::error::{Error, Result};
 use crate::numeric::element::{Bf16, Element, F16};
 
@@ -55,24 +55,8 @@ impl StoredScales<'_> {
                 params,
                 signed,
             } => {
+                check_params(codes.len(), params)?;
                 let groups = codes.len().div_ceil(GROUP);
-                if params.len() != 2 * groups {
-                    return Err(Error::LengthMismatch {
-                        what: "scale_scales",
-                        expected: 2 * groups,
-                        actual: params.len(),
-                    });
-                }
-                if let Some(g) = params.chunks(2).position(|p| {
-                    !(p[0].is_finite() && p[1].is_finite() && p[0] >= 0.0 && p[1] >= 0.0)
-                }) {
-                    return Err(Error::InvalidArgument {
-                        name: "scale_scales",
-                        message: format!(
-                            "parameters of scale group {g} are not finite and non-negative"
-                        ),
-                    });
-                }
                 // Decoding is monotonic in the code: a group whose largest code decodes to a
                 // finite magnitude has only finite scales; only other groups are scanned.
                 let top = (max_code(*signed) - 1) as f32;
