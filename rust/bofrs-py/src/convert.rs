@@ -64,12 +64,12 @@ impl ScaleArray<'_> {
             (Self::F32(a), ScaleFormat::Plain(ScaleDType::Float32)) => {
                 Ok(StoredScales::F32(contiguous(a, "scales")?))
             }
-            (Self::Bits(a), ScaleFormat::Plain(ScaleDType::BFloat16)) => {
-                Ok(StoredScales::Bf16(Bf16::from_bits_slice(contiguous(a, "scales")?)))
-            }
-            (Self::Bits(a), ScaleFormat::Plain(ScaleDType::Float16)) => {
-                Ok(StoredScales::F16(F16::from_bits_slice(contiguous(a, "scales")?)))
-            }
+            (Self::Bits(a), ScaleFormat::Plain(ScaleDType::BFloat16)) => Ok(StoredScales::Bf16(
+                Bf16::from_bits_slice(contiguous(a, "scales")?),
+            )),
+            (Self::Bits(a), ScaleFormat::Plain(ScaleDType::Float16)) => Ok(StoredScales::F16(
+                F16::from_bits_slice(contiguous(a, "scales")?),
+            )),
             (Self::Bytes(a), ScaleFormat::DoubleQuant) => Ok(StoredScales::Dq8 {
                 codes: contiguous(a, "scales")?,
                 params: params.ok_or_else(|| {
