@@ -238,7 +238,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Parsed<Isa> {
         Isa::parse(name).map(Parsed).ok_or_else(|| {
             let names: Vec<String> = Isa::ALL.iter().map(|i| format!("'{}'", i.name())).collect();
             let hint = if name.starts_with("avx512") {
-                " (bofrs has no AVX-512 kernels: AVX-512 CPUs run 'avx2')"
+                " (one AVX-512 variant, 'avx512', needs F, BW, VL, VNNI and VBMI)"
             } else {
                 ""
             };

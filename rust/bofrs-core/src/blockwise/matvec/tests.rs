@@ -109,8 +109,18 @@ fn every_isa_matches_the_float64_reference() {
             let shape = shape_of(n_out, n_in, bs);
             let (codes, scales) = random_weight(&mut st, shape);
             for batch in 1..=9 {
+                // Mixed magnitudes (1e-6 to 1e4), exact zeros and negative zeros.
                 let x: Vec<f32> = (0..batch * n_in)
-                    .map(|_| lcg(&mut st) as f32 * 10.0)
+                    .map(|i| {
+                        let v = lcg(&mut st) as f32 * 10.0;
+                        match i % 13 {
+                            0 => v * 1e3,
+                            5 => v * 1e-7,
+                            7 => 0.0,
+                            9 => -0.0,
+                            _ => v,
+                        }
+                    })
                     .collect();
                 let (want, mag) = reference(shape, &codes, &scales, &levels, &x, batch);
                 for isa in Isa::supported() {
@@ -520,6 +530,54 @@ fn avx512_orders_place_every_value_once() {
             let to = avx512::float_dest(j);
             assert!(!seen[to]);
             seen[to] = true;
+        }
+    }
+}
+
+#[test]
+fn float_path_gives_non_finite_outputs_for_non_finite_activations() {
+    let cb = Codebook::new(&NF4).unwrap();
+    // Odd lengths: the bad value in a partial last chunk of the 128-weight AVX-512 kernel too.
+    for (n_in, bs, at) in [(128, 16, 70), (192, 64, 150), (576, 64, 560), (96, 32, 3)] {
+        let shape = shape_of(3, n_in, bs);
+        let codes = vec![0x9Fu8; 3 * n_in / 2];
+        let scales = vec![1f32; 3 * n_in / bs];
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for batch in [1, 2, 5] {
+                let mut x = vec![1f32; batch * n_in];
+                x[(batch - 1) * n_in + at] = bad;
+                for isa in Isa::supported() {
+                    let mut out = vec![0f32; batch * 3];
+                    let w = weight(shape, &codes, &scales, &cb);
+                    matvec_with_isa(isa, &w, batch, &x, &mut out).unwrap();
+                    let (first, last) = out.split_at((batch - 1) * 3);
+                    assert!(
+                        last.iter().all(|v| !v.is_finite()) && first.iter().all(|v| v.is_finite()),
+                        "{isa:?} n_in={n_in} bs={bs} batch={batch} {bad}: {out:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn unsupported_variants_are_errors_not_crashes() {
+    let cb = Codebook::new(&NF4).unwrap();
+    let shape = shape_of(2, 128, 64);
+    let (codes, scales, x) = (vec![0u8; 128], vec![1f32; 4], vec![1f32; 128]);
+    for isa in Isa::ALL {
+        for mode in Activations::ALL {
+            let mut out = vec![0f32; 2];
+            let got = matvec_with_options(
+                isa,
+                mode,
+                &weight(shape, &codes, &scales, &cb),
+                1,
+                &x,
+                &mut out,
+            );
+            assert_eq!(got.is_ok(), isa.is_supported(), "{isa:?} {mode:?}: {got:?}");
         }
     }
 }
