@@ -90,7 +90,11 @@ fn main() {
             let run =
                 |out: &mut [f32]| matvec_with_options(isa, mode, &weight, batch, &x, out).unwrap();
             run(&mut out);
-            let r = if isa == Isa::Portable { reps / 10 + 1 } else { reps };
+            let r = if isa == Isa::Portable {
+                reps / 10 + 1
+            } else {
+                reps
+            };
             let start = clock(cpu);
             for _ in 0..r {
                 run(&mut out);

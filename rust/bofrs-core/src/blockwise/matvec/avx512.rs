@@ -278,11 +278,23 @@ unsafe fn int8_chunks<const NB: usize>(
 /// (group `i / 8`, AVX2 lane `L = i % 8`) gets code bytes `base, base + 1, base + 8, base + 9`
 /// of its group with `base = 2L` (`L < 4`) or `2L + 8`: the bytes of the AVX2 int16 kernel's
 /// lane `L`.
-pub(super) fn int16_byte_source(i: usize) -> [usize; 4] {
+pub(super) const fn int16_byte_source(i: usize) -> [usize; 4] {
     let (group, lane) = (i / 8, i % 8);
     let base = 32 * group + if lane < 4 { 2 * lane } else { 2 * lane + 8 };
     [base, base + 1, base + 8, base + 9]
 }
+
+/// The int16 kernel's `vpermb` indices, [`int16_byte_source`] for its 64 bytes (built at compile
+/// time: a per-row loop cost as much as the products of a 4096-wide row).
+static INT16_BYTE_PERM: [u8; 64] = {
+    let mut perm = [0u8; 64];
+    let mut p = 0;
+    while p < 64 {
+        perm[p] = int16_byte_source(p / 4)[p % 4] as u8;
+        p += 1;
+    }
+    perm
+};
 
 /// Position, in the int16 kernel's order, of weight `j` of a 128-weight chunk: the inverse of
 /// [`int16_byte_source`] for its code byte, then word `w` of register `r` holds nibble `r` of
@@ -318,11 +330,7 @@ unsafe fn int16_chunks<const NB: usize>(
     table[..16].copy_from_slice(l16);
     table[16..].copy_from_slice(l16);
     let lt = _mm512_loadu_si512(table.as_ptr() as *const __m512i);
-    let mut src = [0u8; 64];
-    for (p, s) in src.iter_mut().enumerate() {
-        *s = int16_byte_source(p / 4)[p % 4] as u8;
-    }
-    let perm = _mm512_loadu_si512(src.as_ptr() as *const __m512i);
+    let perm = _mm512_loadu_si512(INT16_BYTE_PERM.as_ptr() as *const __m512i);
     let nib = _mm512_set1_epi16(15);
     let qp: [*const i16; NB] = row_ptrs(&xq.q, xq.padded, first_row);
     let dp: [*const f32; NB] = row_ptrs(&xq.d, xq.groups, first_row);
