@@ -205,3 +205,18 @@ def test_quant_linear_outputs_keep_dtype_shape_and_grad() -> None:
     # A non-contiguous 2-D input takes the same path after a copy.
     base = torch.randn(192, 4)
     torch.testing.assert_close(layer(base.t()), layer(base.t().contiguous()))
+
+
+def test_quant_matmul_caches_operands_per_tensor_until_a_part_changes() -> None:
+    from bofrs.nn import quant_matmul
+
+    packed = packed_weight(6, 128, 64, seed=5)
+    assert operands(packed) is operands(packed)  # built once per tensor
+    x = torch.randn(2, 128)
+    before = quant_matmul(x, packed)
+    packed.codes.bitwise_xor_(0x23)  # in place: rebuilt
+    after = quant_matmul(x, packed)
+    assert not torch.equal(before, after)
+    assert_close(after, x, packed, torch.float32)
+    packed.scales.mul_(-3)
+    torch.testing.assert_close(quant_matmul(x, packed), -3 * after, rtol=1e-6, atol=1e-5)

@@ -9,14 +9,8 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
+from bofrs.formats.blockwise.matmul import tensor_version
 from bofrs.formats.tensor import QuantizedTensor
-
-
-def _version(tensor: torch.Tensor | None) -> int:
-    """The version counter of a buffer; -1 for none, -2 for an inference tensor (untracked)."""
-    if tensor is None:
-        return -1
-    return -2 if tensor.is_inference() else tensor._version
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -96,7 +90,7 @@ class PackedLinear(nn.Module):
                 else:
                     return value
         value = build()
-        entries = tuple((n, t, _version(t)) for n in self.packed_buffer_names() for t in (present.get(n),))
+        entries = tuple((n, t, tensor_version(t)) for n in self.packed_buffer_names() for t in (present.get(n),))
         self._caches[key] = (len(present), entries, value)
         return value
 

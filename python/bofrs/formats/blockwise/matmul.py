@@ -48,7 +48,27 @@ def fusable(packed: PackedTensor) -> bool:
 
 
 def operands(packed: PackedTensor) -> Operands:
-    """The kernel's view of a packed 2-D CPU weight (no copy of the codes)."""
+    """The kernel's view of a packed 2-D CPU weight (no copy of the codes), built once per
+    tensor: kept while no part is modified in place (parts made in inference mode have no
+    version counter, so they count as unchanged)."""
+    versions = tuple(tensor_version(t) for t in (packed.codes, packed.scales, packed.scale_scales))
+    cache = packed._fused_cache
+    if cache is not None and cache[0] == versions:
+        return cache[1]  # type: ignore[no-any-return]
+    ops = _build_operands(packed)
+    packed._fused_cache = (versions, ops)
+    return ops
+
+
+def tensor_version(tensor: torch.Tensor | None) -> int:
+    """A tensor's in-place version counter: -1 for none, -2 for an inference tensor (which has
+    no counter: caches keyed by it see only replacement, not in-place change)."""
+    if tensor is None:
+        return -1
+    return -2 if tensor.is_inference() else tensor._version
+
+
+def _build_operands(packed: PackedTensor) -> Operands:
     if not fusable(packed):
         raise ValueError(
             "the fused kernel needs a 2-D CPU weight whose rows hold whole blocks, got "
