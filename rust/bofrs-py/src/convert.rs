@@ -8,7 +8,7 @@
 
 use bofrs_core::blockwise::codebook::bof4::Metric;
 use bofrs_core::blockwise::decode::{OutlierIndices, StoredScales};
-use bofrs_core::blockwise::matvec::Activations;
+use bofrs_core::blockwise::matvec::{default_isa, Activations};
 use bofrs_core::blockwise::opq::OutlierDType;
 use bofrs_core::numeric::element::{Half, Kind};
 use bofrs_core::{Bf16, Codebook, Isa, Normalization, ScaleDType, F16};
@@ -271,6 +271,12 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Parsed<Activations> {
 /// The kernel variant of an optional `isa` argument: the best of this CPU when absent.
 pub fn isa_or_best(isa: Option<Parsed<Isa>>) -> Isa {
     isa.map_or_else(Isa::best, |i| i.0)
+}
+
+/// The fused matvec's variant for an optional `isa` argument: the named one, else the default
+/// for the activation mode ([`default_isa`]).
+pub fn matvec_isa(isa: Option<Isa>, activations: Activations) -> Isa {
+    isa.unwrap_or_else(|| default_isa(activations))
 }
 
 /// A codebook from its 16 levels (a contiguous float32 array).

@@ -2,7 +2,7 @@
 //! prepared once with DLPack activations (`PreparedMatvec`).
 
 use crate::convert::{
-    codebook, contiguous, isa_or_best, with_floats, ElementName, FloatArray, Floats, Parsed,
+    codebook, contiguous, matvec_isa, with_floats, ElementName, FloatArray, Floats, Parsed,
 };
 use crate::detach::run;
 use bofrs_core::blockwise::matvec::{matvec_with_options, Activations, MatShape, PackedMatrix};
@@ -81,10 +81,8 @@ fn matvec<'py>(
     activations: Option<Parsed<Activations>>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let codebook = codebook(&levels)?;
-    let mode = (
-        isa_or_best(isa),
-        activations.map_or(Activations::Float, |a| a.0),
-    );
+    let activations = activations.map_or(Activations::Float, |a| a.0);
+    let mode = (matvec_isa(isa.map(|i| i.0), activations), activations);
     let weight = PackedMatrix {
         shape: MatShape {
             out_features,
@@ -118,7 +116,8 @@ pub struct PreparedMatvec {
     scales: Vec<f32>,
     codebook: Codebook,
     shape: MatShape,
-    isa: Isa,
+    /// The variant named at construction; `None`: [`default_isa`](bofrs_core::blockwise::matvec::default_isa) per mode.
+    isa: Option<Isa>,
 }
 
 #[pymethods]
@@ -126,7 +125,7 @@ impl PreparedMatvec {
     /// Validates and keeps the operands of a weight `[out_features, in_features]`: `codes`
     /// (uint8, `out * in / 2`, contiguous; kept by reference, so later in-place changes are
     /// seen), `scales` (float32 per block, finite; copied), `levels` (16 float32) and the
-    /// kernel variant `isa` (default: the best of this CPU).
+    /// kernel variant `isa` (default: the fastest for each activation mode).
     #[new]
     #[pyo3(signature = (codes, scales, levels, out_features, in_features, block_size, isa=None))]
     #[allow(clippy::too_many_arguments)]
@@ -139,8 +138,10 @@ impl PreparedMatvec {
         block_size: usize,
         isa: Option<Parsed<Isa>>,
     ) -> PyResult<Self> {
-        let isa = isa_or_best(isa);
-        isa.ensure_supported().map_err(crate::errors::to_py)?;
+        let isa = isa.map(|i| i.0);
+        if let Some(isa) = isa {
+            isa.ensure_supported().map_err(crate::errors::to_py)?;
+        }
         let shape = MatShape {
             out_features,
             in_features,
@@ -186,10 +187,11 @@ impl PreparedMatvec {
         self.shape.block_size
     }
 
-    /// The kernel variant the products run.
+    /// The kernel variant named at construction (None: the default of each mode, the best
+    /// variant of this CPU for the float path).
     #[getter]
-    fn isa(&self) -> &'static str {
-        self.isa.name()
+    fn isa(&self) -> Option<&'static str> {
+        self.isa.map(Isa::name)
     }
 
     /// `x @ W.T` for `x` a DLPack capsule of a C-contiguous CPU tensor `[tokens, in_features]`
@@ -218,7 +220,8 @@ impl PreparedMatvec {
             scales: &self.scales,
             codebook: &self.codebook,
         };
-        let mode = (self.isa, activations.map_or(Activations::Float, |a| a.0));
+        let activations = activations.map_or(Activations::Float, |a| a.0);
+        let mode = (matvec_isa(self.isa, activations), activations);
         let (tokens, n_out) = (input.rows, self.shape.out_features);
         let dims = (tokens, n_out);
         let array = |v: Vec<f32>| Array2::from_shape_vec(dims, v).map(|a| a.into_pyarray(py));
