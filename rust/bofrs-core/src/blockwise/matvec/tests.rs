@@ -587,7 +587,10 @@ fn default_variants_are_supported_and_integer_modes_skip_avx512() {
     assert_eq!(default_isa(Activations::Float), Isa::best());
     for mode in [Activations::Int16, Activations::Int8] {
         let isa = default_isa(mode);
-        assert!(isa.is_supported() && isa != Isa::Avx512, "{mode:?}: {isa:?}");
+        assert!(
+            isa.is_supported() && isa != Isa::Avx512,
+            "{mode:?}: {isa:?}"
+        );
         assert_eq!(isa, Isa::best().min(Isa::Avx2));
     }
 }
