@@ -149,7 +149,7 @@ impl PreparedMatvec {
         };
         let scales = contiguous(&scales, "scales")?.to_vec();
         {
-            let readonly = codes.readonly();
+            let readonly = read_codes(&codes)?;
             let code_bytes = contiguous(&readonly, "codes")?;
             shape
                 .check(0, code_bytes.len(), scales.len(), 0, 0)
@@ -213,7 +213,7 @@ impl PreparedMatvec {
                 self.shape.in_features, input.rows, input.cols
             )));
         }
-        let codes = self.codes.bind(py).readonly();
+        let codes = read_codes(self.codes.bind(py))?;
         let weight = PackedMatrix {
             shape: self.shape,
             codes: contiguous(&codes, "codes")?,
@@ -249,6 +249,13 @@ impl PreparedMatvec {
                 .into_any(),
         })
     }
+}
+
+/// A shared borrow of the codes (an error, not a panic, if Rust code holds them mutably).
+fn read_codes<'py>(codes: &Bound<'py, PyArray1<u8>>) -> PyResult<PyReadonlyArray1<'py, u8>> {
+    codes
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("codes: {e}")))
 }
 
 /// [`product`] rounded to the 16-bit type `H` (nearest even), as its bits.
