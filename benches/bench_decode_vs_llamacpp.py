@@ -24,7 +24,7 @@ REPS times); the table shows the median over rounds of each round's mean, and th
 **Kernels**: batch-1 ``x @ W.T`` for weights [out x in] 4096x4096, 4096x11008, 11008x4096:
 llama.cpp's ``test-backend-ops perf -b CPU`` on MUL_MAT cases written to a ``--test-file``
 (src0 Q4_0 / IQ4_NL, src1 one f32 column) beside ``bofrs.nn.QuantLinear`` (NF4 block 64, cached
-operands) and ``bofrs.nn.quant_matmul`` (operands rebuilt per call), float32 input. Times, GB/s of
+operands) and ``bofrs.nn.quant_matmul`` (operands cached on the packed tensor), float32 input. Times, GB/s of
 packed weight bytes and the share of the copy bandwidth measured in the same run
 (``torch`` ``dst.copy_(src)`` on 512 MiB with T threads, read + write counted). test-backend-ops
 uses ``hardware_concurrency() / 2`` threads; to give it T threads it runs with a tiny
@@ -324,6 +324,7 @@ def bofrs_kernels(shape: tuple[int, int]) -> dict[str, tuple[Callable[[], object
     return {
         "bofrs NF4 QuantLinear float": (lambda: exact(x), packed.nbytes),
         "bofrs NF4 QuantLinear int8": (lambda: fast(x), packed.nbytes),
+        "bofrs NF4 quant_matmul float": (lambda: quant_matmul(x, packed), packed.nbytes),
         "bofrs NF4 quant_matmul int8": (lambda: quant_matmul(x, packed, activations="int8"), packed.nbytes),
     }
 

@@ -25,6 +25,7 @@ __all__ = [
     "allocate",
     "matvec",
     "matvec_higgs",
+    "PreparedMatvec",
 ]
 
 __version__: str
@@ -137,6 +138,32 @@ def matvec(
     isa: str | None = None,
     activations: str | None = None,
 ) -> npt.NDArray[np.float32]: ...
+@final
+class PreparedMatvec:
+    """A packed weight prepared once for repeated fused products (DLPack activations in)."""
+
+    def __new__(
+        cls,
+        codes: npt.NDArray[np.uint8],
+        scales: npt.NDArray[np.float32],
+        levels: npt.NDArray[np.float32],
+        out_features: int,
+        in_features: int,
+        block_size: int,
+        isa: str | None = None,
+    ) -> PreparedMatvec: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def isa(self) -> str | None: ...
+    def apply(
+        self, x: object, activations: str | None = None, float32_out: bool = False
+    ) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]: ...
+
 def matvec_higgs(
     x_rot: npt.NDArray[np.float32],
     tokens: int,

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
+from bofrs.formats.blockwise.matmul import tensor_version
 from bofrs.formats.tensor import QuantizedTensor
 
 
@@ -49,7 +50,7 @@ class PackedLinear(nn.Module):
         self.weight_dtype: torch.dtype = dtype
         self.fused_max_tokens = fused_max_tokens
         #: Values derived from the packed buffers (operands, the packed tensor), see :meth:`_cached`.
-        self._caches: dict[str, tuple[tuple[torch.Tensor | None, ...], tuple[int, ...], Any]] = {}
+        self._caches: dict[str, tuple[int, tuple[tuple[str, torch.Tensor | None, int], ...], Any]] = {}
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
                 raise ValueError(f"bias must be a tensor of shape ({self.out_features},)")
@@ -72,24 +73,25 @@ class PackedLinear(nn.Module):
 
     def _cached(self, key: str, build: Callable[[], Any]) -> Any:
         """``build()``, kept under ``key`` while every packed buffer is the same object at the
-        same version (holding the tensors keeps their ids unique while cached); replaced or
-        modified buffers rebuild it."""
+        same version and no buffer was added (holding the tensors keeps their ids unique while
+        cached); replaced, removed, added or modified buffers rebuild it. The check is the
+        per-call cost of a cached product: a few attribute reads, no allocation. Inference-mode
+        tensors have no version counter: after changing such a buffer in place, call
+        :meth:`invalidate_caches`."""
         present = self._buffers
-        names = self.packed_buffer_names()
         cache = self._caches.get(key)
         if cache is not None:
-            tensors, versions, value = cache
-            if len(tensors) == len(names):
-                for name, tensor, version in zip(names, tensors, versions):
+            count, entries, value = cache
+            if count == len(present):
+                for name, tensor, version in entries:
                     now = present.get(name)
-                    if now is not tensor or (now is not None and now._version != version):
+                    if now is not tensor or (version >= 0 and now._version != version):
                         break
                 else:
                     return value
-        tensors = tuple(present.get(n) for n in names)
-        versions = tuple(-1 if t is None else t._version for t in tensors)
         value = build()
-        self._caches[key] = (tensors, versions, value)
+        entries = tuple((n, t, tensor_version(t)) for n in self.packed_buffer_names() for t in (present.get(n),))
+        self._caches[key] = (len(present), entries, value)
         return value
 
     def invalidate_caches(self) -> None:

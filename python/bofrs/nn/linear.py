@@ -184,20 +184,20 @@ class QuantLinear(PackedLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` without bias, fused for few tokens on CPU."""
-        rows = x.reshape(-1, self.in_features)
+        flat = x.dim() == 2
+        rows = x if flat else x.reshape(-1, self.in_features)
         if x.is_cuda and self.codes.device == x.device and _cuda.enabled(x.device):
-            return self._cuda_cached().apply(rows, self.fused_max_tokens).view(
-                *x.shape[:-1], self.out_features
-            )
-        element = NATIVE_FLOATS.get(x.dtype)
-        ops = None
-        if element is not None and x.is_cpu and rows.shape[0] <= self.fused_max_tokens:
-            ops = self._operands()
-        if ops is not None:
-            y = ops.apply(rows, element, self._activations)  # type: ignore[arg-type]
+            y = self._cuda_cached().apply(rows, self.fused_max_tokens)
         else:
-            y = _decoded_matmul(rows, self.packed, transpose=True)
-        return y.view(*x.shape[:-1], self.out_features)
+            element = NATIVE_FLOATS.get(x.dtype)
+            ops = None
+            if element is not None and x.is_cpu and rows.shape[0] <= self.fused_max_tokens:
+                ops = self._operands()
+            if ops is not None:
+                y = ops.apply(rows, element, self._activations)  # type: ignore[arg-type]
+            else:
+                y = _decoded_matmul(rows, self.packed, transpose=True)
+        return y if flat else y.view(*x.shape[:-1], self.out_features)
 
     def _operands(self) -> _Fused | None:
         """Kernel operands (``None`` if the weight is not fusable: not on CPU, or rows that do
@@ -272,10 +272,9 @@ class _Fused:
         if self.rotation is not None:
             x = hadamard(rows.float(), self.rotation)
             element = "float32"
-        y = fused_rows(x, self.ops, element, None, activations)
+        y = fused_rows(x, self.ops, element, None, activations, float32_out=True)
         if self.correction is not None:
             out_rows, in_cols, delta = self.correction
-            y = y.float()
             y.index_add_(1, out_rows, x.float()[:, in_cols] * delta)
         return y.to(rows.dtype)
 

@@ -8,7 +8,7 @@
 
 use bofrs_core::blockwise::codebook::bof4::Metric;
 use bofrs_core::blockwise::decode::{OutlierIndices, StoredScales};
-use bofrs_core::blockwise::matvec::Activations;
+use bofrs_core::blockwise::matvec::{default_isa, Activations};
 use bofrs_core::blockwise::opq::OutlierDType;
 use bofrs_core::numeric::element::{Half, Kind};
 use bofrs_core::{Bf16, Codebook, Isa, Normalization, ScaleDType, F16};
@@ -64,12 +64,12 @@ impl ScaleArray<'_> {
             (Self::F32(a), ScaleFormat::Plain(ScaleDType::Float32)) => {
                 Ok(StoredScales::F32(contiguous(a, "scales")?))
             }
-            (Self::Bits(a), ScaleFormat::Plain(ScaleDType::BFloat16)) => {
-                Ok(StoredScales::Bf16(Bf16::from_bits_slice(contiguous(a, "scales")?)))
-            }
-            (Self::Bits(a), ScaleFormat::Plain(ScaleDType::Float16)) => {
-                Ok(StoredScales::F16(F16::from_bits_slice(contiguous(a, "scales")?)))
-            }
+            (Self::Bits(a), ScaleFormat::Plain(ScaleDType::BFloat16)) => Ok(StoredScales::Bf16(
+                Bf16::from_bits_slice(contiguous(a, "scales")?),
+            )),
+            (Self::Bits(a), ScaleFormat::Plain(ScaleDType::Float16)) => Ok(StoredScales::F16(
+                F16::from_bits_slice(contiguous(a, "scales")?),
+            )),
             (Self::Bytes(a), ScaleFormat::DoubleQuant) => Ok(StoredScales::Dq8 {
                 codes: contiguous(a, "scales")?,
                 params: params.ok_or_else(|| {
@@ -238,7 +238,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Parsed<Isa> {
         Isa::parse(name).map(Parsed).ok_or_else(|| {
             let names: Vec<String> = Isa::ALL.iter().map(|i| format!("'{}'", i.name())).collect();
             let hint = if name.starts_with("avx512") {
-                " (bofrs has no AVX-512 kernels: AVX-512 CPUs run 'avx2')"
+                " (one AVX-512 variant, 'avx512', needs F, BW, VL, VNNI and VBMI)"
             } else {
                 ""
             };
@@ -271,6 +271,12 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Parsed<Activations> {
 /// The kernel variant of an optional `isa` argument: the best of this CPU when absent.
 pub fn isa_or_best(isa: Option<Parsed<Isa>>) -> Isa {
     isa.map_or_else(Isa::best, |i| i.0)
+}
+
+/// The fused matvec's variant for an optional `isa` argument: the named one, else the default
+/// for the activation mode ([`default_isa`]).
+pub fn matvec_isa(isa: Option<Isa>, activations: Activations) -> Isa {
+    isa.unwrap_or_else(|| default_isa(activations))
 }
 
 /// A codebook from its 16 levels (a contiguous float32 array).

@@ -7,6 +7,7 @@
 mod codebooks;
 mod convert;
 mod detach;
+mod dlpack;
 mod errors;
 mod higgs;
 mod matvec;

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from bofrs import _native
 from bofrs._dtypes import NATIVE_FLOATS, to_native
@@ -30,6 +31,9 @@ class Operands:
     out_features: int
     in_features: int
     block_size: int
+    #: The same operands converted once for the native per-call entry point (codes held by
+    #: reference, scales copied).
+    prepared: _native.PreparedMatvec
 
 
 def fusable(packed: PackedTensor) -> bool:
@@ -44,21 +48,40 @@ def fusable(packed: PackedTensor) -> bool:
 
 
 def operands(packed: PackedTensor) -> Operands:
-    """The kernel's view of a packed 2-D CPU weight (no copy of the codes)."""
+    """The kernel's view of a packed 2-D CPU weight (no copy of the codes), built once per
+    tensor: kept while no part is modified in place (parts made in inference mode have no
+    version counter, so they count as unchanged)."""
+    versions = tuple(tensor_version(t) for t in (packed.codes, packed.scales, packed.scale_scales))
+    cache = packed._fused_cache
+    if cache is not None and cache[0] == versions:
+        return cache[1]  # type: ignore[no-any-return]
+    ops = _build_operands(packed)
+    packed._fused_cache = (versions, ops)
+    return ops
+
+
+def tensor_version(tensor: torch.Tensor | None) -> int:
+    """A tensor's in-place version counter: -1 for none, -2 for an inference tensor (which has
+    no counter: caches keyed by it see only replacement, not in-place change)."""
+    if tensor is None:
+        return -1
+    return -2 if tensor.is_inference() else tensor._version
+
+
+def _build_operands(packed: PackedTensor) -> Operands:
     if not fusable(packed):
         raise ValueError(
             "the fused kernel needs a 2-D CPU weight whose rows hold whole blocks, got "
             f"shape {tuple(packed.shape)} with block_size={packed.block_size} on {packed.device}"
         )
-    out_features, in_features = packed.shape
-    return Operands(
-        packed.codes.contiguous().numpy(),
-        packed.decoded_scales().float().contiguous().numpy(),
-        packed.codebook.levels,
-        int(out_features),
-        int(in_features),
-        packed.block_size,
+    out_features, in_features = (int(d) for d in packed.shape)
+    codes = packed.codes.contiguous().numpy()
+    scales = packed.decoded_scales().float().contiguous().numpy()
+    levels = packed.codebook.levels
+    prepared = _native.PreparedMatvec(
+        codes, scales, levels, out_features, in_features, packed.block_size
     )
+    return Operands(codes, scales, levels, out_features, in_features, packed.block_size, prepared)
 
 
 #: How activations enter the fused product: ``"float"`` (default) widens them exactly to float32
@@ -103,20 +126,34 @@ def fused_matmul(
 
 
 def fused_rows(
-    x: torch.Tensor, ops: Operands, element: str, isa: str | None = None, activations: str = "float"
+    x: torch.Tensor,
+    ops: Operands,
+    element: str,
+    isa: str | None = None,
+    activations: str = "float",
+    float32_out: bool = False,
 ) -> torch.Tensor:
-    """:func:`fused_matmul` without argument checks (``x`` 2-D CPU, ``element`` its dtype name)."""
+    """:func:`fused_matmul` without argument checks (``x`` 2-D CPU, ``element`` its dtype name);
+    the result in ``x.dtype``, or float32 with ``float32_out``. Without ``isa`` one native call
+    on the prepared weight, the activations passed by DLPack (no copy for contiguous ``x``)."""
+    if isa is None:
+        rows = x if x.is_contiguous() else x.contiguous()
+        if rows.requires_grad:
+            rows = rows.detach()
+        out = ops.prepared.apply(to_dlpack(rows), activations, float32_out)
+        y = torch.from_numpy(out)
+        return y if out.dtype == np.float32 else y.view(x.dtype)
     flat = x.reshape(-1)  # contiguous (a view when x is, a copy otherwise)
     if flat.requires_grad:
         flat = flat.detach()
     data = to_native(flat)
     tokens = x.shape[0]
-    out = _native.matvec(
+    y = torch.from_numpy(_native.matvec(
         data, element, tokens, ops.codes, ops.scales, ops.levels,
         ops.out_features, ops.in_features, ops.block_size, isa, activations,
-    )  # fmt: skip
-    y = torch.from_numpy(out).view(tokens, ops.out_features)
-    return y if element == "float32" else y.to(x.dtype)
+    )).view(tokens, ops.out_features)  # fmt: skip
+    return y if element == "float32" or float32_out else y.to(x.dtype)
+
 
 def quant_matmul(
     x: torch.Tensor, packed: PackedTensor, *, isa: str | None = None, activations: str = "float"

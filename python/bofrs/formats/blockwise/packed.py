@@ -60,6 +60,7 @@ class PackedTensor(QuantizedTensor):
         "_outliers",
         "_rotation",
         "_cuda_cache",
+        "_fused_cache",
     )
     kind: ClassVar[str] = stored.KIND
 
@@ -131,6 +132,9 @@ class PackedTensor(QuantizedTensor):
         self._block_size = block_size
         self._codebook = codebook
         self._cuda_cache: tuple[tuple[int, ...], _cuda_blockwise.BlockOperands] | None = None
+        #: The fused CPU kernel's operands and the part versions they were built from (see
+        #: :func:`bofrs.formats.blockwise.matmul.operands`).
+        self._fused_cache: tuple[tuple[int, ...], Any] | None = None
 
     @property
     def rotation(self) -> int | None:

@@ -61,7 +61,12 @@ impl OutlierView<'_> {
                 message: format!("must be strictly ascending (position {i})"),
             });
         }
-        if let Some(last) = self.indices.len().checked_sub(1).map(|k| self.indices.get(k)) {
+        if let Some(last) = self
+            .indices
+            .len()
+            .checked_sub(1)
+            .map(|k| self.indices.get(k))
+        {
             if last >= numel as u64 {
                 return Err(Error::InvalidArgument {
                     name: "outlier_indices",

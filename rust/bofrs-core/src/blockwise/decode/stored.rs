@@ -195,7 +195,11 @@ mod tests {
         for signed in [false, true] {
             let mut want = vec![0f32; 700];
             decode_scales(&codes, &params, signed, &mut want).unwrap();
-            let dq = StoredScales::Dq8 { codes: &codes, params: &params, signed };
+            let dq = StoredScales::Dq8 {
+                codes: &codes,
+                params: &params,
+                signed,
+            };
             dq.validate().unwrap();
             let mut got = vec![0f32; 450];
             dq.decode_into(250, &mut got);
@@ -212,10 +216,25 @@ mod tests {
         let bf = [Bf16(0x3f80), Bf16(0x7fc0)];
         assert!(StoredScales::Bf16(&bf).validate().is_err());
         let codes = [1u8; 3];
-        assert!(StoredScales::Dq8 { codes: &codes, params: &[1.0], signed: false }.validate().is_err());
-        let e = StoredScales::Dq8 { codes: &codes, params: &[1.0, -1.0], signed: false }.validate();
+        assert!(StoredScales::Dq8 {
+            codes: &codes,
+            params: &[1.0],
+            signed: false
+        }
+        .validate()
+        .is_err());
+        let e = StoredScales::Dq8 {
+            codes: &codes,
+            params: &[1.0, -1.0],
+            signed: false,
+        }
+        .validate();
         assert!(e.unwrap_err().to_string().contains("scale_scales"));
-        let huge = StoredScales::Dq8 { codes: &[255], params: &[3.0e38, 3.0e38], signed: false };
+        let huge = StoredScales::Dq8 {
+            codes: &[255],
+            params: &[3.0e38, 3.0e38],
+            signed: false,
+        };
         assert!(huge.validate().is_err());
         // A group whose largest code would overflow but whose stored codes do not is valid.
         let unused = StoredScales::Dq8 { codes: &[0, 1, 2], params: &[1.0, 3.0e36], signed: false };
@@ -229,7 +248,11 @@ mod tests {
         let wide: Vec<u64> = vec![3, 9, 10, 400, 65535];
         let i32s: Vec<u32> = wide.iter().map(|&v| v as u32).collect();
         let i16s: Vec<u16> = wide.iter().map(|&v| v as u16).collect();
-        for view in [OutlierIndices::U64(&wide), OutlierIndices::U32(&i32s), OutlierIndices::U16(&i16s)] {
+        for view in [
+            OutlierIndices::U64(&wide),
+            OutlierIndices::U32(&i32s),
+            OutlierIndices::U16(&i16s),
+        ] {
             assert_eq!(view.len(), 5);
             assert_eq!((0..5).map(|k| view.get(k)).collect::<Vec<_>>(), wide);
             assert_eq!(view.count_below(10), 2);

@@ -22,6 +22,21 @@
 //! Work is split over output rows on the dedicated pool; batches are processed in tiles of up to
 //! four activation rows, so each decoded weight feeds up to four FMAs.
 
+/// Calls the row kernel `$f` monomorphized for the tile height `$y.len()` (1..=4).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_tile {
+    ($f:ident, $y:ident, ($($arg:expr),*)) => {
+        match $y.len() {
+            1 => $f::<1>($($arg,)* $y),
+            2 => $f::<2>($($arg,)* $y),
+            3 => $f::<3>($($arg,)* $y),
+            _ => $f::<4>($($arg,)* $y),
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod portable;
 pub mod quant;
 #[cfg(test)]
@@ -210,51 +225,73 @@ pub fn matvec_with_options<X: Element>(
         out.fill(0.0);
         return Ok(());
     }
-    let fast = isa != Isa::Portable;
-    let wide = shape.block_size >= 64;
     let levels = weight.codebook.levels();
+    let bs = shape.block_size;
     // Activations for the chosen path, in the order its kernel reads them.
     match activations {
         Activations::Float => {
+            let (x, stride) = float_activations(isa, x, batch, shape.in_features, bs >= 64);
             let rows = FloatRows {
                 #[cfg(target_arch = "x86_64")]
                 bytes: x86::byte_tables(levels),
                 levels,
-                x: if fast {
-                    permuted(x, wide)
-                } else {
-                    x.iter().map(|v| v.to_f32()).collect()
-                },
+                x,
+                stride,
             };
             product(isa, weight, batch, &rows, out)
         }
-        Activations::Int16 => product(
-            isa,
-            weight,
-            batch,
-            &IntRows::<i16>::new(fast, weight, x, batch),
-            out,
-        ),
-        Activations::Int8 => product(
-            isa,
-            weight,
-            batch,
-            &IntRows::<i8>::new(fast, weight, x, batch),
-            out,
-        ),
+        Activations::Int16 => {
+            let isa = int_kernel(isa, bs);
+            let rows = IntRows::<i16>::new(isa, weight, x, batch);
+            product(isa, weight, batch, &rows, out)
+        }
+        Activations::Int8 => {
+            let isa = int_kernel(isa, bs);
+            let rows = IntRows::<i8>::new(isa, weight, x, batch);
+            product(isa, weight, batch, &rows, out)
+        }
     }
 }
 
-/// [`x86::permute`] where it exists (only AVX2 kernels read permuted activations).
-fn permuted<X: Element>(x: &[X], wide: bool) -> Vec<f32> {
+/// The variant a product in `activations` mode runs when the caller names none: the best of
+/// this CPU, except that the integer modes take the AVX2 kernels over the AVX-512 ones. Those
+/// give the same bits and stay selectable by name, but measured slower on the Zen 4 we test on
+/// (512-bit integer ops issue as two 256-bit halves there): int8 by about 10 %, int16 by about
+/// 1.6x (`cargo run --release --example matvec_time`, one core, CPU time).
+pub fn default_isa(activations: Activations) -> Isa {
+    match (Isa::best(), activations) {
+        (Isa::Avx512, Activations::Int16 | Activations::Int8) => Isa::Avx2,
+        (best, _) => best,
+    }
+}
+
+/// The kernel variant an integer path runs for `isa`: the AVX-512 integer kernels take block
+/// sizes >= 64; smaller blocks run the AVX2 ones (the same results).
+fn int_kernel(isa: Isa, block_size: usize) -> Isa {
+    if isa == Isa::Avx512 && block_size < 64 {
+        Isa::Avx2
+    } else {
+        isa
+    }
+}
+
+/// The float path's activations as `isa`'s kernel reads them (widened to f32, permuted for the
+/// x86 kernels; `wide`: block sizes >= 64), and their row stride.
+fn float_activations<X: Element>(
+    isa: Isa,
+    x: &[X],
+    batch: usize,
+    n_in: usize,
+    wide: bool,
+) -> (Vec<f32>, usize) {
     #[cfg(target_arch = "x86_64")]
-    let v = x86::permute(x, wide);
-    #[cfg(not(target_arch = "x86_64"))]
-    let v = {
-        let _ = wide;
-        x.iter().map(|v| v.to_f32()).collect()
-    };
-    v
+    match isa {
+        Isa::Avx512 => return avx512::permute128(x, batch, n_in),
+        Isa::Avx2 => return (x86::permute(x, wide), n_in),
+        Isa::Portable => {}
+    }
+    let _ = (isa, batch, wide);
+    (x.iter().map(|v| v.to_f32()).collect(), n_in)
 }
 
 /// Activations prepared for one path's row kernels.
@@ -263,25 +300,28 @@ trait Rows: Sync {
     /// [`TILE`]).
     ///
     /// # Safety
-    /// `isa` must be supported by the running CPU.
+    /// `isa` must be supported by the running CPU, and be the one the rows were prepared for.
     unsafe fn rows(&self, isa: Isa, w: &WeightRow<'_>, first: usize, y: &mut [f32]);
 }
 
-/// The float path: activations widened to f32 (permuted for the AVX2 kernel).
+/// The float path: activations widened to f32 (permuted for the x86 kernels).
 struct FloatRows<'a> {
     levels: &'a [f32; 16],
     #[cfg(target_arch = "x86_64")]
     bytes: [[u8; 16]; 4],
     x: Vec<f32>,
+    /// Values per activation row of `x` (`in_features`, padded for the AVX-512 kernel).
+    stride: usize,
 }
 
 impl Rows for FloatRows<'_> {
     #[inline(always)]
     unsafe fn rows(&self, isa: Isa, w: &WeightRow<'_>, first: usize, y: &mut [f32]) {
-        let n_in = w.codes.len() * 2;
-        let x = &self.x[first * n_in..(first + y.len()) * n_in];
+        let stride = self.stride;
+        let x = &self.x[first * stride..(first + y.len()) * stride];
         dispatch!(isa,
-            // SAFETY: the caller checked `isa`.
+            // SAFETY: the caller checked `isa`; `x` was laid out for it.
+            avx512 => unsafe { avx512::float_rows(w, self.levels, x, stride, y) },
             avx2 => unsafe { x86::float_rows(w, &self.bytes, x, y) },
             portable => portable::float_rows(w, self.levels, x, y),
         )
@@ -296,12 +336,14 @@ struct IntRows<Q> {
 }
 
 impl<Q: QInt> IntRows<Q> {
-    /// Quantizes `batch` rows of `x` in the order the kernels of `fast` (AVX2) or portable read.
-    fn new<X: Element>(fast: bool, weight: &PackedMatrix<'_>, x: &[X], batch: usize) -> Self {
-        let order = match (fast, weight.shape.block_size >= 64) {
-            (false, _) => quant::Order::Natural,
-            (true, true) => quant::Order::Step64,
-            (true, false) => quant::Order::Step32,
+    /// Quantizes `batch` rows of `x` in the order the kernels of `isa` read (the AVX-512
+    /// kernels only for block sizes >= 64, see [`int_kernel`]).
+    fn new<X: Element>(isa: Isa, weight: &PackedMatrix<'_>, x: &[X], batch: usize) -> Self {
+        let order = match (isa, weight.shape.block_size >= 64) {
+            (Isa::Portable, _) => quant::Order::Natural,
+            (Isa::Avx512, true) => quant::Order::Step128,
+            (_, true) => quant::Order::Step64,
+            (_, false) => quant::Order::Step32,
         };
         let (levels, dl) = quant::quantize_levels(weight.codebook.levels());
         let xq = quant::quantize_activations(x, batch, weight.shape.in_features, order);
@@ -314,7 +356,8 @@ impl<Q: QInt> Rows for IntRows<Q> {
     unsafe fn rows(&self, isa: Isa, w: &WeightRow<'_>, first: usize, y: &mut [f32]) {
         let levels = (&self.levels, self.dl);
         dispatch!(isa,
-            // SAFETY: the caller checked `isa`; `new` laid `xq` out for the AVX2 kernels.
+            // SAFETY: the caller checked `isa`; `new` laid `xq` out for its kernels.
+            avx512 => unsafe { Q::avx512_rows(w, levels, &self.xq, first, y) },
             avx2 => unsafe { Q::avx2_rows(w, levels, &self.xq, first, y) },
             portable => portable::int_rows(w, levels, &self.xq, first, y),
         )

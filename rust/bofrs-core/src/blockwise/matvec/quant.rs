@@ -49,6 +49,18 @@ pub trait QInt: Copy + Default + Send + Sync + Into<i64> + Ord + 'static {
         first_row: usize,
         y: &mut [f32],
     );
+    /// This type's AVX-512 row kernel (block sizes >= 64), as [`QInt::avx2_rows`].
+    ///
+    /// # Safety
+    /// The CPU must support [`crate::isa::Isa::Avx512`]; `xq` is in [`Order::Step128`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx512_rows(
+        w: &WeightRow<'_>,
+        levels: (&[Self; 16], f32),
+        xq: &Quantized<Self>,
+        first_row: usize,
+        y: &mut [f32],
+    );
 }
 
 impl QInt for i16 {
@@ -70,6 +82,17 @@ impl QInt for i16 {
     ) {
         super::x86::int16_rows(w, levels, xq, first_row, y)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn avx512_rows(
+        w: &WeightRow<'_>,
+        levels: (&[i16; 16], f32),
+        xq: &Quantized<i16>,
+        first_row: usize,
+        y: &mut [f32],
+    ) {
+        super::avx512::int16_rows(w, levels, xq, first_row, y)
+    }
     fn layout(order: Order) -> Layout {
         match order {
             Order::Natural => Layout::NATURAL,
@@ -89,6 +112,10 @@ impl QInt for i16 {
                     let (u, s) = (r / 16, r % 16);
                     32 * (s % 2) + 16 * u + 8 * lane + s / 2
                 },
+            },
+            Order::Step128 => Layout {
+                chunk: 128,
+                dest: step128_i16,
             },
         }
     }
@@ -113,6 +140,17 @@ impl QInt for i8 {
     ) {
         super::x86::int8_rows(w, levels, xq, first_row, y)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn avx512_rows(
+        w: &WeightRow<'_>,
+        levels: (&[i8; 16], f32),
+        xq: &Quantized<i8>,
+        first_row: usize,
+        y: &mut [f32],
+    ) {
+        super::avx512::int8_rows(w, levels, xq, first_row, y)
+    }
     /// [`Order::Step32`] puts, per 32 values, the even ones then the odd ones (the high and
     /// low nibbles of 16 code bytes); [`Order::Step64`], per 64, the even ones of each 32, then
     /// the odd ones of each 32 (the nibbles of 32 code bytes).
@@ -132,8 +170,28 @@ impl QInt for i8 {
                     32 * (r % 2) + 16 * c + r / 2
                 },
             },
+            // Source 64s + 32c + 2k + h -> 64h + 32s + 16c + k: per 128, the even values of
+            // both 64-value steps, then the odd ones.
+            Order::Step128 => Layout {
+                chunk: 128,
+                dest: |j| {
+                    let (s, r) = (j / 64, j % 64);
+                    let (c, r) = (r / 32, r % 32);
+                    64 * (r % 2) + 32 * s + 16 * c + r / 2
+                },
+            },
         }
     }
+}
+
+/// The int16 [`Order::Step128`] (the AVX-512 kernel's register order; x86-64 only, natural
+/// elsewhere, where no kernel reads it).
+fn step128_i16(j: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    let to = super::avx512::int16_dest(j);
+    #[cfg(not(target_arch = "x86_64"))]
+    let to = j;
+    to
 }
 
 /// Levels rounded to integers in `[-QMAX, QMAX]`, and the step `dl` they are in units of.
@@ -160,9 +218,13 @@ pub struct Quantized<Q> {
     pub padded: usize,
     /// Groups per row.
     pub groups: usize,
-    /// For [`Order::Step64`] where [`QInt::LANE_STEPS`]: per row and 64 values, the step of each
-    /// i32 lane of the kernel (`[d0; 4]` then `[d1; 4]`, the two groups of the 64); else empty.
+    /// For [`Order::Step64`] and [`Order::Step128`] where [`QInt::LANE_STEPS`]: per row and 64
+    /// values, the step of each i32 lane of the kernel (`[d0; 4]` then `[d1; 4]`, the two groups
+    /// of the 64); else empty.
     pub lane_steps: Vec<f32>,
+    /// For [`Order::Step128`] where [`QInt::LANE_STEPS`] (int8): per row and 8 consecutive
+    /// values, `-128` times their sum (what the AVX-512 kernel's biased levels add); else empty.
+    pub lane_sums: Vec<i32>,
 }
 
 /// Which kernel activations are laid out for (each integer type defines the orders'
@@ -175,6 +237,18 @@ pub enum Order {
     Step32,
     /// The AVX2 kernel for 64-value steps (block sizes >= 64).
     Step64,
+    /// The AVX-512 kernels (block sizes >= 64): 128-value steps, rows padded to 128.
+    Step128,
+}
+
+impl Order {
+    /// What each row of quantized values is zero-padded to a multiple of.
+    pub fn padding(self) -> usize {
+        match self {
+            Order::Step128 => 128,
+            _ => 32,
+        }
+    }
 }
 
 /// The order a kernel reads activations in: within every `chunk` values, source `j` goes to
@@ -207,7 +281,7 @@ pub fn quantize_activations<X: Element, Q: QInt>(
 ) -> Quantized<Q> {
     let group = Q::GROUP;
     let layout = Q::layout(order);
-    let padded = n_in.div_ceil(32) * 32;
+    let padded = n_in.div_ceil(order.padding()) * order.padding();
     let groups = n_in.div_ceil(group);
     let mut q = vec![Q::default(); batch * padded];
     let mut d = vec![0f32; batch * groups];
@@ -215,6 +289,8 @@ pub fn quantize_activations<X: Element, Q: QInt>(
     let perm: Vec<usize> = (0..c).map(layout.dest).collect();
     let mut wide = vec![0f32; n_in];
     let mut row = vec![Q::default(); padded.div_ceil(c) * c];
+    let sums = Q::LANE_STEPS && order == Order::Step128;
+    let mut lane_sums = vec![0i32; if sums { batch * padded / 8 } else { 0 }];
     for b in 0..batch {
         for (w, v) in wide.iter_mut().zip(&x[b * n_in..(b + 1) * n_in]) {
             *w = v.to_f32();
@@ -237,6 +313,12 @@ pub fn quantize_activations<X: Element, Q: QInt>(
                 out.fill(Q::default());
             }
         }
+        if sums {
+            let dst = &mut lane_sums[b * padded / 8..(b + 1) * padded / 8];
+            for (sum, eight) in dst.iter_mut().zip(row[..n_in].chunks(8)) {
+                *sum = -128 * eight.iter().map(|&v| v.into() as i32).sum::<i32>();
+            }
+        }
         let dst = &mut q[b * padded..(b + 1) * padded];
         for (k, src) in row.chunks_exact(c).enumerate() {
             for (&to, &v) in perm.iter().zip(src) {
@@ -246,7 +328,7 @@ pub fn quantize_activations<X: Element, Q: QInt>(
             }
         }
     }
-    let lane_steps = if Q::LANE_STEPS && order == Order::Step64 {
+    let lane_steps = if Q::LANE_STEPS && matches!(order, Order::Step64 | Order::Step128) {
         lane_steps(&d, batch, groups, padded)
     } else {
         Vec::new()
@@ -257,6 +339,7 @@ pub fn quantize_activations<X: Element, Q: QInt>(
         padded,
         groups,
         lane_steps,
+        lane_sums,
     }
 }
 

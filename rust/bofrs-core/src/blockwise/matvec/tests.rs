@@ -98,14 +98,29 @@ fn every_isa_matches_the_float64_reference() {
             (6, 192, 64),
             (7, 96, 32),
             (33, 256, 128),
+            (4, 576, 64),
+            (3, 1152, 128),
+            (2, 2048, 256),
+            (3, 80, 16),
+            (2, 160, 32),
             (17, 4096, 4096),
             (2, 0, 64),
         ] {
             let shape = shape_of(n_out, n_in, bs);
             let (codes, scales) = random_weight(&mut st, shape);
             for batch in 1..=9 {
+                // Mixed magnitudes (1e-6 to 1e4), exact zeros and negative zeros.
                 let x: Vec<f32> = (0..batch * n_in)
-                    .map(|_| lcg(&mut st) as f32 * 10.0)
+                    .map(|i| {
+                        let v = lcg(&mut st) as f32 * 10.0;
+                        match i % 13 {
+                            0 => v * 1e3,
+                            5 => v * 1e-7,
+                            7 => 0.0,
+                            9 => -0.0,
+                            _ => v,
+                        }
+                    })
                     .collect();
                 let (want, mag) = reference(shape, &codes, &scales, &levels, &x, batch);
                 for isa in Isa::supported() {
@@ -202,6 +217,9 @@ fn integer_activations_stay_within_their_error_bound() {
             (5, 64, 64),
             (6, 192, 64),
             (33, 256, 128),
+            (4, 576, 64),
+            (3, 1152, 128),
+            (2, 2048, 256),
             (17, 4096, 4096),
             (2, 0, 64),
         ] {
@@ -424,4 +442,155 @@ fn rejects_bad_shapes_and_buffers() {
         ..shape
     };
     assert!(matvec(&weight(bad_bs, &codes, &scales, &cb), 1, &x, &mut out).is_err());
+}
+
+#[test]
+fn avx512_integer_paths_equal_avx2_bit_for_bit() {
+    if !Isa::Avx512.is_supported() {
+        eprintln!("skipped: this CPU has no AVX-512 (VNNI, VBMI)");
+        return;
+    }
+    let mut st = 23u64;
+    for levels in [NF4, FP4] {
+        let cb = Codebook::new(&levels).unwrap();
+        for &(n_out, n_in, bs) in &[
+            (3, 48, 16),
+            (5, 96, 32),
+            (5, 64, 64),
+            (6, 192, 64),
+            (4, 576, 64),
+            (3, 1152, 128),
+            (2, 2048, 256),
+            (3, 640, 128),
+            (9, 4096, 4096),
+        ] {
+            let shape = shape_of(n_out, n_in, bs);
+            let (codes, scales) = random_weight(&mut st, shape);
+            for batch in 1..=6 {
+                let x: Vec<f32> = (0..batch * n_in)
+                    .map(|i| {
+                        let v = lcg(&mut st) as f32 * 10.0;
+                        if i % 11 == 0 {
+                            v * 300.0
+                        } else if i % 37 == 1 {
+                            -0.0
+                        } else {
+                            v
+                        }
+                    })
+                    .collect();
+                for mode in [Activations::Int16, Activations::Int8] {
+                    let w = weight(shape, &codes, &scales, &cb);
+                    let mut a = vec![f32::NAN; batch * n_out];
+                    let mut b = vec![f32::NAN; batch * n_out];
+                    matvec_with_options(Isa::Avx2, mode, &w, batch, &x, &mut a).unwrap();
+                    matvec_with_options(Isa::Avx512, mode, &w, batch, &x, &mut b).unwrap();
+                    let (a, b): (Vec<u32>, Vec<u32>) = (
+                        a.iter().map(|v| v.to_bits()).collect(),
+                        b.iter().map(|v| v.to_bits()).collect(),
+                    );
+                    assert_eq!(a, b, "{mode:?} {shape:?} batch={batch}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn avx512_orders_place_every_value_once() {
+    // The AVX-512 kernels' activation orders are permutations of each 128-value chunk.
+    for dest in [
+        <i8 as QInt>::layout(Order::Step128).dest,
+        <i16 as QInt>::layout(Order::Step128).dest,
+    ] {
+        let mut seen = [false; 128];
+        for j in 0..128 {
+            let to = dest(j);
+            assert!(to < 128 && !seen[to], "j={j} -> {to}");
+            seen[to] = true;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // The int16 order inverts the kernel's byte permutation: weight j's code byte sits
+        // where the order puts weight j (nibble r of permuted word w -> 32 r + w).
+        for j in 0..128 {
+            let to = avx512::int16_dest(j);
+            let (r, word) = (to / 32, to % 32);
+            let at = 2 * word + r / 2;
+            assert_eq!(avx512::int16_byte_source(at / 4)[at % 4], j / 2, "j={j}");
+            assert_eq!(
+                r % 2 == 1,
+                j % 2 == 0,
+                "j={j}: high nibbles are the odd registers"
+            );
+        }
+        let mut seen = [false; 128];
+        for j in 0..128 {
+            let to = avx512::float_dest(j);
+            assert!(!seen[to]);
+            seen[to] = true;
+        }
+    }
+}
+
+#[test]
+fn float_path_gives_non_finite_outputs_for_non_finite_activations() {
+    let cb = Codebook::new(&NF4).unwrap();
+    // Odd lengths: the bad value in a partial last chunk of the 128-weight AVX-512 kernel too.
+    for (n_in, bs, at) in [(128, 16, 70), (192, 64, 150), (576, 64, 560), (96, 32, 3)] {
+        let shape = shape_of(3, n_in, bs);
+        let codes = vec![0x9Fu8; 3 * n_in / 2];
+        let scales = vec![1f32; 3 * n_in / bs];
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for batch in [1, 2, 5] {
+                let mut x = vec![1f32; batch * n_in];
+                x[(batch - 1) * n_in + at] = bad;
+                for isa in Isa::supported() {
+                    let mut out = vec![0f32; batch * 3];
+                    let w = weight(shape, &codes, &scales, &cb);
+                    matvec_with_isa(isa, &w, batch, &x, &mut out).unwrap();
+                    let (first, last) = out.split_at((batch - 1) * 3);
+                    assert!(
+                        last.iter().all(|v| !v.is_finite()) && first.iter().all(|v| v.is_finite()),
+                        "{isa:?} n_in={n_in} bs={bs} batch={batch} {bad}: {out:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn unsupported_variants_are_errors_not_crashes() {
+    let cb = Codebook::new(&NF4).unwrap();
+    let shape = shape_of(2, 128, 64);
+    let (codes, scales, x) = (vec![0u8; 128], vec![1f32; 4], vec![1f32; 128]);
+    for isa in Isa::ALL {
+        for mode in Activations::ALL {
+            let mut out = vec![0f32; 2];
+            let got = matvec_with_options(
+                isa,
+                mode,
+                &weight(shape, &codes, &scales, &cb),
+                1,
+                &x,
+                &mut out,
+            );
+            assert_eq!(got.is_ok(), isa.is_supported(), "{isa:?} {mode:?}: {got:?}");
+        }
+    }
+}
+
+#[test]
+fn default_variants_are_supported_and_integer_modes_skip_avx512() {
+    assert_eq!(default_isa(Activations::Float), Isa::best());
+    for mode in [Activations::Int16, Activations::Int8] {
+        let isa = default_isa(mode);
+        assert!(
+            isa.is_supported() && isa != Isa::Avx512,
+            "{mode:?}: {isa:?}"
+        );
+        assert_eq!(isa, Isa::best().min(Isa::Avx2));
+    }
 }

@@ -8,18 +8,6 @@ use super::WeightRow;
 use crate::numeric::element::Element;
 use std::arch::x86_64::*;
 
-/// Calls the row kernel `$f` monomorphized for the tile height `$y.len()` (1..=4).
-macro_rules! by_tile {
-    ($f:ident, $y:ident, ($($arg:expr),*)) => {
-        match $y.len() {
-            1 => $f::<1>($($arg,)* $y),
-            2 => $f::<2>($($arg,)* $y),
-            3 => $f::<3>($($arg,)* $y),
-            _ => $f::<4>($($arg,)* $y),
-        }
-    };
-}
-
 /// Float dot products of one weight row with `y.len()` (1..=4) activation rows of `x`
 /// ([`permute`]d for the row's block size).
 ///
@@ -165,7 +153,7 @@ unsafe fn decode64(p: *const u8, t: &[__m256i; 4], nib: __m256i) -> [[__m256; 4]
 
 /// Horizontal sum of the eight lanes.
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
