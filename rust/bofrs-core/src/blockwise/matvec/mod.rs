@@ -23,6 +23,7 @@
 //! four activation rows, so each decoded weight feeds up to four FMAs.
 
 mod portable;
+mod prepared;
 pub mod quant;
 #[cfg(test)]
 mod tests;
@@ -37,6 +38,8 @@ use crate::runtime::pool::pool;
 use quant::{QInt, Quantized};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use prepared::{check_scales, matvec_prepared, PreparedInput};
 
 /// Weights per parallel task, about (whole rows).
 const TASK_WEIGHTS: usize = 1 << 16;
@@ -219,7 +222,7 @@ pub fn matvec_with_options<X: Element>(
             let rows = FloatRows {
                 #[cfg(target_arch = "x86_64")]
                 bytes: x86::byte_tables(levels),
-                levels,
+                levels: *levels,
                 x: if fast {
                     permuted(x, wide)
                 } else {
@@ -268,14 +271,14 @@ trait Rows: Sync {
 }
 
 /// The float path: activations widened to f32 (permuted for the AVX2 kernel).
-struct FloatRows<'a> {
-    levels: &'a [f32; 16],
+struct FloatRows {
+    levels: [f32; 16],
     #[cfg(target_arch = "x86_64")]
     bytes: [[u8; 16]; 4],
     x: Vec<f32>,
 }
 
-impl Rows for FloatRows<'_> {
+impl Rows for FloatRows {
     #[inline(always)]
     unsafe fn rows(&self, isa: Isa, w: &WeightRow<'_>, first: usize, y: &mut [f32]) {
         let n_in = w.codes.len() * 2;
@@ -283,7 +286,7 @@ impl Rows for FloatRows<'_> {
         dispatch!(isa,
             // SAFETY: the caller checked `isa`.
             avx2 => unsafe { x86::float_rows(w, &self.bytes, x, y) },
-            portable => portable::float_rows(w, self.levels, x, y),
+            portable => portable::float_rows(w, &self.levels, x, y),
         )
     }
 }
