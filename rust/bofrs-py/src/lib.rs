@@ -10,6 +10,7 @@ mod detach;
 mod errors;
 mod higgs;
 mod matvec;
+mod model;
 mod optimizer;
 mod packing;
 mod runtime;
@@ -25,5 +26,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     higgs::register(m)?;
     runtime::register(m)?;
     matvec::register(m)?;
+    model::register(m)?;
     Ok(())
 }
