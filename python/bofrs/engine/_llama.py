@@ -154,6 +154,7 @@ class LlamaEngine:
         del self._builder
         self.vocab_size = self._native.vocab_size
         self.max_length = self._native.max_positions
+        self._step = np.zeros(1, dtype=np.int64)
 
     def forward(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Logits (float32 ``[1, tokens, vocab_size]``) of one sequence, from position 0 (as
@@ -187,16 +188,34 @@ class LlamaEngine:
         out = list(ids.tolist())
         if max_new_tokens == 0:
             return torch.tensor([out], dtype=torch.int64)
-        logits = self._native.forward(ids, 0, False)
-        step = np.empty(1, dtype=np.int64)
+        logits = self.start(ids)
         for k in range(max_new_tokens):
-            token = int(np.argmax(logits[0]))
+            token = int(torch.argmax(logits))
             out.append(token)
             if token == eos_token_id or k + 1 == max_new_tokens:
                 break
-            step[0] = token
-            logits = self._native.forward(step)
+            logits = self.advance(token)
         return torch.tensor([out], dtype=torch.int64)
+
+    def start(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Starts a sequence over: runs ``input_ids`` from position 0 into the KV cache and
+        returns the last token's logits (float32 ``[vocab_size]``)."""
+        return torch.from_numpy(self._native.forward(_token_ids(input_ids), 0, False)[0])
+
+    def advance(self, token: int) -> torch.Tensor:
+        """Runs one more token after those in the KV cache and returns its logits (float32
+        ``[vocab_size]``): one native call."""
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise TypeError(f"token must be an int, got {type(token).__name__}")
+        if self._native.cached_positions == 0:
+            raise ValueError("advance continues a sequence: call start(input_ids) first")
+        self._step[0] = token
+        return torch.from_numpy(self._native.forward(self._step)[0])
+
+    @property
+    def cached_positions(self) -> int:
+        """Positions the KV cache holds (the prompt and the tokens advanced since)."""
+        return self._native.cached_positions
 
     def __repr__(self) -> str:
         return f"LlamaEngine(vocab_size={self.vocab_size}, max_length={self.max_length})"

@@ -9,7 +9,7 @@ use bofrs_core::model::{Block, Linear, Llama, LlamaConfig, Logits, Rope, Weights
 use bofrs_core::runtime::buffer::zeroed_vec;
 use bofrs_core::Isa;
 use numpy::{IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1};
-use pyo3::exceptions::{PyKeyError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::sync::Arc;
 
@@ -45,7 +45,7 @@ pub struct LlamaBuilder {
 
 fn index(names: &[&str], name: &str, what: &str) -> PyResult<usize> {
     names.iter().position(|&n| n == name).ok_or_else(|| {
-        PyKeyError::new_err(format!("{what} must be one of {names:?}, got {name:?}"))
+        PyValueError::new_err(format!("{what} must be one of {names:?}, got {name:?}"))
     })
 }
 
@@ -54,7 +54,7 @@ impl LlamaBuilder {
     fn linear_slot(&mut self, layer: Option<usize>, name: &str) -> PyResult<&mut Option<Linear>> {
         match layer {
             None if name == "lm_head" => Ok(&mut self.lm_head),
-            None => Err(PyKeyError::new_err(format!(
+            None => Err(PyValueError::new_err(format!(
                 "without a layer the only projection is 'lm_head', got {name:?}"
             ))),
             Some(l) => {
@@ -143,7 +143,7 @@ impl LlamaBuilder {
         match layer {
             None if name == "norm" => self.norm = Some(values),
             None => {
-                return Err(PyKeyError::new_err(format!(
+                return Err(PyValueError::new_err(format!(
                     "without a layer the only norm is 'norm', got {name:?}"
                 )))
             }
