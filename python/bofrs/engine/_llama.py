@@ -51,7 +51,8 @@ def _check_config(model: nn.Module) -> object:
 
 
 def _token_ids(input_ids: object) -> npt.NDArray[np.int64]:
-    """``input_ids`` (a tensor ``[tokens]`` / ``[1, tokens]`` of integers, or a sequence of ints)
+    """``input_ids`` (a tensor ``[tokens]`` / ``[1, tokens]`` of integers, a 1-D integer array,
+    or a sequence of ints)
     as an int64 array of at least one token."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -64,6 +65,10 @@ def _token_ids(input_ids: object) -> npt.NDArray[np.int64]:
                 f"{tuple(input_ids.shape)}"
             )
         ids = input_ids.detach().cpu().to(torch.int64).numpy()
+    elif isinstance(input_ids, np.ndarray):
+        if input_ids.dtype.kind not in "iu" or input_ids.ndim != 1:
+            raise TypeError(f"input_ids as an array must be 1-D integers, got {input_ids.dtype} {input_ids.shape}")
+        ids = input_ids.astype(np.int64, copy=False)
     elif isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)):
         if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in input_ids):
             raise TypeError("input_ids must be a tensor or a sequence of ints")

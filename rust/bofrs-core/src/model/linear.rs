@@ -142,7 +142,7 @@ impl Linear {
             });
         }
         if let Some(i) = weight.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { index: i });
+            return Err(invalid("weight", format!("value {i} is not finite")));
         }
         Ok(Linear {
             out_features,
