@@ -262,6 +262,8 @@ def test_bad_model_inputs() -> None:
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="model_type='gpt2'"):
         LlamaEngine(gpt2)
+    with pytest.raises(ValueError, match="lm_head"):
+        LlamaEngine(_llama(14).model)
     with pytest.raises(ValueError, match="hidden_act"):
         LlamaEngine(_llama(14, hidden_act="gelu"))
     with pytest.raises(ValueError, match="rope_type='dynamic'"):

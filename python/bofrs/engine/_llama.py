@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,11 +27,11 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def _config_value(config: object, name: str, default: object = None) -> object:
+def _config_value(config: Any, name: str, default: Any = None) -> Any:
     return getattr(config, name, default)
 
 
-def _check_config(model: nn.Module) -> object:
+def _check_config(model: Any) -> Any:
     """The model's transformers config, after refusing what the engine does not run."""
     config = getattr(model, "config", None)
     model_type = _config_value(config, "model_type")
@@ -38,6 +39,11 @@ def _check_config(model: nn.Module) -> object:
         raise ValueError(
             f"model must be a transformers causal LM of type {SUPPORTED_MODEL_TYPES}, got "
             f"{type(model).__name__} with model_type={model_type!r}"
+        )
+    if not isinstance(getattr(model, "lm_head", None), nn.Module):
+        raise ValueError(
+            f"model must be a causal LM with an lm_head (LlamaForCausalLM, MistralForCausalLM), "
+            f"got {type(model).__name__}"
         )
     act = _config_value(config, "hidden_act")
     if act != "silu":
@@ -111,34 +117,33 @@ class LlamaEngine:
         config = _check_config(model)
         if activations is not None:
             check_activations(activations)
-        limit = int(_config_value(config, "max_position_embeddings", DEFAULT_MAX_LENGTH))  # type: ignore[call-overload]
+        limit = int(_config_value(config, "max_position_embeddings", DEFAULT_MAX_LENGTH))
         if max_length is None:
             max_length = min(limit, DEFAULT_MAX_LENGTH)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        decoder = model.model  # type: ignore[union-attr]
+        decoder: Any = model.model
         layers = decoder.layers
-        heads = int(config.num_attention_heads)  # type: ignore[attr-defined]
-        hidden = int(config.hidden_size)  # type: ignore[attr-defined]
+        heads = int(config.num_attention_heads)
+        hidden = int(config.hidden_size)
         head_dim = _config_value(config, "head_dim") or hidden // heads
-        window = _config_value(config, "sliding_window") if config.model_type == "mistral" else None  # type: ignore[attr-defined]
+        window = _config_value(config, "sliding_window") if config.model_type == "mistral" else None
         rotary = decoder.rotary_emb
         eps = float(decoder.norm.variance_epsilon)
-        self._builder = _native.LlamaBuilder(
+        builder = _native.LlamaBuilder(
             hidden_size=hidden,
-            intermediate_size=int(config.intermediate_size),  # type: ignore[attr-defined]
+            intermediate_size=int(config.intermediate_size),
             num_layers=len(layers),
             num_heads=heads,
-            num_kv_heads=int(_config_value(config, "num_key_value_heads") or heads),  # type: ignore[call-overload]
-            head_dim=int(head_dim),  # type: ignore[call-overload]
+            num_kv_heads=int(_config_value(config, "num_key_value_heads") or heads),
+            head_dim=int(head_dim),
             vocab_size=int(decoder.embed_tokens.num_embeddings),
             rms_norm_eps=eps,
             inv_freq=floats(rotary.inv_freq),
             attention_scaling=float(rotary.attention_scaling),
-            sliding_window=None if window is None else int(window),  # type: ignore[call-overload]
+            sliding_window=None if window is None else int(window),
             max_positions=max_length,
         )
-        builder = self._builder
         builder.embedding(floats(decoder.embed_tokens.weight))
         builder.norm(None, "norm", floats(decoder.norm.weight))
         for i, layer in enumerate(layers):
@@ -151,17 +156,16 @@ class LlamaEngine:
                 for name in names:
                     module = getattr(getattr(layer, part), name)
                     add_linear(builder, i, name, f"model.layers.{i}.{part}.{name}", module, activations)
-        head = model.lm_head  # type: ignore[union-attr]
+        head: Any = model.lm_head
         tied = isinstance(head, nn.Linear) and head.weight is decoder.embed_tokens.weight and head.bias is None
         if not tied:
             add_linear(builder, None, "lm_head", "lm_head", head, activations)
         self._native = builder.build(isa)
-        del self._builder
         self.vocab_size = self._native.vocab_size
         self.max_length = self._native.max_positions
         self._step = np.zeros(1, dtype=np.int64)
 
-    def forward(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | npt.NDArray[np.integer[Any]] | Sequence[int]) -> torch.Tensor:
         """Logits (float32 ``[1, tokens, vocab_size]``) of one sequence, from position 0 (as
         transformers' ``model(input_ids).logits`` without a cache)."""
         ids = _token_ids(input_ids)
@@ -172,7 +176,7 @@ class LlamaEngine:
 
     def generate(
         self,
-        input_ids: torch.Tensor | Sequence[int],
+        input_ids: torch.Tensor | npt.NDArray[np.integer[Any]] | Sequence[int],
         max_new_tokens: int,
         *,
         eos_token_id: int | None = None,
@@ -202,7 +206,7 @@ class LlamaEngine:
             logits = self.advance(token)
         return torch.tensor([out], dtype=torch.int64)
 
-    def start(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    def start(self, input_ids: torch.Tensor | npt.NDArray[np.integer[Any]] | Sequence[int]) -> torch.Tensor:
         """Starts a sequence over: runs ``input_ids`` from position 0 into the KV cache and
         returns the last token's logits (float32 ``[vocab_size]``)."""
         return torch.from_numpy(self._native.forward(_token_ids(input_ids), 0, False)[0])
