@@ -119,7 +119,7 @@ def test_the_rotation_opq_case_uses_every_feature() -> None:
     model = _quantized(build(), **options)
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, bofrs.nn.QuantLinear)
-    assert q.rotation is not None and q.outlier_q is not None and "scale_scales" in q.packed_buffer_names()
+    assert q.rotation is not None and q.packed.outlier_count > 0 and "scale_scales" in q.packed_buffer_names()
     assert type(model.model.layers[1].mlp.up_proj) is torch.nn.Linear
     assert isinstance(model.lm_head, bofrs.nn.QuantLinear)
 

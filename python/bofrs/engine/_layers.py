@@ -11,7 +11,7 @@ from torch import nn
 from bofrs import _native
 from bofrs.formats.blockwise.matmul import check_activations
 from bofrs.formats.blockwise.packed import PackedTensor
-from bofrs.nn.linear import QuantLinear
+from bofrs.nn.linear import QuantLinear, _Fused
 
 
 def floats(t: torch.Tensor) -> npt.NDArray[np.float32]:
@@ -25,17 +25,13 @@ def _bias(module: nn.Module) -> npt.NDArray[np.float32] | None:
 
 
 def _outliers(packed: PackedTensor) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.float32]] | None:
-    """OPQ outliers as flat indices and their differences from the decoded codes (in the frame
-    the codes are stored in: rotated for rotated weights), as :class:`QuantLinear` corrects."""
-    if packed.outliers is None or not packed.outliers.count:
+    """OPQ outliers as flat indices (ascending) and their differences from the decoded codes,
+    in the frame the codes are stored in: the correction :class:`QuantLinear` applies."""
+    correction = _Fused.of(packed).correction
+    if correction is None:
         return None
-    flat = packed.outliers.indices.long()
-    plain = PackedTensor(
-        packed.codes, packed.scales, packed.shape, packed.dtype, packed.block_size,
-        packed.codebook, scale_scales=packed.scale_scales, rotation=packed.rotation,
-    )  # fmt: skip
-    base = plain.dequantize_rotated(torch.float32).reshape(-1)[flat]
-    deltas = packed.outliers.values.float() - base
+    rows, cols, deltas = correction
+    flat = rows * packed.shape[1] + cols
     order = torch.argsort(flat)
     return flat[order].numpy().astype(np.uint64), floats(deltas[order])
 
