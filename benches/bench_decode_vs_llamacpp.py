@@ -4,6 +4,7 @@ Run from the repository root (llama.cpp is found or built by ``benches/llamacpp.
 cannot be built the script prints why and exits 0):
 
     python benches/bench_decode_vs_llamacpp.py                  # models + kernels, 2 threads, 3 rounds
+    python benches/bench_decode_vs_llamacpp.py -t 2 --skip kernels
     python benches/bench_decode_vs_llamacpp.py --rounds 5 --skip kernels
     BOFRS_LLAMACPP_DIR=/work/cache/llamacpp python benches/bench_decode_vs_llamacpp.py
 
@@ -12,9 +13,10 @@ cannot be built the script prints why and exits 0):
 ``-p 128 -n 0`` and ``-p 0 -n 64``) on the file as shipped (Q4_1) and requantized with
 ``llama-quantize --allow-requantize`` (Q4_0, IQ4_NL by default), against the same GGUF loaded by
 transformers (dequantized to float32) and run by torch (bf16, fp32) or bofrs (every Linear
-layer, ``lm_head`` included, replaced by ``QuantLinear``: NF4 and BOF4-S, block 64, bf16 scales,
-float32 activations, the default exact path and ``set_activations(model, "int8")``; the NF4
-int8 model once more with torch's own ops on one thread). Decode: 64
+layer, ``lm_head`` included, replaced by ``QuantLinear``: NF4 and BOF4-S, block 64, bf16 scales),
+run by bofrs's native decoder ``bofrs.engine.LlamaEngine`` with the default exact float
+activations and with int8 activations (``activations="int8"``), and once more, for reference,
+the NF4 int8 model run by transformers with its QuantLinear layers. Decode: 64
 single-token steps with the KV cache after an 18-token prompt (llama-bench starts from an empty
 context and feeds random tokens; at these lengths attention is a small share). Prefill: one
 forward of 128 random tokens (``logits_to_keep=1``, as llama.cpp computes only the last
@@ -59,8 +61,8 @@ SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 #: (elements per block, bytes per block) of the ggml types the kernel section can run.
 GGML_BLOCKS = {"f32": (1, 4), "q4_0": (32, 18), "q4_1": (32, 20), "iq4_nl": (32, 18), "q8_0": (32, 34)}
 COPY_BYTES = 512 << 20
-#: A contender run with ``torch.set_num_threads(1)`` (bofrs's pool keeps its threads).
-TORCH_1_THREAD = "bofrs NF4 int8, torch 1 thread"
+#: The reference contender: the NF4 int8 model run by transformers with its QuantLinear layers.
+TRANSFORMERS_QUANTLINEAR = "bofrs NF4 int8 QuantLinear in transformers"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +245,30 @@ def _cache(out: Any) -> Any:
     return out.past_key_values if cache is None else cache
 
 
+def _is_engine(model: Any) -> bool:
+    from bofrs.engine import LlamaEngine
+
+    return isinstance(model, LlamaEngine)
+
+
+def engine_decode_rate(engine: Any, prompt_ids: Any, new_tokens: int) -> float:
+    """:func:`decode_rate` for a :class:`bofrs.engine.LlamaEngine`: the prompt (untimed), then
+    ``new_tokens`` greedy steps of one native call each."""
+    import torch
+
+    token = int(torch.argmax(engine.start(prompt_ids)))
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = int(torch.argmax(engine.advance(token)))
+    return new_tokens / (time.perf_counter() - start)
+
+
 def decode_rate(model: Any, prompt_ids: Any, new_tokens: int) -> float:
     """Tokens/s of ``new_tokens`` greedy single-token steps after the (untimed) prompt."""
     import torch
 
+    if _is_engine(model):
+        return engine_decode_rate(model, prompt_ids, new_tokens)
     with torch.inference_mode():
         out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
         cache, token = _cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
@@ -262,6 +284,10 @@ def prefill_rate(model: Any, ids: Any) -> float:
     """Tokens/s of one forward over ``ids`` into an empty KV cache."""
     import torch
 
+    if _is_engine(model):  # the last token's logits only, as llama.cpp
+        start = time.perf_counter()
+        model.start(ids)
+        return float(ids.shape[1]) / (time.perf_counter() - start)
     with torch.inference_mode():
         start = time.perf_counter()
         model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -269,12 +295,13 @@ def prefill_rate(model: Any, ids: Any) -> float:
 
 
 def torch_models(gguf: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], Any]:
-    """name -> model (torch bf16 / fp32, bofrs NF4 / BOF4-S float / int8), their storage notes,
-    and the prompt ids."""
+    """name -> model (torch bf16 / fp32; bofrs NF4 / BOF4-S float / int8 on the native engine;
+    the NF4 int8 model in transformers), their storage notes, and the prompt ids."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import bofrs
+    from bofrs.engine import LlamaEngine
     from bofrs.nn import QuantLinear
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -297,14 +324,13 @@ def torch_models(gguf: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]],
             "kept": "not quantized: " + ", ".join(kept),
         }
         for mode in ("float", "int8"):
-            name = f"bofrs {label} {mode}"
-            models[name] = model if mode == "float" else copy.deepcopy(model)
-            bofrs.nn.set_activations(models[name], mode)
+            name = f"bofrs engine {label} {mode}"
+            models[name] = LlamaEngine(model, activations=mode, max_length=256)
             storage[name] = info
-    # The same model with torch's own ops (attention, norms) on one thread: bofrs's products
-    # still use T threads, and no idle OpenMP worker spins beside them.
-    models[TORCH_1_THREAD] = models["bofrs NF4 int8"]
-    storage[TORCH_1_THREAD] = storage["bofrs NF4 int8"]
+        if book == "nf4":
+            bofrs.nn.set_activations(model, "int8")
+            models[TRANSFORMERS_QUANTLINEAR] = model
+            storage[TRANSFORMERS_QUANTLINEAR] = info
     return models, storage, prompt
 
 
@@ -368,12 +394,10 @@ def model_section(args: argparse.Namespace, llama: llamacpp.LlamaCpp, out: Calla
             prefill[name].append(float(tests[f"pp{args.prompt_tokens}"]["avg_ts"]))
             samples[name].extend(float(v) for v in tests[f"tg{args.new_tokens}"]["samples_ts"])
         for name, model in models.items():
-            torch.set_num_threads(1 if name == TORCH_1_THREAD else args.threads)
             rates = [decode_rate(model, prompt, args.new_tokens) for _ in range(args.reps)]
             samples[name].extend(rates)
             decode[name].append(statistics.fmean(rates))
             prefill[name].append(statistics.fmean(prefill_rate(model, ids) for _ in range(args.reps)))
-        torch.set_num_threads(args.threads)
         out(f"  round {round_ + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.2f}")
     med = {name: statistics.median(v) for name, v in decode.items()}
     four_bit = [f"llama.cpp {k}" for k in args.types]
@@ -382,14 +406,14 @@ def model_section(args: argparse.Namespace, llama: llamacpp.LlamaCpp, out: Calla
     out(f"SmolLM2-135M, {args.threads} threads, decode {args.new_tokens} tokens, prefill {args.prompt_tokens} tokens; "
         f"tok/s: median over {args.rounds} rounds of each round's mean of {args.reps} [range]; best rep: the fastest "
         f"single decode repetition (the least disturbed on a busy machine)")  # fmt: skip
-    out(f"{'contender':32s} {'bpw blk/out':>12s} {'decode tok/s':>24s} {'prefill tok/s':>26s} "
+    out(f"{'contender':44s} {'bpw blk/out':>12s} {'decode tok/s':>24s} {'prefill tok/s':>26s} "
         f"{'x ' + (best or '-').removeprefix('llama.cpp '):>9s} {'x bf16':>7s} {'best rep':>8s}")  # fmt: skip
     rows = []
     for name in decode:
         info = storage[name]
         ratio_best = med[name] / med[best] if best else float("nan")
         ratio_bf16 = med[name] / med["torch bf16"]
-        out(f"{name:32s} {info['blocks_bpw']:5.2f}/{info['output_bpw']:5.2f} {_spread(decode[name]):>24s} "
+        out(f"{name:44s} {info['blocks_bpw']:5.2f}/{info['output_bpw']:5.2f} {_spread(decode[name]):>24s} "
             f"{_spread(prefill[name]):>26s} {ratio_best:9.2f} {ratio_bf16:7.2f} {max(samples[name]):8.1f}")  # fmt: skip
         rows.append({"contender": name, "decode_tok_s": decode[name], "prefill_tok_s": prefill[name],
                      "decode_samples_tok_s": samples[name],
@@ -467,7 +491,7 @@ def kernel_section(args: argparse.Namespace, llama: llamacpp.LlamaCpp, out: Call
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=3, help="llama-bench -r, and bofrs/torch runs per round")
     parser.add_argument("--new-tokens", type=int, default=64)

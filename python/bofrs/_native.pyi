@@ -26,6 +26,8 @@ __all__ = [
     "matvec",
     "matvec_higgs",
     "PreparedMatvec",
+    "LlamaBuilder",
+    "LlamaEngine",
 ]
 
 __version__: str
@@ -175,3 +177,63 @@ def matvec_higgs(
     p: int,
     points: npt.NDArray[np.float32],
 ) -> npt.NDArray[np.float32]: ...
+
+@final
+class LlamaBuilder:
+    def __new__(
+        cls,
+        *,
+        hidden_size: int,
+        intermediate_size: int,
+        num_layers: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        vocab_size: int,
+        rms_norm_eps: float,
+        inv_freq: npt.NDArray[np.float32],
+        attention_scaling: float,
+        sliding_window: int | None,
+        max_positions: int,
+    ) -> LlamaBuilder: ...
+    def embedding(self, values: npt.NDArray[np.float32]) -> None: ...
+    def norm(self, layer: int | None, name: str, values: npt.NDArray[np.float32]) -> None: ...
+    def packed_linear(
+        self,
+        layer: int | None,
+        name: str,
+        out_features: int,
+        in_features: int,
+        codes: npt.NDArray[np.uint8],
+        scales: npt.NDArray[np.float32],
+        levels: npt.NDArray[np.float32],
+        block_size: int,
+        activations: str,
+        bias: npt.NDArray[np.float32] | None = None,
+        rotation: int | None = None,
+        outlier_indices: npt.NDArray[np.uint64] | None = None,
+        outlier_deltas: npt.NDArray[np.float32] | None = None,
+    ) -> None: ...
+    def dense_linear(
+        self,
+        layer: int | None,
+        name: str,
+        out_features: int,
+        in_features: int,
+        weight: npt.NDArray[np.float32],
+        bias: npt.NDArray[np.float32] | None = None,
+    ) -> None: ...
+    def build(self, isa: str | None = None) -> LlamaEngine: ...
+
+@final
+class LlamaEngine:
+    def forward(
+        self, token_ids: npt.NDArray[np.int64], position: int | None = None, all_logits: bool = False
+    ) -> npt.NDArray[np.float32]: ...
+    def reset(self) -> None: ...
+    @property
+    def cached_positions(self) -> int: ...
+    @property
+    def max_positions(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...

@@ -5,6 +5,7 @@
 //!   quantization, encoding, OPQ outliers, decoding, fused matvec,
 //! - [`higgs`]: the HIGGS format (Hadamard rotation, Gaussian grids, group-wise pack/unpack and
 //!   its fused matvec),
+//! - [`model`]: a native Llama-architecture decoder over packed (or dense) layers,
 //! - [`allocate`]: per-layer format allocation (the linearity theorem's knapsack),
 //! - [`numeric`]: element types and exact conversions, the normal distribution, the Hadamard
 //!   transform, CRC-32,
@@ -18,6 +19,7 @@ pub mod blockwise;
 pub mod error;
 pub mod higgs;
 pub mod isa;
+pub mod model;
 pub mod numeric;
 pub mod runtime;
 #[cfg(test)]

@@ -11,6 +11,7 @@ mod dlpack;
 mod errors;
 mod higgs;
 mod matvec;
+mod model;
 mod optimizer;
 mod packing;
 mod runtime;
@@ -26,5 +27,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     higgs::register(m)?;
     runtime::register(m)?;
     matvec::register(m)?;
+    model::register(m)?;
     Ok(())
 }

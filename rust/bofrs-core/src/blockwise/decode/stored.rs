@@ -237,9 +237,17 @@ mod tests {
         };
         assert!(huge.validate().is_err());
         // A group whose largest code would overflow but whose stored codes do not is valid.
-        let unused = StoredScales::Dq8 { codes: &[0, 1, 2], params: &[1.0, 3.0e36], signed: false };
+        let unused = StoredScales::Dq8 {
+            codes: &[0, 1, 2],
+            params: &[1.0, 3.0e36],
+            signed: false,
+        };
         unused.validate().unwrap();
-        let used = StoredScales::Dq8 { codes: &[0, 1, 200], params: &[1.0, 3.0e36], signed: false };
+        let used = StoredScales::Dq8 {
+            codes: &[0, 1, 200],
+            params: &[1.0, 3.0e36],
+            signed: false,
+        };
         assert!(used.validate().unwrap_err().to_string().contains("block 2"));
     }
 

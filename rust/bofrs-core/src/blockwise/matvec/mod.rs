@@ -38,6 +38,7 @@ macro_rules! by_tile {
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod portable;
+mod prepared;
 pub mod quant;
 #[cfg(test)]
 mod tests;
@@ -52,6 +53,8 @@ use crate::runtime::pool::pool;
 use quant::{QInt, Quantized};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use prepared::{check_scales, matvec_prepared, PreparedInput};
 
 /// Weights per parallel task, about (whole rows).
 const TASK_WEIGHTS: usize = 1 << 16;
@@ -230,24 +233,19 @@ pub fn matvec_with_options<X: Element>(
     // Activations for the chosen path, in the order its kernel reads them.
     match activations {
         Activations::Float => {
-            let (x, stride) = float_activations(isa, x, batch, shape.in_features, bs >= 64);
-            let rows = FloatRows {
-                #[cfg(target_arch = "x86_64")]
-                bytes: x86::byte_tables(levels),
-                levels,
-                x,
-                stride,
-            };
+            let rows = FloatRows::new(isa, levels, x, batch, shape.in_features, bs >= 64);
             product(isa, weight, batch, &rows, out)
         }
         Activations::Int16 => {
-            let isa = int_kernel(isa, bs);
-            let rows = IntRows::<i16>::new(isa, weight, x, batch);
+            let isa = int_kernel(isa, bs >= 64);
+            let rows =
+                IntRows::<i16>::new(isa, weight.codebook, bs >= 64, x, batch, shape.in_features);
             product(isa, weight, batch, &rows, out)
         }
         Activations::Int8 => {
-            let isa = int_kernel(isa, bs);
-            let rows = IntRows::<i8>::new(isa, weight, x, batch);
+            let isa = int_kernel(isa, bs >= 64);
+            let rows =
+                IntRows::<i8>::new(isa, weight.codebook, bs >= 64, x, batch, shape.in_features);
             product(isa, weight, batch, &rows, out)
         }
     }
@@ -259,16 +257,22 @@ pub fn matvec_with_options<X: Element>(
 /// (512-bit integer ops issue as two 256-bit halves there): int8 by about 10 %, int16 by about
 /// 1.6x (`cargo run --release --example matvec_time`, one core, CPU time).
 pub fn default_isa(activations: Activations) -> Isa {
-    match (Isa::best(), activations) {
+    preferred_isa(Isa::best(), activations)
+}
+
+/// [`default_isa`] with `isa` as the most the caller allows (a decoder built for one variant
+/// runs its integer products on the AVX2 kernels when that variant is AVX-512).
+pub fn preferred_isa(isa: Isa, activations: Activations) -> Isa {
+    match (isa, activations) {
         (Isa::Avx512, Activations::Int16 | Activations::Int8) => Isa::Avx2,
-        (best, _) => best,
+        (isa, _) => isa,
     }
 }
 
 /// The kernel variant an integer path runs for `isa`: the AVX-512 integer kernels take block
-/// sizes >= 64; smaller blocks run the AVX2 ones (the same results).
-fn int_kernel(isa: Isa, block_size: usize) -> Isa {
-    if isa == Isa::Avx512 && block_size < 64 {
+/// sizes >= 64 (`wide`); smaller blocks run the AVX2 ones (the same results).
+fn int_kernel(isa: Isa, wide: bool) -> Isa {
+    if isa == Isa::Avx512 && !wide {
         Isa::Avx2
     } else {
         isa
@@ -305,8 +309,8 @@ trait Rows: Sync {
 }
 
 /// The float path: activations widened to f32 (permuted for the x86 kernels).
-struct FloatRows<'a> {
-    levels: &'a [f32; 16],
+struct FloatRows {
+    levels: [f32; 16],
     #[cfg(target_arch = "x86_64")]
     bytes: [[u8; 16]; 4],
     x: Vec<f32>,
@@ -314,16 +318,38 @@ struct FloatRows<'a> {
     stride: usize,
 }
 
-impl Rows for FloatRows<'_> {
+impl FloatRows {
+    /// `batch` rows of `x` (`n_in` values each) for `isa`'s float kernel and a codebook's
+    /// `levels` (`wide`: block sizes >= 64).
+    fn new<X: Element>(
+        isa: Isa,
+        levels: &[f32; 16],
+        x: &[X],
+        batch: usize,
+        n_in: usize,
+        wide: bool,
+    ) -> Self {
+        let (x, stride) = float_activations(isa, x, batch, n_in, wide);
+        FloatRows {
+            #[cfg(target_arch = "x86_64")]
+            bytes: x86::byte_tables(levels),
+            levels: *levels,
+            x,
+            stride,
+        }
+    }
+}
+
+impl Rows for FloatRows {
     #[inline(always)]
     unsafe fn rows(&self, isa: Isa, w: &WeightRow<'_>, first: usize, y: &mut [f32]) {
         let stride = self.stride;
         let x = &self.x[first * stride..(first + y.len()) * stride];
         dispatch!(isa,
             // SAFETY: the caller checked `isa`; `x` was laid out for it.
-            avx512 => unsafe { avx512::float_rows(w, self.levels, x, stride, y) },
+            avx512 => unsafe { avx512::float_rows(w, &self.levels, x, stride, y) },
             avx2 => unsafe { x86::float_rows(w, &self.bytes, x, y) },
-            portable => portable::float_rows(w, self.levels, x, y),
+            portable => portable::float_rows(w, &self.levels, x, y),
         )
     }
 }
@@ -336,17 +362,25 @@ struct IntRows<Q> {
 }
 
 impl<Q: QInt> IntRows<Q> {
-    /// Quantizes `batch` rows of `x` in the order the kernels of `isa` read (the AVX-512
-    /// kernels only for block sizes >= 64, see [`int_kernel`]).
-    fn new<X: Element>(isa: Isa, weight: &PackedMatrix<'_>, x: &[X], batch: usize) -> Self {
-        let order = match (isa, weight.shape.block_size >= 64) {
+    /// Quantizes `batch` rows of `x` (`n_in` values each) in the order the kernels of `isa`
+    /// read for weights of `codebook` (`wide`: block sizes >= 64; the AVX-512 kernels only for
+    /// those, see [`int_kernel`]).
+    fn new<X: Element>(
+        isa: Isa,
+        codebook: &Codebook,
+        wide: bool,
+        x: &[X],
+        batch: usize,
+        n_in: usize,
+    ) -> Self {
+        let order = match (isa, wide) {
             (Isa::Portable, _) => quant::Order::Natural,
             (Isa::Avx512, true) => quant::Order::Step128,
             (_, true) => quant::Order::Step64,
             (_, false) => quant::Order::Step32,
         };
-        let (levels, dl) = quant::quantize_levels(weight.codebook.levels());
-        let xq = quant::quantize_activations(x, batch, weight.shape.in_features, order);
+        let (levels, dl) = quant::quantize_levels(codebook.levels());
+        let xq = quant::quantize_activations(x, batch, n_in, order);
         Self { xq, levels, dl }
     }
 }
