@@ -9,10 +9,16 @@
   (:func:`gemma3_path` joins the parts once into a cache); :func:`load_gguf` loads either with
   transformers (``gguf_file=``), dequantized to float32.
 - :func:`split_at_chapter` cuts a novel into the text before and from a chapter (held-out text).
+- :func:`corpus_text` names the evaluation texts: ``"pride50"`` (Pride and Prejudice from
+  chapter 50 on, the default of ``bofrs eval``), ``"austen"`` (the five other novels),
+  ``"jargon"`` (the Jargon File, Debian's ``jargon-text``), or any text file. The Debian
+  packages are found extracted below ``$BOFRS_EVALDATA``, below ``data_root``, or installed.
 """
 
 from __future__ import annotations
 
+import gzip
+import os
 import re
 import struct
 import zlib
@@ -155,3 +161,65 @@ def split_at_chapter(novel: str, chapter: int) -> tuple[str, str]:
     if found is None:
         raise ValueError(f"chapter: no heading 'Chapter {chapter}' in the text")
     return novel[: found.start()], novel[found.start() :]
+
+
+#: The held-out novel and chapter of the default evaluation text.
+HELD_OUT = ("PRIDE AND PREJUDICE", 50)
+#: Named evaluation texts of :func:`corpus_text`.
+CORPORA = ("pride50", "austen", "jargon")
+_AUSTEN = "usr/lib/R/site-library/janeaustenr"
+_JARGON = "usr/share/doc/jargon-text/jargon.txt.gz"
+
+
+def _roots(data_root: str | Path | None) -> list[Path]:
+    roots = [Path(data_root)] if data_root is not None else []
+    if os.environ.get("BOFRS_EVALDATA"):
+        roots.append(Path(os.environ["BOFRS_EVALDATA"]))
+    return roots
+
+
+def _find(relative: str, data_root: str | Path | None, what: str) -> Path:
+    """``relative`` (a path inside a Debian package) below a data root: the root itself, a
+    folder per extracted package in it, or the installed system path."""
+    candidates = []
+    for root in _roots(data_root):
+        candidates.append(root / relative)
+        if root.is_dir():
+            candidates += [child / relative for child in sorted(root.iterdir()) if child.is_dir()]
+    candidates.append(Path("/") / relative)
+    for path in candidates:
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"{what} not found: extract the Debian package (apt-get download, dpkg-deb -x) and pass its "
+        f"folder as data_root / --data or set BOFRS_EVALDATA (looked for {relative})"
+    )
+
+
+def find_austen(data_root: str | Path | None = None) -> Path:
+    """The folder of the ``r-cran-janeaustenr`` package (for :func:`austen_novels`), extracted
+    below ``data_root`` or ``$BOFRS_EVALDATA``, or installed."""
+    return _find(_AUSTEN, data_root, "r-cran-janeaustenr")
+
+
+def corpus_text(name: str, data_root: str | Path | None = None) -> str:
+    """The text of a named corpus (see :data:`CORPORA`) or of a text file (``.gz`` read as
+    gzip). ``"pride50"``: Pride and Prejudice from the heading of chapter 50 on (about 30k
+    tokens); ``"austen"``: the five other novels, one after another; ``"jargon"``: the Jargon
+    File."""
+    if name in ("pride50", "austen"):
+        novels = austen_novels(find_austen(data_root))
+        if HELD_OUT[0] not in novels:
+            raise ValueError(f"corpus: no {HELD_OUT[0]!r} among the novels found")
+        if name == "pride50":
+            return split_at_chapter(novels[HELD_OUT[0]], HELD_OUT[1])[1]
+        return "\n\n".join(text for title, text in novels.items() if title != HELD_OUT[0])
+    if name == "jargon":
+        return gzip.decompress(_find(_JARGON, data_root, "jargon-text").read_bytes()).decode("utf-8")
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus: {name!r} is neither one of {CORPORA} nor a file")
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8")

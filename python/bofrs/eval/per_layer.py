@@ -1,0 +1,172 @@
+"""The per-layer study: KL divergence to the unquantized model when a single layer alone is
+quantized, beside that layer's weight error and its *output* error.
+
+The weight error ``t^2 = ||dW||^2 / ||W||^2`` counts every weight alike; what the next layer
+sees is ``dW x``. With ``S = E[x x^T]`` the second moment of the layer's inputs (measured on
+the same windows), the relative output error is ``tr(dW S dW^T) / tr(W S W^T)``: when a few
+input channels carry most of the energy (Gemma-3's normalization weights reach the hundreds),
+the error on those channels' columns decides, and two formats with the same ``t^2`` can differ
+a lot in it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._linearity import _quantized_error, linear_layers
+from .fake import swapped
+from .forward import next_token_logits
+from .harness import score_model
+from .progress import Progress
+from .reference import ReferenceLogProbs
+
+
+class InputMoments:
+    """``E[x x^T]`` of the inputs of Linear layers over forward passes, one float64 matrix
+    per distinct input (layers fed the same tensor, like q/k/v, share one)."""
+
+    def __init__(self, layers: Mapping[str, nn.Linear]) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.alias: dict[str, str] = {}
+        # id(input) -> (input, first layer fed it): holding the input keeps its id unique.
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._handles = [
+            layer.register_forward_pre_hook(self._hook(name)) for name, layer in layers.items()
+        ]
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            if id(x) in self._seen and self._seen[id(x)][0] is x:
+                self.alias[name] = self._seen[id(x)][1]
+                return
+            self._seen[id(x)] = (x, name)
+            self.alias[name] = name
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            product = (flat.T @ flat).double().cpu()
+            if name in self.sums:
+                self.sums[name] += product
+            else:
+                self.sums[name] = product
+            self.count[name] = self.count.get(name, 0) + flat.shape[0]
+
+        return hook
+
+    def new_pass(self) -> None:
+        """Call before each forward pass (input identities are per pass)."""
+        self._seen.clear()
+
+    def moment(self, name: str) -> torch.Tensor:
+        """``E[x x^T]`` of layer ``name``'s inputs (float64)."""
+        source = self.alias[name]
+        return self.sums[source] / self.count[source]
+
+    def remove(self) -> None:
+        """Removes the hooks."""
+        for handle in self._handles:
+            handle.remove()
+
+
+def output_error(weight: torch.Tensor, decoded: torch.Tensor, moment: torch.Tensor) -> float:
+    """``tr(dW S dW^T) / tr(W S W^T)`` with ``dW = decoded - weight``, ``S = moment``."""
+    w = weight.detach().double().cpu()
+    d = decoded.detach().double().cpu() - w
+    den = float(((w @ moment) * w).sum())
+    return float(((d @ moment) * d).sum()) / den if den > 0 else 0.0
+
+
+def per_layer_study(
+    model: nn.Module,
+    formats: Sequence[str],
+    tokens: torch.Tensor,
+    *,
+    layers: Sequence[str] | None = None,
+    skip: Sequence[str] = ("lm_head",),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """For every Linear layer (or the named ``layers``) and format: the mean KL divergence
+    (nats/token) to the unquantized model on ``tokens`` ((windows, length) ids) with only that
+    layer quantized, its ``t^2`` and its relative output error (see the module doc), plus how
+    concentrated its input energy is (the largest diagonal entry of ``E[x x^T]`` over the mean
+    one). Returns ``{"layers": {name: record}, "sum_kl": {format: sum over layers}, ...}``."""
+    targets = linear_layers(model, skip)
+    if layers is not None:
+        unknown = [n for n in layers if n not in targets]
+        if unknown:
+            raise ValueError(f"layers: no Linear layer named {unknown[0]!r}")
+        targets = {n: targets[n] for n in layers}
+    if not targets:
+        raise ValueError("model has no Linear layer to study")
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError("tokens must be (windows, length) ids with length >= 2")
+    specs = list(formats)
+    bar = Progress(tokens.shape[0] * (2 + len(targets) * len(specs)), progress, desc="bofrs per-layer")
+    start = time.perf_counter()
+    moments = InputMoments(targets)
+    try:
+        bar.label("input moments")
+        with torch.no_grad():
+            for i in range(tokens.shape[0]):
+                moments.new_pass()
+                next_token_logits(model, tokens[i])
+                bar.step()
+    finally:
+        moments.new_pass()
+        moments.remove()
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        bar.label("unquantized (reference)")
+        with ReferenceLogProbs.compute(model, tokens, step=bar.step) as ref:
+            for name, layer in targets.items():
+                moment = moments.moment(name)
+                diag = torch.diagonal(moment)
+                record: dict[str, Any] = {
+                    "numel": layer.weight.numel(), "in_features": layer.weight.shape[1],
+                    "input_energy_max_over_mean": float(diag.max() / diag.mean()) if diag.mean() > 0 else 0.0,
+                    "t2": {}, "output_error": {}, "bits": {}, "kl": {},
+                }  # fmt: skip
+                for spec in specs:
+                    bar.label(f"{name} {spec}")
+                    bits, t2, back = _quantized_error(layer.weight, spec)
+                    decoded = back.to(dtype=layer.weight.dtype, device=layer.weight.device)
+                    record["bits"][spec], record["t2"][spec] = bits, t2
+                    record["output_error"][spec] = output_error(layer.weight, back, moment)
+                    with swapped({name: layer}, {name: decoded}):
+                        scores = score_model(model, tokens, ref, bar)
+                    record["kl"][spec] = float(scores.kl.mean())
+                records[name] = record
+    finally:
+        bar.close()
+    return {
+        "formats": specs,
+        "tokens": {"windows": int(tokens.shape[0]), "length": int(tokens.shape[1])},
+        "layers": records,
+        "sum_kl": {s: sum(r["kl"][s] for r in records.values()) for s in specs},
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def per_layer_table(study: dict[str, Any], top: int | None = None) -> str:
+    """A Markdown table of :func:`per_layer_study`: per layer and format, KL (nats/token,
+    x1000), ``t^2`` and output error (both x1000), layers by decreasing KL of the first format
+    (``top`` of them when given), and the sums over layers."""
+    specs: list[str] = study["formats"]
+    head = "| layer | in max/mean |" + "".join(f" KL {s} | t2 {s} | out {s} |" for s in specs)
+    rows = [head, "|---|---|" + "---|---|---|" * len(specs)]
+    order = sorted(study["layers"], key=lambda n: -study["layers"][n]["kl"][specs[0]])
+    for name in order[:top] if top else order:
+        r = study["layers"][name]
+        cells = "".join(
+            f" {1e3 * r['kl'][s]:.3f} | {1e3 * r['t2'][s]:.2f} | {1e3 * r['output_error'][s]:.2f} |"
+            for s in specs
+        )
+        rows.append(f"| {name} | {r['input_energy_max_over_mean']:.0f} |{cells}")
+    sums = "".join(f" {1e3 * study['sum_kl'][s]:.3f} | | |" for s in specs)
+    rows.append(f"| sum over layers | |{sums}")
+    return "\n".join(rows)

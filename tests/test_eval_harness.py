@@ -1,0 +1,245 @@
+"""bofrs.evaluate_formats on a tiny causal language model: KL, perplexity and top-1 against a
+float64 brute force, the reference stream, pairing, restoration and the per-layer study."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bofrs
+from bofrs._linearity import dequantized, linear_layers
+from bofrs.eval import (
+    DecodedFormat, InputMoments, ReferenceLogProbs, compare, evaluate_formats, format_table,
+    output_error, per_layer_study, per_layer_table, ranking, score_window, token_windows,
+)  # fmt: skip
+
+
+class TinyLM(nn.Module):
+    """Embedding, a causal running mean (context), two residual MLP blocks, a head; ``gate`` and
+    ``up`` read the same tensor (as q/k/v do in a transformer)."""
+
+    def __init__(self, vocab: int = 61, hidden: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.mix = nn.Linear(hidden, hidden)
+        self.gate = nn.Linear(hidden, 128)
+        self.up = nn.Linear(hidden, 128)
+        self.down = nn.Linear(128, hidden)
+        self.lm_head = nn.Linear(hidden, vocab)
+        with torch.no_grad():
+            for layer in (self.mix, self.gate, self.up, self.down, self.lm_head):
+                layer.weight.mul_(3.0)  # sharper distributions: quantization shows in KL
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = torch.cumsum(h, 1) / torch.arange(1, ids.shape[1] + 1)[None, :, None]
+        h = h + self.mix(h)
+        x = torch.nn.functional.layer_norm(h, h.shape[-1:])
+        h = h + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+        out: torch.Tensor = self.lm_head(h)
+        return out
+
+
+@pytest.fixture
+def model() -> TinyLM:
+    torch.manual_seed(0)
+    return TinyLM().eval()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 61, (7, 29), generator=torch.Generator().manual_seed(1))
+
+
+def _exact(model: nn.Module, tokens: torch.Tensor, reference: list[torch.Tensor]) -> tuple[float, float, float]:
+    """Mean KL, perplexity and top-1 agreement in float64 from full logits."""
+    kl = nll = agree = 0.0
+    with torch.no_grad():
+        for window, ref in zip(tokens, reference):
+            q = torch.log_softmax(model(window[None])[0, :-1].double(), -1)
+            kl += float((ref.exp() * (ref - q)).sum())
+            nll -= float(q.gather(1, window[1:, None]).sum())
+            agree += float((q.argmax(-1) == ref.argmax(-1)).sum())
+    n = tokens.shape[0] * (tokens.shape[1] - 1)
+    return kl / n, math.exp(nll / n), agree / n
+
+
+def test_scores_match_a_float64_brute_force(model: TinyLM, tokens: torch.Tensor) -> None:
+    with torch.no_grad():
+        reference = [torch.log_softmax(model(w[None])[0, :-1].double(), -1) for w in tokens]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = evaluate_formats(model, ["bof4s", ("mixed", {"mix": "nf4", "gate": "bof4s", "up": "af4",
+                                                          "down": "bf16"})], tokens, progress=False)  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored exactly
+    assert list(result["formats"]) == ["nf4", "bof4s", "mixed"]  # the baseline comes first
+    ref_ppl = math.exp(-sum(float(r.gather(1, w[1:, None]).sum()) for r, w in zip(reference, tokens))
+                       / (7 * 28))  # fmt: skip
+    assert result["baseline_perplexity"] == pytest.approx(ref_ppl, rel=1e-6)
+    for label in ("nf4", "bof4s"):
+        with bofrs.fake_quantized(model, label):
+            kl, ppl, agree = _exact(model, tokens, reference)
+        entry = result["formats"][label]
+        assert kl > 1e-3  # the test model is sensitive enough to see the formats
+        assert entry["kl"]["value"] == pytest.approx(kl, rel=2e-3)  # float16 reference storage
+        assert entry["perplexity"] == pytest.approx(ppl, rel=1e-6)
+        assert entry["top1"]["value"] == pytest.approx(agree, abs=1.5 / (7 * 28))
+        for key in ("kl", "kl_p99", "top1"):
+            assert entry[key]["ci"][0] <= entry[key]["value"] <= entry[key]["ci"][1]
+        assert entry["perplexity_ci"][0] <= entry["perplexity"] <= entry["perplexity_ci"][1]
+        assert sum(entry["per_window"]["kl"]) / (7 * 28) == pytest.approx(entry["kl"]["value"])
+    nf4 = result["formats"]["nf4"]["vs_baseline"]
+    assert nf4["kl_diff"] == {"value": 0.0, "ci": [0.0, 0.0]}
+    diff = result["formats"]["bof4s"]["vs_baseline"]["kl_diff"]
+    assert diff["value"] == pytest.approx(result["formats"]["bof4s"]["kl"]["value"] - result["formats"]["nf4"]["kl"]["value"])
+    again = compare(result, "bof4s", "nf4")
+    assert again.value == pytest.approx(diff["value"]) and [again.low, again.high] == pytest.approx(diff["ci"])
+    assert result["formats"]["mixed"]["choices"]["down"] == "bf16"
+    assert result["tokens"] == {"windows": 7, "length": 29, "scored": 196, "first_token": int(tokens[0, 0])}
+    table = format_table(result)
+    assert "| unquantized |" in table and "| mixed |" in table and "KL - nf4" in table
+    assert len(ranking(result)) == 2
+
+
+def test_unchanged_weights_give_zero_kl_and_the_reference_perplexity(model: TinyLM, tokens: torch.Tensor) -> None:
+    same = DecodedFormat("same", {n: m.weight.detach().clone() for n, m in linear_layers(model).items()},
+                         {n: 32.0 for n in linear_layers(model)})  # fmt: skip
+    result = evaluate_formats(model, [same], tokens, baseline=None, progress=False)
+    entry = result["formats"]["same"]
+    assert 0 <= entry["kl"]["value"] < 1e-6  # only the float16 rounding of the stored reference
+    assert entry["perplexity"] == pytest.approx(result["baseline_perplexity"], rel=1e-12)
+    assert entry["top1"]["value"] == 1.0 and entry["mean_t2"] == 0.0 and entry["bits_per_weight"] == 32.0
+    assert "vs_baseline" not in entry and result["baseline"] is None
+
+
+def test_weight_errors_without_text_and_bad_formats(model: TinyLM, tokens: torch.Tensor) -> None:
+    result = evaluate_formats(model, ["nf4", "bof4s+opq"], progress=False)
+    assert "reference" not in result and "kl" not in result["formats"]["nf4"]
+    assert result["formats"]["nf4"]["bits_per_weight"] == 4.25
+    assert result["formats"]["bof4s+opq"]["mean_t2"] < result["formats"]["nf4"]["mean_t2"]
+    assert "| nf4 | 4.2500 |" in format_table(result)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = {n: m.weight.detach().clone() for n, m in linear_layers(model).items()}
+    bits = {n: 4.0 for n in weights}
+    broken = dict(weights, down=torch.full_like(weights["down"], float("nan")))
+    with pytest.raises(ValueError, match="non-finite"):
+        evaluate_formats(model, ["nf4", DecodedFormat("nan", broken, bits)], tokens, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_formats(model, [DecodedFormat("t", dict(weights, mix=weights["mix"].T[:, :3]), bits)],
+                         progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="exactly the evaluated layers"):
+        evaluate_formats(model, [DecodedFormat("t", {"mix": weights["mix"]}, {"mix": 4.0})], progress=False)
+    with pytest.raises(ValueError, match="twice"):
+        evaluate_formats(model, ["nf4", "nf4"], progress=False)
+    with pytest.raises(ValueError, match="every evaluated layer"):
+        evaluate_formats(model, [("m", {"mix": "nf4"})], progress=False)
+    with pytest.raises(ValueError, match="unit"):
+        evaluate_formats(model, ["nf4"], tokens, unit="sentence", progress=False)
+    with pytest.raises(ValueError, match="tokens"):
+        evaluate_formats(model, ["nf4"], tokens[0], progress=False)
+
+
+def test_reference_is_reused_only_for_the_same_model_and_tokens(
+    model: TinyLM, tokens: torch.Tensor, tmp_path: Path
+) -> None:
+    first = evaluate_formats(model, ["bof4s"], tokens, reference=tmp_path, progress=False)
+    with ReferenceLogProbs.compute(model, tokens, tmp_path) as ref:
+        assert ref.reused and ref.windows == 7 and ref.vocab == 61
+        assert ref.logprobs(0).dtype == torch.float16 and ref.logprobs(0).shape == (28, 61)
+    second = evaluate_formats(model, ["bof4s"], tokens, reference=tmp_path, progress=False)
+    assert second["formats"]["bof4s"]["kl"] == first["formats"]["bof4s"]["kl"]
+    with torch.no_grad():
+        model.lm_head.bias.add_(0.5)
+    with ReferenceLogProbs.compute(model, tokens, tmp_path) as ref:
+        assert not ref.reused  # another model: recomputed
+    with ReferenceLogProbs.compute(model, tokens[:3], tmp_path) as ref:
+        assert not ref.reused and ref.windows == 3  # other tokens: recomputed
+
+
+def test_score_window_handles_impossible_tokens() -> None:
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(70, 33, generator=gen) * 4
+    ref_logits = torch.randn(70, 33, generator=gen) * 4
+    ref_logits[:, :5] = float("-inf")  # tokens the reference rules out
+    ref = torch.log_softmax(ref_logits.double(), -1)
+    targets = torch.randint(5, 33, (70,), generator=gen)
+    scores = score_window(logits, ref.half(), targets, ref.argmax(-1), chunk=16)
+    q = torch.log_softmax(logits.double(), -1)
+    p = ref.exp()
+    exact = torch.where(p > 0, p * (ref - q), torch.zeros(()).double()).sum(-1)
+    assert np.all(np.isfinite(scores.kl))
+    np.testing.assert_allclose(scores.kl, exact.numpy(), rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(scores.nll, -q.gather(1, targets[:, None])[:, 0].numpy(), rtol=1e-6)
+    assert np.array_equal(scores.agree, (q.argmax(-1) == ref.argmax(-1)).numpy())
+    with pytest.raises(ValueError, match="reference"):
+        score_window(logits, ref[:3], targets, ref.argmax(-1))
+
+
+def test_windows_start_with_bos_when_the_model_wants_it() -> None:
+    ids = torch.arange(1, 24)
+    plain = token_windows(ids, 5)
+    assert plain.tolist()[:2] == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]] and plain.shape == (4, 5)
+    with_bos = token_windows(torch.cat([torch.tensor([0]), ids]), 5, bos=0)  # a leading BOS is dropped
+    assert with_bos.shape == (5, 5) and with_bos[:, 0].tolist() == [0] * 5
+    assert with_bos[:, 1:].reshape(-1).tolist() == list(range(1, 21))  # each text token once
+    assert token_windows(ids, 5, bos=0, max_windows=2).shape == (2, 5)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_windows(ids[:3], 5)
+    with pytest.raises(ValueError, match="length"):
+        token_windows(ids, 1)
+
+
+def test_input_moments_and_output_error_match_brute_force(model: TinyLM, tokens: torch.Tensor) -> None:
+    layers = linear_layers(model)
+    moments = InputMoments(layers)
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: captured[n].append(a[0].detach()))
+             for n, m in layers.items()]  # fmt: skip
+    try:
+        with torch.no_grad():
+            for w in tokens[:3]:
+                moments.new_pass()
+                model(w[None])
+    finally:
+        moments.new_pass()
+        moments.remove()
+        for h in hooks:
+            h.remove()
+    assert moments.alias["up"] == "gate" and set(moments.sums) == {"mix", "gate", "down"}
+    for name, layer in layers.items():
+        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured[name]]).double()
+        decoded = dequantized(layer.weight, "nf4")
+        d = (decoded - layer.weight).detach().double()
+        exact = float((x @ d.T).pow(2).sum() / (x @ layer.weight.detach().double().T).pow(2).sum())
+        assert output_error(layer.weight, decoded, moments.moment(name)) == pytest.approx(exact, rel=1e-6)
+    eye = torch.eye(64, dtype=torch.float64)
+    w = layers["mix"].weight.detach()
+    t2 = float((dequantized(w, "nf4") - w).pow(2).sum() / w.pow(2).sum())
+    assert output_error(w, dequantized(w, "nf4"), eye) == pytest.approx(t2, rel=1e-5)
+
+
+def test_per_layer_study(model: TinyLM, tokens: torch.Tensor) -> None:
+    study = per_layer_study(model, ["nf4", "bf16"], tokens[:2], progress=False)
+    assert list(study["layers"]) == ["mix", "gate", "up", "down"]
+    for record in study["layers"].values():
+        assert record["kl"]["nf4"] > 0 and record["kl"]["bf16"] < record["kl"]["nf4"]
+        assert record["t2"]["nf4"] > 0 and record["output_error"]["nf4"] > 0
+        assert record["bits"]["nf4"] == 4.25 and record["input_energy_max_over_mean"] >= 1
+    one = per_layer_study(model, ["nf4"], tokens[:2], layers=["mix"], progress=False)
+    assert list(one["layers"]) == ["mix"]
+    assert one["sum_kl"]["nf4"] == pytest.approx(study["layers"]["mix"]["kl"]["nf4"])
+    # the same as evaluate_formats with only that layer's weights changed
+    weights = {n: m.weight.detach().clone() for n, m in linear_layers(model).items()}
+    weights["mix"] = dequantized(model.mix.weight, "nf4")
+    alone = DecodedFormat("mix alone", weights, {n: 4.25 for n in weights})
+    result = evaluate_formats(model, [alone], tokens[:2], baseline=None, progress=False)
+    assert result["formats"]["mix alone"]["kl"]["value"] == pytest.approx(study["layers"]["mix"]["kl"]["nf4"], rel=1e-9)
+    table = per_layer_table(study)
+    assert table.startswith("| layer |") and "sum over layers" in table
+    with pytest.raises(ValueError, match="layers"):
+        per_layer_study(model, ["nf4"], tokens, layers=["nothing"], progress=False)
