@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +48,8 @@ from bofrs.eval import (
 FORMATS = [
     "nf4", "af4", "bof4", "bof4s", "bof4s+opq", "bof4s+rot", "bof4s+opq+rot", "nf4+dq8",
     "bof4s+dq8", "higgs4p1", "higgs4p2",
+    # block 32 (4.5 bits, llama.cpp's block size and bits):
+    "int4@32", "nf4@32", "af4@32", "bof4s@32", "bof4s@32+opq",
 ]  # fmt: skip
 PER_LAYER = ["nf4", "af4", "bof4", "bof4s", "bof4s+rot"]
 
@@ -63,6 +67,29 @@ def alphas_for(real: realmodel.RealModel, cache: Path) -> dict[str, float]:
     return alphas
 
 
+def merge(result: dict, earlier: dict) -> None:  # type: ignore[type-arg]
+    """Adds ``earlier``'s rows to ``result`` (rows of both: this run's kept, and checked to be
+    identical where the decoding is deterministic). Both must score the same windows against
+    the same reference with the same bootstrap draws, so their intervals and paired
+    differences stay comparable."""
+    for key in ("tokens",):
+        if earlier[key] != result[key]:
+            raise SystemExit(f"--merge: other {key}: {earlier[key]} vs {result[key]}")
+    if earlier["reference"]["bootstrap"] != result["reference"]["bootstrap"]:
+        raise SystemExit("--merge: other bootstrap settings")
+    if earlier["reference"]["perplexity"] != result["reference"]["perplexity"]:
+        raise SystemExit("--merge: another reference (its perplexity differs)")
+    if earlier.get("baseline") != result.get("baseline"):
+        raise SystemExit("--merge: another baseline")
+    rows = dict(earlier["formats"])
+    for label, row in result["formats"].items():
+        if label in rows and rows[label]["per_window"] != row["per_window"]:
+            print(f"--merge: {label} differs from the earlier run's row (decoding changed?); kept this run's")
+        rows[label] = row
+    result["formats"] = rows
+    result["merged_from"] = earlier.get("command", "an earlier run")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     realmodel.add_arguments(parser)
@@ -76,12 +103,14 @@ def main() -> None:
     parser.add_argument("--per-layer", action="store_true", help="also the per-layer study")
     parser.add_argument("--per-layer-only", action="store_true", help="only the per-layer study")
     parser.add_argument("--per-layer-windows", type=int, default=2)
+    parser.add_argument("--merge", help="an earlier run's JSON on the same windows (same reference "
+                        "and bootstrap draws): its rows join the table, this run's rows win")
     parser.add_argument("--out", help="table file (default benches/results/formats_{model}.md)")
     args = parser.parse_args()
     start = time.time()
     real = realmodel.load(args)
     layers = list(linear_layers(real.model))
-    command = "python benches/eval_formats.py --model " + real.name
+    command = "python " + shlex.join(sys.argv)
     if not args.per_layer_only:
         formats: list[bofrs.eval.FormatEntry] = [f for f in args.formats.split(",") if f]
         for type_name in [t for t in args.llamacpp.split(",") if t]:
@@ -97,15 +126,22 @@ def main() -> None:
         result = bofrs.evaluate_formats(real.model, formats, real.evaluation, reference=args.reference_dir)
         result["model"] = real.name
         result["seconds"] = time.time() - start
+        result["command"] = command
+        if args.merge:
+            merge(result, json.loads(Path(args.merge).read_text()))
         table = format_table(result)
-        pairs = [("bof4s+opq", "nf4"), ("bof4s", "nf4"), ("bof4s+opq", "bof4s"), ("bof4s+rot", "bof4s")]
-        pairs += [("bof4s+opq", f) for f in result["formats"] if f.startswith("llama.cpp")]
-        pairs += [("bof4s", f) for f in result["formats"] if f.startswith("llama.cpp")]
+        ours = ["bof4s", "bof4s+opq", "bof4s@32", "bof4s@32+opq"]
+        peers = ["nf4", "af4", "nf4@32", "af4@32", "bof4s+rot", "higgs4p2"]
+        peers += [f for f in result["formats"] if f.startswith("llama.cpp")]
+        pairs = [("bof4s+opq", "bof4s"), ("bof4s+rot", "bof4s"), ("bof4s@32+opq", "bof4s@32"),
+                 ("int4@32", "llama.cpp Q4_0"), ("nf4", "bof4"), ("af4", "nf4")]
+        pairs += [(a, b) for a in ours for b in peers]
         lines = []
         for a, b in pairs:
             if a in result["formats"] and b in result["formats"]:
                 d = compare(result, a, b)
-                lines.append(f"- KL({a}) - KL({b}) = {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]")
+                verdict = "separated" if d.low > 0 or d.high < 0 else "not separated"
+                lines.append(f"- KL({a}) - KL({b}) = {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}] ({verdict})")
         result["comparisons"] = lines
         types = {f: e["tensor_types"] for f, e in result["formats"].items() if "tensor_types" in e}
         tokens = result["tokens"]
@@ -113,8 +149,9 @@ def main() -> None:
             f"{real.name}: {tokens['windows']} windows x {tokens['length']} tokens "
             f"({tokens['scored']} scored) of Pride and Prejudice from chapter "
             f"{realmodel.HELD_OUT_CHAPTER}, BOS first: {tokens['first_token'] == realmodel.bos_of(real)}; "
-            f"95 % paired window-bootstrap intervals; `{command}"
-            f"{' --alphas FILE' if args.alphas else ''}`; {result['seconds']:.0f} s, bofrs {bofrs.__version__}\n\n"
+            f"95 % paired window-bootstrap intervals; `{command}`"
+            f"{' (rows merged with ' + result['merged_from'] + ')' if 'merged_from' in result else ''}; "
+            f"{result['seconds']:.0f} s, bofrs {bofrs.__version__}\n\n"
         )  # fmt: skip
         body = table + "\n\nPaired differences of mean KL (95 % intervals):\n" + "\n".join(lines)
         if types:
@@ -129,7 +166,7 @@ def main() -> None:
         text = (f"{real.name}: KL (x1000, nats/token) with one layer alone quantized, on "
                 f"{args.per_layer_windows} x {real.evaluation.shape[1]} tokens; t2 and out: weight "
                 f"and output error (x1000); in max/mean: largest input channel energy over the mean; "
-                f"`{command} --per-layer-only`\n\n" + per_layer_table(study))  # fmt: skip
+                f"`{command}`\n\n" + per_layer_table(study))  # fmt: skip
         print(text)
         Path(f"benches/results/per_layer_{real.name}.md").write_text(text + "\n")
         Path(f"benches/results/per_layer_{real.name}.json").write_text(json.dumps(study, indent=1))

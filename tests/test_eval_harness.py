@@ -151,12 +151,22 @@ def test_reference_is_reused_only_for_the_same_model_and_tokens(
     with ReferenceLogProbs.compute(model, tokens, tmp_path) as ref:
         assert ref.reused and ref.windows == 7 and ref.vocab == 61
         assert ref.logprobs(0).dtype == torch.float16 and ref.logprobs(0).shape == (28, 61)
-    second = evaluate_formats(model, ["bof4s"], tokens, reference=tmp_path, progress=False)
+    assert not first["formats"]["bof4s"]["scores_reused"]
+    second = evaluate_formats(model, ["bof4s", "bof4"], tokens, reference=tmp_path, progress=False)
+    assert second["formats"]["bof4s"]["scores_reused"] and not second["formats"]["bof4"]["scores_reused"]
+    assert second["formats"]["nf4"]["scores_reused"]
     assert second["formats"]["bof4s"]["kl"] == first["formats"]["bof4s"]["kl"]
+    assert second["formats"]["bof4s"]["vs_baseline"] == first["formats"]["bof4s"]["vs_baseline"]
+    assert second["reference"]["fingerprint"] == first["reference"]["fingerprint"] is not None
+    fresh = evaluate_formats(model, ["bof4s"], tokens, progress=False)  # temporary reference
+    assert fresh["formats"]["bof4s"]["kl"] == first["formats"]["bof4s"]["kl"]
+    assert fresh["reference"]["fingerprint"] is None
     with torch.no_grad():
         model.lm_head.bias.add_(0.5)
     with ReferenceLogProbs.compute(model, tokens, tmp_path) as ref:
         assert not ref.reused  # another model: recomputed
+    third = evaluate_formats(model, ["bof4s"], tokens, reference=tmp_path, progress=False)
+    assert not third["formats"]["bof4s"]["scores_reused"]
     with ReferenceLogProbs.compute(model, tokens[:3], tmp_path) as ref:
         assert not ref.reused and ref.windows == 3  # other tokens: recomputed
 

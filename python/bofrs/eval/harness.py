@@ -186,7 +186,9 @@ def evaluate_formats(
 
     The reference distributions are computed once and streamed from a float16 memmap
     (:class:`bofrs.eval.ReferenceLogProbs`): in a temporary folder (``reference=None``), in a
-    folder kept and reused across runs (a path), or one already computed."""
+    folder kept and reused across runs (a path), or one already computed. In a kept folder
+    each format's per-token scores are stored too, keyed by a hash of its decoded weights: a
+    later run recomputes only formats whose decoding changed or that are new."""
     layers = linear_layers(model, skip)
     if not layers:
         raise ValueError("model has no Linear layer to quantize")
@@ -231,8 +233,18 @@ def evaluate_formats(
                 **extra,
             }
             if tokens is not None:
-                with swapped(layers, decoded):
-                    scores[label] = score_model(model, tokens, ref, bar)
+                key = ref.scores_key(decoded) if ref.persistent else ""
+                cached = ref.load_scores(key) if key else None
+                if cached is not None:
+                    scores[label] = cached
+                    for _ in range(tokens.shape[0] if bar is not None else 0):
+                        bar.step()  # type: ignore[union-attr]
+                else:
+                    with swapped(layers, decoded):
+                        scores[label] = score_model(model, tokens, ref, bar)
+                    if key:
+                        ref.save_scores(key, scores[label])
+                record["scores_reused"] = cached is not None
                 del decoded
                 s = scores[label]
                 per = tokens.shape[1] - 1
@@ -251,7 +263,8 @@ def evaluate_formats(
             )  # fmt: skip
             for label, values in stats.items():
                 result["formats"][label].update(values)
-            result["reference"] = {**ref_record, "storage": "float16 log-probabilities (memmap)"}
+            result["reference"] = {**ref_record, "storage": "float16 log-probabilities (memmap)",
+                                   "fingerprint": ref.meta.get("fingerprint") or None}
             result["baseline_perplexity"] = ref_record["perplexity"]["value"]
             result["baseline"] = baseline
             result["tokens"] = {

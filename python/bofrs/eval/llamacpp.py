@@ -87,8 +87,8 @@ def gguf_linear_weights(
     )  # fmt: skip
 
     file = Path(path)
-    tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=model)["tensors"]
-    names = get_gguf_hf_weights_map(model, TensorProcessor())
+    tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=model)["tensors"]  # type: ignore[no-untyped-call]
+    names = get_gguf_hf_weights_map(model, TensorProcessor())  # type: ignore[no-untyped-call]
     stored = {names.get(t.name): t.tensor_type for t in GGUFReader(str(file)).tensors}
     modules = dict(model.named_modules())
     weights: dict[str, torch.Tensor] = {}
@@ -99,7 +99,7 @@ def gguf_linear_weights(
         if key not in tensors or key not in stored:
             raise ValueError(f"{file.name}: no tensor for layer {layer!r}")
         value = tensors[key].float()
-        expected = tuple(modules[layer].weight.shape)  # type: ignore[union-attr]
+        expected = tuple(modules[layer].weight.shape)
         if tuple(value.shape) != expected:
             raise ValueError(f"{file.name}: {layer} has shape {tuple(value.shape)}, the model {expected}")
         block, size = GGML_QUANT_SIZES[stored[key]]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ import torch
 from torch import nn
 
 from .forward import next_token_logits
+from .scoring import TokenScores
 
 _META = "reference.json"
 _DATA = "logprobs.f16"
+_SCORES = "scores"
 
 
 def fingerprint(model: nn.Module, windows: torch.Tensor) -> str:
@@ -80,6 +82,46 @@ class ReferenceLogProbs:
         if self._data is None:
             raise ValueError("reference: already closed")
         return torch.from_numpy(np.array(self._data[index]))
+
+    @property
+    def persistent(self) -> bool:
+        """Whether the reference lives in a caller's directory (kept between runs)."""
+        return self._owned is None and bool(self.meta.get("fingerprint"))
+
+    def scores_key(self, weights: Mapping[str, torch.Tensor]) -> str:
+        """A key for the scores of the model with these decoded ``weights`` on this reference:
+        SHA-256 over the reference's fingerprint and the weights' names and bytes (any change
+        of a format's decoding gives another key)."""
+        digest = hashlib.sha256(str(self.meta.get("fingerprint", "")).encode())
+        for name in sorted(weights):
+            data = weights[name].detach().float().cpu().contiguous()
+            digest.update(f"{name}|{tuple(data.shape)}".encode())
+            digest.update(data.numpy().tobytes())
+        return digest.hexdigest()
+
+    def load_scores(self, key: str) -> TokenScores | None:
+        """Scores stored by :meth:`save_scores` under ``key``, or None."""
+        path = self.directory / _SCORES / f"{key}.npz"
+        if not self.persistent or not path.exists():
+            return None
+        try:
+            with np.load(path) as data:
+                scores = TokenScores(data["kl"], data["nll"], data["agree"])
+        except (OSError, ValueError, KeyError):
+            return None
+        expected = self.windows * int(self.meta["positions"])
+        return scores if scores.kl.shape == scores.nll.shape == scores.agree.shape == (expected,) else None
+
+    def save_scores(self, key: str, scores: TokenScores) -> None:
+        """Keeps a format's per-token scores beside a persistent reference (a later run with
+        the same decoded weights reuses them); does nothing for a temporary one."""
+        if not self.persistent:
+            return
+        folder = self.directory / _SCORES
+        folder.mkdir(exist_ok=True)
+        partial = folder / f"{key}.partial.npz"
+        np.savez(partial, kl=scores.kl, nll=scores.nll, agree=scores.agree)
+        partial.replace(folder / f"{key}.npz")
 
     def close(self) -> None:
         """Releases the file; removes it unless it lives in a caller's directory."""

@@ -78,7 +78,7 @@ class Bootstrap:
         v = np.asarray(values, dtype=np.float64)
         if v.shape != self.unit_of_token.shape:
             raise ValueError(f"values: expected {self.unit_of_token.shape[0]} per-token values, got {v.shape}")
-        return np.bincount(self.unit_of_token, weights=v, minlength=self.units)
+        return np.asarray(np.bincount(self.unit_of_token, weights=v, minlength=self.units), dtype=np.float64)
 
     def mean_samples(self, values: npt.ArrayLike) -> tuple[float, FloatArray]:
         """The mean of per-token ``values`` and its value in every resample."""
