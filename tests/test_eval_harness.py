@@ -99,6 +99,10 @@ def test_scores_match_a_float64_brute_force(model: TinyLM, tokens: torch.Tensor)
     again = compare(result, "bof4s", "nf4")
     assert again.value == pytest.approx(diff["value"]) and [again.low, again.high] == pytest.approx(diff["ci"])
     assert result["formats"]["mixed"]["choices"]["down"] == "bf16"
+    quantized = sum(m.weight.numel() for m in linear_layers(model).values())
+    total = sum(p.numel() for p in model.parameters())
+    assert result["parameters"] == {"quantized": quantized, "total": total,
+                                    "quantized_share": quantized / total, "tied": {}}  # fmt: skip
     assert result["tokens"] == {"windows": 7, "length": 29, "scored": 196, "first_token": int(tokens[0, 0])}
     table = format_table(result)
     assert "| unquantized |" in table and "| mixed |" in table and "KL - nf4" in table
@@ -253,3 +257,29 @@ def test_per_layer_study(model: TinyLM, tokens: torch.Tensor) -> None:
     assert table.startswith("| layer |") and "sum over layers" in table
     with pytest.raises(ValueError, match="layers"):
         per_layer_study(model, ["nf4"], tokens, layers=["nothing"], progress=False)
+
+
+def test_tied_weights_are_reported(model: TinyLM) -> None:
+    model.lm_head.weight = model.embed.weight  # tied, as Gemma-3's
+    result = evaluate_formats(model, ["nf4"], skip=(), progress=False)
+    assert result["parameters"]["tied"] == {"lm_head": ["embed.weight"]}
+
+
+@pytest.mark.parametrize("cols", [640, 576])  # Gemma-3's and SmolLM2's row lengths
+def test_fake_quantization_equals_the_quantized_modules(cols: int) -> None:
+    import copy
+
+    torch.manual_seed(cols)
+    layer = nn.Linear(cols, 48, bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(cols) * 5)  # columns of very different size
+        layer.weight[3, 7] = 2.5
+    x = torch.randn(5, cols)
+    for spec in ["nf4", "af4", "bof4s+opq", "bof4s+rot", "bof4s+dq8", "higgs4p2", "int4@32"]:
+        quantized = copy.deepcopy(nn.Sequential(layer))
+        config = bofrs.QuantConfig.from_allocation({"0": spec}, {"0": cols}, skip=())
+        bofrs.quantize_model(quantized, config, progress=False)
+        with torch.no_grad():
+            expected = quantized(x)
+            fake = x @ dequantized(layer.weight, spec).T
+        torch.testing.assert_close(fake, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

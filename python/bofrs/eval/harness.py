@@ -76,6 +76,24 @@ def _decode(
     return bits, t2, decoded, extra
 
 
+def _coverage(model: nn.Module, layers: Mapping[str, nn.Linear]) -> dict[str, Any]:
+    """How much of the model the evaluated layers are: their weights' share of all (distinct)
+    parameters, and any evaluated weight that is tied to another parameter (quantizing it
+    changes that one too, e.g. an lm_head tied to the embeddings)."""
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    distinct = {id(p): p.numel() for p in model.parameters()}
+    tied = {}
+    for layer_name, layer in layers.items():
+        others = [n for n in names_of.get(id(layer.weight), []) if n != f"{layer_name}.weight"]
+        if others:
+            tied[layer_name] = others
+    quantized = sum(layer.weight.numel() for layer in layers.values())
+    return {"quantized": quantized, "total": sum(distinct.values()),
+            "quantized_share": quantized / max(1, sum(distinct.values())), "tied": tied}  # fmt: skip
+
+
 def score_model(
     model: nn.Module, tokens: torch.Tensor, reference: ReferenceLogProbs, progress: Progress | None = None
 ) -> TokenScores:
@@ -204,6 +222,7 @@ def evaluate_formats(
     sizes = {n: layer.weight.numel() for n, layer in layers.items()}
     total = sum(sizes.values())
     result: dict[str, Any] = {"layers": {n: {"numel": s} for n, s in sizes.items()}, "formats": {}}
+    result["parameters"] = _coverage(model, layers)
     bar = None
     own_reference = None
     scores: dict[str, TokenScores] = {}
