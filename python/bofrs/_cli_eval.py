@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .eval import evaluate_formats, format_table
+from bofrs.eval import evaluate_formats, format_table
 
 
 DEFAULT_FORMATS = "nf4,af4,bof4,bof4s,bof4s+opq,bof4s+rot,higgs4p1,higgs4p2"
@@ -77,7 +77,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 def _model_file(name: str) -> Path:
-    from . import evaldata
+    from bofrs import evaldata
 
     return evaldata.model_path(name) if name in evaldata.MODELS else Path(name)
 
@@ -103,7 +103,7 @@ def _load_model(path: Path) -> tuple[Any, Any]:
 
 def _windows(tokenizer: Any, corpus: Path, count: int, length: int, skip: int) -> torch.Tensor:
     """Windows of a text file for ``bofrs sensitivity`` (BOS-prefixed as the model expects)."""
-    from .eval import tokenize_windows
+    from bofrs.eval import tokenize_windows
 
     return tokenize_windows(tokenizer, corpus.read_text(encoding="utf-8"), length,
                             max_windows=count, skip_tokens=skip)  # fmt: skip
@@ -115,9 +115,9 @@ def _specs(text: str) -> list[str]:
 
 def run_eval(args: argparse.Namespace) -> str:
     """Runs ``bofrs eval``; returns what to print."""
-    from . import evaldata
-    from .eval import llamacpp_format, per_layer_study, per_layer_table, tokenize_windows
-    from .eval.harness import FormatEntry
+    from bofrs import evaldata
+    from bofrs.eval import llamacpp_format, per_layer_study, per_layer_table, tokenize_windows
+    from bofrs.eval.harness import FormatEntry
 
     path = _model_file(args.model)
     model, tokenizer = _load_model(path)
@@ -159,7 +159,7 @@ def run_eval(args: argparse.Namespace) -> str:
 
 def run_sensitivity(args: argparse.Namespace) -> str:
     """Runs ``bofrs sensitivity``; returns what to print."""
-    from ._linearity import estimate_sensitivity
+    from bofrs._linearity import estimate_sensitivity
 
     model, tokenizer = _load_model(Path(args.model))
     tokens = None

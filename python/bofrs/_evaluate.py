@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .eval import allocate_model, calibrate_errors, evaluate_formats, fake_quantized, format_table
+from bofrs.eval import allocate_model, calibrate_errors, evaluate_formats, fake_quantized, format_table
 
 __all__ = ["allocate_model", "calibrate_errors", "evaluate_formats", "fake_quantized", "format_table"]

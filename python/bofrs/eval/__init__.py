@@ -13,16 +13,16 @@ types as peers; the per-layer study; mixed allocations from the linearity theore
 
 from __future__ import annotations
 
-from .allocation import allocate_model, calibrate_errors
-from .fake import DecodedFormat, fake_quantized, swapped
-from .harness import FormatEntry, evaluate_formats, score_model, summarize
-from .llamacpp import LLAMACPP_TYPES, find_llama_quantize, gguf_linear_weights, llama_quantize, llamacpp_format
-from .per_layer import InputMoments, output_error, per_layer_study, per_layer_table
-from .reference import ReferenceLogProbs
-from .report import compare, format_table, ranking
-from .scoring import TokenScores, score_window
-from .stats import Bootstrap, Interval, unit_of_token
-from .windows import bos_token, token_windows, tokenize_windows
+from bofrs.eval.allocation import allocate_model, calibrate_errors
+from bofrs.eval.fake import DecodedFormat, fake_quantized, swapped
+from bofrs.eval.harness import FormatEntry, evaluate_formats, score_model, summarize
+from bofrs.eval.llamacpp import LLAMACPP_TYPES, find_llama_quantize, gguf_linear_weights, llama_quantize, llamacpp_format
+from bofrs.eval.per_layer import InputMoments, output_error, per_layer_study, per_layer_table
+from bofrs.eval.reference import ReferenceLogProbs
+from bofrs.eval.report import compare, format_table, ranking
+from bofrs.eval.scoring import TokenScores, score_window
+from bofrs.eval.stats import Bootstrap, Interval, unit_of_token
+from bofrs.eval.windows import bos_token, token_windows, tokenize_windows
 
 __all__ = [
     "Bootstrap", "DecodedFormat", "FormatEntry", "InputMoments", "Interval", "LLAMACPP_TYPES",

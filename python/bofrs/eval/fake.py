@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .._linearity import dequantized, linear_layers
+from bofrs._linearity import dequantized, linear_layers
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._linearity import _quantized_error, linear_layers
-from .fake import DecodedFormat, swapped
-from .forward import next_token_logits
-from .progress import Progress
-from .reference import ReferenceLogProbs
-from .scoring import TokenScores, score_window
-from .stats import UNITS, Bootstrap, Interval, unit_of_token
+from bofrs._linearity import _quantized_error, linear_layers
+from bofrs.eval.fake import DecodedFormat, swapped
+from bofrs.eval.forward import next_token_logits
+from bofrs.eval.progress import Progress
+from bofrs.eval.reference import ReferenceLogProbs
+from bofrs.eval.scoring import TokenScores, score_window
+from bofrs.eval.stats import UNITS, Bootstrap, Interval, unit_of_token
 
 #: A format to evaluate: a spec string, ``(name, {layer: spec})`` (an allocation), or decoded
 #: weights (:class:`DecodedFormat`).

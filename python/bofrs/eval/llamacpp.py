@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fake import DecodedFormat
+from bofrs.eval.fake import DecodedFormat
 
 #: llama.cpp's data-free 4-bit types compared by default.
 LLAMACPP_TYPES = ("Q4_0", "IQ4_NL", "IQ4_XS", "Q4_K")

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._linearity import _quantized_error, linear_layers
-from .fake import swapped
-from .forward import next_token_logits
-from .harness import score_model
-from .progress import Progress
-from .reference import ReferenceLogProbs
+from bofrs._linearity import _quantized_error, linear_layers
+from bofrs.eval.fake import swapped
+from bofrs.eval.forward import next_token_logits
+from bofrs.eval.harness import score_model
+from bofrs.eval.progress import Progress
+from bofrs.eval.reference import ReferenceLogProbs
 
 
 class InputMoments:

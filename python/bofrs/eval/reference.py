@@ -24,8 +24,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from .forward import next_token_logits
-from .scoring import TokenScores
+from bofrs.eval.forward import next_token_logits
+from bofrs.eval.scoring import TokenScores
 
 _META = "reference.json"
 _DATA = "logprobs.f16"

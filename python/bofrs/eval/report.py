@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .stats import Bootstrap, Interval, unit_of_token
+from bofrs.eval.stats import Bootstrap, Interval, unit_of_token
 
 
 def _ci(stat: dict[str, Any], digits: int, scale: float = 1.0, signed: bool = False) -> str:
