@@ -107,6 +107,7 @@ def test_scores_match_a_float64_brute_force(model: TinyLM, tokens: torch.Tensor)
     table = format_table(result)
     assert "| unquantized |" in table and "| mixed |" in table and "KL - nf4" in table
     assert len(ranking(result)) == 2
+    assert "unreliable below 10" in table  # 7 windows
 
 
 def test_unchanged_weights_give_zero_kl_and_the_reference_perplexity(model: TinyLM, tokens: torch.Tensor) -> None:

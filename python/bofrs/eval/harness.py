@@ -24,6 +24,9 @@ from bofrs.eval.stats import UNITS, Bootstrap, Interval, unit_of_token
 #: weights (:class:`DecodedFormat`).
 FormatEntry = Union[str, tuple[str, Mapping[str, str]], DecodedFormat]
 
+#: Fewer bootstrap units than this make the intervals unreliable (a warning is recorded).
+MIN_UNITS = 10
+
 #: The upper quantile of per-token KL reported beside the mean.
 KL_QUANTILE = 0.99
 
@@ -167,6 +170,10 @@ def summarize(
                 "perplexity_diff": _stat(boot.interval(ppl - base_ppl, ppl_s - base_ppl_s)),
             }  # fmt: skip
     reference["bootstrap"] = {"unit": unit, **boot.describe()}
+    if boot.units < MIN_UNITS:
+        reference["bootstrap"]["warning"] = (
+            f"only {boot.units} {unit}s: bootstrap intervals are unreliable below {MIN_UNITS}"
+        )
     return reference, records
 
 

@@ -42,6 +42,9 @@ def format_table(result: dict[str, Any]) -> str:
         ppl = {"value": e["perplexity"], "ci": e["perplexity_ci"]}
         row += f" {e['kl_p99']['value']:.3f} | {100 * e['top1']['value']:.2f} | {_ci(ppl, 3)} |"
         lines.append(row)
+    warning = result["reference"]["bootstrap"].get("warning")
+    if warning:
+        lines.append(f"\n(warning: {warning})")
     return "\n".join(lines)
 
 
