@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--per-layer", action="store_true", help="also the per-layer study")
     parser.add_argument("--per-layer-only", action="store_true", help="only the per-layer study")
     parser.add_argument("--per-layer-windows", type=int, default=2)
+    parser.add_argument("--per-layer-stride", type=int, default=4, help="score every k-th position")
     parser.add_argument("--merge", help="an earlier run's JSON on the same windows (same reference "
                         "and bootstrap draws): its rows join the table, this run's rows win")
     parser.add_argument("--out", help="table file (default benches/results/formats_{model}.md)")
@@ -161,10 +162,12 @@ def main() -> None:
         out.write_text(header + body + "\n")
         out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     if args.per_layer or args.per_layer_only:
-        study = per_layer_study(real.model, PER_LAYER, real.evaluation[: args.per_layer_windows])
+        study = per_layer_study(real.model, PER_LAYER, real.evaluation[: args.per_layer_windows],
+                                stride=args.per_layer_stride)  # fmt: skip
         study["model"] = real.name
         text = (f"{real.name}: KL (x1000, nats/token) with one layer alone quantized, on "
-                f"{args.per_layer_windows} x {real.evaluation.shape[1]} tokens; t2 and out: weight "
+                f"{args.per_layer_windows} x {real.evaluation.shape[1]} tokens (every "
+                f"{args.per_layer_stride}th position scored, {study['tokens']['scored']} in all); t2 and out: weight "
                 f"and output error (x1000); in max/mean: largest input channel energy over the mean; "
                 f"`{command}`\n\n" + per_layer_table(study))  # fmt: skip
         print(text)

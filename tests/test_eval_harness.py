@@ -284,3 +284,41 @@ def test_fake_quantization_equals_the_quantized_modules(cols: int) -> None:
             expected = quantized(x)
             fake = x @ dequantized(layer.weight, spec).T
         torch.testing.assert_close(fake, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_per_layer_shortcuts_give_the_same_kl() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=80, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in linear_layers(model).values():
+            layer.weight.mul_(4.0)
+    tokens = torch.randint(0, 80, (2, 25), generator=torch.Generator().manual_seed(3))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"]
+    slow = per_layer_study(model, ["nf4"], tokens, layers=names, reuse_prefix=False, progress=False)
+    fast = per_layer_study(model, ["nf4"], tokens, layers=names, progress=False)
+    assert fast["prefix_reused"] and not slow["prefix_reused"]
+    for name in names:
+        assert fast["layers"][name]["kl"]["nf4"] > 1e-6
+        assert fast["layers"][name]["kl"]["nf4"] == pytest.approx(slow["layers"][name]["kl"]["nf4"], rel=1e-5)
+    # every third position: the same per-token KL as scoring them all, subsampled
+    strided = per_layer_study(model, ["nf4"], tokens, layers=names[1:], stride=3, progress=False)
+    assert strided["tokens"]["scored"] == 2 * 8
+    weights = {n: m.weight.detach().clone() for n, m in linear_layers(model).items()}
+    weights[names[1]] = dequantized(model.get_submodule(names[1]).weight, "nf4")
+    from bofrs.eval.harness import score_model
+
+    with ReferenceLogProbs.compute(model, tokens) as ref:
+        layers = linear_layers(model)
+        from bofrs.eval import swapped
+
+        with swapped(layers, weights):
+            scores = score_model(model, tokens, ref)
+    picked = scores.kl.reshape(2, 24)[:, 2::3]
+    assert strided["layers"][names[1]]["kl"]["nf4"] == pytest.approx(float(picked.mean()), rel=1e-4)
+    with pytest.raises(ValueError, match="stride"):
+        per_layer_study(model, ["nf4"], tokens, stride=0, progress=False)

@@ -58,6 +58,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
                    help="also the per-layer study: KL with one layer alone quantized")
     e.add_argument("--per-layer-formats", default=PER_LAYER_FORMATS)
     e.add_argument("--per-layer-windows", type=int, default=2, help="windows of the per-layer study")
+    e.add_argument("--per-layer-stride", type=int, default=1,
+                   help="score every k-th position in the per-layer study (cheaper)")
     e.add_argument("--no-progress", action="store_true")
     s = commands.add_parser(
         "sensitivity", help="per-layer sensitivities (alphas) for `bofrs quantize --budget`"
@@ -149,7 +151,7 @@ def run_eval(args: argparse.Namespace) -> str:
         if tokens is None:
             raise ValueError("per-layer: the study needs text (a --corpus)")
         study = per_layer_study(model, _specs(args.per_layer_formats), tokens[: args.per_layer_windows],
-                                progress=not args.no_progress)  # fmt: skip
+                                stride=args.per_layer_stride, progress=not args.no_progress)  # fmt: skip
         result["per_layer"] = study
         text_out += "\n\n" + per_layer_table(study)
     if args.json_out:

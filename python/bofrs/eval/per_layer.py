@@ -12,18 +12,19 @@ a lot in it.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from bofrs._linearity import _quantized_error, linear_layers
 from bofrs.eval.fake import swapped
 from bofrs.eval.forward import next_token_logits
-from bofrs.eval.harness import score_model
+from bofrs.eval.scoring import score_window
 from bofrs.eval.progress import Progress
-from bofrs.eval.reference import ReferenceLogProbs
 
 
 class InputMoments:
@@ -81,6 +82,47 @@ def output_error(weight: torch.Tensor, decoded: torch.Tensor, moment: torch.Tens
     return float(((d @ moment) * d).sum()) / den if den > 0 else 0.0
 
 
+def _blocks(model: nn.Module, targets: Sequence[str]) -> tuple[list[nn.Module], dict[str, int]]:
+    """The model's stack of blocks (the longest ``nn.ModuleList`` holding target layers) and
+    the block index of each target layer in it (targets outside it are not listed)."""
+    best: tuple[list[nn.Module], dict[str, int]] = ([], {})
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        prefix = f"{name}." if name else ""
+        index = {}
+        for layer in targets:
+            head = layer[len(prefix):].split(".", 1)[0] if layer.startswith(prefix) else ""
+            if head.isdigit() and int(head) < len(module):
+                index[layer] = int(head)
+        if len(index) > len(best[1]):
+            best = (list(module), index)
+    return best
+
+
+@contextmanager
+def _cached_prefix(blocks: Sequence[nn.Module], outputs: Sequence[Any], upto: int) -> Iterator[None]:
+    """Blocks ``0..upto-1`` return their recorded ``outputs`` instead of running: the part of
+    the model before a quantized layer's block is the reference's, computed once."""
+    patched = []
+    try:
+        for j in range(upto):
+            blocks[j].forward = lambda *args, _out=outputs[j], **kwargs: _out  # type: ignore[method-assign, misc]
+            patched.append(blocks[j])
+        yield
+    finally:
+        for block in patched:
+            del block.forward
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    return value
+
+
 def per_layer_study(
     model: nn.Module,
     formats: Sequence[str],
@@ -88,13 +130,21 @@ def per_layer_study(
     *,
     layers: Sequence[str] | None = None,
     skip: Sequence[str] = ("lm_head",),
+    stride: int = 1,
+    reuse_prefix: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """For every Linear layer (or the named ``layers``) and format: the mean KL divergence
     (nats/token) to the unquantized model on ``tokens`` ((windows, length) ids) with only that
     layer quantized, its ``t^2`` and its relative output error (see the module doc), plus how
     concentrated its input energy is (the largest diagonal entry of ``E[x x^T]`` over the mean
-    one). Returns ``{"layers": {name: record}, "sum_kl": {format: sum over layers}, ...}``."""
+    one). Returns ``{"layers": {name: record}, "sum_kl": {format: sum over layers}, ...}``.
+
+    Cheaper than :func:`bofrs.evaluate_formats` per layer: KL is taken at every ``stride``-th
+    position only (a transformers model then projects only those onto its vocabulary), the
+    reference is kept in memory (float16), and with ``reuse_prefix`` the blocks before the
+    quantized layer's block (the model's longest ``ModuleList``) return the reference's
+    outputs instead of running again (the same values: the part before is unchanged)."""
     targets = linear_layers(model, skip)
     if layers is not None:
         unknown = [n for n in layers if n not in targets]
@@ -105,47 +155,72 @@ def per_layer_study(
         raise ValueError("model has no Linear layer to study")
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError("tokens must be (windows, length) ids with length >= 2")
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride < tokens.shape[1]:
+        raise ValueError(f"stride must be an int in 1..{tokens.shape[1] - 1}, got {stride!r}")
     specs = list(formats)
-    bar = Progress(tokens.shape[0] * (2 + len(targets) * len(specs)), progress, desc="bofrs per-layer")
+    length = tokens.shape[1]
+    positions = torch.arange(stride - 1, length - 1, stride)
+    blocks, block_of = _blocks(model, list(targets)) if reuse_prefix else ([], {})
+    bar = Progress(tokens.shape[0] * (1 + len(targets) * len(specs)), progress, desc="bofrs per-layer")
     start = time.perf_counter()
     moments = InputMoments(targets)
+    outputs: list[list[Any]] = []
+    reference: list[tuple[torch.Tensor, torch.Tensor]] = []
+    current: list[Any] = []
+    handles = [b.register_forward_hook(lambda m, a, out: current.append(_detached(out))) for b in blocks]
     try:
-        bar.label("input moments")
+        bar.label("unquantized (reference, input moments)")
         with torch.no_grad():
             for i in range(tokens.shape[0]):
                 moments.new_pass()
-                next_token_logits(model, tokens[i])
+                current.clear()
+                logits = next_token_logits(model, tokens[i], positions)
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                reference.append((logp.half().cpu(), logp.argmax(-1).cpu()))
+                outputs.append(list(current))
                 bar.step()
     finally:
+        for handle in handles:
+            handle.remove()
         moments.new_pass()
         moments.remove()
+    if blocks and any(len(o) != len(blocks) for o in outputs):
+        blocks, block_of = [], {}  # blocks not run once each in order: no reuse
     records: dict[str, dict[str, Any]] = {}
     try:
-        bar.label("unquantized (reference)")
-        with ReferenceLogProbs.compute(model, tokens, step=bar.step) as ref:
-            for name, layer in targets.items():
-                moment = moments.moment(name)
-                diag = torch.diagonal(moment)
-                record: dict[str, Any] = {
-                    "numel": layer.weight.numel(), "in_features": layer.weight.shape[1],
-                    "input_energy_max_over_mean": float(diag.max() / diag.mean()) if diag.mean() > 0 else 0.0,
-                    "t2": {}, "output_error": {}, "bits": {}, "kl": {},
-                }  # fmt: skip
-                for spec in specs:
-                    bar.label(f"{name} {spec}")
-                    bits, t2, back = _quantized_error(layer.weight, spec)
-                    decoded = back.to(dtype=layer.weight.dtype, device=layer.weight.device)
-                    record["bits"][spec], record["t2"][spec] = bits, t2
-                    record["output_error"][spec] = output_error(layer.weight, back, moment)
-                    with swapped({name: layer}, {name: decoded}):
-                        scores = score_model(model, tokens, ref, bar)
-                    record["kl"][spec] = float(scores.kl.mean())
-                records[name] = record
+        for name, layer in targets.items():
+            moment = moments.moment(name)
+            diag = torch.diagonal(moment)
+            record: dict[str, Any] = {
+                "numel": layer.weight.numel(), "in_features": layer.weight.shape[1],
+                "input_energy_max_over_mean": float(diag.max() / diag.mean()) if diag.mean() > 0 else 0.0,
+                "t2": {}, "output_error": {}, "bits": {}, "kl": {},
+            }  # fmt: skip
+            upto = block_of.get(name, 0)
+            for spec in specs:
+                bar.label(f"{name} {spec}")
+                bits, t2, back = _quantized_error(layer.weight, spec)
+                decoded = back.to(dtype=layer.weight.dtype, device=layer.weight.device)
+                record["bits"][spec], record["t2"][spec] = bits, t2
+                record["output_error"][spec] = output_error(layer.weight, back, moment)
+                kl = []
+                with swapped({name: layer}, {name: decoded}):
+                    for i in range(tokens.shape[0]):
+                        with _cached_prefix(blocks, outputs[i], upto):
+                            logits = next_token_logits(model, tokens[i], positions)
+                        ref, top1 = reference[i]
+                        targets_i = tokens[i, 1:][positions]
+                        kl.append(score_window(logits, ref, targets_i, top1).kl)
+                        bar.step()
+                record["kl"][spec] = float(np.concatenate(kl).mean())
+            records[name] = record
     finally:
         bar.close()
     return {
         "formats": specs,
-        "tokens": {"windows": int(tokens.shape[0]), "length": int(tokens.shape[1])},
+        "tokens": {"windows": int(tokens.shape[0]), "length": int(length), "stride": stride,
+                   "scored": int(tokens.shape[0] * positions.numel())},  # fmt: skip
+        "prefix_reused": bool(blocks),
         "layers": records,
         "sum_kl": {s: sum(r["kl"][s] for r in records.values()) for s in specs},
         "seconds": time.perf_counter() - start,
