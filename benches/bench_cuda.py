@@ -17,7 +17,12 @@ One process, every contender on the same weight (``torch.randn * 0.02``, bfloat1
 * ``torch``       ``F.linear(x, w)`` in bfloat16 (cuBLAS, 16 bits per weight).
 
 Timing: CUDA events around each call, the L2 cache flushed (a 256 MiB write) before every call,
-outside the timed interval; rounds interleave the contenders; the table shows the median.
+outside the timed interval; rounds interleave the contenders; the table shows the median ("us").
+"b2b us": the same call back to back, 20 in a row between two events, without the flush (the
+weight may partly sit in L2; launch gaps count). After the table: the host time per call
+(Python + launch, what a decode loop pays when the GPU is not the bottleneck) of QuantLinear
+against ``F.linear``, and one decode step of a Llama-3-8B block (q, k, v, o, gate, up, down at
+batch 1) eager and replayed from a CUDA graph.
 "rel err": max |y - x W_own^T| / max |x W_own^T| against the contender's own decoded
 weight in float32 (bf16 output rounding: ~4e-3 expected). GB/s counts the bytes a contender must move: its stored weight plus activations in and out.
 "% bw": that rate over the device copy bandwidth measured in the same run (``dst.copy_(src)``
@@ -33,6 +38,7 @@ import json
 import re
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,6 +84,68 @@ class Timer:
         return start.elapsed_time(end) / 1e3
 
 
+def back_to_back(fn: Callable[[], object], calls: int = 20) -> float:
+    """Seconds per call of ``calls`` calls in a row (no flush between them)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
+
+
+def host_time(fn: Callable[[], object], calls: int = 300) -> float:
+    """Seconds of host time per call while queuing ``calls`` calls (GPU time hidden unless the
+    queue fills), median of 5 runs."""
+    runs = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - t0) / calls)
+        torch.cuda.synchronize()
+    return statistics.median(runs)
+
+
+#: One decoder block of Llama-3-8B at batch 1: (out, in) of q, k, v, o, gate, up, down.
+LLAMA3_8B_BLOCK = ((4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336))
+
+
+def decode_step(timer: Timer, notes: list[str], iters: int) -> list[str]:
+    """Eager vs CUDA-graph replay of the seven products of one Llama-3-8B block at batch 1,
+    bofrs NF4 against bf16 ``F.linear``; lines for the report."""
+    weights = [(torch.randn(o, i, device="cuda") * 0.02).to(torch.bfloat16) for o, i in LLAMA3_8B_BLOCK]
+    layers = [QuantLinear(bofrs.pack(w.cpu(), "nf4", 64)).cuda() for w in weights]
+    xs = [torch.randn(1, i, device="cuda", dtype=torch.bfloat16) for _, i in LLAMA3_8B_BLOCK]
+    steps: dict[str, Callable[[], object]] = {
+        "bofrs": lambda: [q(x) for q, x in zip(layers, xs)],
+        "torch": lambda: [F.linear(x, w) for w, x in zip(weights, xs)],
+    }
+    out = ["", "# one Llama-3-8B block decode step (7 products, batch 1), us: eager / CUDA graph (L2 flushed)"]
+    with torch.no_grad():
+        for name, step in steps.items():
+            for _ in range(3):
+                step()  # warm-up: compiles, validates and caches the operands before capture
+            eager = statistics.median(timer.once(step) for _ in range(iters))
+            try:
+                graph = torch.cuda.CUDAGraph()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    step()
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(graph):
+                    step()
+                replay = statistics.median(timer.once(graph.replay) for _ in range(iters))
+                out.append(f"{name:>9} {eager * 1e6:>9.1f} {replay * 1e6:>9.1f}")
+            except Exception as e:  # noqa: BLE001  (capture failing is a finding, not a crash)
+                notes.append(f"CUDA graph capture of the {name} decode step failed: {type(e).__name__}: {e}")
+                out.append(f"{name:>9} {eager * 1e6:>9.1f} {'failed':>9}")
+    return out
+
+
 Contender = tuple[Callable[[torch.Tensor], torch.Tensor], int, Callable[[], torch.Tensor]]
 
 
@@ -101,6 +169,29 @@ def contenders(w: torch.Tensor, notes: list[str]) -> dict[str, Contender]:
     except Exception as e:  # noqa: BLE001  (a missing or broken peer is a note, not a failure)
         notes.append(f"bitsandbytes skipped: {type(e).__name__}: {e}")
     out["torch"] = (lambda x: F.linear(x, w), w.numel() * w.element_size(), lambda: w.float())
+    return out
+
+
+def overheads() -> list[str]:
+    """Host time per call (us) at 4096x4096, batch 1: QuantLinear's Python and launches against a
+    bare ``F.linear`` and a bare fused-kernel launch."""
+    from bofrs._cuda import _blockwise
+
+    w = (torch.randn(4096, 4096, device="cuda") * 0.02).to(torch.bfloat16)
+    q = QuantLinear(bofrs.pack(w.cpu(), "nf4", 64)).cuda()
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ops = q._cuda_cached().ops
+        calls = {
+            "QuantLinear(x)": lambda: q(x),
+            "_blockwise.matvec": lambda: _blockwise.matvec(ops, x, 4096, 4096),
+            "F.linear bf16": lambda: F.linear(x, w),
+        }
+        for fn in calls.values():
+            fn()
+        host = {name: host_time(fn) for name, fn in calls.items()}
+    out = ["", "# host time per call, 4096x4096, batch 1 (us; Python + launch, queued without syncs)"]
+    out += [f"{name:>20} {t * 1e6:>8.1f}" for name, t in host.items()]
     return out
 
 
@@ -132,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         (
             f"{'shape':>12} {'batch':>5} {'contender':>9} {'us':>9} {'GB/s':>8} {'% bw':>6} "
-            f"{'x bofrs':>8} {'rel err':>9}"
+            f"{'x bofrs':>8} {'b2b us':>9} {'rel err':>9}"
         ),
     ]
     print("\n".join(lines), flush=True)
@@ -162,9 +253,12 @@ def main(argv: list[str] | None = None) -> int:
                     for _ in range(3):
                         fn(x)
                 times: dict[str, list[float]] = {c: [] for c in funcs}
-                for _ in range(args.iters):
+                b2b: dict[str, list[float]] = {c: [] for c in funcs}
+                for r in range(args.iters):
                     for cname, (fn, _, _) in funcs.items():
                         times[cname].append(timer.once(lambda fn=fn, x=x: fn(x)))
+                        if r % 10 == 0:
+                            b2b[cname].append(back_to_back(lambda fn=fn, x=x: fn(x)))
             median = {c: statistics.median(t) for c, t in times.items()}
             act = (batch * in_f + batch * out_f) * 2
             for cname, (_, wbytes, _) in funcs.items():
@@ -174,17 +268,21 @@ def main(argv: list[str] | None = None) -> int:
                     "shape": shape, "batch": batch, "contender": cname, "us": t * 1e6,
                     "gb_s": rate / 1e9, "pct_bw": 100 * rate / bandwidth,
                     "ratio_to_bofrs": t / median["bofrs"], "max_rel_err": errors[cname],
-                    "weight_bytes": wbytes,
+                    "weight_bytes": wbytes, "back_to_back_us": statistics.median(b2b[cname]) * 1e6,
                 }  # fmt: skip
                 rows.append(row)
                 line = (
                     f"{shape:>12} {batch:>5} {cname:>9} {t * 1e6:>9.1f} {rate / 1e9:>8.0f} "
-                    f"{100 * rate / bandwidth:>5.0f}% {t / median['bofrs']:>8.2f} {errors[cname]:>9.1e}"
+                    f"{100 * rate / bandwidth:>5.0f}% {t / median['bofrs']:>8.2f} "
+                    f"{row['back_to_back_us']:>9.1f} {errors[cname]:>9.1e}"
                 )
                 lines.append(line)
                 print(line, flush=True)
         del funcs, w, own
         torch.cuda.empty_cache()
+    extra = overheads() + decode_step(timer, notes, max(args.iters // 2, 5))
+    print("\n".join(extra), flush=True)
+    lines += extra
     lines += ["", *(f"# note: {n}" for n in notes)]
     for n in notes:
         print(f"# note: {n}")

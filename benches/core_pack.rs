@@ -4,11 +4,11 @@
 //! `cargo bench` (from the repository root). Sizes: one 4096x11008 LLM projection, and 1M
 //! values (cache-resident) to show the kernels without memory traffic.
 
-use bofrs_core::codebook::NF4;
-use bofrs_core::decode::unpack_with_isa;
-use bofrs_core::element::f32_to_bf16;
-use bofrs_core::encode::{pack_with_isa, EncodeOptions};
-use bofrs_core::matvec::{matvec_with_options, Activations, MatShape};
+use bofrs_core::blockwise::codebook::NF4;
+use bofrs_core::blockwise::decode::{unpack_with_isa, Packed};
+use bofrs_core::blockwise::encode::{pack_with_isa, EncodeOptions};
+use bofrs_core::blockwise::matvec::{matvec_with_options, Activations, MatShape, PackedMatrix};
+use bofrs_core::numeric::element::f32_to_bf16;
 use bofrs_core::{Bf16, BlockLayout, Codebook, Isa, Normalization, ScaleDType};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
@@ -60,15 +60,14 @@ fn bench(c: &mut Criterion) {
             });
             group.bench_function(BenchmarkId::new("unpack", isa.name()), |b| {
                 b.iter(|| {
-                    unpack_with_isa(
-                        isa,
-                        black_box(&codes),
-                        &scales,
-                        &codebook,
+                    let packed = Packed {
+                        codes: black_box(&codes),
+                        scales: &scales,
+                        codebook: &codebook,
                         block_size,
-                        &mut out,
-                    )
-                    .unwrap()
+                        outliers: None,
+                    };
+                    unpack_with_isa(isa, &packed, &mut out).unwrap()
                 })
             });
         }
@@ -111,18 +110,13 @@ fn bench_matvec(c: &mut Criterion) {
                 let name = format!("{}-{}", isa.name(), mode.name());
                 group.bench_function(BenchmarkId::new(format!("batch{batch}"), name), |b| {
                     b.iter(|| {
-                        matvec_with_options(
-                            isa,
-                            mode,
+                        let weight = PackedMatrix {
                             shape,
-                            batch,
-                            black_box(&codes),
-                            &scales,
-                            &codebook,
-                            &x,
-                            &mut out,
-                        )
-                        .unwrap()
+                            codes: black_box(&codes),
+                            scales: &scales,
+                            codebook: &codebook,
+                        };
+                        matvec_with_options(isa, mode, &weight, batch, &x, &mut out).unwrap()
                     })
                 });
             }

@@ -40,7 +40,7 @@ from eval_linearity import MENU
 
 import bofrs
 from bofrs import evaldata
-from bofrs._linearity import linear_layers
+from bofrs.eval.linearity import linear_layers
 from bofrs.eval import (
     LLAMACPP_TYPES, compare, format_table, llamacpp_format, per_layer_study, per_layer_table,
 )  # fmt: skip

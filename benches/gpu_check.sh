@@ -1,58 +1,70 @@
 #!/usr/bin/env bash
-# GPU acceptance run for the CUDA kernels, in one go (~8 minutes at most): installs a built
-# bofrs wheel into a throw-away venv that sees the system packages (torch, CuPy, pytest; no
-# internet needed), runs the NVRTC compile test, the GPU tests (-m gpu) and the CUDA bench.
+# GPU acceptance run for the CUDA kernels, in one go (about 4 minutes, every step under its own
+# timeout, well inside one 600 s device command): installs the carried wheels into a folder on
+# PYTHONPATH (the machine's python3 is itself a venv holding torch, CuPy and pytest; a new venv
+# would not see them), then runs the NVRTC compile test, the GPU tests (-m gpu), one call of
+# every kernel under compute-sanitizer's memcheck, and the CUDA bench.
 #
-#   maturin build --release                        # here, on any machine: target/wheels/*.whl
-#   bash benches/gpu_check.sh [path/to/bofrs-*.whl] # on the GPU machine, from the repo root
+# Here, on any machine (wheels of other packages, e.g. bitsandbytes for the bench, can sit
+# beside bofrs's in the same folder; see the device README for `pip download` options):
+#   maturin build --release && mkdir -p .gpu && cp target/wheels/bofrs-*.whl .gpu/
+# On the GPU machine, from the repository root (device tool: carry [".gpu"]):
+#   bash benches/gpu_check.sh [WHEEL_DIR]
 #
 # Logs and bench results go to $OUT (if set) and to benches/results/.
 set -u
 cd "$(dirname "$0")/.."
-WHEEL="${1:-$(ls -t target/wheels/bofrs-*.whl dist/bofrs-*.whl 2>/dev/null | head -1)}"
+WHEELS="${1:-.gpu}"
 OUTDIR="${OUT:-benches/results}"
 mkdir -p "$OUTDIR" benches/results
 PY="${PYTHON:-python3}"
-if [ -z "$WHEEL" ] || [ ! -f "$WHEEL" ]; then
-    echo "no wheel found (build one with: maturin build --release)"; exit 2
+SITE=/tmp/bofrs-site
+export PYTHONUNBUFFERED=1
+shopt -s nullglob
+wheels=("$WHEELS"/*.whl)
+bofrs_wheel=("$WHEELS"/bofrs-*.whl)
+if [ "${#bofrs_wheel[@]}" -ne 1 ]; then
+    echo "need exactly one bofrs wheel in $WHEELS (found ${#bofrs_wheel[@]}): maturin build --release"; exit 2
 fi
-echo "== wheel: $WHEEL"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-VENV=/tmp/bofrs-gpu-venv
-rm -rf "$VENV"
-"$PY" -m venv --system-site-packages "$VENV"
-"$VENV/bin/python" -m pip install -q --no-deps --no-index --force-reinstall "$WHEEL" || exit 3
-# pytest and safetensors from a local wheelhouse when the machine lacks them (no internet):
-#   pip download pytest pluggy iniconfig packaging pygments safetensors -d target/wheelhouse \
-#       --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --no-deps
-for mod in pytest safetensors; do
-    "$VENV/bin/python" -c "import $mod" 2>/dev/null || \
-        "$VENV/bin/python" -m pip install -q --no-index --find-links target/wheelhouse "$mod" || true
-done
-cd /tmp && "$VENV/bin/python" - <<'PY'
+echo "== wheels: ${wheels[*]}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+rm -rf "$SITE"
+"$PY" -m pip install -q --no-deps --no-index --no-compile --target "$SITE" "${wheels[@]}" || exit 3
+export PYTHONPATH="$SITE"
+cd /tmp && "$PY" - <<'PY'
 import bofrs, torch
 print("bofrs", bofrs.__file__)
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
 try:
     import cupy
-    print("cupy", cupy.__version__)
+    print("cupy", cupy.__version__, "from_external", hasattr(cupy.cuda.Stream, "from_external"))
 except Exception as e:
     print("CuPy missing:", e)
 PY
 cd - >/dev/null
 status=0
-echo "== NVRTC compile test (no GPU needed)"
-timeout 120 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_cuda_compile.py 2>&1 \
-    | tee "$OUTDIR/gpu_check_compile.log" | tail -5
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-echo "== GPU tests"
-BOFRS_REQUIRE_GPU=1 timeout 330 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_cuda.py 2>&1 \
-    | tee "$OUTDIR/gpu_check_tests.log" | tail -40
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-echo "== CUDA bench"
-timeout 240 "$VENV/bin/python" benches/bench_cuda.py 2>&1 | tee "$OUTDIR/gpu_check_bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-cp benches/results/cuda_* "$OUTDIR/" 2>/dev/null || true
-echo "== done: status $status"
+step() {  # step NAME SECONDS LOG COMMAND...: runs with a timeout, keeps going, records failures
+    local name=$1 seconds=$2 log=$3; shift 3
+    echo "== $name (at most ${seconds}s)"
+    local t0=$SECONDS
+    timeout "$seconds" "$@" > "$OUTDIR/$log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUTDIR/$log"
+    echo "== $name: exit $rc after $((SECONDS - t0))s"
+    [ "$rc" -eq 0 ] || status=1
+}
+step "NVRTC compile test" 60 gpu_check_compile.log \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_compile.py
+step "GPU tests" 150 gpu_check_tests.log \
+    env BOFRS_REQUIRE_GPU=1 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfE --maxfail=25 tests/test_cuda.py
+if command -v compute-sanitizer >/dev/null; then
+    step "memcheck, one call of each kernel" 90 gpu_check_memcheck.log \
+        compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" benches/cuda_kernel_smoke.py
+else
+    echo "== compute-sanitizer not found: memcheck skipped"; status=1
+fi
+step "CUDA bench" 150 gpu_check_bench.log "$PY" benches/bench_cuda.py --out "$OUTDIR/cuda_bench.txt"
+cp "$OUTDIR"/cuda_bench.* benches/results/ 2>/dev/null || true
+echo "== done in ${SECONDS}s: status $status"
 exit $status

@@ -105,7 +105,10 @@ __device__ __forceinline__ float bofrs_scale(const void* __restrict__ scales,
     i64 g = b >> 8;
     float lo = __ldg(params + 2 * g), step = __ldg(params + 2 * g + 1);
     float m = c == 0 ? 0.0f : bofrs_add(lo, bofrs_mul((float)(c - 1), step));
-    return (is_signed && (byte & 0x80u)) ? -m : m;
+    // The sign bit flipped as an integer: `-m` compiles to neg.ftz.f32 under CuPy's -ftz=true,
+    // which would flush a subnormal scale to zero (the CPU's negation keeps it).
+    const u32 sign = is_signed ? (byte & 0x80u) << 24 : 0u;
+    return __uint_as_float(__float_as_uint(m) ^ sign);
 }
 
 // Streaming 128-bit load of weight bytes (read once: keep L1 for the activations).

@@ -35,7 +35,7 @@ class CharTokenizer:
 
 def test_eval_json_and_report(llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                               capsys: pytest.CaptureFixture[str]) -> None:
-    import bofrs._cli_eval as cli
+    import bofrs.cli.eval as cli
 
     real = cli._load_model
     monkeypatch.setattr(cli, "_load_model", lambda p: (real(p)[0], CharTokenizer()))

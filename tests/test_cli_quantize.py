@@ -85,7 +85,7 @@ def test_existing_output_is_refused_and_bad_input_fails_cleanly(
 
 def test_interrupted_run_leaves_nothing(llama: tuple[Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src, _ = llama
-    import bofrs._convert as convert
+    import bofrs.io.convert as convert
 
     calls = {"n": 0}
     real = convert.save_file
@@ -106,7 +106,7 @@ def test_gguf_input_goes_through_transformers(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     src, model = llama
-    import bofrs.evaldata as evaldata
+    import bofrs.eval.data as evaldata
 
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF")
@@ -149,7 +149,7 @@ def test_budget_allocates_by_the_alphas(
     kinds = {type(m).__name__ for n, m in modules.items() if n.endswith("_proj") and n != "model.layers.1.mlp.down_proj"}
     assert kinds == {"HiggsLinear", "QuantLinear"}
     # The same allocation through the Python API, then quantize_model: identical outputs.
-    config, plan = bofrs._convert.allocation_config(src, alphas, 6.0, menu.split(","), progress=False)
+    config, plan = bofrs.io.convert.allocation_config(src, alphas, 6.0, menu.split(","), progress=False)
     assert plan.average_bits <= 6.0
     reference = transformers.LlamaForCausalLM(model.config).eval()
     reference.load_state_dict(model.state_dict())

@@ -94,17 +94,44 @@ def test_wheel_layout_keeps_kernels_inside_the_package() -> None:
     assert expected <= set(kernels)
 
 
+#: Flushing float32 instructions (CuPy's -ftz=true turns plain C++ float arithmetic into these).
+FLUSHING = re.compile(r"\b(mul|add|sub|fma|neg)(\.rn)?\.ftz\.f32")
+
+
+def _ptx(nvrtc: Nvrtc, module: str, **defines: int) -> str:
+    v = _sources.variant(module, **defines)
+    ok, log, ptx = nvrtc.compile(
+        _sources.source(module), f"{module}.cu", v.options + _sources.CUPY_ADDED_OPTIONS + ("-arch=compute_90",)
+    )
+    assert ok, log
+    text = ptx.decode()
+    return text[text.index(".entry"):]
+
+
 def test_exact_arithmetic_survives_cupys_flush_to_zero(nvrtc: Nvrtc) -> None:
-    """CuPy compiles with -ftz=true; the decoder's products and the Hadamard butterflies must
-    still be IEEE (no .ftz, no fused multiply-add) so that they match the CPU bit for bit."""
+    """CuPy compiles with -ftz=true; the decoder's products, the signed dq8 scale's sign and the
+    Hadamard butterflies must still be IEEE (no .ftz, no fused multiply-add) so that they match
+    the CPU bit for bit, subnormals included."""
     for module, defines in (("dequant", {"out": 1}), ("hadamard", {"act": 0}), ("higgs_dequant", {"out": 0})):
-        v = _sources.variant(module, **defines)
-        ok, log, ptx = nvrtc.compile(
-            _sources.source(module), f"{module}.cu", v.options + _sources.CUPY_ADDED_OPTIONS + ("-arch=compute_90",)
-        )
-        assert ok, log
-        text = ptx.decode()
-        body = text[text.index(".entry"):]
+        body = _ptx(nvrtc, module, **defines)
         assert "mul.rn.f32" in body, module
-        assert not re.search(r"\b(mul|add|sub|fma)\.rn\.ftz\.f32", body), module
+        assert not FLUSHING.search(body), f"{module}: {FLUSHING.search(body)}"
         assert not re.search(r"\bfma\.rn\.f32", body), module
+
+
+def test_fused_kernels_decode_scales_without_flushing(nvrtc: Nvrtc) -> None:
+    """The fused products may accumulate with flushing FMAs, but the scale they multiply by is
+    decoded exactly: no flushing negation (a signed dq8 scale's sign is a bit flip)."""
+    for module, defines in (("matvec", {"act": 1}), ("higgs_matvec", {"p": 2, "bits": 8})):
+        body = _ptx(nvrtc, module, **defines)
+        assert not re.search(r"\bneg(\.rn)?\.ftz\.f32", body), module
+
+
+def test_the_flush_check_sees_a_plain_negation(nvrtc: Nvrtc) -> None:
+    """The check can fail: ``-x`` under -ftz=true is a flushing negation."""
+    ok, log, ptx = nvrtc.compile(
+        'extern "C" __global__ void k(float* x) { x[0] = -x[1]; }', "neg.cu",
+        ("-ftz=true", "-arch=compute_90"),
+    )
+    assert ok, log
+    assert FLUSHING.search(ptx.decode())

@@ -222,3 +222,51 @@ def test_truncated(saved: Path) -> None:
     saved.write_bytes(raw[: len(raw) - 3])
     with pytest.raises(bofrs.FormatError):
         bofrs.load_file(saved)
+
+
+# --- the decoder reads every part in its stored dtype ------------------------------------------
+
+
+@pytest.mark.parametrize("scale_dtype", ["bfloat16", "float16", "float32", "dq8"])
+@pytest.mark.parametrize("book", ["nf4", "bof4s"])
+def test_dequantize_feeds_stored_parts_to_the_native_decoder(
+    monkeypatch: pytest.MonkeyPatch, scale_dtype: str, book: str
+) -> None:
+    """No float32 copy of the scales and no uint64 copy of the outlier indices per dequantize:
+    the stored parts go to the decoder, which gives what decoding the float32 scales gives."""
+    g = np.random.default_rng(int(np.random.SeedSequence().generate_state(1)[0]))
+    for shape in ((37, 200), (3, 70000)):  # uint16 and uint32 outlier indices
+        w = torch.from_numpy(g.standard_t(3, size=shape).astype(np.float32))
+        packed = bofrs.pack(w, book, 64, scale_dtype=scale_dtype, opq=0.99)
+        assert packed.outliers is not None and packed.outliers.count > 0
+        decoded_scales = packed.decoded_scales().numpy()
+        indices = packed.outliers.indices.numpy().astype(np.uint64)
+        values = packed.outliers.values.view(torch.int16).numpy().view(np.uint16)
+        reference = bofrs._native.unpack(
+            packed.codes.numpy(), decoded_scales, packed.codebook.levels, 64, packed.numel, "float32",
+            outlier_indices=indices, outlier_values=values,
+        )  # fmt: skip
+        monkeypatch.setattr(bofrs.PackedTensor, "decoded_scales", lambda self: pytest.fail("converted the scales"))
+        got = packed.dequantize(torch.float32).reshape(-1).numpy()
+        monkeypatch.undo()
+        np.testing.assert_array_equal(got, reference)
+        assert packed.outliers.indices.dtype == (torch.uint16 if w.numel() <= 1 << 16 else torch.uint32)
+
+
+def test_stored_scales_must_match_their_dtype() -> None:
+    codes, levels = np.zeros(64, np.uint8), bofrs.codebook("nf4").levels
+    with pytest.raises(TypeError, match="scales must be a uint16"):
+        bofrs._native.unpack(codes, np.ones(2, np.float32), levels, 64, 128, "float32", scale_dtype="bfloat16")
+    with pytest.raises(TypeError, match="scales must be a float32"):
+        bofrs._native.unpack(codes, np.ones(2, np.uint16), levels, 64, 128, "float32")
+    with pytest.raises(ValueError, match="scale_params"):
+        bofrs._native.unpack(codes, np.ones(2, np.uint8), levels, 64, 128, "float32", scale_dtype="dq8")
+    with pytest.raises(ValueError, match="scale_scales"):
+        bofrs._native.unpack(codes, np.ones(2, np.uint8), levels, 64, 128, "float32", scale_dtype="dq8",
+                             scale_params=np.array([1.0, np.inf], np.float32))  # fmt: skip
+    bits = np.array([0x3F80, 0x7F80], np.uint16)  # 1.0 and +inf in bfloat16
+    with pytest.raises(ValueError, match="block 1"):
+        bofrs._native.unpack(codes, bits, levels, 64, 128, "float32", scale_dtype="bfloat16")
+    with pytest.raises(ValueError, match="ascending"):
+        bofrs._native.unpack(codes, np.ones(2, np.float32), levels, 64, 128, "float32",
+                             outlier_indices=np.array([5, 5], np.uint16), outlier_values=np.zeros(2, np.uint16))  # fmt: skip

@@ -237,13 +237,13 @@ def test_native_layer_rejects_bad_buffers() -> None:
     levels = NF4
     data = np.zeros(128, F32)
     with pytest.raises(ValueError, match="contiguous"):
-        bofrs._native.pack(data[::2], "float32", levels, 64, "absmax", "float32")
+        bofrs._native.pack_ext(data[::2], "float32", levels, 64, "absmax", "float32")
     with pytest.raises(TypeError, match="element"):
-        bofrs._native.pack(data, "float64", levels, 64, "absmax", "float32")
+        bofrs._native.pack_ext(data, "float64", levels, 64, "absmax", "float32")
     with pytest.raises(ValueError, match="normalization"):
-        bofrs._native.pack(data, "float32", levels, 64, "minmax", "float32")
+        bofrs._native.pack_ext(data, "float32", levels, 64, "minmax", "float32")
     with pytest.raises(ValueError, match="codebook"):
-        bofrs._native.pack(data, "float32", levels[::-1].copy(), 64, "absmax", "float32")
+        bofrs._native.pack_ext(data, "float32", levels[::-1].copy(), 64, "absmax", "float32")
     codes, scales = np.zeros(64, np.uint8), np.ones(2, F32)
     with pytest.raises(ValueError, match="codes"):
         bofrs._native.unpack(codes[:-1], scales, levels, 64, 128, "float32")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import bofrs
-from bofrs._linearity import dequantized, linear_layers
+from bofrs.eval.linearity import dequantized, linear_layers
 from bofrs.eval import (
     DecodedFormat, InputMoments, ReferenceLogProbs, compare, evaluate_formats, format_table,
     output_error, per_layer_study, per_layer_table, ranking, score_window, token_windows,
@@ -147,6 +147,33 @@ def test_weight_errors_without_text_and_bad_formats(model: TinyLM, tokens: torch
         evaluate_formats(model, ["nf4"], tokens, unit="sentence", progress=False)
     with pytest.raises(ValueError, match="tokens"):
         evaluate_formats(model, ["nf4"], tokens[0], progress=False)
+
+
+def test_bad_specs_fail_before_the_reference_pass(
+    model: TinyLM, tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_reference(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the reference pass ran before the formats were checked")
+
+    monkeypatch.setattr(ReferenceLogProbs, "compute", no_reference)
+    layers = list(linear_layers(model))
+    with pytest.raises(ValueError, match="formats: .*unknown codebook 'nf5'"):
+        evaluate_formats(model, ["nf4", "nf5"], tokens, progress=False)
+    with pytest.raises(ValueError, match="formats: 'm': .*bogus"):
+        evaluate_formats(model, [("m", dict.fromkeys(layers, "nf4+bogus"))], tokens, progress=False)
+    with pytest.raises(ValueError, match="baseline: .*'nf9'"):
+        evaluate_formats(model, ["bof4s"], tokens, baseline="nf9", progress=False)
+    with pytest.raises(TypeError, match="formats: a spec string"):
+        evaluate_formats(model, [4], tokens, progress=False)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="formats: .*'nf5'"):
+        per_layer_study(model, ["nf5"], tokens, progress=False)
+    # a Format value works wherever a spec string does
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with bofrs.fake_quantized(model, bofrs.Format.parse("bof4s@32")):
+        assert torch.equal(model.mix.weight, dequantized(before["mix.weight"], "bof4s@32"))
+    with bofrs.fake_quantized(model, {"mix": bofrs.Format.parse("nf4"), "up": "bf16"}):
+        assert torch.equal(model.up.weight, before["up.weight"].bfloat16().float())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_reference_is_reused_only_for_the_same_model_and_tokens(

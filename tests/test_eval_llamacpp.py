@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bofrs._linearity import linear_layers
+from bofrs.eval.linearity import linear_layers
 from bofrs.eval import find_llama_quantize, gguf_linear_weights, llama_quantize, llamacpp_format
 
 transformers = pytest.importorskip("transformers")

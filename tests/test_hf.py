@@ -105,5 +105,5 @@ def test_load_quantized_rebuilds_a_transformers_model(
     ids = torch.randint(0, 96, (1, 9))
     assert torch.equal(logits(loaded, ids), logits(model, ids))
     # The skeleton holds no dense weights (meta device): a model larger than RAM streams.
-    skeleton = bofrs._checkpoint._skeleton(bofrs._checkpoint.read_index(tmp_path))
+    skeleton = bofrs.io.checkpoint._skeleton(bofrs.io.checkpoint.read_index(tmp_path))
     assert all(p.is_meta for p in skeleton.parameters())

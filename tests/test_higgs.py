@@ -11,7 +11,7 @@ import scipy.linalg
 import torch
 
 import bofrs
-from bofrs import _grids
+from bofrs.formats.higgs import grids as _grids
 
 RNG = np.random.default_rng
 

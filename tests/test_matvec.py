@@ -174,7 +174,7 @@ def test_releases_the_interpreter() -> None:
     assert count >= 1000, f"main thread ran only {count} iterations during the fused matvec"
 
 
-#: (group, QMAX) of the opt-in integer modes, as documented in bofrs._linear.ACTIVATION_MODES.
+#: (group, QMAX) of the opt-in integer modes, as documented in bofrs.formats.blockwise.matmul.ACTIVATION_MODES.
 INTEGER_MODES = {"int16": (64, 16383.0), "int8": (32, 127.0)}
 
 

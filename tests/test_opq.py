@@ -209,7 +209,7 @@ def test_exact_bits_per_weight_and_index_dtype() -> None:
         dq = bofrs.pack(w, "nf4", 64, opq=0.95, scale_dtype="dq8")
         groups = -(-blocks // 256)
         assert dq.nbytes == (n + 1) // 2 + blocks + 8 * groups + out.nbytes
-    from bofrs._outliers import index_dtype as pick
+    from bofrs.formats.blockwise.outliers import index_dtype as pick
 
     assert pick(1 << 16) == torch.uint16 and pick((1 << 16) + 1) == torch.uint32
     assert pick(1 << 32) == torch.uint32 and pick((1 << 32) + 1) == torch.uint64

@@ -7,72 +7,85 @@
 4.25
 >>> bofrs.quantization_error(w, packed)["relative_mse"] < 0.01
 True
+>>> str(bofrs.pack(w, "bof4s@128+opq").format)
+'bof4s@128+opq'
+
+The package by layer: :mod:`bofrs.formats` (the quantization formats and :class:`Format`),
+:mod:`bofrs.io` (files, checkpoints, conversion), :mod:`bofrs.nn` (modules, ``quantize_model``),
+:mod:`bofrs.eval` (KL divergence and perplexity against the unquantized model, sensitivities,
+allocation, llama.cpp peers, offline text and models) and :mod:`bofrs.cli`.
 """
 
 from __future__ import annotations
 
-from . import _native
-from ._allocate import Allocation, allocate
-from ._codebooks import Codebook, available_codebooks, codebook
-from ._convert import quantize_checkpoint
-from ._checkpoint import load_quantized, save_quantized
-from ._errors import FormatError
-from ._evaluate import allocate_model, calibrate_errors, evaluate_formats, fake_quantized
-from ._hadamard import hadamard
-from ._higgs import HiggsTensor, higgs_grid, pack_higgs
-from ._linearity import build_menu, cross_entropy, estimate_sensitivity, layer_errors, perplexity
-from ._io import load_file, read_metadata, save_file
-from ._metrics import quantization_error
-from ._optimize import expected_error, optimize_codebook
-from ._outliers import Outliers
-from ._pack import pack, unpack
-from ._packed import PackedTensor
-from ._quantize import QuantConfig, quantize_model
-from . import nn
+from bofrs import _native, nn
+from bofrs._errors import FormatError
+from bofrs._system import num_threads, supported_isas
+from bofrs.eval import allocate_model, calibrate_errors, evaluate_formats, fake_quantized
+from bofrs.eval.knapsack import Allocation, allocate
+from bofrs.eval.linearity import (
+    build_menu,
+    cross_entropy,
+    estimate_sensitivity,
+    layer_errors,
+    perplexity,
+)
+from bofrs.formats import (
+    BlockwiseFormat,
+    Codebook,
+    Format,
+    HiggsFormat,
+    HiggsTensor,
+    KeepFormat,
+    Outliers,
+    PackedTensor,
+    QuantizedTensor,
+    available_codebooks,
+    codebook,
+    expected_error,
+    hadamard,
+    higgs_grid,
+    opq_threshold,
+    optimize_codebook,
+    pack,
+    pack_higgs,
+    quantization_error,
+    unpack,
+)
+from bofrs.io import (
+    load_file,
+    load_quantized,
+    quantize_checkpoint,
+    read_metadata,
+    save_file,
+    save_quantized,
+)
+from bofrs.nn import QuantConfig, quantize_model
 
 __version__: str = _native.__version__
 
-
-def num_threads() -> int:
-    """Threads the heavy calls use (``BOFRS_NUM_THREADS`` before the first call; default: all cores)."""
-    return int(_native.num_threads())
-
-
-def opq_threshold(block_size: int, q: float) -> float:
-    """OPQ threshold factor ``t(I, q) = Phi^-1((q^(1/I) + 1) / 2)``: a value is an outlier when
-    its magnitude exceeds ``t`` times its block's sample standard deviation."""
-    from ._outliers import check_quantile
-
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    checked = check_quantile(q)
-    if checked is None:
-        raise TypeError("q must be a float in (0, 1)")
-    return float(_native.opq_threshold(block_size, checked))
-
-
-def supported_isas() -> tuple[str, ...]:
-    """Kernel variants this CPU runs ("portable" first, the default last); all give identical results."""
-    return tuple(_native.supported_isas())
-
-
 __all__ = [
     "Allocation",
+    "BlockwiseFormat",
     "Codebook",
+    "Format",
     "FormatError",
+    "HiggsFormat",
     "HiggsTensor",
+    "KeepFormat",
     "Outliers",
     "PackedTensor",
     "QuantConfig",
+    "QuantizedTensor",
     "allocate",
     "allocate_model",
     "available_codebooks",
     "build_menu",
     "calibrate_errors",
+    "codebook",
     "cross_entropy",
     "estimate_sensitivity",
     "evaluate_formats",
-    "codebook",
     "expected_error",
     "fake_quantized",
     "hadamard",
@@ -101,7 +114,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # transformers is optional (the `hf` extra): BofrsConfig imports it on first use.
     if name == "BofrsConfig":
-        from .hf import BofrsConfig
+        from bofrs.hf import BofrsConfig
 
         return BofrsConfig
     raise AttributeError(f"module 'bofrs' has no attribute {name!r}")

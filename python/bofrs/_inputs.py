@@ -8,13 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-#: torch dtypes the encoder reads natively, with the element name the native layer uses.
-_NATIVE_ELEMENTS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_NUMPY_TO_TORCH = {
-    np.dtype(np.float32): torch.float32,
-    np.dtype(np.float16): torch.float16,
-    np.dtype(np.float64): torch.float64,
-}
+from bofrs._dtypes import NATIVE_FLOATS, NUMPY_FLOATS, to_native
 
 
 @dataclass(frozen=True)
@@ -31,7 +25,7 @@ class FlatInput:
 def as_tensor(value: object, name: str) -> torch.Tensor:
     """A torch view of a float torch tensor or numpy array; anything else raises TypeError."""
     if isinstance(value, np.ndarray):
-        if value.dtype.newbyteorder("=") not in _NUMPY_TO_TORCH:
+        if value.dtype.newbyteorder("=") not in NUMPY_FLOATS:
             raise TypeError(
                 f"{name} must have a float dtype (float32, float16, float64), got {value.dtype}"
             )
@@ -65,22 +59,7 @@ def flatten_for_native(value: object, name: str = "tensor") -> FlatInput:
                 f"index {index} ({float(flat[index])!r})"
             )
         flat = flat.float()
-    elif dtype not in _NATIVE_ELEMENTS:
+    elif dtype not in NATIVE_FLOATS:
         raise TypeError(f"{name} has unsupported dtype {dtype}; use float32, bfloat16 or float16")
     flat = flat.contiguous()
-    element = _NATIVE_ELEMENTS[flat.dtype]
-    data = flat.numpy() if element == "float32" else flat.view(torch.int16).numpy().view(np.uint16)
-    return FlatInput(data, element, shape, dtype, device)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """Inverse of :func:`dtype_name` for float dtypes; raises ValueError otherwise."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"not a float dtype: {name!r}")
-    return dtype
+    return FlatInput(to_native(flat), NATIVE_FLOATS[flat.dtype], shape, dtype, device)

@@ -7,7 +7,6 @@ import numpy.typing as npt
 
 __all__ = [
     "__version__",
-    "pack",
     "pack_ext",
     "unpack",
     "decode_scales",
@@ -30,15 +29,6 @@ __all__ = [
 
 __version__: str
 
-def pack(
-    data: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
-    element: str,
-    levels: npt.NDArray[np.float32],
-    block_size: int,
-    normalization: str,
-    scale_dtype: str,
-    isa: str | None = None,
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
 def pack_ext(
     data: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
     element: str,
@@ -59,15 +49,18 @@ def pack_ext(
 ]: ...
 def unpack(
     codes: npt.NDArray[np.uint8],
-    scales: npt.NDArray[np.float32],
+    scales: npt.NDArray[np.float32] | npt.NDArray[np.uint16] | npt.NDArray[np.uint8],
     levels: npt.NDArray[np.float32],
     block_size: int,
     numel: int,
     out_dtype: str,
     isa: str | None = None,
-    outlier_indices: npt.NDArray[np.uint64] | None = None,
+    outlier_indices: npt.NDArray[np.uint16] | npt.NDArray[np.uint32] | npt.NDArray[np.uint64] | None = None,
     outlier_values: npt.NDArray[np.uint16] | None = None,
     outlier_dtype: str = "bfloat16",
+    scale_dtype: str = "float32",
+    scale_params: npt.NDArray[np.float32] | None = None,
+    signed: bool = False,
 ) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]: ...
 def decode_scales(
     codes: npt.NDArray[np.uint8], params: npt.NDArray[np.float32], signed: bool
@@ -98,8 +91,6 @@ class WeightHistogramBuilder:
         cls, block_size: int, metric: str, normalization: str, sample: float = 1.0, seed: int = 0
     ) -> WeightHistogramBuilder: ...
     def add(self, data: npt.NDArray[np.float32] | npt.NDArray[np.uint16], element: str) -> None: ...
-    @property
-    def values(self) -> int: ...
     def optimize(
         self,
         bits: int,
@@ -108,7 +99,6 @@ class WeightHistogramBuilder:
         tolerance: float,
         max_iterations: int,
     ) -> _Solution: ...
-    def error(self, levels: list[float]) -> float: ...
 
 def hadamard(data: npt.NDArray[np.float32], size: int, isa: str | None = None) -> npt.NDArray[np.float32]: ...
 def generate_grid(p: int, n: int, seed: int = 0) -> tuple[npt.NDArray[np.float64], float]: ...

@@ -29,11 +29,13 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ._codebooks import Codebook, resolve
-from ._pack import pack
-from ._packed import SCALE_DTYPES, PackedTensor
-from ._quantize import QuantConfig, linear_layers, matches
-from .nn.linear import FUSED_MAX_TOKENS, QuantLinear
+from bofrs._dtypes import SCALE_DTYPES
+from bofrs.formats.blockwise.codebooks import Codebook, resolve
+from bofrs.formats.blockwise.packed import PackedTensor
+from bofrs.formats.format import BlockwiseFormat
+from bofrs.formats.pack import pack
+from bofrs.nn.linear import FUSED_MAX_TOKENS, QuantLinear
+from bofrs.nn.quantize import QuantConfig, linear_layers, matches
 
 METHOD = "bofrs"
 
@@ -84,6 +86,11 @@ def _placeholder(layer: nn.Linear, config: QuantConfig, name: str) -> QuantLinea
     """A QuantLinear with empty (meta) buffers shaped for ``layer`` and the options of ``name``."""
     spec = config.spec_for(name)
     assert spec is not None
+    if not isinstance(spec, BlockwiseFormat) or spec.opq is not None or spec.rotation is not None or spec.scale_dtype == "dq8":
+        raise ValueError(
+            f"{name}: the transformers plug-in stores plain block-wise formats (no OPQ, rotation, dq8 "
+            f"or HIGGS), got {spec}; use bofrs.quantize_model and bofrs.save_quantized for those"
+        )
     out_features, in_features = layer.out_features, layer.in_features
     numel = out_features * in_features
     device = torch.device("meta")
@@ -180,7 +187,7 @@ class BofrsHfQuantizer(HfQuantizer):
                 module._parameters.pop("weight", None)
                 if module.codes.device.type == "meta" or module.scales.device.type == "meta":
                     raise ValueError("bofrs: a quantized layer received no weights from the checkpoint")
-                module._cache = None
+                module.invalidate_caches()
         return model
 
     def is_serializable(self) -> bool:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._codebooks import Codebook, resolve
-from ._optimize import METRICS, expected_error
-from ._validate import check_block_size, check_choice
+from bofrs._validate import check_block_size, check_choice
+from bofrs.formats.blockwise.codebooks import Codebook, resolve
+from bofrs.formats.blockwise.optimize import METRICS, expected_error
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._dtypes import NATIVE_FLOATS
 from . import _runtime as rt
 from ._sources import (
     KINDS,
@@ -22,13 +23,12 @@ from ._sources import (
 MAX_FUSED_TOKENS = TOKEN_TILES[-1]
 _THREADS = 256
 _MATVEC_ROWS_PER_BLOCK = 8
-_KIND_OF = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _levels_cache: dict[tuple[bytes, str], torch.Tensor] = {}
 
 
 def kind(dtype: torch.dtype) -> str | None:
     """Kernel element name of a torch dtype (None if the kernels do not read / write it)."""
-    return _KIND_OF.get(dtype)
+    return NATIVE_FLOATS.get(dtype)
 
 
 def device_levels(levels: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -254,7 +254,7 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     """A reused flat buffer of at least ``numel`` values for decoded weights, one per (device,
     current stream, dtype): grows to the largest weight and is reused by every layer (the
     stream orders its uses)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = rt.device_index(device)
     key = (index, torch.cuda.current_stream(index).cuda_stream, dtype)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < numel:

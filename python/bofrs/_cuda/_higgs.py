@@ -39,6 +39,7 @@ class HiggsOperands:
     cols: int
     group_size: int
     p: int
+    #: Bits of one code (``log2`` of the grid's points), not bits per weight.
     bits: int
 
     @property
@@ -121,8 +122,8 @@ def dequantize(ops: HiggsOperands, dtype: torch.dtype, rotated: bool) -> torch.T
 
 
 def fusable(ops: HiggsOperands) -> bool:
-    """Whether the fused HIGGS kernel runs this weight: a byte-aligned code width and groups
-    of whole 16-byte chunks."""
+    """Whether the fused HIGGS kernel runs this weight: a byte-aligned code width (``ops.bits``
+    is the width of one code, :data:`HIGGS_MATVEC_GRIDS`) and groups of whole 16-byte chunks."""
     return (ops.p, ops.bits) in HIGGS_MATVEC_GRIDS and ops.group_bytes % 16 == 0
 
 

@@ -37,8 +37,9 @@ KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}
 SCALE_FORMATS = {"float32": 0, "bfloat16": 1, "float16": 2, "dq8": 3, "dq8s": 4}
 #: Token counts the fused kernels are compiled for (a launch uses the smallest T >= tokens).
 TOKEN_TILES = (1, 2, 4, 8, 16)
-#: (p, bits) of the HIGGS grids the fused HIGGS matvec handles (byte-aligned code widths);
-#: others (3- and 6-bit codes) decode the rotated weight and multiply.
+#: (p, code bits) the fused HIGGS matvec handles: grid dimension and bits of one code, that is
+#: ``log2`` of the grid's points (``bits per weight * p``); byte-aligned code widths only, others
+#: (3- and 6-bit codes) decode the rotated weight and multiply.
 HIGGS_MATVEC_GRIDS = ((1, 2), (1, 4), (1, 8), (2, 4), (2, 8))
 #: Bytes of codes per lane load in the fused kernels.
 MATVEC_CHUNK = 16

@@ -9,6 +9,9 @@ types as peers; the per-layer study; mixed allocations from the linearity theore
 - :func:`per_layer_study`: KL with one layer quantized, beside weight and output error.
 - :func:`fake_quantized`, :func:`allocate_model`, :func:`calibrate_errors`.
 - :func:`format_table`, :func:`compare`, :func:`ranking`: tables and paired comparisons.
+- :mod:`bofrs.eval.linearity` (sensitivities, per-layer errors, perplexity),
+  :mod:`bofrs.eval.knapsack` (the exact allocation), :mod:`bofrs.eval.data` (offline text and
+  models, also as ``bofrs.evaldata``), :mod:`bofrs.eval.quantized` (one weight in one format).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from bofrs._allocate import Allocation, allocate
-from bofrs._linearity import build_menu, linear_layers
+from bofrs.eval.knapsack import Allocation, allocate
+from bofrs.eval.linearity import build_menu, linear_layers
 from bofrs.eval.fake import fake_quantized
 
 
@@ -31,7 +31,7 @@ def calibrate_errors(
     multiplies the format's ``t^2`` in the returned errors (formats predicted to change the
     loss by under 1e-4 keep ``c_f = 1``). Returns ``(scaled errors, {format: c_f})``, ready for
     :func:`allocate_model`."""
-    from bofrs._linearity import METRICS, _metric
+    from bofrs.eval.linearity import METRICS, _metric
 
     if metric not in METRICS or metric == "perplexity":
         raise ValueError(f"metric must be 'cross_entropy' or 'kl', got {metric!r}")

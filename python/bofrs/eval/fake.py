@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bofrs._linearity import dequantized, linear_layers
+from bofrs.eval.linearity import linear_layers
+from bofrs.eval.quantized import parse_formats
+from bofrs.formats.format import Format
 
 
 @dataclass(frozen=True)
@@ -30,22 +32,22 @@ class DecodedFormat:
 
 
 @contextmanager
-def fake_quantized(model: nn.Module, choice: str | Mapping[str, str]) -> Iterator[nn.Module]:
+def fake_quantized(model: nn.Module, choice: str | Format | Mapping[str, str | Format]) -> Iterator[nn.Module]:
     """Within the block, ``model``'s Linear layers hold their weights quantized and decoded
     again (fake quantization): every layer but ``lm_head`` in one format spec (as
-    :func:`bofrs.layer_errors`), or each named layer of a ``{layer: spec}`` mapping (an
+    :class:`bofrs.Format` or its spec string), or each named layer of a ``{layer: spec}`` mapping (an
     allocation). The original weights come back exactly on exit, also on error."""
-    if isinstance(choice, str):
+    if isinstance(choice, (str, Format)):
         layers = linear_layers(model)
-        plan = {name: choice for name in layers}
+        plan = dict.fromkeys(layers, Format.parse(choice))
     else:
         layers = linear_layers(model, ())
         unknown = [n for n in choice if n not in layers]
         if unknown:
             raise ValueError(f"choice: no Linear layer named {unknown[0]!r}")
-        plan = dict(choice)
+        plan = dict(zip(choice, parse_formats(list(choice.values()), "choice")))
     with torch.no_grad():
-        decoded = {name: dequantized(layers[name].weight, spec) for name, spec in plan.items()}
+        decoded = {name: fmt.fake_quantize(layers[name].weight) for name, fmt in plan.items()}
     with swapped(layers, decoded):
         yield model
 

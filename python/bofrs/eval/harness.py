@@ -12,13 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from bofrs._linearity import _quantized_error, linear_layers
+from bofrs.eval.linearity import linear_layers
+from bofrs.eval.quantized import parse_formats, quantized
 from bofrs.eval.fake import DecodedFormat, swapped
 from bofrs.eval.forward import next_token_logits
 from bofrs.eval.progress import Progress
 from bofrs.eval.reference import ReferenceLogProbs
 from bofrs.eval.scoring import TokenScores, score_window
 from bofrs.eval.stats import UNITS, Bootstrap, Interval, unit_of_token
+from bofrs.formats.format import Format
 
 #: A format to evaluate: a spec string, ``(name, {layer: spec})`` (an allocation), or decoded
 #: weights (:class:`DecodedFormat`).
@@ -66,17 +68,29 @@ def _decode(
         extra.update(dict(entry.info))
         return bits, t2, decoded, extra
     if isinstance(entry, str):
-        plan = {n: entry for n in layers}
+        plan = dict.fromkeys(layers, Format.parse(entry))
     else:
-        plan = dict(entry[1])
-        if set(plan) != set(layers):
-            raise ValueError(f"formats: allocation {entry[0]!r} must name every evaluated layer")
-        extra["choices"] = plan
+        extra["choices"] = dict(entry[1])
+        plan = dict(zip(entry[1], parse_formats(list(entry[1].values()), f"formats: {entry[0]!r}")))
     for name, layer in layers.items():
-        bits[name], t2[name], back = _quantized_error(layer.weight, plan[name])
+        bits[name], t2[name], back = quantized(layer.weight, plan[name])
         if keep:
             decoded[name] = back.to(dtype=layer.weight.dtype, device=layer.weight.device)
     return bits, t2, decoded, extra
+
+
+def _check_entries(entries: Sequence[FormatEntry], layers: Mapping[str, nn.Linear]) -> None:
+    """Every spec parsed and every allocation checked before the (slow) reference pass."""
+    for entry in entries:
+        if isinstance(entry, str):
+            parse_formats([entry])
+        elif isinstance(entry, tuple):
+            label, plan = entry
+            if set(plan) != set(layers):
+                raise ValueError(f"formats: allocation {label!r} must name every evaluated layer")
+            parse_formats(list(plan.values()), f"formats: {label!r}")
+        elif not isinstance(entry, DecodedFormat):
+            raise TypeError(f"formats: a spec string, (name, {{layer: spec}}) or DecodedFormat, got {type(entry).__name__}")
 
 
 def _coverage(model: nn.Module, layers: Mapping[str, nn.Linear]) -> dict[str, Any]:
@@ -220,12 +234,14 @@ def evaluate_formats(
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     entries = list(formats)
+    _check_entries(entries, layers)
     labels = [_label(e) for e in entries]
     if len(set(labels)) != len(labels):
         raise ValueError(f"formats: a name appears twice in {labels}")
     if tokens is not None and baseline is not None and baseline not in labels:
         entries.insert(0, baseline)
         labels.insert(0, baseline)
+        parse_formats([baseline], "baseline")
     sizes = {n: layer.weight.numel() for n, layer in layers.items()}
     total = sum(sizes.values())
     result: dict[str, Any] = {"layers": {n: {"numel": s} for n, s in sizes.items()}, "formats": {}}

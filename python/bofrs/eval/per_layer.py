@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from bofrs._linearity import _quantized_error, linear_layers
+from bofrs.eval.linearity import linear_layers
+from bofrs.eval.quantized import parse_formats, quantized
 from bofrs.eval.fake import swapped
 from bofrs.eval.forward import next_token_logits
 from bofrs.eval.scoring import score_window
 from bofrs.eval.progress import Progress
+from bofrs.formats.format import Format
 
 
 class InputMoments:
@@ -107,7 +109,7 @@ def _cached_prefix(blocks: Sequence[nn.Module], outputs: Sequence[Any], upto: in
     patched = []
     try:
         for j in range(upto):
-            blocks[j].forward = lambda *args, _out=outputs[j], **kwargs: _out  # type: ignore[method-assign, misc]
+            blocks[j].forward = lambda *args, _out=outputs[j], **kwargs: _out
             patched.append(blocks[j])
         yield
     finally:
@@ -125,7 +127,7 @@ def _detached(value: Any) -> Any:
 
 def per_layer_study(
     model: nn.Module,
-    formats: Sequence[str],
+    formats: Sequence[str | Format],
     tokens: torch.Tensor,
     *,
     layers: Sequence[str] | None = None,
@@ -157,7 +159,8 @@ def per_layer_study(
         raise ValueError("tokens must be (windows, length) ids with length >= 2")
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride < tokens.shape[1]:
         raise ValueError(f"stride must be an int in 1..{tokens.shape[1] - 1}, got {stride!r}")
-    specs = list(formats)
+    specs = [str(f) if not isinstance(f, str) else f for f in formats]
+    parsed = parse_formats(list(formats))
     length = tokens.shape[1]
     positions = torch.arange(stride - 1, length - 1, stride)
     blocks, block_of = _blocks(model, list(targets)) if reuse_prefix else ([], {})
@@ -197,9 +200,9 @@ def per_layer_study(
                 "t2": {}, "output_error": {}, "bits": {}, "kl": {},
             }  # fmt: skip
             upto = block_of.get(name, 0)
-            for spec in specs:
+            for spec, fmt in zip(specs, parsed):
                 bar.label(f"{name} {spec}")
-                bits, t2, back = _quantized_error(layer.weight, spec)
+                bits, t2, back = quantized(layer.weight, fmt)
                 decoded = back.to(dtype=layer.weight.dtype, device=layer.weight.device)
                 record["bits"][spec], record["t2"][spec] = bits, t2
                 record["output_error"][spec] = output_error(layer.weight, back, moment)

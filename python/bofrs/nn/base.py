@@ -3,10 +3,13 @@ autograd product, and packed buffers that keep their dtype under ``module.to(dty
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
+
+from bofrs.formats.tensor import QuantizedTensor
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -45,6 +48,8 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = (int(d) for d in shape)
         self.weight_dtype: torch.dtype = dtype
         self.fused_max_tokens = fused_max_tokens
+        #: Values derived from the packed buffers (operands, the packed tensor), see :meth:`_cached`.
+        self._caches: dict[str, tuple[tuple[torch.Tensor | None, ...], tuple[int, ...], Any]] = {}
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
                 raise ValueError(f"bias must be a tensor of shape ({self.out_features},)")
@@ -55,6 +60,41 @@ class PackedLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` without bias."""
         raise NotImplementedError
+
+    def packed_buffer_names(self) -> tuple[str, ...]:
+        """The buffers that together hold the packed weight."""
+        raise NotImplementedError
+
+    @property
+    def packed(self) -> QuantizedTensor:
+        """The weight as a packed tensor (views of the buffers)."""
+        raise NotImplementedError
+
+    def _cached(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()``, kept under ``key`` while every packed buffer is the same object at the
+        same version (holding the tensors keeps their ids unique while cached); replaced or
+        modified buffers rebuild it."""
+        present = self._buffers
+        names = self.packed_buffer_names()
+        cache = self._caches.get(key)
+        if cache is not None:
+            tensors, versions, value = cache
+            if len(tensors) == len(names):
+                for name, tensor, version in zip(names, tensors, versions):
+                    now = present.get(name)
+                    if now is not tensor or (now is not None and now._version != version):
+                        break
+                else:
+                    return value
+        tensors = tuple(present.get(n) for n in names)
+        versions = tuple(-1 if t is None else t._version for t in tensors)
+        value = build()
+        self._caches[key] = (tensors, versions, value)
+        return value
+
+    def invalidate_caches(self) -> None:
+        """Drops every value derived from the packed buffers (they are rebuilt on next use)."""
+        self._caches.clear()
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The decoded weight ``[out_features, in_features]``."""
@@ -96,4 +136,5 @@ class PackedLinear(nn.Module):
         return self
 
     def _after_apply(self) -> None:
-        """Hook run after ``module.to`` (cache invalidation)."""
+        """Hook run after ``module.to``: the derived values are stale."""
+        self.invalidate_caches()

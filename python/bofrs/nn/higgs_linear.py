@@ -7,14 +7,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import _cuda, _native
-from .._cuda import _higgs as _cuda_higgs
-from .._cuda._hadamard import hadamard_groups
-from .._grids import Grid
-from .._hadamard import hadamard
-from .._higgs import HiggsTensor, pack_higgs
-from .base import PackedLinear
-from .linear import FUSED_MAX_TOKENS
+from bofrs import _cuda, _native
+from bofrs._cuda import _higgs as _cuda_higgs
+from bofrs._cuda._hadamard import hadamard_groups
+from bofrs.formats.hadamard import hadamard
+from bofrs.formats.higgs.grids import Grid
+from bofrs.formats.higgs.tensor import HiggsTensor, pack_higgs
+from bofrs.nn.base import PackedLinear
+from bofrs.nn.linear import FUSED_MAX_TOKENS
 
 
 class HiggsLinear(PackedLinear):
@@ -51,7 +51,6 @@ class HiggsLinear(PackedLinear):
         self.register_buffer("codes", packed.codes)
         self.register_buffer("scales", packed.scales)
         self.register_buffer("grid_points", torch.from_numpy(np.array(packed.grid.points, dtype=np.float32)))
-        self._cuda_cache: tuple[tuple[torch.Tensor, ...], tuple[int, ...], _cuda_higgs.HiggsOperands] | None = None
 
     @classmethod
     def from_linear(
@@ -77,7 +76,11 @@ class HiggsLinear(PackedLinear):
 
     @property
     def packed(self) -> HiggsTensor:
-        """The weight as a :class:`bofrs.HiggsTensor` (views of the buffers)."""
+        """The weight as a :class:`bofrs.HiggsTensor` (views of the buffers; the same object while
+        the buffers are unchanged, so its CUDA operands are validated once)."""
+        return self._cached("packed", self._build_packed)  # type: ignore[no-any-return]
+
+    def _build_packed(self) -> HiggsTensor:
         points = self.grid_points.detach().cpu().numpy().reshape(self.grid_n, self.grid_p)
         grid = Grid(self.grid_p, self.grid_n, points, self.grid_mse)
         return HiggsTensor(
@@ -96,17 +99,7 @@ class HiggsLinear(PackedLinear):
 
     def _cuda_operands(self) -> _cuda_higgs.HiggsOperands:
         """CUDA operands, cached until the buffers are replaced or modified in place."""
-        buffers = (self.codes, self.scales, self.grid_points)
-        versions = tuple(b._version for b in buffers)
-        cache = self._cuda_cache
-        if cache is not None and all(a is b for a, b in zip(cache[0], buffers)) and cache[1] == versions:
-            return cache[2]
-        ops = self.packed.cuda_operands()
-        self._cuda_cache = (buffers, versions, ops)
-        return ops
-
-    def _after_apply(self) -> None:
-        self._cuda_cache = None
+        return self.packed.cuda_operands()
 
     def _cuda_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The CUDA product: rotate (kernel), then the fused HIGGS matvec for up to

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import _cuda
-from .._codebooks import Codebook
-from .._cuda import _blockwise as _cuda_blockwise
-from .._cuda._hadamard import hadamard_groups
-from .._hadamard import hadamard
-from .._inputs import dtype_name
-from .._linear import _ELEMENT, Operands, check_activations, fusable, fused_rows, operands
-from .._outliers import Outliers
-from .._pack import pack
-from .._packed import PackedTensor
-from .base import PackedLinear
+from bofrs import _cuda
+from bofrs._cuda import _blockwise as _cuda_blockwise
+from bofrs._cuda._hadamard import hadamard_groups
+from bofrs._dtypes import NATIVE_FLOATS, dtype_name
+from bofrs.formats.blockwise.codebooks import Codebook
+from bofrs.formats.blockwise.matmul import (
+    Operands,
+    check_activations,
+    fusable,
+    fused_rows,
+    operands,
+)
+from bofrs.formats.blockwise.outliers import Outliers
+from bofrs.formats.blockwise.packed import PackedTensor
+from bofrs.formats.hadamard import hadamard
+from bofrs.formats.pack import pack
+from bofrs.nn.base import PackedLinear
 
 #: Token counts up to this use the fused kernel on CPU; larger batches decode the weight once and
 #: call ``F.linear``. Measured with ``benches/bench_matvec_vs_peers.py --crossover`` (4096x4096,
@@ -93,8 +97,6 @@ class QuantLinear(PackedLinear):
             self.outlier_q = packed.outliers.q
             self.register_buffer("outlier_indices", packed.outliers.indices)
             self.register_buffer("outlier_values", packed.outliers.values)
-        self._cache: tuple[tuple[torch.Tensor | None, ...], tuple[int, ...], _Fused | None] | None = None
-        self._cuda_cache: tuple[tuple[torch.Tensor | None, ...], tuple[int, ...], _CudaFused] | None = None
 
     def packed_buffer_names(self) -> tuple[str, ...]:
         """The buffers that together hold the packed weight."""
@@ -149,7 +151,11 @@ class QuantLinear(PackedLinear):
 
     @property
     def packed(self) -> PackedTensor:
-        """The weight as a :class:`PackedTensor` (views of the buffers, no copy)."""
+        """The weight as a :class:`PackedTensor` (views of the buffers, no copy; the same object
+        while the buffers are unchanged, so its CUDA operands are validated once)."""
+        return self._cached("packed", self._build_packed)  # type: ignore[no-any-return]
+
+    def _build_packed(self) -> PackedTensor:
         outliers = None
         if self.outlier_q is not None:
             outliers = Outliers(
@@ -183,7 +189,7 @@ class QuantLinear(PackedLinear):
             return self._cuda_cached().apply(rows, self.fused_max_tokens).view(
                 *x.shape[:-1], self.out_features
             )
-        element = _ELEMENT.get(x.dtype)
+        element = NATIVE_FLOATS.get(x.dtype)
         ops = None
         if element is not None and x.is_cpu and rows.shape[0] <= self.fused_max_tokens:
             ops = self._operands()
@@ -201,35 +207,11 @@ class QuantLinear(PackedLinear):
             packed = self.packed
             return _Fused.of(packed) if fusable(packed) else None
 
-        return self._cached("_cache", build)  # type: ignore[no-any-return]
+        return self._cached("fused", build)  # type: ignore[no-any-return]
 
     def _cuda_cached(self) -> _CudaFused:
         """The CUDA operands, cached like :meth:`_operands`."""
-        return self._cached("_cuda_cache", lambda: _CudaFused.of(self.packed))  # type: ignore[no-any-return]
-
-    def _cached(self, slot: str, build: Callable[[], object]) -> object:
-        """``build()``, kept in attribute ``slot`` while the packed buffers are the same objects
-        at the same versions (holding the tensors keeps their ids unique while cached)."""
-        present = self._buffers
-        cache = getattr(self, slot)
-        if cache is not None:
-            tensors, versions, value = cache
-            # Every packed buffer slot holds the same object (or the same None) at the same version.
-            for name, tensor, version in zip(_PACKED_BUFFERS, tensors, versions):
-                now = present.get(name)
-                if now is not tensor or (now is not None and now._version != version):
-                    break
-            else:
-                return value
-        tensors = tuple(present.get(n) for n in _PACKED_BUFFERS)
-        versions = tuple(-1 if t is None else t._version for t in tensors)
-        value = build()
-        setattr(self, slot, (tensors, versions, value))
-        return value
-
-    def _after_apply(self) -> None:
-        self._cache = None
-        self._cuda_cache = None
+        return self._cached("cuda", lambda: _CudaFused.of(self.packed))  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
         return (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .linear import QuantLinear
+from bofrs.nn.linear import QuantLinear
 
 
 def lora_config(**kwargs: Any) -> Any:

@@ -3,9 +3,9 @@
 //! and activation mode, and the weight rate; `BOFRS_NUM_THREADS=1` gives the single-core rate. For exploring kernel
 //! variants only: the timing claims come from benches/bench_matvec_vs_peers.py.
 
-use bofrs_core::codebook::NF4;
-use bofrs_core::element::f32_to_bf16;
-use bofrs_core::matvec::{matvec_with_options, Activations, MatShape};
+use bofrs_core::blockwise::codebook::NF4;
+use bofrs_core::blockwise::matvec::{matvec_with_options, Activations, MatShape, PackedMatrix};
+use bofrs_core::numeric::element::f32_to_bf16;
 use bofrs_core::{Bf16, Codebook, Isa};
 use std::time::Instant;
 
@@ -43,15 +43,20 @@ fn main() {
         in_features: n_in,
         block_size: bs,
     };
+    let weight = PackedMatrix {
+        shape,
+        codes: &codes,
+        scales: &scales,
+        codebook: &cb,
+    };
     let mut out = vec![0f32; batch * n_out];
     let mut reference: Option<Vec<f32>> = None;
     let modes = Isa::supported()
         .into_iter()
         .flat_map(|i| Activations::ALL.map(|a| (i, a)));
     for (isa, mode) in modes {
-        let run = |out: &mut [f32]| {
-            matvec_with_options(isa, mode, shape, batch, &codes, &scales, &cb, &x, out).unwrap()
-        };
+        let run =
+            |out: &mut [f32]| matvec_with_options(isa, mode, &weight, batch, &x, out).unwrap();
         run(&mut out);
         let mut times = Vec::new();
         for _ in 0..5 {

@@ -3,13 +3,13 @@
 //! `cargo run --release --example opq_time [isa] [variant]`; with a variant, just loops it (for perf).
 //! Outliers are laid out as `bofrs.pack` does (parts, then uint32 indices and u16 values).
 
-use bofrs_core::buffer::zeroed_vec;
-use bofrs_core::codebook::NF4;
-use bofrs_core::element::f32_to_bf16;
-use bofrs_core::encode::{
+use bofrs_core::blockwise::codebook::NF4;
+use bofrs_core::blockwise::encode::{
     pack_ext_parts_with_isa, split_outliers, EncodeOptions, PackBuffers, PackExtras,
 };
-use bofrs_core::opq::{OpqOptions, OutlierDType};
+use bofrs_core::blockwise::opq::{OpqOptions, OutlierDType};
+use bofrs_core::numeric::element::f32_to_bf16;
+use bofrs_core::runtime::buffer::zeroed_vec;
 use bofrs_core::{Bf16, Codebook, Isa, Normalization, ScaleDType};
 use std::time::Instant;
 

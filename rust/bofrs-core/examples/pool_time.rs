@@ -1,6 +1,6 @@
 //! Round trip of an empty job through the pool (wake-up + hand-back), and of a small
 //! par_iter: `cargo run --release --example pool_time`.
-use bofrs_core::pool::pool;
+use bofrs_core::runtime::pool::pool;
 use rayon::prelude::*;
 use std::time::Instant;
 fn main() {

@@ -1,8 +1,9 @@
 //! Built-in codebook tables.
 
 use crate::detach::run;
-use bofrs_core::codebook::{int4_levels, FP4, NF4};
-use bofrs_core::{af4, bof4, Error};
+use bofrs_core::blockwise::codebook::{af4, bof4};
+use bofrs_core::blockwise::codebook::{int4_levels, FP4, NF4};
+use bofrs_core::Error;
 use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
 

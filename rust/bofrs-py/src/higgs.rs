@@ -1,19 +1,20 @@
 //! HIGGS: the Hadamard transform, Gaussian grids, group-wise pack/unpack; and the knapsack
 //! allocation of the linearity theorem.
 
+use crate::convert::{contiguous, isa_or_best, with_floats, ElementName, FloatArray, Parsed};
 use crate::detach::run;
 use crate::errors::to_py;
-use crate::packing::{as_halfs, contiguous};
-use crate::runtime::parse_isa;
-use bofrs_core::buffer::zeroed_vec;
-use bofrs_core::hadamard::hadamard_rows_with_isa;
 use bofrs_core::higgs::{
     gaussian_grid, higgs_matvec, higgs_pack, higgs_unpack, GridSearch, HiggsLayout,
 };
-use bofrs_core::{allocate, Bf16, Element, ScaleDType, F16};
+use bofrs_core::numeric::hadamard::hadamard_rows_with_isa;
+use bofrs_core::runtime::buffer::zeroed_vec;
+use bofrs_core::{allocate, Element, Isa, ScaleDType};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+
+/// Codes and scales of a packed weight.
+type Packed<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>);
 
 /// The orthonormal Walsh-Hadamard transform of every run of `size` values (a new array).
 #[pyfunction]
@@ -22,9 +23,9 @@ fn hadamard<'py>(
     py: Python<'py>,
     data: PyReadonlyArray1<'py, f32>,
     size: usize,
-    isa: Option<&str>,
+    isa: Option<Parsed<Isa>>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    let isa = parse_isa(isa)?;
+    let isa = isa_or_best(isa);
     let values = contiguous(&data, "data")?;
     let out = run(py, || {
         if let Some(index) = values.iter().position(|v| !v.is_finite()) {
@@ -60,7 +61,7 @@ fn pack_typed<'py, E: Element>(
     layout: HiggsLayout,
     grid: &GridSearch,
     scale_dtype: ScaleDType,
-) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+) -> PyResult<Packed<'py>> {
     let (codes, scales) = run(py, || {
         let mut codes = zeroed_vec::<u8>(layout.code_bytes());
         let mut scales = vec![0f32; layout.num_groups()];
@@ -75,36 +76,24 @@ fn pack_typed<'py, E: Element>(
 #[allow(clippy::too_many_arguments)]
 fn pack_higgs<'py>(
     py: Python<'py>,
-    data: &Bound<'py, PyAny>,
-    element: &str,
+    data: FloatArray<'py>,
+    element: ElementName,
     rows: usize,
     cols: usize,
     group_size: usize,
     p: usize,
     points: PyReadonlyArray1<'py, f32>,
-    scale_dtype: &str,
-) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+    scale_dtype: Parsed<ScaleDType>,
+) -> PyResult<Packed<'py>> {
     let grid = search(p, &points)?;
     let layout = HiggsLayout::new(rows, cols, group_size, &grid).map_err(to_py)?;
-    let scale_dtype = ScaleDType::parse(scale_dtype).map_err(to_py)?;
-    match element {
-        "float32" => {
-            let arr: PyReadonlyArray1<'py, f32> = data.extract()?;
-            pack_typed(py, contiguous(&arr, "data")?, layout, &grid, scale_dtype)
-        }
-        "bfloat16" | "float16" => {
-            let arr: PyReadonlyArray1<'py, u16> = data.extract()?;
-            let bits = contiguous(&arr, "data")?;
-            if element == "bfloat16" {
-                pack_typed(py, as_halfs::<Bf16>(bits), layout, &grid, scale_dtype)
-            } else {
-                pack_typed(py, as_halfs::<F16>(bits), layout, &grid, scale_dtype)
-            }
-        }
-        other => Err(PyTypeError::new_err(format!(
-            "element must be 'float32', 'bfloat16' or 'float16', got {other:?}"
-        ))),
-    }
+    with_floats!(data.view(element, "data")?, |x| pack_typed(
+        py,
+        x,
+        layout,
+        &grid,
+        scale_dtype.0
+    ))
 }
 
 /// Decodes HIGGS codes to float32: `rows x cols` in the original basis, or

@@ -5,6 +5,7 @@
 //! arrays (bf16 / f16 as their `uint16` bits) and go out as numpy arrays without copies.
 
 mod codebooks;
+mod convert;
 mod detach;
 mod errors;
 mod higgs;

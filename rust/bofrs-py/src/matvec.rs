@@ -1,61 +1,41 @@
 //! The fused 4-bit matrix-vector product over numpy arrays.
 
+use crate::convert::{
+    codebook, contiguous, isa_or_best, with_floats, ElementName, FloatArray, Parsed,
+};
 use crate::detach::run;
-use crate::runtime::parse_isa;
-use bofrs_core::buffer::zeroed_vec;
-use bofrs_core::matvec::{matvec_with_options, Activation, Activations, MatShape};
-use bofrs_core::{Bf16, Codebook, Isa, F16};
+use bofrs_core::blockwise::matvec::{matvec_with_options, Activations, MatShape, PackedMatrix};
+use bofrs_core::runtime::buffer::zeroed_vec;
+use bofrs_core::{Element, Isa};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-fn contiguous<'a, T: numpy::Element>(
-    a: &'a PyReadonlyArray1<'_, T>,
-    name: &str,
-) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{name} must be a contiguous 1-D array")))
-}
-
-/// Views raw u16 bits as a 16-bit float element type (both are `repr(transparent)` over u16).
-fn as_halfs<T>(bits: &[u16]) -> &[T] {
-    debug_assert_eq!(std::mem::size_of::<T>(), 2);
-    // SAFETY: T is Bf16 or F16, `repr(transparent)` wrappers of u16 with the same layout.
-    unsafe { std::slice::from_raw_parts(bits.as_ptr() as *const T, bits.len()) }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn product<X: Activation>(
+/// The product of `weight` with `batch` activation rows `x`, into a new vector.
+fn product<X: Element>(
     py: Python<'_>,
-    isa: Isa,
-    activations: Activations,
-    shape: MatShape,
+    (isa, activations): (Isa, Activations),
+    weight: &PackedMatrix<'_>,
     batch: usize,
-    codes: &[u8],
-    scales: &[f32],
-    codebook: &Codebook,
     x: &[X],
 ) -> PyResult<Vec<f32>> {
     // Validate before allocating the output (its size comes from the caller's numbers).
     let n_out = batch
-        .checked_mul(shape.out_features)
+        .checked_mul(weight.shape.out_features)
         .ok_or_else(|| PyValueError::new_err("batch * out_features overflows"))?;
-    shape
-        .check(batch, codes.len(), scales.len(), x.len(), n_out)
+    weight
+        .shape
+        .check(
+            batch,
+            weight.codes.len(),
+            weight.scales.len(),
+            x.len(),
+            n_out,
+        )
         .map_err(crate::errors::to_py)?;
     run(py, || {
         let mut out = zeroed_vec::<f32>(n_out);
-        matvec_with_options(
-            isa,
-            activations,
-            shape,
-            batch,
-            codes,
-            scales,
-            codebook,
-            x,
-            &mut out,
-        )?;
+        matvec_with_options(isa, activations, weight, batch, x, &mut out)?;
         Ok(out)
     })
 }
@@ -73,8 +53,8 @@ fn product<X: Activation>(
 #[allow(clippy::too_many_arguments)]
 fn matvec<'py>(
     py: Python<'py>,
-    x: &Bound<'py, PyAny>,
-    element: &str,
+    x: FloatArray<'py>,
+    element: ElementName,
     batch: usize,
     codes: PyReadonlyArray1<'py, u8>,
     scales: PyReadonlyArray1<'py, f32>,
@@ -82,80 +62,27 @@ fn matvec<'py>(
     out_features: usize,
     in_features: usize,
     block_size: usize,
-    isa: Option<&str>,
-    activations: Option<&str>,
+    isa: Option<Parsed<Isa>>,
+    activations: Option<Parsed<Activations>>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    let codebook = Codebook::new(contiguous(&levels, "levels")?).map_err(crate::errors::to_py)?;
-    let isa = parse_isa(isa)?;
-    let activations = match activations {
-        None => Activations::Float,
-        Some(name) => Activations::parse(name).ok_or_else(|| {
-            let names: Vec<String> = Activations::ALL
-                .iter()
-                .map(|a| format!("'{}'", a.name()))
-                .collect();
-            PyValueError::new_err(format!(
-                "activations must be one of {}, got {name:?}",
-                names.join(", ")
-            ))
-        })?,
+    let codebook = codebook(&levels)?;
+    let mode = (
+        isa_or_best(isa),
+        activations.map_or(Activations::Float, |a| a.0),
+    );
+    let weight = PackedMatrix {
+        shape: MatShape {
+            out_features,
+            in_features,
+            block_size,
+        },
+        codes: contiguous(&codes, "codes")?,
+        scales: contiguous(&scales, "scales")?,
+        codebook: &codebook,
     };
-    let shape = MatShape {
-        out_features,
-        in_features,
-        block_size,
-    };
-    let (c, s) = (contiguous(&codes, "codes")?, contiguous(&scales, "scales")?);
-    let out = match element {
-        "float32" => {
-            let arr: PyReadonlyArray1<'py, f32> = x.extract()?;
-            product(
-                py,
-                isa,
-                activations,
-                shape,
-                batch,
-                c,
-                s,
-                &codebook,
-                contiguous(&arr, "x")?,
-            )?
-        }
-        "bfloat16" | "float16" => {
-            let arr: PyReadonlyArray1<'py, u16> = x.extract()?;
-            let bits = contiguous(&arr, "x")?;
-            if element == "bfloat16" {
-                product(
-                    py,
-                    isa,
-                    activations,
-                    shape,
-                    batch,
-                    c,
-                    s,
-                    &codebook,
-                    as_halfs::<Bf16>(bits),
-                )?
-            } else {
-                product(
-                    py,
-                    isa,
-                    activations,
-                    shape,
-                    batch,
-                    c,
-                    s,
-                    &codebook,
-                    as_halfs::<F16>(bits),
-                )?
-            }
-        }
-        other => {
-            return Err(PyTypeError::new_err(format!(
-                "element must be 'float32', 'bfloat16' or 'float16', got {other:?}"
-            )))
-        }
-    };
+    let out = with_floats!(x.view(element, "x")?, |x| product(
+        py, mode, &weight, batch, x
+    ))?;
     Ok(out.into_pyarray(py))
 }
 

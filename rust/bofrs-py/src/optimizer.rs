@@ -1,12 +1,14 @@
 //! The BOF4 codebook optimizer: Gaussian (theoretical) and histogram (data-driven) targets.
 
+use crate::convert::{with_floats, ElementName, FloatArray, Parsed};
 use crate::detach::run;
 use crate::errors::to_py;
-use crate::packing::{as_halfs, contiguous};
-use bofrs_core::bof4::{self, Metric, OptimizeOptions, Optimized, Target, WeightHistogram};
-use bofrs_core::{Bf16, Normalization, F16};
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use bofrs_core::blockwise::codebook::bof4::{
+    self, Metric, OptimizeOptions, Optimized, WeightHistogram,
+};
+use bofrs_core::Normalization;
+use numpy::{IntoPyArray, PyArray1};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 /// `(levels, iterations, converged, error)` as Python sees an optimization result.
@@ -37,13 +39,6 @@ fn options(
     }
 }
 
-fn parse(metric: &str, normalization: &str) -> PyResult<(Metric, Normalization)> {
-    Ok((
-        Metric::parse(metric).map_err(to_py)?,
-        Normalization::parse(normalization).map_err(to_py)?,
-    ))
-}
-
 /// Lloyd-optimal levels for blocks of i.i.d. N(0, 1) weights (the theoretical mode).
 #[pyfunction]
 #[pyo3(signature = (block_size, metric, normalization, bits, pinned, init, tolerance, max_iterations))]
@@ -51,18 +46,17 @@ fn parse(metric: &str, normalization: &str) -> PyResult<(Metric, Normalization)>
 fn optimize_gaussian<'py>(
     py: Python<'py>,
     block_size: usize,
-    metric: &str,
-    normalization: &str,
+    metric: Parsed<Metric>,
+    normalization: Parsed<Normalization>,
     bits: u32,
     pinned: Vec<f64>,
     init: Option<Vec<f64>>,
     tolerance: f64,
     max_iterations: usize,
 ) -> PyResult<Solution<'py>> {
-    let (metric, normalization) = parse(metric, normalization)?;
     let options = options(bits, pinned, init, tolerance, max_iterations);
     let solved = run(py, move || {
-        let target = bof4::GaussianTarget::new(block_size, normalization, metric)?;
+        let target = bof4::GaussianTarget::new(block_size, normalization.0, metric.0)?;
         bof4::optimize(&target, &options)
     })?;
     Ok(solution(py, solved))
@@ -74,12 +68,11 @@ fn expected_error(
     py: Python<'_>,
     levels: Vec<f64>,
     block_size: usize,
-    metric: &str,
-    normalization: &str,
+    metric: Parsed<Metric>,
+    normalization: Parsed<Normalization>,
 ) -> PyResult<f64> {
-    let (metric, normalization) = parse(metric, normalization)?;
     run(py, move || {
-        bof4::expected_error(&levels, block_size, metric, normalization)
+        bof4::expected_error(&levels, block_size, metric.0, normalization.0)
     })
 }
 
@@ -95,45 +88,20 @@ impl WeightHistogramBuilder {
     #[pyo3(signature = (block_size, metric, normalization, sample=1.0, seed=0))]
     fn new(
         block_size: usize,
-        metric: &str,
-        normalization: &str,
+        metric: Parsed<Metric>,
+        normalization: Parsed<Normalization>,
         sample: f64,
         seed: u64,
     ) -> PyResult<Self> {
-        let (metric, normalization) = parse(metric, normalization)?;
-        let inner =
-            WeightHistogram::new(block_size, normalization, metric, sample, seed).map_err(to_py)?;
+        let inner = WeightHistogram::new(block_size, normalization.0, metric.0, sample, seed)
+            .map_err(to_py)?;
         Ok(Self { inner })
     }
 
     /// Adds the blocks of one flat tensor: float32, or uint16 bits of bfloat16 / float16.
-    fn add(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>, element: &str) -> PyResult<()> {
+    fn add(&mut self, py: Python<'_>, data: FloatArray<'_>, element: ElementName) -> PyResult<()> {
         let inner = &mut self.inner;
-        match element {
-            "float32" => {
-                let arr: PyReadonlyArray1<'_, f32> = data.extract()?;
-                let values = contiguous(&arr, "data")?;
-                run(py, || inner.add(values))
-            }
-            "bfloat16" | "float16" => {
-                let arr: PyReadonlyArray1<'_, u16> = data.extract()?;
-                let bits = contiguous(&arr, "data")?;
-                if element == "bfloat16" {
-                    run(py, || inner.add(as_halfs::<Bf16>(bits)))
-                } else {
-                    run(py, || inner.add(as_halfs::<F16>(bits)))
-                }
-            }
-            other => Err(PyTypeError::new_err(format!(
-                "element must be 'float32', 'bfloat16' or 'float16', got {other:?}"
-            ))),
-        }
-    }
-
-    /// Values added so far (sampled blocks only).
-    #[getter]
-    fn values(&self) -> u64 {
-        self.inner.values()
+        with_floats!(data.view(element, "data")?, |x| run(py, || inner.add(x)))
     }
 
     /// Lloyd-optimal levels for the values added so far.
@@ -156,15 +124,6 @@ impl WeightHistogramBuilder {
         let inner = &self.inner;
         let solved = run(py, move || bof4::optimize(inner, &options))?;
         Ok(solution(py, solved))
-    }
-
-    /// The weighted error per weight of `levels` on the values added so far.
-    fn error(&self, py: Python<'_>, levels: Vec<f64>) -> PyResult<f64> {
-        let inner = &self.inner;
-        run(py, move || {
-            bof4::check_levels(&levels, "levels")?;
-            Ok(inner.error(&levels))
-        })
     }
 }
 

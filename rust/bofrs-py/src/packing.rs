@@ -1,108 +1,23 @@
-//! `pack` / `unpack` over numpy arrays.
+//! `pack_ext` / `unpack` over numpy arrays.
 
-use crate::detach::run;
-use crate::runtime::parse_isa;
-use bofrs_core::buffer::zeroed_vec;
-use bofrs_core::decode::{unpack_ext_with_isa, OutlierView, Output};
-use bofrs_core::dq::{decode_scales as dq_decode_scales, GROUP};
-use bofrs_core::encode::{
-    pack_ext_parts_with_isa, pack_with_isa, split_outliers, EncodeOptions, PackBuffers, PackExtras,
+use crate::convert::{
+    codebook, contiguous, isa_or_best, with_floats, ElementName, FloatArray, IndexArray, OutDType,
+    Parsed, ScaleArray, ScaleFormat,
 };
-use bofrs_core::opq::{OpqOptions, OutlierDType};
-use bofrs_core::scale::storage_bits;
-use bofrs_core::{Bf16, BlockLayout, Codebook, Element, Normalization, ScaleDType, F16};
+use crate::detach::run;
+use bofrs_core::blockwise::decode::{unpack_with_isa, OutlierView, Packed};
+use bofrs_core::blockwise::dq::{decode_scales as dq_decode_scales, GROUP};
+use bofrs_core::blockwise::encode::{
+    pack_ext_parts_with_isa, split_outliers, EncodeOptions, PackBuffers, PackExtras,
+};
+use bofrs_core::blockwise::opq::{OpqOptions, OutlierDType};
+use bofrs_core::blockwise::scale::storage_bits;
+use bofrs_core::numeric::element::{Half, Kind};
+use bofrs_core::runtime::buffer::zeroed_vec;
+use bofrs_core::{Bf16, BlockLayout, Element, Isa, Normalization, ScaleDType, F16};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-
-type Packed<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>);
-
-pub(crate) fn contiguous<'a, T: numpy::Element>(
-    a: &'a PyReadonlyArray1<'_, T>,
-    name: &str,
-) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{name} must be a contiguous 1-D array")))
-}
-
-fn codebook_from(levels: &PyReadonlyArray1<'_, f32>) -> PyResult<Codebook> {
-    Codebook::new(contiguous(levels, "levels")?).map_err(crate::errors::to_py)
-}
-
-/// Views raw u16 bits as a 16-bit float element type (both are `repr(transparent)` over u16).
-pub(crate) fn as_halfs<T>(bits: &[u16]) -> &[T] {
-    debug_assert_eq!(std::mem::size_of::<T>(), 2);
-    // SAFETY: T is Bf16 or F16, `repr(transparent)` wrappers of u16 with the same layout.
-    unsafe { std::slice::from_raw_parts(bits.as_ptr() as *const T, bits.len()) }
-}
-
-fn as_halfs_mut<T>(bits: &mut [u16]) -> &mut [T] {
-    debug_assert_eq!(std::mem::size_of::<T>(), 2);
-    // SAFETY: as in `as_halfs`.
-    unsafe { std::slice::from_raw_parts_mut(bits.as_mut_ptr() as *mut T, bits.len()) }
-}
-
-fn pack_slice<'py, E: Element>(
-    py: Python<'py>,
-    data: &[E],
-    options: EncodeOptions<'_>,
-    isa: bofrs_core::Isa,
-) -> PyResult<Packed<'py>> {
-    let layout = BlockLayout::new(data.len(), options.block_size).map_err(crate::errors::to_py)?;
-    let (codes, scales) = run(py, || {
-        let mut codes = zeroed_vec::<u8>(layout.code_bytes());
-        let mut scales = vec![0f32; layout.num_blocks()];
-        pack_with_isa(isa, data, &options, &mut codes, &mut scales)?;
-        Ok((codes, scales))
-    })?;
-    Ok((codes.into_pyarray(py), scales.into_pyarray(py)))
-}
-
-/// Packs a flat float array into 4-bit codes and per-block scales.
-///
-/// `data` is float32, or uint16 bits of bfloat16 / float16 (named by `element`). Returns
-/// `(codes, scales)`: `ceil(n/2)` bytes and one float32 scale per block, already rounded to
-/// `scale_dtype`.
-#[pyfunction]
-#[pyo3(signature = (data, element, levels, block_size, normalization, scale_dtype, isa=None))]
-#[allow(clippy::too_many_arguments)]
-fn pack<'py>(
-    py: Python<'py>,
-    data: &Bound<'py, PyAny>,
-    element: &str,
-    levels: PyReadonlyArray1<'py, f32>,
-    block_size: usize,
-    normalization: &str,
-    scale_dtype: &str,
-    isa: Option<&str>,
-) -> PyResult<Packed<'py>> {
-    let codebook = codebook_from(&levels)?;
-    let options = EncodeOptions {
-        codebook: &codebook,
-        block_size,
-        normalization: Normalization::parse(normalization).map_err(crate::errors::to_py)?,
-        scale_dtype: ScaleDType::parse(scale_dtype).map_err(crate::errors::to_py)?,
-    };
-    let isa = parse_isa(isa)?;
-    match element {
-        "float32" => {
-            let arr: PyReadonlyArray1<'py, f32> = data.extract()?;
-            pack_slice(py, contiguous(&arr, "data")?, options, isa)
-        }
-        "bfloat16" | "float16" => {
-            let arr: PyReadonlyArray1<'py, u16> = data.extract()?;
-            let bits = contiguous(&arr, "data")?;
-            if element == "bfloat16" {
-                pack_slice(py, as_halfs::<Bf16>(bits), options, isa)
-            } else {
-                pack_slice(py, as_halfs::<F16>(bits), options, isa)
-            }
-        }
-        other => Err(PyTypeError::new_err(format!(
-            "element must be 'float32', 'bfloat16' or 'float16', got {other:?}"
-        ))),
-    }
-}
 
 /// What `pack_ext` returns: codes, scales (uint16 bits for bfloat16 / float16 scales, else
 /// decoded float32), dq8 scale bytes and group parameters (`None` without double
@@ -128,7 +43,7 @@ enum Indices {
 impl Indices {
     /// Splits `(index, value)` parts (in flat order, see `pack_ext_parts_with_isa`) into
     /// indices of the type for `numel` values and values, in parallel.
-    fn split(parts: &[Vec<bofrs_core::opq::Outlier>], numel: usize) -> (Self, Vec<u16>) {
+    fn split(parts: &[Vec<bofrs_core::blockwise::opq::Outlier>], numel: usize) -> (Self, Vec<u16>) {
         let total = parts.iter().map(Vec::len).sum();
         let mut values = zeroed_vec::<u16>(total);
         // Every index is below `numel`, so the narrowing casts are exact.
@@ -168,7 +83,7 @@ fn pack_ext_slice<'py, E: Element>(
     data: &[E],
     options: EncodeOptions<'_>,
     extras: PackExtras,
-    isa: bofrs_core::Isa,
+    isa: Isa,
 ) -> PyResult<PackedExt<'py>> {
     let layout = BlockLayout::new(data.len(), options.block_size).map_err(crate::errors::to_py)?;
     let blocks = layout.num_blocks();
@@ -215,67 +130,54 @@ fn pack_ext_slice<'py, E: Element>(
     ))
 }
 
-/// `pack` with OPQ outliers (`opq`: the quantile q, or None) and double-quantized scales
+/// Packs a flat float array (float32, or uint16 bits of bfloat16 / float16, named by
+/// `element`) with OPQ outliers (`opq`: the quantile q, or None) and double-quantized scales
 /// (`scale_dtype="dq8"`). Returns `(codes, scales, scale_codes, scale_scales, outlier_indices,
-/// outlier_values)`: scales are the uint16 bits of bfloat16 / float16 scales, else the decoded
-/// float32 values; `scale_codes` (uint8 per block) and
+/// outlier_values)`: `ceil(n/2)` code bytes; scales are the uint16 bits of bfloat16 / float16
+/// scales, else the decoded float32 values; `scale_codes` (uint8 per block) and
 /// `scale_scales` (float32 `[lo, step]` per group of 256) are None without dq8; outlier
 /// indices are ascending, in the smallest of uint16 / uint32 / uint64 that holds every flat
 /// index, values the uint16 bits of `outlier_dtype`.
 #[pyfunction]
-#[pyo3(signature = (data, element, levels, block_size, normalization, scale_dtype, opq=None, outlier_dtype="bfloat16", isa=None))]
+#[pyo3(
+    signature = (data, element, levels, block_size, normalization, scale_dtype, opq=None, outlier_dtype=Parsed(OutlierDType::BFloat16), isa=None),
+    text_signature = "(data, element, levels, block_size, normalization, scale_dtype, opq=None, outlier_dtype='bfloat16', isa=None)"
+)]
 #[allow(clippy::too_many_arguments)]
 fn pack_ext<'py>(
     py: Python<'py>,
-    data: &Bound<'py, PyAny>,
-    element: &str,
+    data: FloatArray<'py>,
+    element: ElementName,
     levels: PyReadonlyArray1<'py, f32>,
     block_size: usize,
-    normalization: &str,
-    scale_dtype: &str,
+    normalization: Parsed<Normalization>,
+    scale_dtype: ScaleFormat,
     opq: Option<f64>,
-    outlier_dtype: &str,
-    isa: Option<&str>,
+    outlier_dtype: Parsed<OutlierDType>,
+    isa: Option<Parsed<Isa>>,
 ) -> PyResult<PackedExt<'py>> {
-    let codebook = codebook_from(&levels)?;
-    let double_quant = scale_dtype == "dq8";
+    let codebook = codebook(&levels)?;
+    let (scale_dtype, double_quant) = match scale_dtype {
+        ScaleFormat::Plain(dtype) => (dtype, false),
+        ScaleFormat::DoubleQuant => (ScaleDType::Float32, true),
+    };
     let options = EncodeOptions {
         codebook: &codebook,
         block_size,
-        normalization: Normalization::parse(normalization).map_err(crate::errors::to_py)?,
-        scale_dtype: if double_quant {
-            ScaleDType::Float32
-        } else {
-            ScaleDType::parse(scale_dtype).map_err(crate::errors::to_py)?
-        },
+        normalization: normalization.0,
+        scale_dtype,
     };
-    let dtype = OutlierDType::parse(outlier_dtype).map_err(crate::errors::to_py)?;
     let extras = PackExtras {
         opq: opq
-            .map(|q| OpqOptions::new(q, dtype))
+            .map(|q| OpqOptions::new(q, outlier_dtype.0))
             .transpose()
             .map_err(crate::errors::to_py)?,
         double_quant,
     };
-    let isa = parse_isa(isa)?;
-    match element {
-        "float32" => {
-            let arr: PyReadonlyArray1<'py, f32> = data.extract()?;
-            pack_ext_slice(py, contiguous(&arr, "data")?, options, extras, isa)
-        }
-        "bfloat16" | "float16" => {
-            let arr: PyReadonlyArray1<'py, u16> = data.extract()?;
-            let bits = contiguous(&arr, "data")?;
-            if element == "bfloat16" {
-                pack_ext_slice(py, as_halfs::<Bf16>(bits), options, extras, isa)
-            } else {
-                pack_ext_slice(py, as_halfs::<F16>(bits), options, extras, isa)
-            }
-        }
-        other => Err(PyTypeError::new_err(format!(
-            "element must be 'float32', 'bfloat16' or 'float16', got {other:?}"
-        ))),
-    }
+    let isa = isa_or_best(isa);
+    with_floats!(data.view(element, "data")?, |x| pack_ext_slice(
+        py, x, options, extras, isa
+    ))
 }
 
 /// OPQ threshold factor t(n, q) = Phi^-1((q^(1/n) + 1) / 2) for a block of n values.
@@ -285,7 +187,7 @@ fn opq_threshold(n: usize, q: f64) -> PyResult<f64> {
     if n == 0 {
         return Err(PyValueError::new_err("n must be at least 1"));
     }
-    Ok(bofrs_core::opq::threshold(n, q))
+    Ok(bofrs_core::blockwise::opq::threshold(n, q))
 }
 
 /// Decodes dq8 scale bytes with their group parameters (`[lo, step]` per 256 scales) to
@@ -306,50 +208,51 @@ fn decode_scales<'py>(
     Ok(out.into_pyarray(py))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn unpack_into<O: Output>(
+/// Decodes `packed` into `out` with the interpreter released.
+fn unpack_into<E: Element>(
     py: Python<'_>,
-    codes: &[u8],
-    scales: &[f32],
-    codebook: &Codebook,
-    block_size: usize,
-    out: &mut [O],
-    isa: bofrs_core::Isa,
-    outliers: Option<OutlierView<'_>>,
+    isa: Isa,
+    packed: &Packed<'_>,
+    out: &mut [E],
 ) -> PyResult<()> {
-    run(py, || {
-        unpack_ext_with_isa(isa, codes, scales, codebook, block_size, outliers, out)
-    })
+    run(py, || unpack_with_isa(isa, packed, out))
 }
 
 /// Decodes codes and scales back to `numel` values: float32, or uint16 bits of bfloat16 /
-/// float16 (named by `out_dtype`). With `outlier_indices` (uint64, ascending) and
-/// `outlier_values` (uint16 bits of `outlier_dtype`), writes the OPQ outliers back.
+/// float16 (named by `out_dtype`). Scales come as stored (`scale_dtype`: float32 values, the
+/// uint16 bits of bfloat16 / float16, or dq8 bytes with `scale_params` and `signed`). With
+/// `outlier_indices` (uint16 / uint32 / uint64, ascending) and `outlier_values` (uint16 bits
+/// of `outlier_dtype`), writes the OPQ outliers back.
 #[pyfunction]
-#[pyo3(signature = (codes, scales, levels, block_size, numel, out_dtype, isa=None, outlier_indices=None, outlier_values=None, outlier_dtype="bfloat16"))]
+#[pyo3(
+    signature = (codes, scales, levels, block_size, numel, out_dtype, isa=None, outlier_indices=None, outlier_values=None, outlier_dtype=Parsed(OutlierDType::BFloat16), scale_dtype=ScaleFormat::Plain(ScaleDType::Float32), scale_params=None, signed=false),
+    text_signature = "(codes, scales, levels, block_size, numel, out_dtype, isa=None, outlier_indices=None, outlier_values=None, outlier_dtype='bfloat16', scale_dtype='float32', scale_params=None, signed=False)"
+)]
 #[allow(clippy::too_many_arguments)]
 fn unpack<'py>(
     py: Python<'py>,
     codes: PyReadonlyArray1<'py, u8>,
-    scales: PyReadonlyArray1<'py, f32>,
+    scales: ScaleArray<'py>,
     levels: PyReadonlyArray1<'py, f32>,
     block_size: usize,
     numel: usize,
-    out_dtype: &str,
-    isa: Option<&str>,
-    outlier_indices: Option<PyReadonlyArray1<'py, u64>>,
+    out_dtype: OutDType,
+    isa: Option<Parsed<Isa>>,
+    outlier_indices: Option<IndexArray<'py>>,
     outlier_values: Option<PyReadonlyArray1<'py, u16>>,
-    outlier_dtype: &str,
+    outlier_dtype: Parsed<OutlierDType>,
+    scale_dtype: ScaleFormat,
+    scale_params: Option<PyReadonlyArray1<'py, f32>>,
+    signed: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let codebook = codebook_from(&levels)?;
-    let isa = parse_isa(isa)?;
-    let (c, s) = (contiguous(&codes, "codes")?, contiguous(&scales, "scales")?);
-    let view = match (&outlier_indices, &outlier_values) {
+    let codebook = codebook(&levels)?;
+    let isa = isa_or_best(isa);
+    let outliers = match (&outlier_indices, &outlier_values) {
         (None, None) => None,
         (Some(i), Some(v)) => Some(OutlierView {
-            indices: contiguous(i, "outlier_indices")?,
+            indices: i.view()?,
             values: contiguous(v, "outlier_values")?,
-            dtype: OutlierDType::parse(outlier_dtype).map_err(crate::errors::to_py)?,
+            dtype: outlier_dtype.0,
         }),
         _ => {
             return Err(PyValueError::new_err(
@@ -357,47 +260,38 @@ fn unpack<'py>(
             ))
         }
     };
-    match out_dtype {
-        "float32" => {
+    let params = match &scale_params {
+        Some(p) => Some(contiguous(p, "scale_params")?),
+        None => None,
+    };
+    let packed = Packed {
+        codes: contiguous(&codes, "codes")?,
+        scales: scales.view(scale_dtype, params, signed)?,
+        codebook: &codebook,
+        block_size,
+        outliers,
+    };
+    // 16-bit values go out as their bits.
+    Ok(match out_dtype.0 {
+        Kind::Float32 => {
             let mut out = zeroed_vec::<f32>(numel);
-            unpack_into(py, c, s, &codebook, block_size, &mut out, isa, view)?;
-            Ok(out.into_pyarray(py).into_any())
+            unpack_into(py, isa, &packed, &mut out)?;
+            out.into_pyarray(py).into_any()
         }
-        "bfloat16" | "float16" => {
+        Kind::BFloat16 => {
             let mut out = zeroed_vec::<u16>(numel);
-            if out_dtype == "bfloat16" {
-                unpack_into(
-                    py,
-                    c,
-                    s,
-                    &codebook,
-                    block_size,
-                    as_halfs_mut::<Bf16>(&mut out),
-                    isa,
-                    view,
-                )?;
-            } else {
-                unpack_into(
-                    py,
-                    c,
-                    s,
-                    &codebook,
-                    block_size,
-                    as_halfs_mut::<F16>(&mut out),
-                    isa,
-                    view,
-                )?;
-            }
-            Ok(out.into_pyarray(py).into_any())
+            unpack_into(py, isa, &packed, Bf16::from_bits_slice_mut(&mut out))?;
+            out.into_pyarray(py).into_any()
         }
-        other => Err(PyTypeError::new_err(format!(
-            "out_dtype must be 'float32', 'bfloat16' or 'float16', got {other:?}"
-        ))),
-    }
+        Kind::Float16 => {
+            let mut out = zeroed_vec::<u16>(numel);
+            unpack_into(py, isa, &packed, F16::from_bits_slice_mut(&mut out))?;
+            out.into_pyarray(py).into_any()
+        }
+    })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(unpack, m)?)?;
     m.add_function(wrap_pyfunction!(pack_ext, m)?)?;
     m.add_function(wrap_pyfunction!(decode_scales, m)?)?;

@@ -1,9 +1,11 @@
 //! Runtime facts: thread pool size, instruction sets, checksums.
 
+use crate::convert::contiguous;
 use crate::detach::run;
-use bofrs_core::{checksum, pool, Isa};
+use bofrs_core::numeric::checksum;
+use bofrs_core::runtime::pool;
+use bofrs_core::Isa;
 use numpy::PyReadonlyArray1;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 /// Threads of the pool the heavy calls use (set by BOFRS_NUM_THREADS before first use).
@@ -21,22 +23,8 @@ fn supported_isas() -> Vec<&'static str> {
 /// CRC-32 (zlib's) of a contiguous uint8 array.
 #[pyfunction]
 fn crc32(py: Python<'_>, data: PyReadonlyArray1<'_, u8>) -> PyResult<u32> {
-    let bytes = data
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("data must be contiguous"))?;
+    let bytes = contiguous(&data, "data")?;
     run(py, || Ok(checksum::crc32(bytes)))
-}
-
-/// Parses an optional kernel variant name.
-pub fn parse_isa(name: Option<&str>) -> PyResult<Isa> {
-    match name {
-        None => Ok(Isa::best()),
-        Some(n) => Isa::parse(n).ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "isa must be one of 'portable', 'avx2', 'avx512', got {n:?}"
-            ))
-        }),
-    }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

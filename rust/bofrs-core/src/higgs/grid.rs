@@ -1,16 +1,16 @@
 //! MSE-optimal grids for standard Gaussian vectors (p = 1 and p = 2), from our own Lloyd code.
 //!
 //! - p = 1: the Lloyd-Max quantizer of N(0, 1) (Max 1960), solved exactly (closed-form region
-//!   integrals, Newton-accelerated Lloyd; see [`crate::bof4`]).
+//!   integrals, Newton-accelerated Lloyd; see [`crate::blockwise::codebook::bof4`]).
 //! - p = 2: the LBG algorithm (start from one point, split every point in two along a seeded
 //!   direction, run Lloyd, repeat) where Lloyd runs on a fixed midpoint quadrature of the
 //!   2-D Gaussian density instead of random samples: deterministic for a seed, whatever the
 //!   number of threads (partial sums are merged in a fixed order).
 
-use crate::bof4::{optimize, GaussianTarget, OptimizeOptions};
+use crate::blockwise::codebook::bof4::{optimize, GaussianTarget, OptimizeOptions};
 use crate::error::{Error, Result};
-use crate::gauss::{bisect, normal_cdf, normal_pdf};
-use crate::pool::pool;
+use crate::numeric::gauss::{bisect, normal_cdf, normal_pdf};
+use crate::runtime::pool::pool;
 use rayon::prelude::*;
 
 /// Half-width of the x range the scalar solver sees, in standard deviations.

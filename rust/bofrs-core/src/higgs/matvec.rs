@@ -5,7 +5,7 @@
 use super::quantize::{decode_group, HiggsLayout};
 use super::search::GridSearch;
 use crate::error::{Error, Result};
-use crate::pool::pool;
+use crate::runtime::pool::pool;
 use rayon::prelude::*;
 
 /// `out[t, r] = sum_c w_rot[r, c] * x_rot[t, c]` for `tokens` rows of rotated activations
@@ -97,9 +97,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blockwise::scale::ScaleDType;
     use crate::higgs::grid::{plane_grid, scalar_grid};
     use crate::higgs::quantize::{higgs_pack, higgs_unpack};
-    use crate::scale::ScaleDType;
 
     #[test]
     fn equals_the_decoded_product() {

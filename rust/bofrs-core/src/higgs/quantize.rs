@@ -4,12 +4,12 @@
 //! whole number of bytes, so groups encode and decode independently, in parallel.
 
 use super::search::GridSearch;
-use crate::element::Element;
+use crate::blockwise::scale::ScaleDType;
 use crate::error::{Error, Result};
-use crate::hadamard::{check_size, transform_one};
 use crate::isa::Isa;
-use crate::pool::pool;
-use crate::scale::ScaleDType;
+use crate::numeric::element::Element;
+use crate::numeric::hadamard::{check_size, transform_one};
+use crate::runtime::pool::pool;
 use rayon::prelude::*;
 
 /// Shape of a HIGGS-packed 2-D weight.

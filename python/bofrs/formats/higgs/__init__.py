@@ -1,0 +1,1 @@
+"""HIGGS: Hadamard rotation plus Gaussian MSE-optimal grids (scalar and 2-D)."""
