@@ -42,7 +42,8 @@ import bofrs
 from bofrs import evaldata
 from bofrs.eval.linearity import linear_layers
 from bofrs.eval import (
-    LLAMACPP_TYPES, compare, format_table, llamacpp_format, per_layer_study, per_layer_table,
+    LLAMACPP_TYPES, compare, format_table, llamacpp_format, per_layer_study, per_layer_summary,
+    per_layer_summary_table, per_layer_table,
 )  # fmt: skip
 
 FORMATS = [
@@ -52,6 +53,8 @@ FORMATS = [
     "int4@32", "nf4@32", "af4@32", "bof4s@32", "bof4s@32+opq",
 ]  # fmt: skip
 PER_LAYER = ["nf4", "af4", "bof4", "bof4s", "bof4s+rot"]
+PER_LAYER_PAIRS = [("nf4", "bof4"), ("af4", "bof4"), ("nf4", "bof4s"), ("bof4", "bof4s"),
+                   ("bof4s+rot", "bof4s"), ("af4", "nf4")]
 
 
 def alphas_for(real: realmodel.RealModel, cache: Path) -> dict[str, float]:
@@ -170,6 +173,10 @@ def main() -> None:
                 f"{args.per_layer_stride}th position scored, {study['tokens']['scored']} in all); t2 and out: weight "
                 f"and output error (x1000); in max/mean: largest input channel energy over the mean; "
                 f"`{command}`\n\n" + per_layer_table(study))  # fmt: skip
+        study["summary"] = per_layer_summary(study, PER_LAYER_PAIRS)
+        text += ("\n\nWhat the single-layer KL follows (rank correlations over layers; per pair, the "
+                 "share of layers where the format with the larger KL also has the larger t2 or "
+                 "output error):\n\n" + per_layer_summary_table(study["summary"]))
         print(text)
         Path(f"benches/results/per_layer_{real.name}.md").write_text(text + "\n")
         Path(f"benches/results/per_layer_{real.name}.json").write_text(json.dumps(study, indent=1))

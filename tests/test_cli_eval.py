@@ -66,6 +66,7 @@ def test_eval_json_and_report(llama: Path, tmp_path: Path, monkeypatch: pytest.M
     assert 0 < lo <= formats["nf4"]["kl"]["value"] <= hi
     assert len(formats["nf4"]["per_layer_t2"]) == 14
     assert len(result["per_layer"]["layers"]) == 14
+    assert "| nf4 vs bof4s |" in printed and result["per_layer"]["summary"]["layers"] == 14
     report = tmp_path / "report.html"
     assert main(["report", str(out), str(report)]) == 0
     page = report.read_text()

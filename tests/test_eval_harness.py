@@ -15,7 +15,8 @@ import bofrs
 from bofrs.eval.linearity import dequantized, linear_layers
 from bofrs.eval import (
     DecodedFormat, InputMoments, ReferenceLogProbs, compare, evaluate_formats, format_table,
-    output_error, per_layer_study, per_layer_table, ranking, score_window, token_windows,
+    output_error, per_layer_study, per_layer_summary, per_layer_summary_table, per_layer_table, ranking,
+    score_window, spearman, token_windows,
 )  # fmt: skip
 
 
@@ -285,6 +286,42 @@ def test_per_layer_study(model: TinyLM, tokens: torch.Tensor) -> None:
     assert table.startswith("| layer |") and "sum over layers" in table
     with pytest.raises(ValueError, match="layers"):
         per_layer_study(model, ["nf4"], tokens, layers=["nothing"], progress=False)
+
+
+def test_spearman_matches_scipy_with_ties() -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        x = rng.integers(0, 6, 17).astype(float)  # many ties
+        y = x + rng.normal(0, 2, 17)
+        assert spearman(x, y) == pytest.approx(float(spearmanr(x, y)[0]), abs=1e-12)
+    assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
+
+
+def test_per_layer_summary_counts_agreements() -> None:
+    def layer(numel: int, kl: tuple[float, float], t2: tuple[float, float], out: tuple[float, float]) -> dict:
+        return {"numel": numel, "kl": dict(zip("ab", kl)), "t2": dict(zip("ab", t2)),
+                "output_error": dict(zip("ab", out))}  # fmt: skip
+
+    study = {"formats": ["a", "b"], "layers": {
+        "x": layer(1, (3.0, 1.0), (1.0, 2.0), (5.0, 1.0)),   # KL follows out, not t2
+        "y": layer(3, (1.0, 2.0), (1.0, 2.0), (1.0, 2.0)),   # both agree
+        "z": layer(4, (4.0, 1.0), (1.0, 1.5), (3.0, 2.0)),   # KL follows out, not t2
+    }}  # fmt: skip
+    summary = per_layer_summary(study)
+    a = summary["formats"]["a"]
+    assert a["sum_kl"] == 8.0 and a["mean_t2"] == pytest.approx(1.0)
+    assert a["mean_output_error"] == pytest.approx((5 + 3 + 12) / 8)
+    (pair,) = summary["pairs"]
+    assert pair["kl_ratio"] == pytest.approx(8.0 / 4.0)
+    assert pair["t2_agrees"] == pytest.approx(1 / 3) and pair["output_error_agrees"] == 1.0
+    assert [t["layer"] for t in pair["top_layers"]] == ["z", "x", "y"]
+    assert pair["top_layers"][0]["kl_diff"] == 3.0
+    table = per_layer_summary_table(summary)
+    assert "| a vs b | 2.000 | 33 % | 100 % |" in table
+    with pytest.raises(ValueError, match="pairs"):
+        per_layer_summary(study, [("a", "c")])
 
 
 def test_tied_weights_are_reported(model: TinyLM) -> None:

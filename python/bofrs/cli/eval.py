@@ -117,7 +117,10 @@ def _specs(text: str) -> list[str]:
 
 def run_eval(args: argparse.Namespace) -> str:
     """Runs ``bofrs eval``; returns what to print."""
-    from bofrs.eval import data, llamacpp_format, per_layer_study, per_layer_table, tokenize_windows
+    from bofrs.eval import (
+        data, llamacpp_format, per_layer_study, per_layer_summary, per_layer_summary_table, per_layer_table,
+        tokenize_windows,
+    )  # fmt: skip
     from bofrs.eval.harness import FormatEntry
 
     path = _model_file(args.model)
@@ -151,8 +154,9 @@ def run_eval(args: argparse.Namespace) -> str:
             raise ValueError("per-layer: the study needs text (a --corpus)")
         study = per_layer_study(model, _specs(args.per_layer_formats), tokens[: args.per_layer_windows],
                                 stride=args.per_layer_stride, progress=not args.no_progress)  # fmt: skip
+        study["summary"] = per_layer_summary(study)
         result["per_layer"] = study
-        text_out += "\n\n" + per_layer_table(study)
+        text_out += "\n\n" + per_layer_table(study) + "\n\n" + per_layer_summary_table(study["summary"])
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
     return text_out

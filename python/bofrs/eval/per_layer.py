@@ -248,3 +248,89 @@ def per_layer_table(study: dict[str, Any], top: int | None = None) -> str:
     sums = "".join(f" {1e3 * study['sum_kl'][s]:.3f} | | |" for s in specs)
     rows.append(f"| sum over layers | |{sums}")
     return "\n".join(rows)
+
+
+def _ranks(values: Sequence[float]) -> np.ndarray:
+    """Ranks 0..n-1 of ``values`` (ties averaged)."""
+    v = np.asarray(values, dtype=np.float64)
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(v.size)
+    ranks[order] = np.arange(v.size, dtype=np.float64)
+    for value in np.unique(v):
+        tied = v == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation of ``x`` and ``y`` (0 when either is constant)."""
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = float(np.sqrt((rx**2).sum() * (ry**2).sum()))
+    return float((rx * ry).sum() / den) if den > 0 else 0.0
+
+
+def per_layer_summary(study: dict[str, Any], pairs: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """What the per-layer KL follows, from a :func:`per_layer_study` result.
+
+    Per format: the sum of the single-layer KLs, the size-weighted mean ``t^2`` and output
+    error, and over the layers the rank correlation of KL with ``t^2`` and with the output
+    error. Per pair ``(a, b)`` of formats (default: every pair): the ratio of their KL sums,
+    the fraction of layers where the format with the larger KL also has the larger ``t^2``,
+    the same for the output error, and the layers adding most to ``sum KL(a) - sum KL(b)``."""
+    specs: list[str] = study["formats"]
+    records: dict[str, dict[str, Any]] = study["layers"]
+    names = list(records)
+    if not names:
+        raise ValueError("study: no layers")
+    sizes = np.array([records[n]["numel"] for n in names], dtype=np.float64)
+
+    def column(key: str, spec: str) -> np.ndarray:
+        return np.array([records[n][key][spec] for n in names], dtype=np.float64)
+
+    formats = {}
+    for s in specs:
+        kl, t2, out = column("kl", s), column("t2", s), column("output_error", s)
+        formats[s] = {
+            "sum_kl": float(kl.sum()),
+            "mean_t2": float((t2 * sizes).sum() / sizes.sum()),
+            "mean_output_error": float((out * sizes).sum() / sizes.sum()),
+            "spearman_kl_t2": spearman(kl, t2),
+            "spearman_kl_output_error": spearman(kl, out),
+        }
+    chosen = list(pairs) if pairs is not None else [(a, b) for i, a in enumerate(specs) for b in specs[i + 1 :]]
+    compared = []
+    for a, b in chosen:
+        if a not in specs or b not in specs:
+            raise ValueError(f"pairs: ({a!r}, {b!r}) names a format the study does not have")
+        dkl = column("kl", a) - column("kl", b)
+        dt2 = column("t2", a) - column("t2", b)
+        dout = column("output_error", a) - column("output_error", b)
+        worst = np.argsort(-dkl, kind="stable")[:5]
+        compared.append({
+            "a": a, "b": b,
+            "kl_ratio": formats[a]["sum_kl"] / formats[b]["sum_kl"] if formats[b]["sum_kl"] > 0 else None,
+            "t2_agrees": float(np.mean(np.sign(dkl) == np.sign(dt2))),
+            "output_error_agrees": float(np.mean(np.sign(dkl) == np.sign(dout))),
+            "top_layers": [{"layer": names[i], "kl_diff": float(dkl[i])} for i in worst],
+        })  # fmt: skip
+    return {"formats": formats, "pairs": compared, "layers": len(names)}
+
+
+def per_layer_summary_table(summary: dict[str, Any]) -> str:
+    """Markdown of :func:`per_layer_summary`: one table per format, one per pair."""
+    rows = ["| format | sum KL (x1000) | mean t2 (x1000) | mean out (x1000) | rank corr. KL~t2 | rank corr. KL~out |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for s, f in summary["formats"].items():
+        rows.append(f"| {s} | {1e3 * f['sum_kl']:.2f} | {1e3 * f['mean_t2']:.3f} | {1e3 * f['mean_output_error']:.3f} "
+                    f"| {f['spearman_kl_t2']:.2f} | {f['spearman_kl_output_error']:.2f} |")  # fmt: skip
+    rows += ["", f"| a vs b | sum KL a / b | larger KL has larger t2 | larger KL has larger out "
+             f"(of {summary['layers']} layers) | layers adding most to KL(a) - KL(b) (x1000) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for p in summary["pairs"]:
+        ratio = "" if p["kl_ratio"] is None else f"{p['kl_ratio']:.3f}"
+        top = ", ".join(f"{t['layer']} {1e3 * t['kl_diff']:+.2f}" for t in p["top_layers"][:3])
+        rows.append(f"| {p['a']} vs {p['b']} | {ratio} | {100 * p['t2_agrees']:.0f} % | "
+                    f"{100 * p['output_error_agrees']:.0f} % | {top} |")  # fmt: skip
+    return "\n".join(rows)
