@@ -72,6 +72,23 @@ def linear_layers(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict[
     }
 
 
+def selected_layers(
+    model: nn.Module, skip: Sequence[str], layers: Sequence[str] | None, purpose: str
+) -> dict[str, nn.Linear]:
+    """:func:`linear_layers` (without ``skip``), only the named ``layers`` when given;
+    ValueError for an unknown name or when none is left (``model has no Linear layer to
+    {purpose}``)."""
+    targets = linear_layers(model, skip)
+    if layers is not None:
+        unknown = [n for n in layers if n not in targets]
+        if unknown:
+            raise ValueError(f"layers: no Linear layer named {unknown[0]!r}")
+        targets = {n: targets[n] for n in layers}
+    if not targets:
+        raise ValueError(f"model has no Linear layer to {purpose}")
+    return targets
+
+
 #: The losses :func:`estimate_sensitivity` can measure.
 METRICS = ("perplexity", "cross_entropy", "kl")
 
@@ -182,14 +199,7 @@ def estimate_sensitivity(
     if antithetic is None:
         antithetic = metric != "kl"
     signs = (1.0, -1.0) if antithetic else (1.0,)
-    targets = linear_layers(model, skip)
-    if layers is not None:
-        unknown = [n for n in layers if n not in targets]
-        if unknown:
-            raise ValueError(f"layers: no Linear layer named {unknown[0]!r}")
-        targets = {n: targets[n] for n in layers}
-    if not targets:
-        raise ValueError("model has no Linear layer to measure")
+    targets = selected_layers(model, skip, layers, "measure")
     measure = _metric(model, metric, tokens, num_sequences, seq_len, seed, batch_size)
     base = measure() if metric != "kl" else 0.0
     gen = torch.Generator().manual_seed(seed)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bofrs.eval.linearity import linear_layers
+from bofrs.eval.linearity import selected_layers
 from bofrs.eval.quantized import parse_formats, quantized
 from bofrs.eval.fake import swapped
 from bofrs.eval.forward import next_token_logits
@@ -147,14 +147,7 @@ def per_layer_study(
     reference is kept in memory (float16), and with ``reuse_prefix`` the blocks before the
     quantized layer's block (the model's longest ``ModuleList``) return the reference's
     outputs instead of running again (the same values: the part before is unchanged)."""
-    targets = linear_layers(model, skip)
-    if layers is not None:
-        unknown = [n for n in layers if n not in targets]
-        if unknown:
-            raise ValueError(f"layers: no Linear layer named {unknown[0]!r}")
-        targets = {n: targets[n] for n in layers}
-    if not targets:
-        raise ValueError("model has no Linear layer to study")
+    targets = selected_layers(model, skip, layers, "study")
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError("tokens must be (windows, length) ids with length >= 2")
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride < tokens.shape[1]:
