@@ -130,7 +130,7 @@ def sensitivities(model, calib: torch.Tensor, args: argparse.Namespace) -> dict[
         if key in cached:
             return cached[key]
     metric = "kl" if args.metric == "kl-random" else args.metric
-    names = list(bofrs._linearity.linear_layers(model))
+    names = list(bofrs.eval.linearity.linear_layers(model))
     partial = cached.get(key + "|partial", {})
     for first in range(0, len(names), 30):  # resumable: the cache is written every 30 layers
         todo = [n for n in names[first : first + 30] if n not in partial]
@@ -153,7 +153,7 @@ def sensitivities(model, calib: torch.Tensor, args: argparse.Namespace) -> dict[
 
 
 def measure(model, tokens, base, label, choice, errors, calibrated, alphas, as_ppl) -> dict:  # type: ignore[no-untyped-def]
-    sizes = {n: m.weight.numel() for n, m in bofrs._linearity.linear_layers(model, ()).items() if n in choice}
+    sizes = {n: m.weight.numel() for n, m in bofrs.eval.linearity.linear_layers(model, ()).items() if n in choice}
     total = sum(sizes.values())
     bits = sum(errors[n][choice[n]][0] * sizes[n] for n in choice) / total
 

@@ -106,7 +106,7 @@ def test_gguf_input_goes_through_transformers(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     src, model = llama
-    import bofrs.evaldata as evaldata
+    import bofrs.eval.data as evaldata
 
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF")

@@ -77,3 +77,41 @@ def test_model_path_names_the_known_models() -> None:
     with pytest.raises(ValueError, match="model"):
         evaldata.model_path("llama-70b")
     assert set(evaldata.MODELS) == {"smollm2", "gemma3"}
+
+
+def test_named_corpora_from_extracted_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gzip
+
+    monkeypatch.delenv("BOFRS_EVALDATA", raising=False)
+    pride = ["PRIDE AND PREJUDICE", "", "Chapter 1", "It is a truth", "Chapter 50", "Elizabeth", "THE END"]
+    emma = ["EMMA", "Emma Woodhouse"]
+    rdb = tmp_path / "austen" / "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+    rdb.parent.mkdir(parents=True)
+    rdb.write_bytes(database([serialize(emma), serialize(pride)]))
+    jargon = tmp_path / "jargon" / "usr/share/doc/jargon-text/jargon.txt.gz"
+    jargon.parent.mkdir(parents=True)
+    jargon.write_bytes(gzip.compress("The Jargon File\nhacker: n.\n".encode()))
+    # a data root holding one folder per extracted package
+    assert evaldata.corpus_text("pride50", tmp_path) == "Chapter 50\nElizabeth\nTHE END"
+    assert evaldata.corpus_text("austen", tmp_path) == "EMMA\nEmma Woodhouse"
+    assert evaldata.corpus_text("jargon", tmp_path).startswith("The Jargon File")
+    # or the package folder itself, also through the environment
+    monkeypatch.setenv("BOFRS_EVALDATA", str(tmp_path / "jargon"))
+    assert "hacker" in evaldata.corpus_text("jargon")
+    assert evaldata.find_austen(tmp_path / "austen") == rdb.parents[1]
+    text = tmp_path / "mine.txt"
+    text.write_text("plain text é", encoding="utf-8")
+    assert evaldata.corpus_text(str(text)) == "plain text é"
+    packed = tmp_path / "mine.txt.gz"
+    packed.write_bytes(gzip.compress("zipped".encode()))
+    assert evaldata.corpus_text(str(packed)) == "zipped"
+    with pytest.raises(FileNotFoundError, match="corpus"):
+        evaldata.corpus_text(str(tmp_path / "none.txt"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    if not Path("/usr/lib/R/site-library/janeaustenr").exists():
+        with pytest.raises(FileNotFoundError, match="r-cran-janeaustenr"):
+            evaldata.corpus_text("pride50", empty)
+    rdb.write_bytes(database([serialize(emma)]))
+    with pytest.raises(ValueError, match="PRIDE AND PREJUDICE"):
+        evaldata.corpus_text("pride50", tmp_path / "austen")

@@ -278,7 +278,7 @@ def test_five_and_six_bit_scalar_higgs_specs_work_end_to_end(specs: tuple[str, s
         width = getattr(model, name).in_features
         for spec in specs:
             bits = int(spec[5])
-            group = int(spec.split("@")[1]) if "@" in spec else bofrs._linearity.spec_options(spec, width)["group_size"]
+            group = int(spec.split("@")[1]) if "@" in spec else bofrs.eval.linearity.spec_options(spec, width)["group_size"]
             assert row[spec][0] == pytest.approx(bits + 16 / group)
             # The relative error is about the grid's MSE (Lloyd-Max: 0.0025 at 5 bits, 0.00064 at 6).
             assert row[spec][1] < row["higgs4p1"][1]

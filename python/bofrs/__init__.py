@@ -12,28 +12,24 @@ True
 
 The package by layer: :mod:`bofrs.formats` (the quantization formats and :class:`Format`),
 :mod:`bofrs.io` (files, checkpoints, conversion), :mod:`bofrs.nn` (modules, ``quantize_model``),
-the evaluation (perplexity, sensitivities, allocation) and :mod:`bofrs.cli`.
+:mod:`bofrs.eval` (KL divergence and perplexity against the unquantized model, sensitivities,
+allocation, llama.cpp peers, offline text and models) and :mod:`bofrs.cli`.
 """
 
 from __future__ import annotations
 
 from bofrs import _native, nn
-from bofrs._allocate import Allocation, allocate
 from bofrs._errors import FormatError
-from bofrs._evaluate import (
-    allocate_model,
-    calibrate_errors,
-    evaluate_formats,
-    fake_quantized,
-)
-from bofrs._linearity import (
+from bofrs._system import num_threads, supported_isas
+from bofrs.eval import allocate_model, calibrate_errors, evaluate_formats, fake_quantized
+from bofrs.eval.knapsack import Allocation, allocate
+from bofrs.eval.linearity import (
     build_menu,
     cross_entropy,
     estimate_sensitivity,
     layer_errors,
     perplexity,
 )
-from bofrs._system import num_threads, supported_isas
 from bofrs.formats import (
     BlockwiseFormat,
     Codebook,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bofrs import _cli_eval
 from bofrs.cli import codebook, quantize
+from bofrs.cli import eval as eval_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,14 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--block-size", type=int, default=64)
     codebook.add_parser(commands)
     quantize.add_parser(commands)
-    _cli_eval.add_parsers(commands)
+    eval_command.add_parsers(commands)
     args = parser.parse_args(argv)
     handlers = {
         "codebook": codebook.run,
         "quantize": quantize.run,
-        "eval": _cli_eval.run_eval,
-        "report": _cli_eval.run_report,
-        "sensitivity": _cli_eval.run_sensitivity,
+        "eval": eval_command.run_eval,
+        "report": eval_command.run_report,
+        "sensitivity": eval_command.run_sensitivity,
     }
     if args.command in handlers:
         try:

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from bofrs._allocate import Allocation, allocate
+from bofrs.eval.knapsack import Allocation, allocate
 from bofrs._dtypes import dtype_name
-from bofrs._linearity import _format_error, build_menu
+from bofrs.eval.linearity import _format_error, build_menu
 from bofrs.formats.tensor import QuantizedTensor
 from bofrs.io.checkpoint import INDEX, MODEL_FORMAT, MODEL_FORMAT_VERSION
 from bofrs.io.files import save_file
@@ -204,7 +204,7 @@ def allocation_config(
     base = QuantConfig() if config is None else config
     source = Path(src)
     if source.suffix == ".gguf":
-        from bofrs.evaldata import load_gguf
+        from bofrs.eval.data import load_gguf
 
         model, _ = load_gguf(source)
         assert isinstance(model, torch.nn.Module)
@@ -253,7 +253,7 @@ def allocation_config(
 def _quantize_gguf(source: Path, target: Path, config: QuantConfig, progress: bool) -> dict[str, float]:
     """GGUF input: transformers loads and dequantizes the whole model; then quantize_model and
     save_quantized, staged like the safetensors path."""
-    from bofrs.evaldata import load_gguf
+    from bofrs.eval.data import load_gguf
     from bofrs.io.checkpoint import save_quantized
     from bofrs.nn.quantize import quantize_model
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bofrs.formats.format import Format, KeepFormat
+from bofrs.eval.quantized import quantized
+from bofrs.formats.format import Format
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,23 @@ def linear_layers(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict[
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not any(re.search(p, name) for p in skip)
     }
+
+
+def selected_layers(
+    model: nn.Module, skip: Sequence[str], layers: Sequence[str] | None, purpose: str
+) -> dict[str, nn.Linear]:
+    """:func:`linear_layers` (without ``skip``), only the named ``layers`` when given;
+    ValueError for an unknown name or when none is left (``model has no Linear layer to
+    {purpose}``)."""
+    targets = linear_layers(model, skip)
+    if layers is not None:
+        unknown = [n for n in layers if n not in targets]
+        if unknown:
+            raise ValueError(f"layers: no Linear layer named {unknown[0]!r}")
+        targets = {n: targets[n] for n in layers}
+    if not targets:
+        raise ValueError(f"model has no Linear layer to {purpose}")
+    return targets
 
 
 #: The losses :func:`estimate_sensitivity` can measure.
@@ -181,14 +199,7 @@ def estimate_sensitivity(
     if antithetic is None:
         antithetic = metric != "kl"
     signs = (1.0, -1.0) if antithetic else (1.0,)
-    targets = linear_layers(model, skip)
-    if layers is not None:
-        unknown = [n for n in layers if n not in targets]
-        if unknown:
-            raise ValueError(f"layers: no Linear layer named {unknown[0]!r}")
-        targets = {n: targets[n] for n in layers}
-    if not targets:
-        raise ValueError("model has no Linear layer to measure")
+    targets = selected_layers(model, skip, layers, "measure")
     measure = _metric(model, metric, tokens, num_sequences, seq_len, seed, batch_size)
     base = measure() if metric != "kl" else 0.0
     gen = torch.Generator().manual_seed(seed)
@@ -221,34 +232,15 @@ def spec_options(spec: str, in_features: int) -> dict[str, Any]:
     return Format.parse(spec).resolved(in_features).options()
 
 
-def _quantized(w: torch.Tensor, spec: str) -> tuple[float, torch.Tensor]:
-    """(bits per weight, float32 reconstruction) of a float32 CPU weight in one format."""
-    fmt = Format.parse(spec)
-    if isinstance(fmt, KeepFormat):
-        return 16.0, fmt.fake_quantize(w).float()
-    packed = fmt.resolved(w.shape[-1]).pack(w)
-    return packed.bits_per_weight, packed.dequantize(torch.float32)
-
-
-def dequantized(weight: torch.Tensor, spec: str) -> torch.Tensor:
+def dequantized(weight: torch.Tensor, spec: str | Format) -> torch.Tensor:
     """``weight`` quantized in format ``spec`` (a :class:`bofrs.Format` or its spec string) and
     decoded again, in the weight's dtype and device: fake quantization for evaluations."""
     return Format.parse(spec).fake_quantize(weight)
 
 
-def _quantized_error(weight: torch.Tensor, spec: str) -> tuple[float, float, torch.Tensor]:
-    """(bits per weight, relative squared error, float32 CPU reconstruction) of one format on
-    one weight."""
-    w = weight.detach().float().cpu()
-    norm2 = float((w.double() ** 2).sum())
-    bits, back = _quantized(w, spec)
-    err = float(((back - w).double() ** 2).sum())
-    return bits, err / norm2 if norm2 else 0.0, back
-
-
 def _format_error(weight: torch.Tensor, spec: str) -> tuple[float, float]:
     """(bits per weight, relative squared error) of one format on one weight."""
-    bits, t2, _ = _quantized_error(weight, spec)
+    bits, t2, _ = quantized(weight, spec)
     return bits, t2
 
 
