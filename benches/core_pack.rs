@@ -5,28 +5,21 @@
 //! values (cache-resident) to show the kernels without memory traffic.
 
 use bofrs_core::blockwise::codebook::NF4;
-use bofrs_core::blockwise::decode::{unpack_with_isa, Packed};
+use bofrs_core::blockwise::decode::{unpack_with_isa, Packed, StoredScales};
 use bofrs_core::blockwise::encode::{pack_with_isa, EncodeOptions};
 use bofrs_core::blockwise::matvec::{matvec_with_options, Activations, MatShape, PackedMatrix};
 use bofrs_core::numeric::element::f32_to_bf16;
 use bofrs_core::{Bf16, BlockLayout, Codebook, Isa, Normalization, ScaleDType};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
+use synthetic::XorShift;
+
+mod synthetic;
 
 fn weights(n: usize) -> Vec<Bf16> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = XorShift::new();
     (0..n)
-        .map(|_| {
-            // Sum of 4 uniforms: close enough to Gaussian for timing purposes.
-            let mut acc = 0f32;
-            for _ in 0..4 {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                acc += (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-            }
-            Bf16(f32_to_bf16(acc * 0.02))
-        })
+        .map(|_| Bf16(f32_to_bf16(rng.bell() * 0.02)))
         .collect()
 }
 
@@ -62,7 +55,7 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| {
                     let packed = Packed {
                         codes: black_box(&codes),
-                        scales: &scales,
+                        scales: StoredScales::F32(&scales),
                         codebook: &codebook,
                         block_size,
                         outliers: None,
@@ -92,11 +85,7 @@ fn bench_matvec(c: &mut Criterion) {
         let mut codes = vec![0u8; layout.code_bytes()];
         let mut scales = vec![0f32; layout.num_blocks()];
         pack_with_isa(Isa::best(), &weights(n), &options, &mut codes, &mut scales).unwrap();
-        let shape = MatShape {
-            out_features,
-            in_features,
-            block_size,
-        };
+        let shape = MatShape::new(out_features, in_features, block_size);
         let mut group = c.benchmark_group(format!("matvec-nf4-b64-{out_features}x{in_features}"));
         group.throughput(Throughput::Elements(n as u64));
         group.sample_size(20);
@@ -110,12 +99,8 @@ fn bench_matvec(c: &mut Criterion) {
                 let name = format!("{}-{}", isa.name(), mode.name());
                 group.bench_function(BenchmarkId::new(format!("batch{batch}"), name), |b| {
                     b.iter(|| {
-                        let weight = PackedMatrix {
-                            shape,
-                            codes: black_box(&codes),
-                            scales: &scales,
-                            codebook: &codebook,
-                        };
+                        let weight =
+                            PackedMatrix::new(shape, black_box(&codes), &scales, &codebook);
                         matvec_with_options(isa, mode, &weight, batch, &x, &mut out).unwrap()
                     })
                 });

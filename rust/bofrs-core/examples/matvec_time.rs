@@ -10,6 +10,10 @@ use bofrs_core::blockwise::matvec::{matvec_with_options, Activations, MatShape, 
 use bofrs_core::numeric::element::f32_to_bf16;
 use bofrs_core::{Bf16, Codebook, Isa};
 use std::time::Instant;
+use synthetic::XorShift;
+
+#[path = "../../../benches/synthetic.rs"]
+mod synthetic;
 
 /// Seconds: wall time, or (`cpu`) CPU time of the whole process (all threads), which a loaded
 /// machine's time slicing does not inflate.
@@ -37,36 +41,17 @@ fn main() {
     let reps = args.get(2).copied().unwrap_or(200);
     let batch = args.get(3).copied().unwrap_or(1);
     let bs = 64;
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let codes: Vec<u8> = (0..n_out * n_in / 2).map(|_| next() as u8).collect();
-    let scales: Vec<f32> = (0..n_out * n_in / bs)
-        .map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32)
+    let mut rng = XorShift::new();
+    let codes: Vec<u8> = (0..n_out * n_in / 2)
+        .map(|_| rng.next_u64() as u8)
         .collect();
+    let scales: Vec<f32> = (0..n_out * n_in / bs).map(|_| rng.unit()).collect();
     let x: Vec<Bf16> = (0..batch * n_in)
-        .map(|_| {
-            Bf16(f32_to_bf16(
-                (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0,
-            ))
-        })
+        .map(|_| Bf16(f32_to_bf16(2.0 * rng.unit() - 1.0)))
         .collect();
     let cb = Codebook::new(&NF4).unwrap();
-    let shape = MatShape {
-        out_features: n_out,
-        in_features: n_in,
-        block_size: bs,
-    };
-    let weight = PackedMatrix {
-        shape,
-        codes: &codes,
-        scales: &scales,
-        codebook: &cb,
-    };
+    let shape = MatShape::new(n_out, n_in, bs);
+    let weight = PackedMatrix::new(shape, &codes, &scales, &cb);
     let mut out = vec![0f32; batch * n_out];
     let only: Option<Vec<String>> = std::env::var("MATVEC_ONLY")
         .ok()

@@ -12,6 +12,10 @@ use bofrs_core::numeric::element::f32_to_bf16;
 use bofrs_core::runtime::buffer::zeroed_vec;
 use bofrs_core::{Bf16, Codebook, Isa, Normalization, ScaleDType};
 use std::time::Instant;
+use synthetic::XorShift;
+
+#[path = "../../../benches/synthetic.rs"]
+mod synthetic;
 
 #[repr(C)]
 struct Timespec {
@@ -66,30 +70,15 @@ fn main() {
         .unwrap_or(4096 * 4096);
     // HEAVY=t4: Student-t(4); HEAVY=1: another heavy tail; unset: about N(0, 1/3).
     let heavy = std::env::var("HEAVY").ok();
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = XorShift::new();
     let input: Vec<Bf16> = (0..n)
         .map(|_| {
-            let mut acc = 0f32;
-            for _ in 0..4 {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                acc += (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-            }
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let u = ((state >> 40) as f32 + 1.0) / (1u64 << 24) as f32;
+            let acc = rng.bell();
+            let u = rng.unit() + 1.0 / (1u64 << 24) as f32;
             let value = match heavy.as_deref() {
                 // Student-t(4): normal / sqrt(chi2_4 / 4), chi2_4 = -2 ln(u1 u2).
                 Some("t4") => {
-                    let mut uniform = || {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-                    };
-                    let (a, b, c, d) = (uniform(), uniform(), uniform(), uniform());
+                    let [a, b, c, d] = [(); 4].map(|_| rng.open_unit_f64());
                     let normal = (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos();
                     (normal / (-0.5 * (c * d).ln()).sqrt()) as f32
                 }

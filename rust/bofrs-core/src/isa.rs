@@ -121,21 +121,9 @@ macro_rules! dispatch {
         };
         kernels
     }};
-    ($isa:expr, avx2 => $avx2:expr, portable => $portable:expr $(,)?) => {{
-        let isa: $crate::isa::Isa = $isa;
-        #[cfg(target_arch = "x86_64")]
-        let kernels = if isa >= $crate::isa::Isa::Avx2 {
-            $avx2
-        } else {
-            $portable
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let kernels = {
-            let _ = isa;
-            $portable
-        };
-        kernels
-    }};
+    ($isa:expr, avx2 => $avx2:expr, portable => $portable:expr $(,)?) => {
+        $crate::isa::dispatch!($isa, avx512 => $avx2, avx2 => $avx2, portable => $portable)
+    };
 }
 pub(crate) use dispatch;
 

@@ -20,6 +20,7 @@ pub mod error;
 pub mod higgs;
 pub mod isa;
 pub mod model;
+pub(crate) mod names;
 pub mod numeric;
 pub mod runtime;
 #[cfg(test)]

@@ -84,11 +84,7 @@ fn matvec<'py>(
     let activations = activations.map_or(Activations::Float, |a| a.0);
     let mode = (matvec_isa(isa.map(|i| i.0), activations), activations);
     let weight = PackedMatrix {
-        shape: MatShape {
-            out_features,
-            in_features,
-            block_size,
-        },
+        shape: MatShape::new(out_features, in_features, block_size),
         codes: contiguous(&codes, "codes")?,
         scales: contiguous(&scales, "scales")?,
         codebook: &codebook,
@@ -142,11 +138,7 @@ impl PreparedMatvec {
         if let Some(isa) = isa {
             isa.ensure_supported().map_err(crate::errors::to_py)?;
         }
-        let shape = MatShape {
-            out_features,
-            in_features,
-            block_size,
-        };
+        let shape = MatShape::new(out_features, in_features, block_size);
         let scales = contiguous(&scales, "scales")?.to_vec();
         {
             let readonly = read_codes(&codes)?;

@@ -2,6 +2,7 @@
 
 use crate::blockwise::codebook::Normalization;
 use crate::error::{Error, Result};
+use crate::names::named_enum;
 use crate::numeric::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Element};
 
 /// The type block scales are stored in. Scales are rounded to it *before* encoding, so the codes
@@ -13,29 +14,9 @@ pub enum ScaleDType {
     Float16,
 }
 
+named_enum!(ScaleDType, "scale_dtype", { BFloat16 => "bfloat16", Float16 => "float16", Float32 => "float32" });
+
 impl ScaleDType {
-    /// Parses "float32" / "bfloat16" / "float16".
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "float32" => Ok(Self::Float32),
-            "bfloat16" => Ok(Self::BFloat16),
-            "float16" => Ok(Self::Float16),
-            other => Err(Error::InvalidArgument {
-                name: "scale_dtype",
-                message: format!("expected 'bfloat16', 'float16' or 'float32', got {other:?}"),
-            }),
-        }
-    }
-
-    /// The name [`ScaleDType::parse`] accepts.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Float32 => "float32",
-            Self::BFloat16 => "bfloat16",
-            Self::Float16 => "float16",
-        }
-    }
-
     /// Storage bits per scale.
     pub fn bits(self) -> usize {
         match self {

@@ -2,7 +2,7 @@
 //! packed weight at a time into a small buffer (scale applied) and taking its dot product with
 //! every token's slice; the dense weight never exists. Rows are spread over the pool.
 
-use super::quantize::{decode_group, HiggsLayout};
+use super::quantize::{check_scales, decode_row, HiggsLayout};
 use super::search::GridSearch;
 use crate::error::{Error, Result};
 use crate::runtime::pool::pool;
@@ -35,36 +35,23 @@ pub fn higgs_matvec(
             });
         }
     }
-    if let Some(b) = scales.iter().position(|s| !s.is_finite()) {
-        return Err(Error::InvalidArgument {
-            name: "scales",
-            message: format!("scale {b} is not finite"),
-        });
-    }
+    check_scales(scales)?;
     if layout.rows == 0 || tokens == 0 {
         return Ok(());
     }
-    let (g, per_row, group_bytes) = (
-        layout.group_size,
-        layout.groups_per_row(),
-        layout.group_bytes(),
-    );
+    let g = layout.group_size;
     // Row-major results per output row, transposed into `out` afterwards.
     let mut by_row = vec![0f32; layout.rows * tokens];
     pool().install(|| {
         by_row.par_chunks_mut(tokens).enumerate().for_each_init(
             || vec![0f32; g],
             |w, (row, acc)| {
-                for group in 0..per_row {
-                    let index = row * per_row + group;
-                    let stream = &codes[index * group_bytes..(index + 1) * group_bytes];
-                    let s = scales[index];
-                    decode_group(stream, s, layout, grid, w);
+                decode_row(codes, scales, (layout, grid), row, w, |group, w| {
                     for (t, a) in acc.iter_mut().enumerate() {
                         let xs = &x_rot[t * width + group * g..t * width + (group + 1) * g];
                         *a += dot(w, xs);
                     }
-                }
+                })
             },
         )
     });

@@ -226,6 +226,37 @@ pub(crate) fn decode_group(
     }
 }
 
+/// Decodes the groups of output row `row` in order into `buf` (`group_size` values in the
+/// rotated basis, scale applied) and hands each to `f` with its group index.
+#[inline(always)]
+pub(crate) fn decode_row(
+    codes: &[u8],
+    scales: &[f32],
+    (layout, grid): (&HiggsLayout, &GridSearch),
+    row: usize,
+    buf: &mut [f32],
+    mut f: impl FnMut(usize, &mut [f32]),
+) {
+    let (per_row, group_bytes) = (layout.groups_per_row(), layout.group_bytes());
+    for group in 0..per_row {
+        let index = row * per_row + group;
+        let stream = &codes[index * group_bytes..(index + 1) * group_bytes];
+        decode_group(stream, scales[index], layout, grid, buf);
+        f(group, buf);
+    }
+}
+
+/// An error naming the first non-finite group scale, if any.
+pub(crate) fn check_scales(scales: &[f32]) -> Result<()> {
+    match scales.iter().position(|s| !s.is_finite()) {
+        None => Ok(()),
+        Some(b) => Err(Error::InvalidArgument {
+            name: "scales",
+            message: format!("scale {b} is not finite"),
+        }),
+    }
+}
+
 /// Sum of squares in f64 with four interleaved accumulators (one long chain of dependent
 /// f64 adds would cost 4 cycles a value).
 #[inline(always)]
@@ -262,18 +293,9 @@ pub fn higgs_unpack(
             actual: out.len(),
         });
     }
-    if let Some(b) = scales.iter().position(|s| !s.is_finite()) {
-        return Err(Error::InvalidArgument {
-            name: "scales",
-            message: format!("scale {b} is not finite"),
-        });
-    }
+    check_scales(scales)?;
     let isa = Isa::best();
-    let (g, per_row, group_bytes) = (
-        layout.group_size,
-        layout.groups_per_row(),
-        layout.group_bytes(),
-    );
+    let g = layout.group_size;
     if layout.rows == 0 || width == 0 {
         return Ok(());
     }
@@ -281,18 +303,14 @@ pub fn higgs_unpack(
         out.par_chunks_mut(width).enumerate().for_each_init(
             || vec![0f32; g],
             |buf, (row, out_row)| {
-                for group in 0..per_row {
-                    let index = row * per_row + group;
-                    let stream = &codes[index * group_bytes..(index + 1) * group_bytes];
-                    let s = scales[index];
-                    decode_group(stream, s, layout, grid, buf);
+                decode_row(codes, scales, (layout, grid), row, buf, |group, buf| {
                     if !rotated {
                         transform_one(isa, buf);
                     }
                     let start = group * g;
                     let take = g.min(width - start);
                     out_row[start..start + take].copy_from_slice(&buf[..take]);
-                }
+                })
             },
         )
     });

@@ -105,11 +105,7 @@ impl Linear {
         block_size: usize,
         activations: Activations,
     ) -> Result<Linear> {
-        let shape = MatShape {
-            out_features,
-            in_features,
-            block_size,
-        };
+        let shape = MatShape::new(out_features, in_features, block_size);
         shape.check(1, codes.len(), scales.len(), in_features, out_features)?;
         crate::blockwise::matvec::check_scales(&scales)?;
         let weight = Weight::Packed(Box::new(Packed {
@@ -344,11 +340,7 @@ impl Linear {
             Weight::Packed(p) => {
                 let (bytes_per_row, scales_per_row) = (n_in / 2, n_in / p.block_size);
                 let part = PackedMatrix {
-                    shape: MatShape {
-                        out_features: rows.len(),
-                        in_features: n_in,
-                        block_size: p.block_size,
-                    },
+                    shape: MatShape::new(rows.len(), n_in, p.block_size),
                     codes: &p.codes[rows.start * bytes_per_row..rows.end * bytes_per_row],
                     scales: &p.scales[rows.start * scales_per_row..rows.end * scales_per_row],
                     codebook: &p.codebook,

@@ -4,6 +4,7 @@ pub mod af4;
 pub mod bof4;
 
 use crate::error::{Error, Result};
+use crate::names::named_enum;
 
 /// Number of levels of a 4-bit codebook.
 pub const LEVELS: usize = 16;
@@ -18,27 +19,7 @@ pub enum Normalization {
     SignedAbsmax,
 }
 
-impl Normalization {
-    /// Parses "absmax" / "signed_absmax".
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "absmax" => Ok(Self::Absmax),
-            "signed_absmax" => Ok(Self::SignedAbsmax),
-            other => Err(Error::InvalidArgument {
-                name: "normalization",
-                message: format!("expected 'absmax' or 'signed_absmax', got {other:?}"),
-            }),
-        }
-    }
-
-    /// The name [`Normalization::parse`] accepts.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Absmax => "absmax",
-            Self::SignedAbsmax => "signed_absmax",
-        }
-    }
-}
+named_enum!(Normalization, "normalization", { Absmax => "absmax", SignedAbsmax => "signed_absmax" });
 
 /// A sorted table of 16 levels in [-1, 1] and the 15 midpoints between neighbours.
 ///

@@ -78,6 +78,15 @@ pub struct MatShape {
 }
 
 impl MatShape {
+    /// A shape of `out_features` rows of `in_features` values in blocks of `block_size`.
+    pub const fn new(out_features: usize, in_features: usize, block_size: usize) -> Self {
+        Self {
+            out_features,
+            in_features,
+            block_size,
+        }
+    }
+
     /// Checks the shape and the buffer lengths that go with it for `batch` activation rows.
     pub fn check(
         &self,
@@ -175,6 +184,23 @@ pub struct PackedMatrix<'a> {
     pub codebook: &'a Codebook,
 }
 
+impl<'a> PackedMatrix<'a> {
+    /// The weight of `shape` with these codes, scales and codebook (checked where it is used).
+    pub fn new(
+        shape: MatShape,
+        codes: &'a [u8],
+        scales: &'a [f32],
+        codebook: &'a Codebook,
+    ) -> Self {
+        Self {
+            shape,
+            codes,
+            scales,
+            codebook,
+        }
+    }
+}
+
 /// One output row of the weight, as the row kernels read it.
 pub struct WeightRow<'a> {
     /// `in_features / 2` bytes.
@@ -194,18 +220,7 @@ pub fn matvec<X: Element>(
     x: &[X],
     out: &mut [f32],
 ) -> Result<()> {
-    matvec_with_isa(Isa::best(), weight, batch, x, out)
-}
-
-/// [`matvec`] with an explicit kernel variant.
-pub fn matvec_with_isa<X: Element>(
-    isa: Isa,
-    weight: &PackedMatrix<'_>,
-    batch: usize,
-    x: &[X],
-    out: &mut [f32],
-) -> Result<()> {
-    matvec_with_options(isa, Activations::Float, weight, batch, x, out)
+    matvec_with_options(Isa::best(), Activations::Float, weight, batch, x, out)
 }
 
 /// [`matvec`] with an explicit kernel variant and activation mode.

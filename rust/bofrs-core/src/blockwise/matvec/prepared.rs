@@ -46,6 +46,18 @@ impl Key {
             in_features,
         }
     }
+
+    /// The key of products of `weight` with `batch` activation rows.
+    fn for_weight(
+        isa: Isa,
+        activations: Activations,
+        weight: &PackedMatrix<'_>,
+        batch: usize,
+    ) -> Key {
+        let shape = weight.shape;
+        let (block_size, n_in) = (shape.block_size, shape.in_features);
+        Key::new(isa, activations, weight.codebook, block_size, batch, n_in)
+    }
 }
 
 /// The activations in the form one path's row kernels read.
@@ -111,18 +123,16 @@ impl PreparedInput {
         Ok(())
     }
 
-    /// Whether this input is prepared for products of these parameters (so that
-    /// [`PreparedInput::prepare`] can be skipped for them).
+    /// Whether products of `weight` with `batch` activation rows in this kernel variant and
+    /// mode read this input as it is (so that [`PreparedInput::prepare`] can be skipped).
     pub fn is_prepared_for(
         &self,
         isa: Isa,
         activations: Activations,
-        codebook: &Codebook,
-        block_size: usize,
+        weight: &PackedMatrix<'_>,
         batch: usize,
-        in_features: usize,
     ) -> bool {
-        let key = Key::new(isa, activations, codebook, block_size, batch, in_features);
+        let key = Key::for_weight(isa, activations, weight, batch);
         matches!(&self.prepared, Some((k, _)) if *k == key)
     }
 }
@@ -153,14 +163,7 @@ pub fn matvec_prepared(
         batch * key.in_features,
         out.len(),
     )?;
-    let expected = Key::new(
-        key.isa,
-        key.activations,
-        weight.codebook,
-        shape.block_size,
-        batch,
-        shape.in_features,
-    );
+    let expected = Key::for_weight(key.isa, key.activations, weight, batch);
     if expected != *key {
         return Err(Error::InvalidArgument {
             name: "input",
@@ -239,22 +242,13 @@ mod tests {
                         .collect();
                     let scales = lcg(n_out * n_in / bs, step(&mut state));
                     let x = lcg(batch * n_in, step(&mut state));
-                    let shape = MatShape {
-                        out_features: n_out,
-                        in_features: n_in,
-                        block_size: bs,
-                    };
-                    let w = PackedMatrix {
-                        shape,
-                        codes: &codes,
-                        scales: &scales,
-                        codebook: &book,
-                    };
+                    let shape = MatShape::new(n_out, n_in, bs);
+                    let w = PackedMatrix::new(shape, &codes, &scales, &book);
                     let mut want = vec![0f32; batch * n_out];
                     matvec_with_options(isa, mode, &w, batch, &x, &mut want).unwrap();
                     let mut input = PreparedInput::new();
                     input.prepare(isa, mode, &book, bs, batch, &x).unwrap();
-                    assert!(input.is_prepared_for(isa, mode, &book, bs, batch, n_in));
+                    assert!(input.is_prepared_for(isa, mode, &w, batch));
                     // Rows 5..n_out as their own weight.
                     let first = 5;
                     let part = PackedMatrix {
@@ -288,17 +282,8 @@ mod tests {
         let x = vec![1f32; 128];
         let codes = vec![0x11u8; 2 * 64];
         let scales = vec![1f32; 8];
-        let shape = MatShape {
-            out_features: 2,
-            in_features: 128,
-            block_size: 32,
-        };
-        let w = PackedMatrix {
-            shape,
-            codes: &codes,
-            scales: &scales,
-            codebook: &book,
-        };
+        let shape = MatShape::new(2, 128, 32);
+        let w = PackedMatrix::new(shape, &codes, &scales, &book);
         let mut out = vec![0f32; 2];
         let empty = PreparedInput::new();
         assert!(matvec_prepared(&w, &empty, &mut out).is_err());

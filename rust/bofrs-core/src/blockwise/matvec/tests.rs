@@ -6,20 +6,6 @@ use crate::numeric::element::{Bf16, F16};
 use crate::testing::uniform;
 use quant::{quantize_activations, Order};
 
-fn weight<'a>(
-    shape: MatShape,
-    codes: &'a [u8],
-    scales: &'a [f32],
-    codebook: &'a Codebook,
-) -> PackedMatrix<'a> {
-    PackedMatrix {
-        shape,
-        codes,
-        scales,
-        codebook,
-    }
-}
-
 /// A uniform value in [-1, 1).
 fn lcg(state: &mut u64) -> f64 {
     uniform(state) * 2.0 - 1.0
@@ -49,14 +35,6 @@ fn code(codes: &[u8], k: usize) -> u8 {
         codes[k / 2] >> 4
     } else {
         codes[k / 2] & 15
-    }
-}
-
-fn shape_of(out_features: usize, in_features: usize, block_size: usize) -> MatShape {
-    MatShape {
-        out_features,
-        in_features,
-        block_size,
     }
 }
 
@@ -106,7 +84,7 @@ fn every_isa_matches_the_float64_reference() {
             (17, 4096, 4096),
             (2, 0, 64),
         ] {
-            let shape = shape_of(n_out, n_in, bs);
+            let shape = MatShape::new(n_out, n_in, bs);
             let (codes, scales) = random_weight(&mut st, shape);
             for batch in 1..=9 {
                 // Mixed magnitudes (1e-6 to 1e4), exact zeros and negative zeros.
@@ -125,9 +103,10 @@ fn every_isa_matches_the_float64_reference() {
                 let (want, mag) = reference(shape, &codes, &scales, &levels, &x, batch);
                 for isa in Isa::supported() {
                     let mut out = vec![f32::NAN; batch * n_out];
-                    let got = matvec_with_isa(
+                    let got = matvec_with_options(
                         isa,
-                        &weight(shape, &codes, &scales, &cb),
+                        Activations::Float,
+                        &PackedMatrix::new(shape, &codes, &scales, &cb),
                         batch,
                         &x,
                         &mut out,
@@ -223,7 +202,7 @@ fn integer_activations_stay_within_their_error_bound() {
             (17, 4096, 4096),
             (2, 0, 64),
         ] {
-            let shape = shape_of(n_out, n_in, bs);
+            let shape = MatShape::new(n_out, n_in, bs);
             let (codes, scales) = random_weight(&mut st, shape);
             for batch in 1..=9 {
                 // Mixed magnitudes per group (the quantization step follows the largest).
@@ -246,7 +225,7 @@ fn integer_activations_stay_within_their_error_bound() {
                     let got = matvec_with_options(
                         isa,
                         mode,
-                        &weight(shape, &codes, &scales, &cb),
+                        &PackedMatrix::new(shape, &codes, &scales, &cb),
                         batch,
                         &x,
                         &mut out,
@@ -305,11 +284,11 @@ fn integer_orders_are_permutations_and_zero_rows_stay_zero() {
     }
     // All-zero activations: zero step, zero outputs (no 0/0).
     let cb = Codebook::new(&NF4).unwrap();
-    let shape = shape_of(3, 128, 64);
+    let shape = MatShape::new(3, 128, 64);
     let codes = vec![0x5Au8; 3 * 64];
     for (mode, isa) in integer_cases() {
         let mut out = vec![f32::NAN; 3];
-        let w = weight(shape, &codes, &[1.0; 6], &cb);
+        let w = PackedMatrix::new(shape, &codes, &[1.0; 6], &cb);
         matvec_with_options(isa, mode, &w, 1, &[0f32; 128], &mut out).unwrap();
         assert_eq!(out, vec![0.0; 3], "{mode:?} {isa:?}");
     }
@@ -319,7 +298,7 @@ fn integer_orders_are_permutations_and_zero_rows_stay_zero() {
 fn integer_paths_give_non_finite_outputs_for_non_finite_activations() {
     let cb = Codebook::new(&NF4).unwrap();
     for bs in [16, 64] {
-        let shape = shape_of(2, 128, bs);
+        let shape = MatShape::new(2, 128, bs);
         let codes = vec![0x9Fu8; 128];
         let scales = vec![1f32; 256 / bs];
         for bad in [f32::NAN, f32::INFINITY] {
@@ -330,7 +309,7 @@ fn integer_paths_give_non_finite_outputs_for_non_finite_activations() {
                 matvec_with_options(
                     isa,
                     mode,
-                    &weight(shape, &codes, &scales, &cb),
+                    &PackedMatrix::new(shape, &codes, &scales, &cb),
                     1,
                     &x,
                     &mut out,
@@ -357,7 +336,7 @@ fn activation_modes_parse_by_name() {
 #[test]
 fn half_activations_widen_exactly() {
     let cb = Codebook::new(&NF4).unwrap();
-    let shape = shape_of(4, 64, 32);
+    let shape = MatShape::new(4, 64, 32);
     let codes: Vec<u8> = (0..128).map(|i| (i * 29 + 3) as u8).collect();
     let scales = vec![0.5f32, -2.0, 1.25, 3.0, 0.0, 1.0, 7.0, 0.125];
     let xf: Vec<f32> = (0..128).map(|i| (i as f32 - 60.0) * 0.25).collect();
@@ -373,9 +352,33 @@ fn half_activations_widen_exactly() {
         let mut a = vec![0f32; 8];
         let mut b = vec![0f32; 8];
         let mut h = vec![0f32; 8];
-        matvec_with_isa(isa, &weight(shape, &codes, &scales, &cb), 2, &xf, &mut a).unwrap();
-        matvec_with_isa(isa, &weight(shape, &codes, &scales, &cb), 2, &xb, &mut b).unwrap();
-        matvec_with_isa(isa, &weight(shape, &codes, &scales, &cb), 2, &xh, &mut h).unwrap();
+        matvec_with_options(
+            isa,
+            Activations::Float,
+            &PackedMatrix::new(shape, &codes, &scales, &cb),
+            2,
+            &xf,
+            &mut a,
+        )
+        .unwrap();
+        matvec_with_options(
+            isa,
+            Activations::Float,
+            &PackedMatrix::new(shape, &codes, &scales, &cb),
+            2,
+            &xb,
+            &mut b,
+        )
+        .unwrap();
+        matvec_with_options(
+            isa,
+            Activations::Float,
+            &PackedMatrix::new(shape, &codes, &scales, &cb),
+            2,
+            &xh,
+            &mut h,
+        )
+        .unwrap();
         assert_eq!(a, b, "{isa:?}");
         assert_eq!(a, h, "{isa:?}");
     }
@@ -385,7 +388,7 @@ fn half_activations_widen_exactly() {
 fn reports_the_first_non_finite_scale_across_tasks() {
     let cb = Codebook::new(&NF4).unwrap();
     // Above the inline limit, 16 rows per task: the bad scales sit in tasks 12 and 17.
-    let shape = shape_of(320, 4096, 64);
+    let shape = MatShape::new(320, 4096, 64);
     let codes = vec![0x37u8; 320 * 2048];
     let x = vec![1f32; 2 * 4096];
     for mode in Activations::ALL {
@@ -395,7 +398,7 @@ fn reports_the_first_non_finite_scale_across_tasks() {
             scales[200 * 64 + 9] = f32::NAN;
             for batch in [1, 2] {
                 let mut out = vec![0f32; batch * 320];
-                let w = weight(shape, &codes, &scales, &cb);
+                let w = PackedMatrix::new(shape, &codes, &scales, &cb);
                 let got = matvec_with_options(isa, mode, &w, batch, &x[..batch * 4096], &mut out);
                 let message = format!("{:?}", got.unwrap_err());
                 assert!(
@@ -410,16 +413,46 @@ fn reports_the_first_non_finite_scale_across_tasks() {
 #[test]
 fn rejects_bad_shapes_and_buffers() {
     let cb = Codebook::new(&NF4).unwrap();
-    let shape = shape_of(2, 64, 64);
+    let shape = MatShape::new(2, 64, 64);
     let (codes, scales, x) = (vec![0u8; 64], vec![1f32; 2], vec![1f32; 64]);
     let mut out = vec![0f32; 2];
-    assert!(matvec(&weight(shape, &codes, &scales, &cb), 1, &x, &mut out).is_ok());
-    assert!(matvec(&weight(shape, &codes[..63], &scales, &cb), 1, &x, &mut out).is_err());
-    assert!(matvec(&weight(shape, &codes, &scales[..1], &cb), 1, &x, &mut out).is_err());
-    assert!(matvec(&weight(shape, &codes, &scales, &cb), 1, &x[..63], &mut out).is_err());
-    assert!(matvec(&weight(shape, &codes, &scales, &cb), 1, &x, &mut out[..1]).is_err());
     assert!(matvec(
-        &weight(shape, &codes, &[1.0, f32::INFINITY], &cb),
+        &PackedMatrix::new(shape, &codes, &scales, &cb),
+        1,
+        &x,
+        &mut out
+    )
+    .is_ok());
+    assert!(matvec(
+        &PackedMatrix::new(shape, &codes[..63], &scales, &cb),
+        1,
+        &x,
+        &mut out
+    )
+    .is_err());
+    assert!(matvec(
+        &PackedMatrix::new(shape, &codes, &scales[..1], &cb),
+        1,
+        &x,
+        &mut out
+    )
+    .is_err());
+    assert!(matvec(
+        &PackedMatrix::new(shape, &codes, &scales, &cb),
+        1,
+        &x[..63],
+        &mut out
+    )
+    .is_err());
+    assert!(matvec(
+        &PackedMatrix::new(shape, &codes, &scales, &cb),
+        1,
+        &x,
+        &mut out[..1]
+    )
+    .is_err());
+    assert!(matvec(
+        &PackedMatrix::new(shape, &codes, &[1.0, f32::INFINITY], &cb),
         1,
         &x,
         &mut out
@@ -431,7 +464,7 @@ fn rejects_bad_shapes_and_buffers() {
         ..shape
     };
     assert!(matvec(
-        &weight(odd, &codes[..48], &scales, &cb),
+        &PackedMatrix::new(odd, &codes[..48], &scales, &cb),
         1,
         &x[..48],
         &mut out
@@ -441,7 +474,13 @@ fn rejects_bad_shapes_and_buffers() {
         block_size: 48,
         ..shape
     };
-    assert!(matvec(&weight(bad_bs, &codes, &scales, &cb), 1, &x, &mut out).is_err());
+    assert!(matvec(
+        &PackedMatrix::new(bad_bs, &codes, &scales, &cb),
+        1,
+        &x,
+        &mut out
+    )
+    .is_err());
 }
 
 #[test]
@@ -464,7 +503,7 @@ fn avx512_integer_paths_equal_avx2_bit_for_bit() {
             (3, 640, 128),
             (9, 4096, 4096),
         ] {
-            let shape = shape_of(n_out, n_in, bs);
+            let shape = MatShape::new(n_out, n_in, bs);
             let (codes, scales) = random_weight(&mut st, shape);
             for batch in 1..=6 {
                 let x: Vec<f32> = (0..batch * n_in)
@@ -480,7 +519,7 @@ fn avx512_integer_paths_equal_avx2_bit_for_bit() {
                     })
                     .collect();
                 for mode in [Activations::Int16, Activations::Int8] {
-                    let w = weight(shape, &codes, &scales, &cb);
+                    let w = PackedMatrix::new(shape, &codes, &scales, &cb);
                     let mut a = vec![f32::NAN; batch * n_out];
                     let mut b = vec![f32::NAN; batch * n_out];
                     matvec_with_options(Isa::Avx2, mode, &w, batch, &x, &mut a).unwrap();
@@ -539,7 +578,7 @@ fn float_path_gives_non_finite_outputs_for_non_finite_activations() {
     let cb = Codebook::new(&NF4).unwrap();
     // Odd lengths: the bad value in a partial last chunk of the 128-weight AVX-512 kernel too.
     for (n_in, bs, at) in [(128, 16, 70), (192, 64, 150), (576, 64, 560), (96, 32, 3)] {
-        let shape = shape_of(3, n_in, bs);
+        let shape = MatShape::new(3, n_in, bs);
         let codes = vec![0x9Fu8; 3 * n_in / 2];
         let scales = vec![1f32; 3 * n_in / bs];
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
@@ -548,8 +587,8 @@ fn float_path_gives_non_finite_outputs_for_non_finite_activations() {
                 x[(batch - 1) * n_in + at] = bad;
                 for isa in Isa::supported() {
                     let mut out = vec![0f32; batch * 3];
-                    let w = weight(shape, &codes, &scales, &cb);
-                    matvec_with_isa(isa, &w, batch, &x, &mut out).unwrap();
+                    let w = PackedMatrix::new(shape, &codes, &scales, &cb);
+                    matvec_with_options(isa, Activations::Float, &w, batch, &x, &mut out).unwrap();
                     let (first, last) = out.split_at((batch - 1) * 3);
                     assert!(
                         last.iter().all(|v| !v.is_finite()) && first.iter().all(|v| v.is_finite()),
@@ -564,7 +603,7 @@ fn float_path_gives_non_finite_outputs_for_non_finite_activations() {
 #[test]
 fn unsupported_variants_are_errors_not_crashes() {
     let cb = Codebook::new(&NF4).unwrap();
-    let shape = shape_of(2, 128, 64);
+    let shape = MatShape::new(2, 128, 64);
     let (codes, scales, x) = (vec![0u8; 128], vec![1f32; 4], vec![1f32; 128]);
     for isa in Isa::ALL {
         for mode in Activations::ALL {
@@ -572,7 +611,7 @@ fn unsupported_variants_are_errors_not_crashes() {
             let got = matvec_with_options(
                 isa,
                 mode,
-                &weight(shape, &codes, &scales, &cb),
+                &PackedMatrix::new(shape, &codes, &scales, &cb),
                 1,
                 &x,
                 &mut out,

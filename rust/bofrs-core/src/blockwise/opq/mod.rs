@@ -45,6 +45,7 @@ pub use portable::{
 pub use rule::{f32_bracket, f32_limit, normal_upper_quantile, threshold, FilterBound, Threshold};
 
 use crate::error::{Error, Result};
+use crate::names::named_enum;
 use crate::numeric::element::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 
 /// The 16-bit type outlier values are stored in.
@@ -54,27 +55,9 @@ pub enum OutlierDType {
     Float16,
 }
 
+named_enum!(OutlierDType, "outlier_dtype", { BFloat16 => "bfloat16", Float16 => "float16" });
+
 impl OutlierDType {
-    /// Parses "bfloat16" / "float16".
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "bfloat16" => Ok(Self::BFloat16),
-            "float16" => Ok(Self::Float16),
-            other => Err(Error::InvalidArgument {
-                name: "outlier_dtype",
-                message: format!("expected 'bfloat16' or 'float16', got {other:?}"),
-            }),
-        }
-    }
-
-    /// The name [`OutlierDType::parse`] accepts.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::BFloat16 => "bfloat16",
-            Self::Float16 => "float16",
-        }
-    }
-
     /// The value of stored bits.
     #[inline(always)]
     pub fn to_f32(self, bits: u16) -> f32 {

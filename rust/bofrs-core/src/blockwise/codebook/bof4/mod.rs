@@ -21,7 +21,7 @@ pub use gaussian::{check_levels, expected_error, GaussianTarget};
 pub use histogram::{WeightHistogram, HISTOGRAM_BINS};
 pub use lloyd::{optimize, OptimizeOptions, Optimized};
 
-use crate::error::{Error, Result};
+use crate::names::named_enum;
 
 /// The error a codebook minimizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,27 +32,9 @@ pub enum Metric {
     Mae,
 }
 
+named_enum!(Metric, "metric", { Mse => "mse", Mae => "mae" });
+
 impl Metric {
-    /// Parses "mse" / "mae".
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "mse" => Ok(Self::Mse),
-            "mae" => Ok(Self::Mae),
-            other => Err(Error::InvalidArgument {
-                name: "metric",
-                message: format!("expected 'mse' or 'mae', got {other:?}"),
-            }),
-        }
-    }
-
-    /// The name [`Metric::parse`] accepts.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Mse => "mse",
-            Self::Mae => "mae",
-        }
-    }
-
     /// The power of the block scale that weights a value's error: 2 for MSE, 1 for MAE.
     pub fn scale_power(self) -> i32 {
         match self {
