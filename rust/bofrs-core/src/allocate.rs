@@ -15,10 +15,6 @@ pub struct Allocation {
     pub cost: u64,
 }
 
-fn invalid(name: &'static str, message: String) -> Error {
-    Error::InvalidArgument { name, message }
-}
-
 /// Solves the knapsack. `costs` and `losses` are `layers x options` (row-major, the same option
 /// count for every layer; give an option an infinite loss to forbid it).
 pub fn allocate(
@@ -28,13 +24,13 @@ pub fn allocate(
     capacity: u64,
 ) -> Result<Allocation> {
     if options == 0 || options > 255 {
-        return Err(invalid(
+        return Err(Error::invalid(
             "menu",
             format!("needs 1..255 formats, got {options}"),
         ));
     }
     if costs.len() != losses.len() || costs.len() % options != 0 {
-        return Err(invalid(
+        return Err(Error::invalid(
             "menu",
             format!(
                 "{} costs and {} losses for {options} formats",
@@ -44,18 +40,18 @@ pub fn allocate(
         ));
     }
     if losses.iter().any(|l| l.is_nan() || *l < 0.0) {
-        return Err(invalid(
+        return Err(Error::invalid(
             "menu",
-            "losses must be non-negative (inf forbids)".into(),
+            "losses must be non-negative (inf forbids)",
         ));
     }
     let cap = usize::try_from(capacity)
         .ok()
         .filter(|&c| c <= 50_000_000)
-        .ok_or_else(|| invalid("budget", format!("capacity {capacity} is too fine")))?;
+        .ok_or_else(|| Error::invalid("budget", format!("capacity {capacity} is too fine")))?;
     let layers = costs.len() / options;
     if layers.saturating_mul(cap + 1) > 2_000_000_000 {
-        return Err(invalid("budget", "layers x capacity too large".into()));
+        return Err(Error::invalid("budget", "layers x capacity too large"));
     }
     // best[c]: least loss of the layers so far with total cost at most c.
     let mut best = vec![0.0f64; cap + 1];
@@ -81,9 +77,9 @@ pub fn allocate(
         std::mem::swap(&mut best, &mut next);
     }
     if !best[cap].is_finite() {
-        return Err(invalid(
+        return Err(Error::invalid(
             "budget",
-            "no allocation fits: even the cheapest formats exceed it".into(),
+            "no allocation fits: even the cheapest formats exceed it",
         ));
     }
     let mut choices = vec![0usize; layers];

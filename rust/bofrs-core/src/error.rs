@@ -5,6 +5,38 @@ use std::fmt;
 /// Result alias used across the crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// A [`Error::LengthMismatch`] for `what` unless `actual == expected`.
+pub fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            what,
+            expected,
+            actual,
+        })
+    }
+}
+
+/// [`check_len`] for each `(what, expected, actual)` in order: the first mismatch.
+pub fn check_lengths(checks: &[(&'static str, usize, usize)]) -> Result<()> {
+    checks
+        .iter()
+        .try_for_each(|&(what, expected, actual)| check_len(what, expected, actual))
+}
+
+/// An error naming the first non-finite scale, if any (`unit`: what one scale covers, as in
+/// "scale of block 3 is not finite").
+pub fn check_finite_scales(scales: &[f32], unit: &str) -> Result<()> {
+    match scales.iter().position(|s| !s.is_finite()) {
+        None => Ok(()),
+        Some(b) => Err(Error::invalid(
+            "scales",
+            format!("scale of {unit} {b} is not finite"),
+        )),
+    }
+}
+
 /// Everything that can go wrong in the core. No function of the crate panics on bad input.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Error {
@@ -28,6 +60,16 @@ pub enum Error {
     },
     /// Any other invalid argument, named.
     InvalidArgument { name: &'static str, message: String },
+}
+
+impl Error {
+    /// An [`Error::InvalidArgument`] naming the argument `name`.
+    pub fn invalid(name: &'static str, message: impl Into<String>) -> Error {
+        Error::InvalidArgument {
+            name,
+            message: message.into(),
+        }
+    }
 }
 
 impl fmt::Display for Error {

@@ -80,10 +80,10 @@ impl Isa {
         if self.is_supported() {
             Ok(())
         } else {
-            Err(crate::Error::InvalidArgument {
-                name: "isa",
-                message: format!("{} is not supported by this CPU", self.name()),
-            })
+            Err(crate::Error::invalid(
+                "isa",
+                format!("{} is not supported by this CPU", self.name()),
+            ))
         }
     }
 

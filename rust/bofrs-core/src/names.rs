@@ -21,13 +21,10 @@ macro_rules! named_enum {
             pub fn parse(name: &str) -> $crate::error::Result<Self> {
                 match name {
                     $($name => Ok(Self::$variant),)+
-                    other => Err($crate::error::Error::InvalidArgument {
-                        name: $arg,
-                        message: format!(
+                    other => Err($crate::error::Error::invalid($arg, format!(
                             "expected {}, got {other:?}",
                             $crate::names::one_of(&[$($name),+])
-                        ),
-                    }),
+                        ))),
                 }
             }
 

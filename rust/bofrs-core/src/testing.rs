@@ -21,3 +21,35 @@ pub(crate) fn lcg(n: usize, seed: u64) -> Vec<f32> {
         .map(|_| ((step(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0)
         .collect()
 }
+
+/// A HIGGS test weight: `data` (`rows x cols`) packed in groups of `group_size` on `grid`
+/// with float32 scales, and the search and layout it was packed with.
+pub(crate) struct HiggsPacked {
+    pub(crate) search: crate::higgs::search::GridSearch,
+    pub(crate) layout: crate::higgs::quantize::HiggsLayout,
+    pub(crate) codes: Vec<u8>,
+    pub(crate) scales: Vec<f32>,
+}
+
+/// Packs `data` for a HIGGS test (see [`HiggsPacked`]).
+pub(crate) fn higgs_packed(
+    data: &[f32],
+    (rows, cols): (usize, usize),
+    group_size: usize,
+    grid: &crate::higgs::Grid,
+) -> HiggsPacked {
+    use crate::higgs::quantize::{higgs_pack, HiggsLayout};
+    let points: Vec<f32> = grid.points.iter().map(|&v| v as f32).collect();
+    let search = crate::higgs::search::GridSearch::new(grid.dim, &points).unwrap();
+    let layout = HiggsLayout::new(rows, cols, group_size, &search).unwrap();
+    let mut codes = vec![0u8; layout.code_bytes()];
+    let mut scales = vec![0f32; layout.num_groups()];
+    let f32_scales = crate::blockwise::scale::ScaleDType::Float32;
+    higgs_pack(data, &layout, &search, f32_scales, &mut codes, &mut scales).unwrap();
+    HiggsPacked {
+        search,
+        layout,
+        codes,
+        scales,
+    }
+}

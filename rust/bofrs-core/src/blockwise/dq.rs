@@ -15,7 +15,7 @@
 //! finite value, `c` steps down by one. The group parameters are stored as `[lo, step]`.
 //! The encoder then codes the block's values against the *decoded* scale.
 
-use crate::error::{Error, Result};
+use crate::error::{check_len, Error, Result};
 use crate::runtime::pool::pool;
 use rayon::prelude::*;
 
@@ -121,21 +121,15 @@ pub fn quantize_group(
 /// non-negative.
 pub fn check_params(blocks: usize, params: &[f32]) -> Result<()> {
     let groups = blocks.div_ceil(GROUP);
-    if params.len() != 2 * groups {
-        return Err(Error::LengthMismatch {
-            what: "scale_scales",
-            expected: 2 * groups,
-            actual: params.len(),
-        });
-    }
+    check_len("scale_scales", 2 * groups, params.len())?;
     match params
         .chunks(2)
         .position(|p| !(p[0].is_finite() && p[1].is_finite() && p[0] >= 0.0 && p[1] >= 0.0))
     {
-        Some(g) => Err(Error::InvalidArgument {
-            name: "scale_scales",
-            message: format!("parameters of scale group {g} are not finite and non-negative"),
-        }),
+        Some(g) => Err(Error::invalid(
+            "scale_scales",
+            format!("parameters of scale group {g} are not finite and non-negative"),
+        )),
         None => Ok(()),
     }
 }
@@ -144,13 +138,7 @@ pub fn check_params(blocks: usize, params: &[f32]) -> Result<()> {
 /// `g`) into f32 scales, on the pool.
 pub fn decode_scales(codes: &[u8], params: &[f32], signed: bool, out: &mut [f32]) -> Result<()> {
     check_params(codes.len(), params)?;
-    if out.len() != codes.len() {
-        return Err(Error::LengthMismatch {
-            what: "scales",
-            expected: codes.len(),
-            actual: out.len(),
-        });
-    }
+    check_len("scales", codes.len(), out.len())?;
     pool().install(|| {
         out.par_chunks_mut(GROUP * 64)
             .zip(codes.par_chunks(GROUP * 64))
@@ -165,10 +153,10 @@ pub fn decode_scales(codes: &[u8], params: &[f32], signed: bool, out: &mut [f32]
             })
     });
     if let Some(b) = out.iter().position(|v| !v.is_finite()) {
-        return Err(Error::InvalidArgument {
-            name: "scales",
-            message: format!("double-quantized scale of block {b} is not finite"),
-        });
+        return Err(Error::invalid(
+            "scales",
+            format!("double-quantized scale of block {b} is not finite"),
+        ));
     }
     Ok(())
 }

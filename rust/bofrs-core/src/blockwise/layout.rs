@@ -1,6 +1,6 @@
 //! Sizes of the packed buffers for a tensor of `numel` values cut into blocks.
 
-use crate::error::{Error, Result};
+use crate::error::{check_len, Error, Result};
 
 /// Smallest and largest supported block sizes (both powers of two).
 pub const MIN_BLOCK_SIZE: usize = 16;
@@ -35,20 +35,8 @@ impl BlockLayout {
 
     /// Checks that `codes` and `scales` buffers have the lengths this layout needs.
     pub fn check_buffers(&self, code_len: usize, scale_len: usize) -> Result<()> {
-        if code_len != self.code_bytes() {
-            return Err(Error::LengthMismatch {
-                what: "codes",
-                expected: self.code_bytes(),
-                actual: code_len,
-            });
-        }
-        if scale_len != self.num_blocks() {
-            return Err(Error::LengthMismatch {
-                what: "scales",
-                expected: self.num_blocks(),
-                actual: scale_len,
-            });
-        }
+        check_len("codes", self.code_bytes(), code_len)?;
+        check_len("scales", self.num_blocks(), scale_len)?;
         Ok(())
     }
 }

@@ -45,10 +45,10 @@ pub struct Grid {
 /// The Lloyd-Max quantizer of N(0, 1) with `n` levels (ascending).
 pub fn scalar_grid(n: usize) -> Result<Grid> {
     if !(2..=256).contains(&n) || !n.is_power_of_two() {
-        return Err(Error::InvalidArgument {
-            name: "n",
-            message: format!("scalar grids have 2..256 points (a power of two), got {n}"),
-        });
+        return Err(Error::invalid(
+            "n",
+            format!("scalar grids have 2..256 points (a power of two), got {n}"),
+        ));
     }
     let target = GaussianTarget::standard_normal(SCALAR_RANGE);
     let init: Vec<f64> = (0..n)
@@ -163,10 +163,10 @@ fn splitmix(state: &mut u64) -> u64 {
 /// An MSE-optimal `n`-point grid for the 2-D standard normal (LBG splitting from `seed`).
 pub fn plane_grid(n: usize, seed: u64) -> Result<Grid> {
     if !(2..=1024).contains(&n) || !n.is_power_of_two() {
-        return Err(Error::InvalidArgument {
-            name: "n",
-            message: format!("2-D grids have 2..1024 points (a power of two), got {n}"),
-        });
+        return Err(Error::invalid(
+            "n",
+            format!("2-D grids have 2..1024 points (a power of two), got {n}"),
+        ));
     }
     let quad = plane_quadrature();
     let mut state = seed;
@@ -198,10 +198,10 @@ pub fn gaussian_grid(dim: usize, n: usize, seed: u64) -> Result<Grid> {
     match dim {
         1 => scalar_grid(n),
         2 => plane_grid(n, seed),
-        other => Err(Error::InvalidArgument {
-            name: "p",
-            message: format!("grids are 1- or 2-dimensional, got {other}"),
-        }),
+        other => Err(Error::invalid(
+            "p",
+            format!("grids are 1- or 2-dimensional, got {other}"),
+        )),
     }
 }
 

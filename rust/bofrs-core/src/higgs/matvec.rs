@@ -2,9 +2,9 @@
 //! packed weight at a time into a small buffer (scale applied) and taking its dot product with
 //! every token's slice; the dense weight never exists. Rows are spread over the pool.
 
-use super::quantize::{check_scales, decode_row, HiggsLayout};
+use super::quantize::{decode_row, HiggsLayout};
 use super::search::GridSearch;
-use crate::error::{Error, Result};
+use crate::error::{check_finite_scales, check_lengths, Result};
 use crate::runtime::pool::pool;
 use rayon::prelude::*;
 
@@ -20,22 +20,13 @@ pub fn higgs_matvec(
     out: &mut [f32],
 ) -> Result<()> {
     let width = layout.padded_cols();
-    let check = [
+    check_lengths(&[
         ("x", tokens * width, x_rot.len()),
         ("codes", layout.code_bytes(), codes.len()),
         ("scales", layout.num_groups(), scales.len()),
         ("out", tokens * layout.rows, out.len()),
-    ];
-    for (what, expected, actual) in check {
-        if expected != actual {
-            return Err(Error::LengthMismatch {
-                what,
-                expected,
-                actual,
-            });
-        }
-    }
-    check_scales(scales)?;
+    ])?;
+    check_finite_scales(scales, "group")?;
     if layout.rows == 0 || tokens == 0 {
         return Ok(());
     }
@@ -84,9 +75,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blockwise::scale::ScaleDType;
     use crate::higgs::grid::{plane_grid, scalar_grid};
-    use crate::higgs::quantize::{higgs_pack, higgs_unpack};
+    use crate::higgs::quantize::higgs_unpack;
+    use crate::testing::{higgs_packed, HiggsPacked};
 
     #[test]
     fn equals_the_decoded_product() {
@@ -107,20 +98,12 @@ mod tests {
         data: &[f32],
         grid: &crate::higgs::Grid,
     ) {
-        let points: Vec<f32> = grid.points.iter().map(|&v| v as f32).collect();
-        let search = GridSearch::new(grid.dim, &points).unwrap();
-        let layout = HiggsLayout::new(rows, cols, 64, &search).unwrap();
-        let mut codes = vec![0u8; layout.code_bytes()];
-        let mut scales = vec![0f32; layout.num_groups()];
-        higgs_pack(
-            data,
-            &layout,
-            &search,
-            ScaleDType::Float32,
-            &mut codes,
-            &mut scales,
-        )
-        .unwrap();
+        let HiggsPacked {
+            search,
+            layout,
+            codes,
+            scales,
+        } = higgs_packed(data, (rows, cols), 64, grid);
         let width = layout.padded_cols();
         let mut w_rot = vec![0f32; rows * width];
         higgs_unpack(&codes, &scales, &layout, &search, true, &mut w_rot).unwrap();

@@ -5,7 +5,7 @@
 
 use super::search::GridSearch;
 use crate::blockwise::scale::ScaleDType;
-use crate::error::{Error, Result};
+use crate::error::{check_finite_scales, check_len, check_lengths, Error, Result};
 use crate::isa::Isa;
 use crate::numeric::element::Element;
 use crate::numeric::hadamard::{check_size, transform_one};
@@ -25,9 +25,11 @@ pub struct HiggsLayout {
 impl HiggsLayout {
     /// Validates the sizes against a grid.
     pub fn new(rows: usize, cols: usize, group_size: usize, grid: &GridSearch) -> Result<Self> {
-        check_size(group_size).map_err(|_| Error::InvalidArgument {
-            name: "group_size",
-            message: format!("must be a power of two in 16..32768, got {group_size}"),
+        check_size(group_size).map_err(|_| {
+            Error::invalid(
+                "group_size",
+                format!("must be a power of two in 16..32768, got {group_size}"),
+            )
         })?;
         Ok(Self {
             rows,
@@ -64,21 +66,11 @@ impl HiggsLayout {
     }
 
     fn check(&self, values: usize, codes: usize, scales: usize) -> Result<()> {
-        let expect = [
+        check_lengths(&[
             ("data", self.rows * self.cols, values),
             ("codes", self.code_bytes(), codes),
             ("scales", self.num_groups(), scales),
-        ];
-        for (what, expected, actual) in expect {
-            if expected != actual {
-                return Err(Error::LengthMismatch {
-                    what,
-                    expected,
-                    actual,
-                });
-            }
-        }
-        Ok(())
+        ])
     }
 }
 
@@ -246,17 +238,6 @@ pub(crate) fn decode_row(
     }
 }
 
-/// An error naming the first non-finite group scale, if any.
-pub(crate) fn check_scales(scales: &[f32]) -> Result<()> {
-    match scales.iter().position(|s| !s.is_finite()) {
-        None => Ok(()),
-        Some(b) => Err(Error::InvalidArgument {
-            name: "scales",
-            message: format!("scale {b} is not finite"),
-        }),
-    }
-}
-
 /// Sum of squares in f64 with four interleaved accumulators (one long chain of dependent
 /// f64 adds would cost 4 cycles a value).
 #[inline(always)]
@@ -286,14 +267,8 @@ pub fn higgs_unpack(
         layout.cols
     };
     layout.check(layout.rows * layout.cols, codes.len(), scales.len())?;
-    if out.len() != layout.rows * width {
-        return Err(Error::LengthMismatch {
-            what: "out",
-            expected: layout.rows * width,
-            actual: out.len(),
-        });
-    }
-    check_scales(scales)?;
+    check_len("out", layout.rows * width, out.len())?;
+    check_finite_scales(scales, "group")?;
     let isa = Isa::best();
     let g = layout.group_size;
     if layout.rows == 0 || width == 0 {
@@ -321,6 +296,7 @@ pub fn higgs_unpack(
 mod tests {
     use super::*;
     use crate::higgs::grid::{plane_grid, scalar_grid};
+    use crate::testing::{higgs_packed, step, uniform, HiggsPacked};
 
     #[test]
     fn bit_stream_round_trips_every_width() {
@@ -346,14 +322,8 @@ mod tests {
         let mut state = 7u64;
         let data: Vec<f32> = (0..rows * cols)
             .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let u = ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let v = (state >> 11) as f64 / (1u64 << 53) as f64;
+                let u = ((step(&mut state) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                let v = uniform(&mut state);
                 ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
             })
             .collect();
@@ -363,20 +333,12 @@ mod tests {
             scalar_grid(64).unwrap(),
             plane_grid(16, 0).unwrap(),
         ] {
-            let points: Vec<f32> = grid.points.iter().map(|&v| v as f32).collect();
-            let search = GridSearch::new(grid.dim, &points).unwrap();
-            let layout = HiggsLayout::new(rows, cols, 256, &search).unwrap();
-            let mut codes = vec![0u8; layout.code_bytes()];
-            let mut scales = vec![0f32; layout.num_groups()];
-            higgs_pack(
-                &data,
-                &layout,
-                &search,
-                ScaleDType::Float32,
-                &mut codes,
-                &mut scales,
-            )
-            .unwrap();
+            let HiggsPacked {
+                search,
+                layout,
+                codes,
+                scales,
+            } = higgs_packed(&data, (rows, cols), 256, &grid);
             let mut out = vec![0f32; rows * cols];
             higgs_unpack(&codes, &scales, &layout, &search, false, &mut out).unwrap();
             let err: f64 = data

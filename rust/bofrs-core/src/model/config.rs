@@ -31,10 +31,6 @@ pub struct LlamaConfig {
     pub max_positions: usize,
 }
 
-fn invalid(name: &'static str, message: String) -> Error {
-    Error::InvalidArgument { name, message }
-}
-
 impl LlamaConfig {
     /// Checks that the dimensions fit together.
     pub fn check(&self) -> Result<()> {
@@ -49,11 +45,11 @@ impl LlamaConfig {
             ("max_positions", self.max_positions),
         ] {
             if v == 0 {
-                return Err(invalid(name, "must be positive".into()));
+                return Err(Error::invalid(name, "must be positive"));
             }
         }
         if self.num_heads % self.num_kv_heads != 0 {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "num_kv_heads",
                 format!(
                     "{} does not divide num_heads={}",
@@ -62,13 +58,13 @@ impl LlamaConfig {
             ));
         }
         if self.vocab_size > u32::MAX as usize {
-            return Err(invalid("vocab_size", "must fit 32 bits".into()));
+            return Err(Error::invalid("vocab_size", "must fit 32 bits"));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return Err(invalid("rms_norm_eps", "must be finite and >= 0".into()));
+            return Err(Error::invalid("rms_norm_eps", "must be finite and >= 0"));
         }
         if self.sliding_window == Some(0) {
-            return Err(invalid("sliding_window", "must be positive".into()));
+            return Err(Error::invalid("sliding_window", "must be positive"));
         }
         // The KV cache: layers * kv heads * positions * head_dim * 2 values must be addressable.
         self.num_layers
@@ -77,7 +73,7 @@ impl LlamaConfig {
             .and_then(|n| n.checked_mul(self.head_dim))
             .and_then(|n| n.checked_mul(8))
             .filter(|&n| n <= isize::MAX as usize)
-            .ok_or_else(|| invalid("max_positions", "the KV cache would not fit memory".into()))?;
+            .ok_or_else(|| Error::invalid("max_positions", "the KV cache would not fit memory"))?;
         self.rope.check(self.head_dim)
     }
 

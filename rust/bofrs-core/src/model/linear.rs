@@ -11,7 +11,7 @@ use crate::blockwise::codebook::Codebook;
 use crate::blockwise::matvec::{
     matvec_prepared, preferred_isa, Activations, MatShape, PackedMatrix, PreparedInput,
 };
-use crate::error::{Error, Result};
+use crate::error::{check_len, Error, Result};
 use crate::isa::Isa;
 use crate::numeric::hadamard;
 use std::ops::Range;
@@ -88,10 +88,6 @@ impl Input {
     }
 }
 
-fn invalid(name: &'static str, message: String) -> Error {
-    Error::InvalidArgument { name, message }
-}
-
 impl Linear {
     /// A packed layer `[out_features, in_features]`: `codes` (`out * in / 2` bytes, row-major,
     /// high nibble first), one finite f32 `scales` per block of `block_size` values (which must
@@ -129,16 +125,10 @@ impl Linear {
     pub fn dense(out_features: usize, in_features: usize, weight: Arc<[f32]>) -> Result<Linear> {
         let n = out_features
             .checked_mul(in_features)
-            .ok_or_else(|| invalid("weight", "sizes overflow".into()))?;
-        if weight.len() != n {
-            return Err(Error::LengthMismatch {
-                what: "weight",
-                expected: n,
-                actual: weight.len(),
-            });
-        }
+            .ok_or_else(|| Error::invalid("weight", "sizes overflow"))?;
+        check_len("weight", n, weight.len())?;
         if let Some(i) = weight.iter().position(|v| !v.is_finite()) {
-            return Err(invalid("weight", format!("value {i} is not finite")));
+            return Err(Error::invalid("weight", format!("value {i} is not finite")));
         }
         Ok(Linear {
             out_features,
@@ -150,15 +140,9 @@ impl Linear {
 
     /// Adds a bias (`out_features` finite values).
     pub fn with_bias(mut self, bias: Vec<f32>) -> Result<Linear> {
-        if bias.len() != self.out_features {
-            return Err(Error::LengthMismatch {
-                what: "bias",
-                expected: self.out_features,
-                actual: bias.len(),
-            });
-        }
+        check_len("bias", self.out_features, bias.len())?;
         if let Some(i) = bias.iter().position(|v| !v.is_finite()) {
-            return Err(invalid("bias", format!("value {i} is not finite")));
+            return Err(Error::invalid("bias", format!("value {i} is not finite")));
         }
         self.bias = Some(bias);
         Ok(self)
@@ -169,7 +153,7 @@ impl Linear {
     pub fn with_rotation(mut self, group: usize) -> Result<Linear> {
         hadamard::check_size(group)?;
         if self.in_features % group != 0 {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "rotation",
                 format!(
                     "group {group} does not divide in_features={}",
@@ -177,15 +161,8 @@ impl Linear {
                 ),
             ));
         }
-        match &mut self.weight {
-            Weight::Packed(p) => p.rotation = Some(group),
-            Weight::Dense(_) => {
-                return Err(invalid(
-                    "rotation",
-                    "only packed weights are rotated".into(),
-                ))
-            }
-        }
+        self.packed_mut("rotation", "only packed weights are rotated")?
+            .rotation = Some(group);
         Ok(self)
     }
 
@@ -193,30 +170,24 @@ impl Linear {
     /// increasing) and the difference between each outlier's value and its code's decoded value
     /// (in the rotated frame for rotated weights).
     pub fn with_outliers(mut self, indices: &[u64], deltas: &[f32]) -> Result<Linear> {
-        if indices.len() != deltas.len() {
-            return Err(Error::LengthMismatch {
-                what: "outlier deltas",
-                expected: indices.len(),
-                actual: deltas.len(),
-            });
-        }
+        check_len("outlier deltas", indices.len(), deltas.len())?;
         let n = (self.out_features * self.in_features) as u64;
         if let Some(k) = indices.windows(2).position(|w| w[0] >= w[1]) {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "outlier indices",
                 format!("not strictly increasing at {}", k + 1),
             ));
         }
         if let Some(&last) = indices.last() {
             if last >= n {
-                return Err(invalid(
+                return Err(Error::invalid(
                     "outlier indices",
                     format!("index {last} is outside the {n} weights"),
                 ));
             }
         }
         if let Some(i) = deltas.iter().position(|v| !v.is_finite()) {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "outlier deltas",
                 format!("value {i} is not finite"),
             ));
@@ -234,16 +205,17 @@ impl Linear {
             cols: indices.iter().map(|&i| (i % cols_n) as u32).collect(),
             deltas: deltas.to_vec(),
         };
-        match &mut self.weight {
-            Weight::Packed(p) => p.outliers = Some(outliers),
-            Weight::Dense(_) => {
-                return Err(invalid(
-                    "outliers",
-                    "only packed weights have outliers".into(),
-                ))
-            }
-        }
+        self.packed_mut("outliers", "only packed weights have outliers")?
+            .outliers = Some(outliers);
         Ok(self)
+    }
+
+    /// The packed weight, or an error naming `name` for a dense one.
+    fn packed_mut(&mut self, name: &'static str, message: &str) -> Result<&mut Packed> {
+        match &mut self.weight {
+            Weight::Packed(p) => Ok(p),
+            Weight::Dense(_) => Err(Error::invalid(name, message)),
+        }
     }
 
     /// Output features (rows of the weight).
@@ -317,11 +289,11 @@ impl Linear {
         isa: Isa,
     ) -> Result<()> {
         if input.key != Some(self.input_key()) {
-            return Err(invalid("input", "not prepared for this layer".into()));
+            return Err(Error::invalid("input", "not prepared for this layer"));
         }
         let n_in = self.in_features;
         if rows.end > self.out_features || rows.start > rows.end || x.len() != batch * n_in {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "rows",
                 format!("{rows:?} of {} with {batch} inputs", self.out_features),
             ));

@@ -7,7 +7,7 @@ use super::linear::Linear;
 use super::ops::{add, rms_norm, silu_mul};
 use super::project::{project, StepBuffers};
 use super::rope::rotate;
-use crate::error::{Error, Result};
+use crate::error::{check_len, Error, Result};
 use crate::isa::Isa;
 use crate::runtime::buffer::zeroed_vec;
 use crate::runtime::pool::pool;
@@ -85,20 +85,16 @@ pub struct Llama {
     isa: Isa,
 }
 
-fn invalid(name: &'static str, message: String) -> Error {
-    Error::InvalidArgument { name, message }
-}
-
 /// Checks a norm weight: `n` finite values.
 fn check_norm(what: &str, w: &[f32], n: usize) -> Result<()> {
     if w.len() != n {
-        return Err(invalid(
+        return Err(Error::invalid(
             "weights",
             format!("{what} has {} values, expected {n}", w.len()),
         ));
     }
     if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(invalid(
+        return Err(Error::invalid(
             "weights",
             format!("{what} value {i} is not finite"),
         ));
@@ -109,7 +105,7 @@ fn check_norm(what: &str, w: &[f32], n: usize) -> Result<()> {
 /// Checks a layer's shape: `[out, in]`.
 fn check_linear(what: &str, l: &Linear, out: usize, inp: usize) -> Result<()> {
     if (l.out_features(), l.in_features()) != (out, inp) {
-        return Err(invalid(
+        return Err(Error::invalid(
             "weights",
             format!(
                 "{what} is [{}, {}], expected [{out}, {inp}]",
@@ -129,7 +125,7 @@ impl Llama {
         let c = &config;
         let (hd, qw, kvw) = (c.hidden_size, c.q_width(), c.kv_width());
         if weights.blocks.len() != c.num_layers {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "weights",
                 format!(
                     "{} blocks, expected num_layers={}",
@@ -139,7 +135,7 @@ impl Llama {
             ));
         }
         if weights.embedding.len() != c.vocab_size * hd {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "weights",
                 format!(
                     "the embedding has {} values, expected vocab_size * hidden_size = {}",
@@ -149,7 +145,7 @@ impl Llama {
             ));
         }
         if let Some(i) = weights.embedding.iter().position(|v| !v.is_finite()) {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "weights",
                 format!("embedding value {i} is not finite"),
             ));
@@ -233,10 +229,10 @@ impl Llama {
     ) -> Result<()> {
         let c = &self.config;
         if tokens.is_empty() {
-            return Err(invalid("token_ids", "no tokens".into()));
+            return Err(Error::invalid("token_ids", "no tokens"));
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "token_ids",
                 format!(
                     "token {t} is outside the vocabulary (vocab_size={})",
@@ -245,7 +241,7 @@ impl Llama {
             ));
         }
         if start > self.cache.len() {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "position",
                 format!(
                     "{start} is past the {} cached positions (it may be at most that: the \
@@ -256,7 +252,7 @@ impl Llama {
         }
         let end = start + tokens.len();
         if end > c.max_positions {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "token_ids",
                 format!(
                     "positions up to {end} exceed the KV cache of {} positions (build the \
@@ -270,13 +266,7 @@ impl Llama {
             Logits::Last => vocab,
             Logits::All => tokens.len() * vocab,
         };
-        if out.len() != expected {
-            return Err(Error::LengthMismatch {
-                what: "logits",
-                expected,
-                actual: out.len(),
-            });
-        }
+        check_len("logits", expected, out.len())?;
         self.cache.truncate(start);
         pool().install(|| {
             let chunks = tokens.chunks(MAX_BATCH).count();

@@ -33,20 +33,20 @@ impl Rope {
     /// Checks the table against `head_dim` (even, `head_dim / 2` finite frequencies).
     pub fn check(&self, head_dim: usize) -> Result<()> {
         if head_dim % 2 != 0 || self.inv_freq.len() != head_dim / 2 {
-            return Err(Error::InvalidArgument {
-                name: "inv_freq",
-                message: format!(
+            return Err(Error::invalid(
+                "inv_freq",
+                format!(
                     "{} frequencies do not fit head_dim={head_dim} (it must be even, with \
                      head_dim / 2 frequencies)",
                     self.inv_freq.len()
                 ),
-            });
+            ));
         }
         if !self.inv_freq.iter().all(|f| f.is_finite()) || !self.attention_scaling.is_finite() {
-            return Err(Error::InvalidArgument {
-                name: "inv_freq",
-                message: "frequencies and scaling must be finite".into(),
-            });
+            return Err(Error::invalid(
+                "inv_freq",
+                "frequencies and scaling must be finite",
+            ));
         }
         Ok(())
     }

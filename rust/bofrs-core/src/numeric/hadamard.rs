@@ -6,7 +6,7 @@
 //! compiles the same body with AVX2 enabled: bit-identical results). Rows are spread over the
 //! pool.
 
-use crate::error::{Error, Result};
+use crate::error::{check_len, Error, Result};
 use crate::isa::{dispatch, Isa};
 use crate::runtime::pool::{pool, TASK_VALUES};
 use rayon::prelude::*;
@@ -20,10 +20,10 @@ pub fn check_size(size: usize) -> Result<()> {
     if (MIN_SIZE..=MAX_SIZE).contains(&size) && size.is_power_of_two() {
         Ok(())
     } else {
-        Err(Error::InvalidArgument {
-            name: "size",
-            message: format!("must be a power of two in {MIN_SIZE}..{MAX_SIZE}, got {size}"),
-        })
+        Err(Error::invalid(
+            "size",
+            format!("must be a power of two in {MIN_SIZE}..{MAX_SIZE}, got {size}"),
+        ))
     }
 }
 
@@ -110,13 +110,11 @@ pub fn hadamard_rows(data: &mut [f32], size: usize) -> Result<()> {
 pub fn hadamard_rows_with_isa(isa: Isa, data: &mut [f32], size: usize) -> Result<()> {
     check_size(size)?;
     isa.ensure_supported()?;
-    if data.len() % size != 0 {
-        return Err(Error::LengthMismatch {
-            what: "data (a whole number of rows)",
-            expected: data.len().div_ceil(size) * size,
-            actual: data.len(),
-        });
-    }
+    check_len(
+        "data (a whole number of rows)",
+        data.len().div_ceil(size) * size,
+        data.len(),
+    )?;
     let per_task = (TASK_VALUES / size).max(1) * size;
     pool().install(|| {
         data.par_chunks_mut(per_task)

@@ -12,7 +12,7 @@ pub use stored::{OutlierIndices, StoredScales};
 use crate::blockwise::codebook::Codebook;
 use crate::blockwise::layout::BlockLayout;
 use crate::blockwise::opq::OutlierDType;
-use crate::error::{Error, Result};
+use crate::error::{check_len, Error, Result};
 use crate::isa::{dispatch, Isa};
 use crate::numeric::element::Element;
 use crate::runtime::pool::{blocks_per_task, pool};
@@ -48,18 +48,12 @@ pub struct OutlierView<'a> {
 impl OutlierView<'_> {
     /// Checks lengths, order, range and finiteness against a tensor of `numel` values.
     pub fn validate(&self, numel: usize) -> Result<()> {
-        if self.indices.len() != self.values.len() {
-            return Err(Error::LengthMismatch {
-                what: "outlier_values",
-                expected: self.indices.len(),
-                actual: self.values.len(),
-            });
-        }
+        check_len("outlier_values", self.indices.len(), self.values.len())?;
         if let Some(i) = self.indices.first_unordered() {
-            return Err(Error::InvalidArgument {
-                name: "outlier_indices",
-                message: format!("must be strictly ascending (position {i})"),
-            });
+            return Err(Error::invalid(
+                "outlier_indices",
+                format!("must be strictly ascending (position {i})"),
+            ));
         }
         if let Some(last) = self
             .indices
@@ -68,10 +62,10 @@ impl OutlierView<'_> {
             .map(|k| self.indices.get(k))
         {
             if last >= numel as u64 {
-                return Err(Error::InvalidArgument {
-                    name: "outlier_indices",
-                    message: format!("index {last} is out of range for {numel} values"),
-                });
+                return Err(Error::invalid(
+                    "outlier_indices",
+                    format!("index {last} is out of range for {numel} values"),
+                ));
             }
         }
         if let Some(i) = self
@@ -79,10 +73,10 @@ impl OutlierView<'_> {
             .iter()
             .position(|&v| !self.dtype.to_f32(v).is_finite())
         {
-            return Err(Error::InvalidArgument {
-                name: "outlier_values",
-                message: format!("outlier {i} is not finite"),
-            });
+            return Err(Error::invalid(
+                "outlier_values",
+                format!("outlier {i} is not finite"),
+            ));
         }
         Ok(())
     }

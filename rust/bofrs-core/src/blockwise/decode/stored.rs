@@ -67,10 +67,10 @@ impl StoredScales<'_> {
             }
         };
         match bad {
-            Some(b) => Err(Error::InvalidArgument {
-                name: "scales",
-                message: format!("scale of block {b} is not finite"),
-            }),
+            Some(b) => Err(Error::invalid(
+                "scales",
+                format!("scale of block {b} is not finite"),
+            )),
             None => Ok(()),
         }
     }

@@ -26,7 +26,7 @@ use crate::blockwise::layout::BlockLayout;
 use crate::blockwise::opq::pass::OpqContext;
 use crate::blockwise::opq::{OpqOptions, Outlier};
 use crate::blockwise::scale::ScaleDType;
-use crate::error::{Error, Result};
+use crate::error::{check_lengths, Error, Result};
 use crate::isa::{dispatch, Isa};
 use crate::numeric::element::Element;
 use crate::runtime::pool::{blocks_per_task, pool};
@@ -111,10 +111,10 @@ pub fn pack_ext_parts_with_isa<E: Element>(
     let layout = BlockLayout::new(input.len(), bs)?;
     layout.check_buffers(out.codes.len(), out.scales.len())?;
     if extras.opq.is_some() && input.len() as u64 >= Outlier::INDEX_LIMIT {
-        return Err(Error::InvalidArgument {
-            name: "opq",
-            message: format!("OPQ takes fewer than 2^48 values, got {}", input.len()),
-        });
+        return Err(Error::invalid(
+            "opq",
+            format!("OPQ takes fewer than 2^48 values, got {}", input.len()),
+        ));
     }
     let blocks = layout.num_blocks();
     let dq = extras.double_quant;
@@ -123,18 +123,10 @@ pub fn pack_ext_parts_with_isa<E: Element>(
     } else {
         (0, 0)
     };
-    for (what, expected, actual) in [
+    check_lengths(&[
         ("scale_codes", want_codes, out.scale_codes.len()),
         ("scale_scales", want_params, out.scale_params.len()),
-    ] {
-        if expected != actual {
-            return Err(Error::LengthMismatch {
-                what,
-                expected,
-                actual,
-            });
-        }
-    }
+    ])?;
     let mut bpt = blocks_per_task(bs);
     if dq {
         // A task holds whole scale groups.

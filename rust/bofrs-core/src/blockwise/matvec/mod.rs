@@ -46,7 +46,7 @@ mod tests;
 mod x86;
 
 use crate::blockwise::codebook::Codebook;
-use crate::error::{Error, Result};
+use crate::error::{check_len, Error, Result};
 use crate::isa::{dispatch, Isa};
 use crate::numeric::element::Element;
 use crate::runtime::pool::pool;
@@ -101,41 +101,26 @@ impl MatShape {
             return Err(Error::InvalidBlockSize(bs));
         }
         if self.in_features % bs != 0 {
-            return Err(Error::InvalidArgument {
-                name: "in_features",
-                message: format!(
+            return Err(Error::invalid(
+                "in_features",
+                format!(
                     "{} is not a multiple of block_size={bs}; the fused kernel needs whole \
                      blocks per row",
                     self.in_features
                 ),
-            });
+            ));
         }
-        let overflow = || Error::InvalidArgument {
-            name: "out_features",
-            message: "sizes overflow".into(),
-        };
+        let overflow = || Error::invalid("out_features", "sizes overflow");
         let n = self
             .out_features
             .checked_mul(self.in_features)
             .ok_or_else(overflow)?;
         let nx = batch.checked_mul(self.in_features).ok_or_else(overflow)?;
         let ny = batch.checked_mul(self.out_features).ok_or_else(overflow)?;
-        expect_len("codes", n / 2, codes)?;
-        expect_len("scales", n / bs, scales)?;
-        expect_len("x", nx, x)?;
-        expect_len("out", ny, out)
-    }
-}
-
-fn expect_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(Error::LengthMismatch {
-            what,
-            expected,
-            actual,
-        })
+        check_len("codes", n / 2, codes)?;
+        check_len("scales", n / bs, scales)?;
+        check_len("x", nx, x)?;
+        check_len("out", ny, out)
     }
 }
 
@@ -481,10 +466,10 @@ fn product<R: Rows>(
     }
     match bad_scale.into_inner() {
         usize::MAX => Ok(()),
-        b => Err(Error::InvalidArgument {
-            name: "scales",
-            message: format!("scale of block {b} is not finite"),
-        }),
+        b => Err(Error::invalid(
+            "scales",
+            format!("scale of block {b} is not finite"),
+        )),
     }
 }
 

@@ -98,10 +98,10 @@ impl PreparedInput {
             return Err(Error::InvalidBlockSize(block_size));
         }
         if batch == 0 || x.len() % batch != 0 {
-            return Err(Error::InvalidArgument {
-                name: "batch",
-                message: format!("{} values do not make {batch} whole rows", x.len()),
-            });
+            return Err(Error::invalid(
+                "batch",
+                format!("{} values do not make {batch} whole rows", x.len()),
+            ));
         }
         let n_in = x.len() / batch;
         let key = Key::new(isa, activations, codebook, block_size, batch, n_in);
@@ -149,10 +149,7 @@ pub fn matvec_prepared(
     out: &mut [f32],
 ) -> Result<()> {
     let Some((key, prepared)) = &input.prepared else {
-        return Err(Error::InvalidArgument {
-            name: "input",
-            message: "the input is not prepared".into(),
-        });
+        return Err(Error::invalid("input", "the input is not prepared"));
     };
     let shape = weight.shape;
     let batch = key.batch;
@@ -165,12 +162,10 @@ pub fn matvec_prepared(
     )?;
     let expected = Key::for_weight(key.isa, key.activations, weight, batch);
     if expected != *key {
-        return Err(Error::InvalidArgument {
-            name: "input",
-            message: "the input was prepared for another codebook, block-size class or \
-                      activation mode"
-                .into(),
-        });
+        return Err(Error::invalid(
+            "input",
+            "the input was prepared for another codebook, block-size class or activation mode",
+        ));
     }
     if shape.in_features == 0 {
         out.fill(0.0);
@@ -205,15 +200,9 @@ fn all_rows<R: Rows>(isa: Isa, weight: &PackedMatrix<'_>, batch: usize, rows: &R
     }
 }
 
-/// An error naming the first non-finite scale, if any.
+/// An error naming the first non-finite block scale, if any.
 pub fn check_scales(scales: &[f32]) -> Result<()> {
-    match scales.iter().position(|s| !s.is_finite()) {
-        None => Ok(()),
-        Some(b) => Err(Error::InvalidArgument {
-            name: "scales",
-            message: format!("scale of block {b} is not finite"),
-        }),
-    }
+    crate::error::check_finite_scales(scales, "block")
 }
 
 #[cfg(test)]

@@ -100,10 +100,10 @@ impl OpqOptions {
     /// Validates `q` (finite, strictly between 0 and 1).
     pub fn new(q: f64, dtype: OutlierDType) -> Result<Self> {
         if !(q > 0.0 && q < 1.0) {
-            return Err(Error::InvalidArgument {
-                name: "opq",
-                message: format!("the quantile must be strictly between 0 and 1, got {q}"),
-            });
+            return Err(Error::invalid(
+                "opq",
+                format!("the quantile must be strictly between 0 and 1, got {q}"),
+            ));
         }
         Ok(Self { q, dtype })
     }

@@ -157,17 +157,16 @@ pub fn collect_word<E: Element>(
         let i = bits.trailing_zeros() as usize;
         bits &= bits - 1;
         let x = values[i].to_f32();
-        let stored = opq
-            .dtype
-            .store(x, input_max)
-            .ok_or_else(|| Error::InvalidArgument {
-                name: "outlier_dtype",
-                message: format!(
+        let stored = opq.dtype.store(x, input_max).ok_or_else(|| {
+            Error::invalid(
+                "outlier_dtype",
+                format!(
                     "outlier {x:e} at flat index {} is beyond the float16 range; \
                  use outlier_dtype='bfloat16'",
                     first_index + i
                 ),
-            })?;
+            )
+        })?;
         out.push(Outlier::new((first_index + i) as u64, stored));
     }
     Ok(())

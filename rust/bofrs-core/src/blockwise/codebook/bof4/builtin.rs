@@ -31,10 +31,8 @@ pub fn variant(name: &str) -> Option<(Metric, Normalization)> {
 
 /// Levels of a built-in BOF4 variant for a block size (deterministic: same bits everywhere).
 pub fn bof4_levels(name: &str, block_size: usize) -> Result<[f32; LEVELS]> {
-    let (metric, normalization) = variant(name).ok_or_else(|| Error::InvalidArgument {
-        name: "codebook",
-        message: format!("unknown BOF4 variant {name:?}"),
-    })?;
+    let (metric, normalization) = variant(name)
+        .ok_or_else(|| Error::invalid("codebook", format!("unknown BOF4 variant {name:?}")))?;
     let target = GaussianTarget::new(block_size, normalization, metric)?;
     let options = OptimizeOptions {
         pinned: default_pins(normalization),

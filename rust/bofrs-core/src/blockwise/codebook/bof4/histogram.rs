@@ -138,10 +138,10 @@ impl WeightHistogram {
     ) -> Result<Self> {
         BlockLayout::new(0, block_size)?;
         if !(sample > 0.0 && sample <= 1.0) {
-            return Err(Error::InvalidArgument {
-                name: "sample",
-                message: format!("must be in (0, 1], got {sample}"),
-            });
+            return Err(Error::invalid(
+                "sample",
+                format!("must be in (0, 1], got {sample}"),
+            ));
         }
         Ok(Self {
             block_size,

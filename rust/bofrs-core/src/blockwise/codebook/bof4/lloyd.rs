@@ -46,28 +46,24 @@ pub struct Optimized {
     pub error: f64,
 }
 
-fn invalid(name: &'static str, message: String) -> Error {
-    Error::InvalidArgument { name, message }
-}
-
 impl OptimizeOptions {
     /// Checks every option; returns the number of levels.
     pub fn validate(&self) -> Result<usize> {
         if !(2..=8).contains(&self.bits) {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "bits",
                 format!("must be in 2..8, got {}", self.bits),
             ));
         }
         let count = 1usize << self.bits;
         if self.pinned.len() > count {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "pinned",
                 format!("{} pinned levels for {count} levels", self.pinned.len()),
             ));
         }
         if let Some(bad) = self.pinned.iter().find(|v| !v.is_finite() || v.abs() > 1.0) {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "pinned",
                 format!("pinned levels must be within [-1, 1], got {bad}"),
             ));
@@ -75,11 +71,11 @@ impl OptimizeOptions {
         let mut sorted = self.pinned.clone();
         sorted.sort_by(f64::total_cmp);
         if sorted.windows(2).any(|w| w[0] == w[1]) {
-            return Err(invalid("pinned", "pinned levels must be distinct".into()));
+            return Err(Error::invalid("pinned", "pinned levels must be distinct"));
         }
         if let Some(init) = &self.init {
             if init.len() != count {
-                return Err(invalid(
+                return Err(Error::invalid(
                     "init",
                     format!(
                         "needs {count} levels for bits={}, got {}",
@@ -91,13 +87,13 @@ impl OptimizeOptions {
             check_levels(init, "init")?;
         }
         if !(self.tolerance > 0.0 && self.tolerance.is_finite()) {
-            return Err(invalid(
+            return Err(Error::invalid(
                 "tolerance",
                 format!("must be positive and finite, got {}", self.tolerance),
             ));
         }
         if self.max_iterations == 0 {
-            return Err(invalid("max_iterations", "must be at least 1".into()));
+            return Err(Error::invalid("max_iterations", "must be at least 1"));
         }
         Ok(count)
     }
