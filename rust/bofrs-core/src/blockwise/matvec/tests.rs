@@ -64,65 +64,109 @@ fn reference(
     (y, mag)
 }
 
-#[test]
-fn every_isa_matches_the_float64_reference() {
-    let mut st = 7u64;
-    for levels in [NF4, FP4] {
-        let cb = Codebook::new(&levels).unwrap();
-        for &(n_out, n_in, bs) in &[
-            (1, 16, 16),
-            (3, 48, 16),
-            (5, 64, 64),
-            (6, 192, 64),
-            (7, 96, 32),
-            (33, 256, 128),
-            (4, 576, 64),
-            (3, 1152, 128),
-            (2, 2048, 256),
-            (3, 80, 16),
-            (2, 160, 32),
-            (17, 4096, 4096),
-            (2, 0, 64),
-        ] {
+/// `batch` rows of `x` through `weight` in this variant and mode, into a NaN-filled output.
+fn product<X: Element>(
+    isa: Isa,
+    mode: Activations,
+    weight: &PackedMatrix<'_>,
+    batch: usize,
+    x: &[X],
+) -> Result<Vec<f32>> {
+    let mut out = vec![f32::NAN; batch * weight.shape.out_features];
+    matvec_with_options(isa, mode, weight, batch, x, &mut out).map(|()| out)
+}
+
+/// Calls `check(st, weight, batch)` with random weights (codes and scales from `st`) of every
+/// codebook in `books` and every `(out, in, block size)` in `shapes`, for every batch size.
+fn on_random_weights(
+    st: &mut u64,
+    books: &[[f32; 16]],
+    shapes: &[(usize, usize, usize)],
+    batches: std::ops::RangeInclusive<usize>,
+    mut check: impl FnMut(&mut u64, &PackedMatrix<'_>, usize),
+) {
+    for levels in books {
+        let cb = Codebook::new(levels).unwrap();
+        for &(n_out, n_in, bs) in shapes {
             let shape = MatShape::new(n_out, n_in, bs);
-            let (codes, scales) = random_weight(&mut st, shape);
-            for batch in 1..=9 {
-                // Mixed magnitudes (1e-6 to 1e4), exact zeros and negative zeros.
-                let x: Vec<f32> = (0..batch * n_in)
-                    .map(|i| {
-                        let v = lcg(&mut st) as f32 * 10.0;
-                        match i % 13 {
-                            0 => v * 1e3,
-                            5 => v * 1e-7,
-                            7 => 0.0,
-                            9 => -0.0,
-                            _ => v,
-                        }
-                    })
-                    .collect();
-                let (want, mag) = reference(shape, &codes, &scales, &levels, &x, batch);
-                for isa in Isa::supported() {
-                    let mut out = vec![f32::NAN; batch * n_out];
-                    let got = matvec_with_options(
-                        isa,
-                        Activations::Float,
-                        &PackedMatrix::new(shape, &codes, &scales, &cb),
-                        batch,
-                        &x,
-                        &mut out,
-                    );
-                    assert_eq!(got, Ok(()));
-                    for (k, (&g, (&w, &m))) in out.iter().zip(want.iter().zip(&mag)).enumerate() {
-                        let tol = m * (n_in as f64 + 4.0) * f32::EPSILON as f64 + 1e-30;
-                        assert!(
-                            (g as f64 - w).abs() <= tol,
-                            "{isa:?} {shape:?} batch={batch} k={k}: {g} vs {w} (tol {tol})"
-                        );
-                    }
-                }
+            let (codes, scales) = random_weight(st, shape);
+            for batch in batches.clone() {
+                check(st, &PackedMatrix::new(shape, &codes, &scales, &cb), batch);
             }
         }
     }
+}
+
+/// `n` values `10 * lcg`, multiplied by `big` where `i % big_every == 0` and set to `zero`
+/// where `i % zero_every == zero_at` (`zero_every` 0: nowhere): mixed magnitudes and zeros.
+fn spiky(
+    st: &mut u64,
+    n: usize,
+    (big_every, big): (usize, f32),
+    zero: (usize, usize, f32),
+) -> Vec<f32> {
+    let (zero_every, zero_at, zero_value) = zero;
+    (0..n)
+        .map(|i| {
+            let v = lcg(st) as f32 * 10.0;
+            if i % big_every == 0 {
+                v * big
+            } else if zero_every > 0 && i % zero_every == zero_at {
+                zero_value
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn every_isa_matches_the_float64_reference() {
+    let shapes = [
+        (1, 16, 16),
+        (3, 48, 16),
+        (5, 64, 64),
+        (6, 192, 64),
+        (7, 96, 32),
+        (33, 256, 128),
+        (4, 576, 64),
+        (3, 1152, 128),
+        (2, 2048, 256),
+        (3, 80, 16),
+        (2, 160, 32),
+        (17, 4096, 4096),
+        (2, 0, 64),
+    ];
+    on_random_weights(&mut 7, &[NF4, FP4], &shapes, 1..=9, |st, w, batch| {
+        let (shape, n_in) = (w.shape, w.shape.in_features);
+        // Mixed magnitudes (1e-6 to 1e4), exact zeros and negative zeros.
+        let x: Vec<f32> = (0..batch * n_in)
+            .map(|i| {
+                let v = lcg(st) as f32 * 10.0;
+                match i % 13 {
+                    0 => v * 1e3,
+                    5 => v * 1e-7,
+                    7 => 0.0,
+                    9 => -0.0,
+                    _ => v,
+                }
+            })
+            .collect();
+        let levels = w.codebook.levels();
+        let (want, mag) = reference(shape, w.codes, w.scales, levels, &x, batch);
+        for isa in Isa::supported() {
+            let got = product(isa, Activations::Float, w, batch, &x);
+            assert!(got.is_ok(), "{isa:?} {shape:?}: {got:?}");
+            let out = got.unwrap();
+            for (k, (&g, (&w, &m))) in out.iter().zip(want.iter().zip(&mag)).enumerate() {
+                let tol = m * (n_in as f64 + 4.0) * f32::EPSILON as f64 + 1e-30;
+                assert!(
+                    (g as f64 - w).abs() <= tol,
+                    "{isa:?} {shape:?} batch={batch} k={k}: {g} vs {w} (tol {tol})"
+                );
+            }
+        }
+    });
 }
 
 /// Group size and largest integer of an integer activation mode.
@@ -185,63 +229,40 @@ fn quantized_bound(
 
 #[test]
 fn integer_activations_stay_within_their_error_bound() {
-    let mut st = 11u64;
-    for levels in [NF4, FP4] {
-        let cb = Codebook::new(&levels).unwrap();
-        for &(n_out, n_in, bs) in &[
-            (1, 16, 16),
-            (3, 48, 16),
-            (4, 80, 16),
-            (7, 96, 32),
-            (5, 64, 64),
-            (6, 192, 64),
-            (33, 256, 128),
-            (4, 576, 64),
-            (3, 1152, 128),
-            (2, 2048, 256),
-            (17, 4096, 4096),
-            (2, 0, 64),
-        ] {
-            let shape = MatShape::new(n_out, n_in, bs);
-            let (codes, scales) = random_weight(&mut st, shape);
-            for batch in 1..=9 {
-                // Mixed magnitudes per group (the quantization step follows the largest).
-                let x: Vec<f32> = (0..batch * n_in)
-                    .map(|i| {
-                        let v = lcg(&mut st) as f32 * 10.0;
-                        if i % 7 == 0 {
-                            v * 100.0
-                        } else if i % 64 == 5 {
-                            0.0
-                        } else {
-                            v
-                        }
-                    })
-                    .collect();
-                let (want, _) = reference(shape, &codes, &scales, &levels, &x, batch);
-                for (mode, isa) in integer_cases() {
-                    let bound = quantized_bound(mode, shape, &codes, &scales, &levels, &x, batch);
-                    let mut out = vec![f32::NAN; batch * n_out];
-                    let got = matvec_with_options(
-                        isa,
-                        mode,
-                        &PackedMatrix::new(shape, &codes, &scales, &cb),
-                        batch,
-                        &x,
-                        &mut out,
-                    );
-                    assert_eq!(got, Ok(()));
-                    for (k, (&g, (&w, &t))) in out.iter().zip(want.iter().zip(&bound)).enumerate() {
-                        assert!(
-                            (g as f64 - w).abs() <= t,
-                            "{mode:?} {isa:?} {shape:?} batch={batch} k={k}: {g} vs {w} \
-                             (bound {t})"
-                        );
-                    }
-                }
+    let shapes = [
+        (1, 16, 16),
+        (3, 48, 16),
+        (4, 80, 16),
+        (7, 96, 32),
+        (5, 64, 64),
+        (6, 192, 64),
+        (33, 256, 128),
+        (4, 576, 64),
+        (3, 1152, 128),
+        (2, 2048, 256),
+        (17, 4096, 4096),
+        (2, 0, 64),
+    ];
+    on_random_weights(&mut 11, &[NF4, FP4], &shapes, 1..=9, |st, w, batch| {
+        let shape = w.shape;
+        // Mixed magnitudes per group (the quantization step follows the largest).
+        let x = spiky(st, batch * shape.in_features, (7, 100.0), (64, 5, 0.0));
+        let levels = w.codebook.levels();
+        let (want, _) = reference(shape, w.codes, w.scales, levels, &x, batch);
+        for (mode, isa) in integer_cases() {
+            let bound = quantized_bound(mode, shape, w.codes, w.scales, levels, &x, batch);
+            let got = product(isa, mode, w, batch, &x);
+            assert!(got.is_ok(), "{mode:?} {isa:?} {shape:?}: {got:?}");
+            let out = got.unwrap();
+            for (k, (&g, (&w, &t))) in out.iter().zip(want.iter().zip(&bound)).enumerate() {
+                assert!(
+                    (g as f64 - w).abs() <= t,
+                    "{mode:?} {isa:?} {shape:?} batch={batch} k={k}: {g} vs {w} \
+                     (bound {t})"
+                );
             }
         }
-    }
+    });
 }
 
 #[test]
@@ -287,9 +308,8 @@ fn integer_orders_are_permutations_and_zero_rows_stay_zero() {
     let shape = MatShape::new(3, 128, 64);
     let codes = vec![0x5Au8; 3 * 64];
     for (mode, isa) in integer_cases() {
-        let mut out = vec![f32::NAN; 3];
         let w = PackedMatrix::new(shape, &codes, &[1.0; 6], &cb);
-        matvec_with_options(isa, mode, &w, 1, &[0f32; 128], &mut out).unwrap();
+        let out = product(isa, mode, &w, 1, &[0f32; 128]).unwrap();
         assert_eq!(out, vec![0.0; 3], "{mode:?} {isa:?}");
     }
 }
@@ -339,6 +359,7 @@ fn half_activations_widen_exactly() {
     let shape = MatShape::new(4, 64, 32);
     let codes: Vec<u8> = (0..128).map(|i| (i * 29 + 3) as u8).collect();
     let scales = vec![0.5f32, -2.0, 1.25, 3.0, 0.0, 1.0, 7.0, 0.125];
+    let w = PackedMatrix::new(shape, &codes, &scales, &cb);
     let xf: Vec<f32> = (0..128).map(|i| (i as f32 - 60.0) * 0.25).collect();
     let xb: Vec<Bf16> = xf
         .iter()
@@ -349,36 +370,9 @@ fn half_activations_widen_exactly() {
         .map(|&v| F16(crate::numeric::element::f32_to_f16(v)))
         .collect();
     for isa in Isa::supported() {
-        let mut a = vec![0f32; 8];
-        let mut b = vec![0f32; 8];
-        let mut h = vec![0f32; 8];
-        matvec_with_options(
-            isa,
-            Activations::Float,
-            &PackedMatrix::new(shape, &codes, &scales, &cb),
-            2,
-            &xf,
-            &mut a,
-        )
-        .unwrap();
-        matvec_with_options(
-            isa,
-            Activations::Float,
-            &PackedMatrix::new(shape, &codes, &scales, &cb),
-            2,
-            &xb,
-            &mut b,
-        )
-        .unwrap();
-        matvec_with_options(
-            isa,
-            Activations::Float,
-            &PackedMatrix::new(shape, &codes, &scales, &cb),
-            2,
-            &xh,
-            &mut h,
-        )
-        .unwrap();
+        let a = product(isa, Activations::Float, &w, 2, &xf).unwrap();
+        let b = product(isa, Activations::Float, &w, 2, &xb).unwrap();
+        let h = product(isa, Activations::Float, &w, 2, &xh).unwrap();
         assert_eq!(a, b, "{isa:?}");
         assert_eq!(a, h, "{isa:?}");
     }
@@ -397,9 +391,8 @@ fn reports_the_first_non_finite_scale_across_tasks() {
             scales[280 * 64 + 3] = f32::INFINITY;
             scales[200 * 64 + 9] = f32::NAN;
             for batch in [1, 2] {
-                let mut out = vec![0f32; batch * 320];
                 let w = PackedMatrix::new(shape, &codes, &scales, &cb);
-                let got = matvec_with_options(isa, mode, &w, batch, &x[..batch * 4096], &mut out);
+                let got = product(isa, mode, &w, batch, &x[..batch * 4096]);
                 let message = format!("{:?}", got.unwrap_err());
                 assert!(
                     message.contains(&format!("scale of block {}", 200 * 64 + 9)),
@@ -416,71 +409,26 @@ fn rejects_bad_shapes_and_buffers() {
     let shape = MatShape::new(2, 64, 64);
     let (codes, scales, x) = (vec![0u8; 64], vec![1f32; 2], vec![1f32; 64]);
     let mut out = vec![0f32; 2];
-    assert!(matvec(
-        &PackedMatrix::new(shape, &codes, &scales, &cb),
-        1,
-        &x,
-        &mut out
-    )
-    .is_ok());
-    assert!(matvec(
-        &PackedMatrix::new(shape, &codes[..63], &scales, &cb),
-        1,
-        &x,
-        &mut out
-    )
-    .is_err());
-    assert!(matvec(
-        &PackedMatrix::new(shape, &codes, &scales[..1], &cb),
-        1,
-        &x,
-        &mut out
-    )
-    .is_err());
-    assert!(matvec(
-        &PackedMatrix::new(shape, &codes, &scales, &cb),
-        1,
-        &x[..63],
-        &mut out
-    )
-    .is_err());
-    assert!(matvec(
-        &PackedMatrix::new(shape, &codes, &scales, &cb),
-        1,
-        &x,
-        &mut out[..1]
-    )
-    .is_err());
-    assert!(matvec(
-        &PackedMatrix::new(shape, &codes, &[1.0, f32::INFINITY], &cb),
-        1,
-        &x,
-        &mut out
-    )
-    .is_err());
+    let run = |shape, codes, scales, x: &[f32], out: &mut [f32]| {
+        matvec(&PackedMatrix::new(shape, codes, scales, &cb), 1, x, out)
+    };
+    assert!(run(shape, &codes, &scales, &x, &mut out).is_ok());
+    assert!(run(shape, &codes[..63], &scales, &x, &mut out).is_err());
+    assert!(run(shape, &codes, &scales[..1], &x, &mut out).is_err());
+    assert!(run(shape, &codes, &scales, &x[..63], &mut out).is_err());
+    assert!(run(shape, &codes, &scales, &x, &mut out[..1]).is_err());
+    assert!(run(shape, &codes, &[1.0, f32::INFINITY], &x, &mut out).is_err());
     let odd = MatShape {
         in_features: 48,
         block_size: 32,
         ..shape
     };
-    assert!(matvec(
-        &PackedMatrix::new(odd, &codes[..48], &scales, &cb),
-        1,
-        &x[..48],
-        &mut out
-    )
-    .is_err());
+    assert!(run(odd, &codes[..48], &scales, &x[..48], &mut out).is_err());
     let bad_bs = MatShape {
         block_size: 48,
         ..shape
     };
-    assert!(matvec(
-        &PackedMatrix::new(bad_bs, &codes, &scales, &cb),
-        1,
-        &x,
-        &mut out
-    )
-    .is_err());
+    assert!(run(bad_bs, &codes, &scales, &x, &mut out).is_err());
 }
 
 #[test]
@@ -489,50 +437,32 @@ fn avx512_integer_paths_equal_avx2_bit_for_bit() {
         eprintln!("skipped: this CPU has no AVX-512 (VNNI, VBMI)");
         return;
     }
-    let mut st = 23u64;
-    for levels in [NF4, FP4] {
-        let cb = Codebook::new(&levels).unwrap();
-        for &(n_out, n_in, bs) in &[
-            (3, 48, 16),
-            (5, 96, 32),
-            (5, 64, 64),
-            (6, 192, 64),
-            (4, 576, 64),
-            (3, 1152, 128),
-            (2, 2048, 256),
-            (3, 640, 128),
-            (9, 4096, 4096),
-        ] {
-            let shape = MatShape::new(n_out, n_in, bs);
-            let (codes, scales) = random_weight(&mut st, shape);
-            for batch in 1..=6 {
-                let x: Vec<f32> = (0..batch * n_in)
-                    .map(|i| {
-                        let v = lcg(&mut st) as f32 * 10.0;
-                        if i % 11 == 0 {
-                            v * 300.0
-                        } else if i % 37 == 1 {
-                            -0.0
-                        } else {
-                            v
-                        }
-                    })
-                    .collect();
-                for mode in [Activations::Int16, Activations::Int8] {
-                    let w = PackedMatrix::new(shape, &codes, &scales, &cb);
-                    let mut a = vec![f32::NAN; batch * n_out];
-                    let mut b = vec![f32::NAN; batch * n_out];
-                    matvec_with_options(Isa::Avx2, mode, &w, batch, &x, &mut a).unwrap();
-                    matvec_with_options(Isa::Avx512, mode, &w, batch, &x, &mut b).unwrap();
-                    let (a, b): (Vec<u32>, Vec<u32>) = (
-                        a.iter().map(|v| v.to_bits()).collect(),
-                        b.iter().map(|v| v.to_bits()).collect(),
-                    );
-                    assert_eq!(a, b, "{mode:?} {shape:?} batch={batch}");
-                }
-            }
+    let shapes = [
+        (3, 48, 16),
+        (5, 96, 32),
+        (5, 64, 64),
+        (6, 192, 64),
+        (4, 576, 64),
+        (3, 1152, 128),
+        (2, 2048, 256),
+        (3, 640, 128),
+        (9, 4096, 4096),
+    ];
+    on_random_weights(&mut 23, &[NF4, FP4], &shapes, 1..=6, |st, w, batch| {
+        let x = spiky(st, batch * w.shape.in_features, (11, 300.0), (37, 1, -0.0));
+        for mode in [Activations::Int16, Activations::Int8] {
+            let bits = |isa| -> Vec<u32> {
+                let out = product(isa, mode, w, batch, &x).unwrap();
+                out.iter().map(|v| v.to_bits()).collect()
+            };
+            assert_eq!(
+                bits(Isa::Avx2),
+                bits(Isa::Avx512),
+                "{mode:?} {:?} batch={batch}",
+                w.shape
+            );
         }
-    }
+    });
 }
 
 #[test]
@@ -605,17 +535,10 @@ fn unsupported_variants_are_errors_not_crashes() {
     let cb = Codebook::new(&NF4).unwrap();
     let shape = MatShape::new(2, 128, 64);
     let (codes, scales, x) = (vec![0u8; 128], vec![1f32; 4], vec![1f32; 128]);
+    let w = PackedMatrix::new(shape, &codes, &scales, &cb);
     for isa in Isa::ALL {
         for mode in Activations::ALL {
-            let mut out = vec![0f32; 2];
-            let got = matvec_with_options(
-                isa,
-                mode,
-                &PackedMatrix::new(shape, &codes, &scales, &cb),
-                1,
-                &x,
-                &mut out,
-            );
+            let got = product(isa, mode, &w, 1, &x);
             assert_eq!(got.is_ok(), isa.is_supported(), "{isa:?} {mode:?}: {got:?}");
         }
     }
