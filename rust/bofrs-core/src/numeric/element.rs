@@ -78,51 +78,45 @@ impl Element for f32 {
     }
 }
 
-impl Element for Bf16 {
-    const NAME: &'static str = "bfloat16";
-    const KIND: Kind = Kind::BFloat16;
-    const NON_FINITE_ABS_BITS: u32 = 0x7f80;
-    const MAX_FINITE: f32 = f32::from_bits(0x7f7f_0000);
-    #[inline(always)]
-    fn abs_bits(self) -> u32 {
-        (self.0 & 0x7fff) as u32
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        bf16_to_f32(self.0)
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        Bf16(f32_to_bf16(v))
-    }
-    #[inline(always)]
-    fn abs_bits_to_f32(bits: u32) -> f32 {
-        bf16_to_f32(bits as u16)
-    }
+/// `Element` for a 16-bit float type stored as its bits (`.0`): name, kind, the absolute bits
+/// from which a value is non-finite, the largest finite value, and the bit conversions.
+macro_rules! half_element {
+    ($ty:ident, $name:literal, $kind:ident, $non_finite:literal, $max:expr, $to:ident, $from:ident) => {
+        impl Element for $ty {
+            const NAME: &'static str = $name;
+            const KIND: Kind = Kind::$kind;
+            const NON_FINITE_ABS_BITS: u32 = $non_finite;
+            const MAX_FINITE: f32 = $max;
+            #[inline(always)]
+            fn abs_bits(self) -> u32 {
+                (self.0 & 0x7fff) as u32
+            }
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                $to(self.0)
+            }
+            #[inline(always)]
+            fn from_f32(v: f32) -> Self {
+                $ty($from(v))
+            }
+            #[inline(always)]
+            fn abs_bits_to_f32(bits: u32) -> f32 {
+                $to(bits as u16)
+            }
+        }
+    };
 }
 
-impl Element for F16 {
-    const NAME: &'static str = "float16";
-    const KIND: Kind = Kind::Float16;
-    const NON_FINITE_ABS_BITS: u32 = 0x7c00;
-    const MAX_FINITE: f32 = 65504.0;
-    #[inline(always)]
-    fn abs_bits(self) -> u32 {
-        (self.0 & 0x7fff) as u32
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16_to_f32(self.0)
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        F16(f32_to_f16(v))
-    }
-    #[inline(always)]
-    fn abs_bits_to_f32(bits: u32) -> f32 {
-        f16_to_f32(bits as u16)
-    }
-}
+half_element!(
+    Bf16,
+    "bfloat16",
+    BFloat16,
+    0x7f80,
+    f32::from_bits(0x7f7f_0000),
+    bf16_to_f32,
+    f32_to_bf16
+);
+half_element!(F16, "float16", Float16, 0x7c00, 65504.0, f16_to_f32, f32_to_f16);
 
 /// A 16-bit element type carried as its raw bits: a `u16` buffer (numpy's view of a torch
 /// bfloat16 / float16 tensor) is a buffer of these without a copy.
