@@ -6,9 +6,9 @@ use crate::convert::{
 };
 use crate::detach::run;
 use bofrs_core::blockwise::decode::{unpack_with_isa, OutlierView, Packed};
-use bofrs_core::blockwise::dq::{decode_scales as dq_decode_scales, GROUP};
+use bofrs_core::blockwise::dq::decode_scales as dq_decode_scales;
 use bofrs_core::blockwise::encode::{
-    pack_ext_parts_with_isa, split_outliers, EncodeOptions, PackBuffers, PackExtras,
+    pack_ext_parts_with_isa, split_outliers, EncodeOptions, PackExtras, PackOutput,
 };
 use bofrs_core::blockwise::opq::{OpqOptions, OutlierDType};
 use bofrs_core::blockwise::scale::storage_bits;
@@ -86,20 +86,16 @@ fn pack_ext_slice<'py, E: Element>(
     isa: Isa,
 ) -> PyResult<PackedExt<'py>> {
     let layout = BlockLayout::new(data.len(), options.block_size).map_err(crate::errors::to_py)?;
-    let blocks = layout.num_blocks();
     let dq = extras.double_quant;
     let (codes, scales, scale_codes, params, outliers) = run(py, || {
-        let mut codes = zeroed_vec::<u8>(layout.code_bytes());
-        let mut scales = vec![0f32; blocks];
-        let mut scale_codes = vec![0u8; if dq { blocks } else { 0 }];
-        let mut params = vec![0f32; if dq { 2 * blocks.div_ceil(GROUP) } else { 0 }];
-        let buffers = PackBuffers {
-            codes: &mut codes,
-            scales: &mut scales,
-            scale_codes: &mut scale_codes,
-            scale_params: &mut params,
-        };
-        let outliers = pack_ext_parts_with_isa(isa, data, &options, &extras, buffers)?;
+        let mut out = PackOutput::new(&layout, dq);
+        let outliers = pack_ext_parts_with_isa(isa, data, &options, &extras, out.buffers())?;
+        let PackOutput {
+            codes,
+            scales,
+            scale_codes,
+            scale_params: params,
+        } = out;
         // 16-bit scales as their bits: the caller holds them without converting again.
         let scales = if !dq && options.scale_dtype.bits() == 16 {
             let mut bits = zeroed_vec::<u16>(scales.len());

@@ -29,6 +29,7 @@ use crate::blockwise::scale::ScaleDType;
 use crate::error::{check_lengths, Error, Result};
 use crate::isa::{dispatch, Isa};
 use crate::numeric::element::Element;
+use crate::runtime::buffer::zeroed_vec;
 use crate::runtime::pool::{blocks_per_task, pool};
 use crate::runtime::recycle::OutlierParts;
 use rayon::prelude::*;
@@ -64,6 +65,40 @@ pub struct PackBuffers<'a> {
     pub scale_codes: &'a mut [u8],
     /// Double quantization only (else empty): `[lo, step]` per group of [`GROUP`] blocks.
     pub scale_params: &'a mut [f32],
+}
+
+/// Owned output buffers of [`pack_ext_parts_with_isa`], zeroed and sized for a layout.
+pub struct PackOutput {
+    pub codes: Vec<u8>,
+    pub scales: Vec<f32>,
+    /// Empty without double quantization.
+    pub scale_codes: Vec<u8>,
+    /// Empty without double quantization.
+    pub scale_params: Vec<f32>,
+}
+
+impl PackOutput {
+    /// Buffers for `layout`, with those of double-quantized scales when `double_quant`.
+    pub fn new(layout: &BlockLayout, double_quant: bool) -> Self {
+        let blocks = layout.num_blocks();
+        let dq = |n: usize| if double_quant { n } else { 0 };
+        Self {
+            codes: zeroed_vec(layout.code_bytes()),
+            scales: vec![0f32; blocks],
+            scale_codes: vec![0u8; dq(blocks)],
+            scale_params: vec![0f32; dq(2 * blocks.div_ceil(GROUP))],
+        }
+    }
+
+    /// The buffers, borrowed for one pack.
+    pub fn buffers(&mut self) -> PackBuffers<'_> {
+        PackBuffers {
+            codes: &mut self.codes,
+            scales: &mut self.scales,
+            scale_codes: &mut self.scale_codes,
+            scale_params: &mut self.scale_params,
+        }
+    }
 }
 
 /// Packs `input` into `codes` (`numel.div_ceil(2)` bytes) and `scales` (one per block, already

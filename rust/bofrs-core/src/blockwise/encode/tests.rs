@@ -76,20 +76,15 @@ fn try_encode_ext<E: Element>(
     let cb = Codebook::new(&NF4).unwrap();
     let opts = nf4_options(&cb, bs, norm, ScaleDType::BFloat16);
     let layout = BlockLayout::new(x.len(), bs).unwrap();
-    let blocks = layout.num_blocks();
-    let mut codes = vec![0u8; layout.code_bytes()];
-    let mut scales = vec![0f32; blocks];
-    let dq = extras.double_quant;
-    let mut sc = vec![0u8; if dq { blocks } else { 0 }];
-    let mut sp = vec![0f32; if dq { 2 * blocks.div_ceil(GROUP) } else { 0 }];
-    let buffers = PackBuffers {
-        codes: &mut codes,
-        scales: &mut scales,
-        scale_codes: &mut sc,
-        scale_params: &mut sp,
-    };
-    let outliers = pack_ext_parts_with_isa(isa, x, &opts, extras, buffers)?.concat();
-    Ok((codes, scales, sc, sp, outliers))
+    let mut out = PackOutput::new(&layout, extras.double_quant);
+    let outliers = pack_ext_parts_with_isa(isa, x, &opts, extras, out.buffers())?.concat();
+    let PackOutput {
+        codes,
+        scales,
+        scale_codes,
+        scale_params,
+    } = out;
+    Ok((codes, scales, scale_codes, scale_params, outliers))
 }
 
 fn encode_ext<E: Element>(
