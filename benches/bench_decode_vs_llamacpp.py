@@ -166,7 +166,7 @@ def gguf_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def run_llama_bench(llama: llamacpp.LlamaCpp, model: Path, threads: int, prompt: int, gen: int, reps: int) -> dict[str, dict[str, Any]]:
-    command = [str(llama.bench), "-m", str(model), "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-r", str(reps), "-o", "json"]
+    command = [str(llama.binary("llama-bench")), "-m", str(model), "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-r", str(reps), "-o", "json"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (rc {done.returncode}):\n{done.stderr[-2000:]}")
@@ -201,7 +201,7 @@ def run_backend_ops(llama: llamacpp.LlamaCpp, types: Iterable[str], threads: int
     if shim is not None:
         env.update(LD_PRELOAD=str(shim), BOFRS_FAKE_NPROCS=str(2 * threads))
         used = threads
-    command = [str(llama.backend_ops), "perf", "-b", "CPU", "-o", "MUL_MAT", "--test-file", str(case_file)]
+    command = [str(llama.binary("test-backend-ops")), "perf", "-b", "CPU", "-o", "MUL_MAT", "--test-file", str(case_file)]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (rc {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}")
