@@ -55,12 +55,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402  (benches/llamacpp.py)
+from hf_decode import greedy_decode_seconds  # noqa: E402  (benches/hf_decode.py)
+from timing import copy_bandwidth, mean_seconds  # noqa: E402  (benches/timing.py)
 
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune,"
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 #: (elements per block, bytes per block) of the ggml types the kernel section can run.
 GGML_BLOCKS = {"f32": (1, 4), "q4_0": (32, 18), "q4_1": (32, 20), "iq4_nl": (32, 18), "q8_0": (32, 34)}
-COPY_BYTES = 512 << 20
 #: The reference contender: the NF4 int8 model run by transformers with its QuantLinear layers.
 TRANSFORMERS_QUANTLINEAR = "bofrs NF4 int8 QuantLinear in transformers"
 
@@ -164,31 +165,8 @@ def gguf_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
 # Measurement
 
 
-def timed(fn: Callable[[], object], min_seconds: float = 0.05) -> float:
-    """Mean seconds per call over enough calls to last ``min_seconds`` (after two warm-ups)."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-6)
-    calls = max(1, int(min_seconds / once))
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by ``torch`` ``copy_`` on 512 MiB (best of 5)."""
-    import torch
-
-    src = torch.ones(COPY_BYTES // 4)
-    dst = torch.empty_like(src)
-    best = min(timed(lambda: dst.copy_(src), 0.0) for _ in range(5))
-    return 2 * COPY_BYTES / best
-
-
 def run_llama_bench(llama: llamacpp.LlamaCpp, model: Path, threads: int, prompt: int, gen: int, reps: int) -> dict[str, dict[str, Any]]:
-    command = [str(llama.bench), "-m", str(model), "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-r", str(reps), "-o", "json"]
+    command = [str(llama.binary("llama-bench")), "-m", str(model), "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-r", str(reps), "-o", "json"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (rc {done.returncode}):\n{done.stderr[-2000:]}")
@@ -223,26 +201,11 @@ def run_backend_ops(llama: llamacpp.LlamaCpp, types: Iterable[str], threads: int
     if shim is not None:
         env.update(LD_PRELOAD=str(shim), BOFRS_FAKE_NPROCS=str(2 * threads))
         used = threads
-    command = [str(llama.backend_ops), "perf", "-b", "CPU", "-o", "MUL_MAT", "--test-file", str(case_file)]
+    command = [str(llama.binary("test-backend-ops")), "perf", "-b", "CPU", "-o", "MUL_MAT", "--test-file", str(case_file)]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (rc {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}")
     return parse_backend_ops_perf(done.stdout), used
-
-
-
-def _cache_argument(model: Any) -> str:
-    """The KV-cache keyword of ``model.forward``: ``cache`` (transformers >= 5.2x), else
-    ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def _cache(out: Any) -> Any:
-    """The KV cache of a model output (``cache`` or, in older transformers, ``past_key_values``)."""
-    cache = getattr(out, "cache", None)
-    return out.past_key_values if cache is None else cache
 
 
 def _is_engine(model: Any) -> bool:
@@ -265,19 +228,9 @@ def engine_decode_rate(engine: Any, prompt_ids: Any, new_tokens: int) -> float:
 
 def decode_rate(model: Any, prompt_ids: Any, new_tokens: int) -> float:
     """Tokens/s of ``new_tokens`` greedy single-token steps after the (untimed) prompt."""
-    import torch
-
     if _is_engine(model):
         return engine_decode_rate(model, prompt_ids, new_tokens)
-    with torch.inference_mode():
-        out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
-        cache, token = _cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
-        key = _cache_argument(model)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(input_ids=token, **{key: cache}, use_cache=True, logits_to_keep=1)
-            cache, token = _cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
-        return new_tokens / (time.perf_counter() - start)
+    return new_tokens / greedy_decode_seconds(model, prompt_ids, new_tokens)
 
 
 def prefill_rate(model: Any, ids: Any) -> float:
@@ -455,7 +408,7 @@ def kernel_section(args: argparse.Namespace, llama: llamacpp.LlamaCpp, out: Call
                 times.setdefault(key, []).append(us * 1e-6)
             for (o, i), calls in kernels.items():
                 for name, (fn, _) in calls.items():
-                    times.setdefault(f"{name} {o}x{i}", []).append(timed(fn))
+                    times.setdefault(f"{name} {o}x{i}", []).append(mean_seconds(fn, 0.05))
             out(f"  kernel round {round_ + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.2f}")
     bandwidth = max(bandwidths)
     out("")

@@ -14,23 +14,13 @@
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import numpy as np
 import scipy.linalg
 import torch
 
 import bofrs
-
-
-def timed(fn, repeat: int = 5) -> float:  # type: ignore[no-untyped-def]
-    out = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return statistics.median(out)
+from timing import median_seconds  # benches/timing.py
 
 
 def hadamard() -> None:
@@ -40,9 +30,9 @@ def hadamard() -> None:
         x = torch.randn(4096, g)
         h = torch.from_numpy(scipy.linalg.hadamard(g).astype(np.float32) / math.sqrt(g))
         xn, hn = x.numpy(), h.numpy()
-        ours = timed(lambda: bofrs.hadamard(x))
-        dense_np = timed(lambda: xn @ hn, repeat=3)
-        dense_t = timed(lambda: x @ h, repeat=3)
+        ours = median_seconds(lambda: bofrs.hadamard(x), 5)
+        dense_np = median_seconds(lambda: xn @ hn, 3)
+        dense_t = median_seconds(lambda: x @ h, 3)
         err = float((bofrs.hadamard(x) - x @ h).abs().max())
         print(f"{g:>6}{ours * 1e3:>10.2f}{dense_np * 1e3:>12.2f}{dense_t * 1e3:>12.2f}"
               f"{dense_np / ours:>9.1f}x{dense_t / ours:>9.1f}x   max diff {err:.1e}")
@@ -52,9 +42,9 @@ def pack() -> None:
     print("\n2. pack_higgs, 4096x4096 float32, group 1024")
     w = torch.randn(4096, 4096)
     for bits, p in ((4, 1), (4, 2), (3, 2), (2, 2), (8, 1)):
-        seconds = timed(lambda: bofrs.pack_higgs(w, bits, p, 1024), repeat=3)
+        seconds = median_seconds(lambda: bofrs.pack_higgs(w, bits, p, 1024), 3)
         packed = bofrs.pack_higgs(w, bits, p, 1024)
-        unpack = timed(lambda: packed.dequantize(), repeat=3)
+        unpack = median_seconds(lambda: packed.dequantize(), 3)
         rel = float(((packed.dequantize() - w) ** 2).sum() / (w**2).sum())
         print(f"bits={bits} p={p}: pack {seconds * 1e3:.0f} ms ({w.numel() / seconds / 1e6:.0f} M/s), "
               f"unpack {unpack * 1e3:.0f} ms, rel. error {rel:.5f} (grid MSE {packed.grid.mse:.5f}), "
@@ -70,7 +60,7 @@ def allocation() -> None:
         f"f{k}": (float(2 + 14 * k / formats), (rng.uniform(0.5, 1.5, layers) * 4.0 ** -(2 + 14 * k / formats)).tolist())
         for k in range(formats)
     }
-    seconds = timed(lambda: bofrs.allocate(alphas, sizes, menu, 4.25), repeat=3)
+    seconds = median_seconds(lambda: bofrs.allocate(alphas, sizes, menu, 4.25), 3)
     plan = bofrs.allocate(alphas, sizes, menu, 4.25)
     print(f"\n3. allocate: {layers} layers x {formats} formats, budget 4.25 at 1/1000 bit: "
           f"{seconds * 1e3:.0f} ms (average {plan.average_bits:.4f} bits)")

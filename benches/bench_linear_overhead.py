@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -40,21 +39,9 @@ from torch.utils.dlpack import to_dlpack
 import bofrs
 from bofrs.formats.blockwise.matmul import fused_rows
 from bofrs.nn import QuantLinear
+from timing import mean_seconds  # benches/timing.py
 
 SHAPES = ((576, 1536), (1536, 576), (576, 576), (64, 64))
-
-
-def timed(fn: Callable[[], object], min_seconds: float = 0.02) -> float:
-    """Mean seconds per call over enough calls to last ``min_seconds``."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    calls = max(10, int(min_seconds / once))
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
 
 
 class NumpyRouteLinear(QuantLinear):
@@ -107,7 +94,7 @@ def main() -> None:
             times: dict[str, list[float]] = {name: [] for name in calls}
             for _ in range(args.rounds):
                 for name, fn in calls.items():
-                    times[name].append(timed(fn))
+                    times[name].append(mean_seconds(fn, 0.02, min_calls=10, resolution=1e-7))
             med = {name: statistics.median(t) * 1e6 for name, t in times.items()}
             print(
                 f"| {out_features} x {in_features} | {med['prepared']:.1f} | {med['numpy route']:.1f} "

@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -45,30 +44,9 @@ import torch.nn.functional as F
 
 import bofrs
 from bofrs.nn import QuantLinear
+from timing import copy_bandwidth, mean_seconds  # benches/timing.py
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
-COPY_BYTES = 512 << 20
-
-
-def timed(fn: Callable[[], object], min_seconds: float = 0.02) -> float:
-    """Mean seconds per call over enough calls to last ``min_seconds``."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-6)
-    calls = max(1, int(min_seconds / once))
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by ``copy_`` on a 512 MB buffer (best of 5)."""
-    src = torch.ones(COPY_BYTES // 4)
-    dst = torch.empty_like(src)
-    best = min(timed(lambda: dst.copy_(src), 0.0) for _ in range(5))
-    return 2 * COPY_BYTES / best
 
 
 def contenders(out_features: int, in_features: int, tokens: int) -> tuple[dict[str, tuple[Callable[[], object], int]], list[str]]:
@@ -121,7 +99,7 @@ def run_shape(out_features: int, in_features: int, rounds: int, bandwidth: float
     with torch.inference_mode():
         for _ in range(rounds):
             for name, (fn, _) in calls.items():
-                samples[name].append(timed(fn))
+                samples[name].append(mean_seconds(fn, 0.02))
     base = statistics.median(samples["bofrs fused (bf16 in)"])
     rows = []
     for name, times in samples.items():
@@ -150,9 +128,9 @@ def crossover(rounds: int, token_counts: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 
             fused, decoded = [], []
             for _ in range(rounds):
                 layer.fused_max_tokens = tokens
-                fused.append(timed(lambda: layer(x)))
+                fused.append(mean_seconds(lambda: layer(x), 0.02))
                 layer.fused_max_tokens = 0
-                decoded.append(timed(lambda: layer(x)))
+                decoded.append(mean_seconds(lambda: layer(x), 0.02))
             out.append({
                 "tokens": tokens,
                 "fused_ms": statistics.median(fused) * 1e3,

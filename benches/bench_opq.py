@@ -50,16 +50,17 @@ import torch
 
 import bofrs
 
-BOF4S = bofrs.Codebook(
-    "bof4s",
-    [
-        -0.8568463921546936, -0.6692874431610107, -0.5235266089439392, -0.4004882574081421,
-        -0.2910638153553009, -0.1900092959403992, -0.0938529595732689, 0.0,
-        0.0887671709060669, 0.1794802695512772, 0.2743096053600311, 0.3760197460651398,
-        0.4886530041694641, 0.6188603639602661, 0.7791395783424377, 1.0,
-    ],
-    "signed_absmax",
-)  # fmt: skip
+#: The published codebooks of the BOF4 paper, Table 6 (one copy, shared with the tests).
+TABLE6_PATH = Path(__file__).resolve().parent.parent / "tests" / "data" / "bof4_table6.json"
+
+
+def published_levels(metric: str, normalization: str) -> list[float]:
+    """The levels of Table 6 (block size 64) for ``metric`` and ``normalization``."""
+    entries = json.loads(TABLE6_PATH.read_text())["codebooks"]
+    return next(e["levels"] for e in entries if (e["metric"], e["normalization"]) == (metric, normalization))
+
+
+BOF4S = bofrs.Codebook("bof4s", published_levels("mse", "signed_absmax"), "signed_absmax")
 CODEBOOKS: dict[str, str | bofrs.Codebook] = {"nf4": "nf4", "bof4s": BOF4S}
 QS = (None, 0.95, 0.99)
 SCALES = ("bfloat16", "dq8")

@@ -16,13 +16,13 @@ Prints:
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
 import torch
 
 import bofrs
+from timing import median_seconds  # benches/timing.py
 
 VARIANTS = ("bof4", "bof4-mae", "bof4s", "bof4s-mae")
 SETTINGS = {
@@ -34,15 +34,6 @@ SETTINGS = {
 BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def timed(fn, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def theory_speed() -> None:
     print("1. theoretical optimization time (ms, median of 3)")
     print(f"{'block':>6} " + " ".join(f"{v:>10}" for v in VARIANTS))
@@ -50,7 +41,7 @@ def theory_speed() -> None:
         row = []
         for name in VARIANTS:
             metric, norm = SETTINGS[name]
-            row.append(1e3 * timed(lambda: bofrs.optimize_codebook(bs, metric=metric, normalization=norm)))
+            row.append(1e3 * median_seconds(lambda: bofrs.optimize_codebook(bs, metric=metric, normalization=norm), 3))
         print(f"{bs:>6} " + " ".join(f"{t:>10.2f}" for t in row))
 
 
@@ -98,9 +89,9 @@ def data_driven(total: float) -> None:
     print(f"   max |data - theory| level difference: {np.abs(book.levels - theory.levels).max():.2e}")
 
     sample = chunk[: 1 << 22].float()
-    bofrs_time = timed(lambda: bofrs.optimize_codebook(64, data=sample), repeat=3)
+    bofrs_time = median_seconds(lambda: bofrs.optimize_codebook(64, data=sample), 3)
     iterations = 150  # about what the histogram iteration needs from an even start
-    numpy_time = timed(lambda: numpy_lloyd(sample.numpy(), 64, iterations), repeat=1)
+    numpy_time = median_seconds(lambda: numpy_lloyd(sample.numpy(), 64, iterations), 1)
     print(f"   2^22 samples: bofrs {bofrs_time * 1e3:.0f} ms, numpy Lloyd ({iterations} iterations) "
           f"{numpy_time * 1e3:.0f} ms -> {numpy_time / bofrs_time:.0f}x")
 

@@ -76,22 +76,6 @@ class LlamaCpp:
             raise ValueError(f"name must be one of {TARGETS}, got {name!r}")
         return self.bin_dir / name
 
-    @property
-    def bench(self) -> Path:
-        return self.binary("llama-bench")
-
-    @property
-    def quantize(self) -> Path:
-        return self.binary("llama-quantize")
-
-    @property
-    def perplexity(self) -> Path:
-        return self.binary("llama-perplexity")
-
-    @property
-    def backend_ops(self) -> Path:
-        return self.binary("test-backend-ops")
-
     def describe(self) -> str:
         """One line: sdist version, build line and binary directory."""
         return f"llama.cpp from llama-cpp-python {self.sdist_version} ({self.build or 'version unknown'}), {self.bin_dir}"
@@ -281,7 +265,7 @@ def requantize(src: str | os.PathLike[str], type: str, llama: LlamaCpp | None = 
         raise RuntimeError("llama.cpp is not available to requantize (see the message above)")
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(f".{os.getpid()}.partial")
-    command = [str(llama.quantize), "--allow-requantize", str(path), str(partial), type.upper(), str(threads or os.cpu_count() or 1)]
+    command = [str(llama.binary("llama-quantize")), "--allow-requantize", str(path), str(partial), type.upper(), str(threads or os.cpu_count() or 1)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         partial.unlink(missing_ok=True)

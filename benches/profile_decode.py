@@ -55,6 +55,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hf_decode import greedy_decode_seconds  # benches/hf_decode.py
+
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune,"
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 REPO = Path(__file__).resolve().parent.parent
@@ -83,36 +85,10 @@ def load_models() -> tuple[dict[str, Any], Any]:
     return models, tokenizer(PROMPT, return_tensors="pt").input_ids
 
 
-
-def _cache_argument(model: Any) -> str:
-    """The KV-cache keyword of ``model.forward``: ``cache`` (transformers >= 5.2x), else
-    ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def _cache(out: Any) -> Any:
-    """The KV cache of a model output (``cache`` or, in older transformers, ``past_key_values``)."""
-    cache = getattr(out, "cache", None)
-    return out.past_key_values if cache is None else cache
-
-
 def decode(model: Any, prompt: Any, tokens: int, around: Callable[[], Any] = contextlib.nullcontext) -> float:
     """Seconds per token of ``tokens`` greedy single-token steps after the prompt (the steps,
     not the prompt, run inside the context manager ``around()``)."""
-    import torch
-
-    with torch.inference_mode():
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        cache, token = _cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
-        key = _cache_argument(model)
-        with around():
-            start = time.perf_counter()
-            for _ in range(tokens):
-                out = model(input_ids=token, **{key: cache}, use_cache=True, logits_to_keep=1)
-                cache, token = _cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
-            return (time.perf_counter() - start) / tokens
+    return greedy_decode_seconds(model, prompt, tokens, around) / tokens
 
 
 def kind_of(model: Any) -> dict[int, str]:

@@ -90,7 +90,7 @@ def test_find_prefers_the_newest_built_tree(tmp_path: Path, monkeypatch: pytest.
     found = llamacpp.find_or_build(build=False, log=lambda _: None)
     assert found is not None
     assert found.source == newest and found.sdist_version == "0.3.36" and found.commit == "2222222"
-    assert found.bench == newest / "build" / "bin" / "llama-bench"
+    assert found.binary("llama-bench") == newest / "build" / "bin" / "llama-bench"
     with pytest.raises(ValueError, match="name"):
         found.binary("llama-server")
 

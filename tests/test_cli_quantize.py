@@ -11,28 +11,17 @@ import torch
 
 import bofrs
 from bofrs.__main__ import main
+from tiny_models import logits, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(tie_word_embeddings=True).eval()
     path = tmp_path_factory.mktemp("llama")
     model.save_pretrained(path, max_shard_size="60KB")  # several shards
     return path, model
-
-
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out: torch.Tensor = model(input_ids=ids).logits
-    return out
 
 
 @pytest.mark.parametrize(

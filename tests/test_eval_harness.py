@@ -18,6 +18,7 @@ from bofrs.eval import (
     output_error, per_layer_study, per_layer_summary, per_layer_summary_table, per_layer_table, ranking,
     score_window, spearman, token_windows,
 )  # fmt: skip
+from tiny_models import tiny_llama
 
 
 class TinyLM(nn.Module):
@@ -351,13 +352,7 @@ def test_fake_quantization_equals_the_quantized_modules(cols: int) -> None:
 
 
 def test_per_layer_shortcuts_give_the_same_kl() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=80, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab_size=80, intermediate_size=96, num_hidden_layers=3).eval()
     with torch.no_grad():
         for layer in linear_layers(model).values():
             layer.weight.mul_(4.0)

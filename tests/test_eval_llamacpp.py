@@ -11,6 +11,7 @@ import torch
 
 from bofrs.eval.linearity import linear_layers
 from bofrs.eval import find_llama_quantize, gguf_linear_weights, llama_quantize, llamacpp_format
+from tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -26,13 +27,7 @@ def _permute(x: np.ndarray, heads: int, kv_heads: int) -> np.ndarray:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     """A 2-layer llama written as llama.cpp's converter would: q/k rows permuted, the MLP in
     Q4_0, v in Q8_0, the rest float32."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab_size=64, intermediate_size=96, tie_word_embeddings=False).eval()
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny")

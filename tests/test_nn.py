@@ -13,6 +13,7 @@ from torch import nn
 
 import bofrs
 from bofrs.nn import QuantLinear
+from tiny_models import tiny_llama
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -200,17 +201,6 @@ def test_shared_linear_is_quantized_once() -> None:
     model = nn.Sequential(shared, nn.ReLU(), shared)
     bofrs.quantize_model(model, bofrs.QuantConfig(block_size=32), progress=False)
     assert model[0] is model[2] and isinstance(model[0], QuantLinear)
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    model: nn.Module = transformers.LlamaForCausalLM(config)
-    return model
 
 
 # peft 0.21 reads a property transformers 5 deprecates: not ours to fix.

@@ -13,18 +13,10 @@ import bofrs
 import reference
 import reference_opq
 from checks import assert_same_bits, resolve
+from published_codebooks import TABLE6
 
 #: BOF4-S (MSE), I = 64: the published levels (formats.md, Table 6).
-BOF4S = bofrs.Codebook(
-    "bof4s",
-    [
-        -0.8568463921546936, -0.6692874431610107, -0.5235266089439392, -0.4004882574081421,
-        -0.2910638153553009, -0.1900092959403992, -0.0938529595732689, 0.0,
-        0.0887671709060669, 0.1794802695512772, 0.2743096053600311, 0.3760197460651398,
-        0.4886530041694641, 0.6188603639602661, 0.7791395783424377, 1.0,
-    ],
-    "signed_absmax",
-)  # fmt: skip
+BOF4S = bofrs.Codebook("bof4s", TABLE6["mse", "signed_absmax"], "signed_absmax")
 SIGNED_INT4 = bofrs.Codebook("signed_int4", bofrs.codebook("int4").levels, "signed_absmax")
 CODEBOOKS = ("nf4", "af4", "fp4", "int4", BOF4S, SIGNED_INT4)
 NUMPY_INDEX = {torch.uint16: np.uint16, torch.uint32: np.uint32, torch.uint64: np.uint64}

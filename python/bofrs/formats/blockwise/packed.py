@@ -158,11 +158,6 @@ class PackedTensor(QuantizedTensor):
         return self._codebook
 
     @property
-    def scales(self) -> torch.Tensor:
-        """One scale per block, in the storage dtype (see :attr:`scale_dtype`)."""
-        return self._scales
-
-    @property
     def scale_dtype(self) -> torch.dtype:
         """Storage dtype of :attr:`scales` (``torch.uint8`` for double-quantized scales)."""
         return self._scales.dtype

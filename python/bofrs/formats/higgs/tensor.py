@@ -98,11 +98,6 @@ class HiggsTensor(QuantizedTensor):
         return self._grid
 
     @property
-    def scales(self) -> torch.Tensor:
-        """One RMS scale per group."""
-        return self._scales
-
-    @property
     def format(self) -> HiggsFormat:
         """The :class:`bofrs.Format` of this tensor."""
         from bofrs.formats.format import HiggsFormat
