@@ -12,8 +12,9 @@ The model: the GGUF dequantized to float32, every Linear (``lm_head`` included) 
 torch bf16 for reference. Sections:
 
 1. **per token**: decode ms/token, plain and instrumented. The instrumented run wraps
-   ``QuantLinear.__call__`` (the whole module call) and ``bofrs._native.matvec`` (the native
-   call) with ``perf_counter``: per layer kind, calls per token and us per call of each, the
+   ``QuantLinear.__call__`` (the whole module call) and the fused product it calls
+   (``fused_rows``: DLPack hand-over plus ``PreparedMatvec.apply``, the native call) with
+   ``perf_counter``: per layer kind, calls per token and us per call of each, the
    difference being the Python around the native call; what is left of the token is the rest
    of the model (attention, norms, rotary, embedding, HF's Python, the argmax).
 2. **per shape**, in a tight loop (weights hot in cache, pool warm): the module call, the bare
@@ -103,12 +104,13 @@ def kind_of(model: Any) -> dict[int, str]:
 
 @contextmanager
 def instrumented(layer_class: type, kinds: dict[int, str], native: bool, times: dict[str, list[float]]) -> Iterator[None]:
-    """Wraps ``layer_class.__call__`` (and ``bofrs._native.matvec`` when ``native``) to record
-    seconds per call in ``times`` under ``"<kind>"`` and ``"<kind> native"``."""
-    from bofrs import _native
+    """Wraps ``layer_class.__call__`` (and, when ``native``, the fused product QuantLinear calls:
+    ``fused_rows``, one DLPack hand-over and one ``PreparedMatvec.apply``) to record seconds per
+    call in ``times`` under ``"<kind>"`` and ``"<kind> native"``."""
+    import bofrs.nn.linear as linear_module
 
     current: list[str] = []
-    call, matvec = layer_class.__call__, _native.matvec
+    call, matvec = layer_class.__call__, linear_module.fused_rows
     clock = time.perf_counter
 
     def timed_call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -130,12 +132,12 @@ def instrumented(layer_class: type, kinds: dict[int, str], native: bool, times: 
 
     layer_class.__call__ = timed_call  # type: ignore[method-assign]
     if native:
-        _native.matvec = timed_matvec
+        linear_module.fused_rows = timed_matvec
     try:
         yield
     finally:
         layer_class.__call__ = call  # type: ignore[method-assign]
-        _native.matvec = matvec
+        linear_module.fused_rows = matvec
 
 
 def per_token(models: dict[str, Any], prompt: Any, tokens: int, rounds: int, out: Callable[[str], None]) -> None:
