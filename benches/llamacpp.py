@@ -249,15 +249,19 @@ def requantize(src: str | os.PathLike[str], type: str, llama: LlamaCpp | None = 
     """``src`` (a GGUF file) requantized to ``type`` (a ``llama-quantize`` type name such as
     ``"Q4_0"``, ``"IQ4_NL"``, ``"IQ4_XS"``, ``"Q4_K"``, ``"Q4_K_M"``) with
     ``llama-quantize --allow-requantize``; cached in ``cache_dir()/gguf`` by (input file, type).
-    llama-quantize keeps some tensors at types of its own choosing (see :func:`tensor_types`).
+    llama-quantize keeps some tensors at types of its own choosing (see :func:`tensor_types`):
+    ``"TYPE:OUT"`` (``"Q4_0:Q4_0"``) also sets the output projection and the token embedding to
+    ``OUT`` (``--output-tensor-type``, ``--token-embedding-type``; by default Q8_0 / Q6_K).
     ``RuntimeError`` if llama.cpp is unavailable or the quantizer fails."""
     path = Path(src)
-    if not isinstance(type, str) or not re.fullmatch(r"[A-Za-z0-9_]+", type):
-        raise ValueError(f"type must be a llama-quantize type name such as 'Q4_0', got {type!r}")
+    if not isinstance(type, str) or not re.fullmatch(r"[A-Za-z0-9_]+(:[A-Za-z0-9_]+)?", type):
+        raise ValueError(f"type must be a llama-quantize type name such as 'Q4_0' (or 'Q4_0:Q4_0'), got {type!r}")
     if not path.is_file():
         raise FileNotFoundError(f"src: no such GGUF file: {path}")
+    main_type, _, output_type = type.upper().partition(":")
     out_dir = cache_dir() / "gguf"
-    out = out_dir / f"{path.stem}-{_file_key(path)}.{type.upper()}.gguf"
+    suffix = main_type + (f".OUT-{output_type}" if output_type else "")
+    out = out_dir / f"{path.stem}-{_file_key(path)}.{suffix}.gguf"
     if out.is_file():
         return out
     llama = llama or find_or_build()
@@ -265,7 +269,9 @@ def requantize(src: str | os.PathLike[str], type: str, llama: LlamaCpp | None = 
         raise RuntimeError("llama.cpp is not available to requantize (see the message above)")
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(f".{os.getpid()}.partial")
-    command = [str(llama.binary("llama-quantize")), "--allow-requantize", str(path), str(partial), type.upper(), str(threads or os.cpu_count() or 1)]
+    outputs = ["--output-tensor-type", output_type, "--token-embedding-type", output_type] if output_type else []
+    command = [str(llama.binary("llama-quantize")), "--allow-requantize", *outputs, str(path), str(partial), main_type,
+               str(threads or os.cpu_count() or 1)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         partial.unlink(missing_ok=True)

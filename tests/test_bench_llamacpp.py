@@ -144,6 +144,27 @@ def test_requantize_caches_by_input_and_type(tmp_path: Path, monkeypatch: pytest
     assert not list((tmp_path / "cache" / "gguf").glob("*.partial"))
 
 
+def test_requantize_can_set_the_output_and_embedding_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOFRS_LLAMACPP_DIR", str(tmp_path / "cache"))
+    calls = tmp_path / "calls"
+    # Records its arguments; writes "<input bytes> <last four arguments but the threads>".
+    llama = _fake_llama(tmp_path, f'echo "$@" >> {calls}\n[ "$1" = --allow-requantize ] || exit 3\n'
+                                  'shift $(($# - 4)); { cat "$1"; echo " $3"; } > "$2"\n')  # fmt: skip
+    src = tmp_path / "model.gguf"
+    src.write_text("weights")
+    plain = llamacpp.requantize(src, "Q4_0", llama)
+    four_bit_out = llamacpp.requantize(src, "q4_0:q4_0", llama)
+    assert four_bit_out != plain and four_bit_out.read_text() == "weights Q4_0\n"
+    assert "OUT-Q4_0" in four_bit_out.name and "OUT" not in plain.name
+    first, second = calls.read_text().splitlines()
+    assert "--output-tensor-type" not in first
+    assert "--output-tensor-type Q4_0 --token-embedding-type Q4_0" in second
+    assert llamacpp.requantize(src, "Q4_0:Q4_0", llama) == four_bit_out  # cached
+    assert len(calls.read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="type"):
+        llamacpp.requantize(src, "Q4_0:", llama)
+
+
 def test_requantize_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BOFRS_LLAMACPP_DIR", str(tmp_path / "cache"))
     src = tmp_path / "model.gguf"
