@@ -124,14 +124,21 @@ def _fake_llama(tmp_path: Path, quantize_body: str) -> object:
     return llamacpp.LlamaCpp(tmp_path, bin_dir, "0.0.0", "", "")
 
 
-def test_requantize_caches_by_input_and_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _recording_quantizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[object, Path, Path]:
+    """A fake llama-quantize that records its arguments (one line per call, in the returned
+    file) and writes "<input bytes> <type>" to the output (its last four arguments are the input,
+    output, type and threads), a cache in tmp_path, and a source model."""
     monkeypatch.setenv("BOFRS_LLAMACPP_DIR", str(tmp_path / "cache"))
     calls = tmp_path / "calls"
-    # The fake quantizer records its arguments and writes "<input bytes> <type>" to the output.
     llama = _fake_llama(tmp_path, f'echo "$@" >> {calls}\n[ "$1" = --allow-requantize ] || exit 3\n'
-                                  '{ cat "$2"; echo " $4"; } > "$3"\n')  # fmt: skip
+                                  'shift $(($# - 4)); { cat "$1"; echo " $3"; } > "$2"\n')  # fmt: skip
     src = tmp_path / "model.gguf"
     src.write_text("weights")
+    return llama, calls, src
+
+
+def test_requantize_caches_by_input_and_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    llama, calls, src = _recording_quantizer(tmp_path, monkeypatch)
     first = llamacpp.requantize(src, "q4_0", llama)
     assert first.read_text() == "weights Q4_0\n"
     assert llamacpp.requantize(src, "Q4_0", llama) == first  # cached: no second call
@@ -145,13 +152,7 @@ def test_requantize_caches_by_input_and_type(tmp_path: Path, monkeypatch: pytest
 
 
 def test_requantize_can_set_the_output_and_embedding_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BOFRS_LLAMACPP_DIR", str(tmp_path / "cache"))
-    calls = tmp_path / "calls"
-    # Records its arguments; writes "<input bytes> <last four arguments but the threads>".
-    llama = _fake_llama(tmp_path, f'echo "$@" >> {calls}\n[ "$1" = --allow-requantize ] || exit 3\n'
-                                  'shift $(($# - 4)); { cat "$1"; echo " $3"; } > "$2"\n')  # fmt: skip
-    src = tmp_path / "model.gguf"
-    src.write_text("weights")
+    llama, calls, src = _recording_quantizer(tmp_path, monkeypatch)
     plain = llamacpp.requantize(src, "Q4_0", llama)
     four_bit_out = llamacpp.requantize(src, "q4_0:q4_0", llama)
     assert four_bit_out != plain and four_bit_out.read_text() == "weights Q4_0\n"
