@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_decode import greedy_decode_seconds  # benches/hf_decode.py
+from timing import mean_seconds  # benches/timing.py
 
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune,"
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -110,7 +111,7 @@ def instrumented(layer_class: type, kinds: dict[int, str], native: bool, times: 
     import bofrs.nn.linear as linear_module
 
     current: list[str] = []
-    call, matvec = layer_class.__call__, linear_module.fused_rows
+    call, fused = layer_class.__call__, linear_module.fused_rows
     clock = time.perf_counter
 
     def timed_call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -123,21 +124,21 @@ def instrumented(layer_class: type, kinds: dict[int, str], native: bool, times: 
             times.setdefault(kind, []).append(clock() - start)
             current.pop()
 
-    def timed_matvec(*args: Any, **kwargs: Any) -> Any:
+    def timed_fused(*args: Any, **kwargs: Any) -> Any:
         start = clock()
         try:
-            return matvec(*args, **kwargs)
+            return fused(*args, **kwargs)
         finally:
             times.setdefault(f"{current[-1] if current else 'other'} native", []).append(clock() - start)
 
     layer_class.__call__ = timed_call  # type: ignore[method-assign]
     if native:
-        linear_module.fused_rows = timed_matvec
+        linear_module.fused_rows = timed_fused
     try:
         yield
     finally:
         layer_class.__call__ = call  # type: ignore[method-assign]
-        linear_module.fused_rows = matvec
+        linear_module.fused_rows = fused
 
 
 def per_token(models: dict[str, Any], prompt: Any, tokens: int, rounds: int, out: Callable[[str], None]) -> None:
@@ -173,16 +174,6 @@ def per_token(models: dict[str, Any], prompt: Any, tokens: int, rounds: int, out
                 nat = statistics.median(times[f"{kind} native"])
                 row += f" {nat * 1e6:9.1f} {(per_call - nat) * 1e6:9.1f}"
             out(row + f" {sum(times[kind]) / tokens * 1e3:8.2f}")
-
-
-def _timed(fn: Callable[[], object], seconds: float = 0.1) -> float:
-    fn()
-    fn()
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        fn()
-        calls += 1
-    return (time.perf_counter() - start) / calls
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,16 +224,16 @@ def per_shape(models: dict[str, Any], out: Callable[[str], None]) -> None:
             data = x.reshape(-1).numpy()
             args = (data, "float32", 1, ops.codes, ops.scales, ops.levels, ops.out_features, ops.in_features, ops.block_size, None, mode)
             with torch.inference_mode():
-                module_us = _timed(lambda: layer(x)) * 1e6
-            native_us = _timed(lambda: _native.matvec(*args)) * 1e6
+                module_us = mean_seconds(lambda: layer(x), 0.1) * 1e6
+            native_us = mean_seconds(lambda: _native.matvec(*args), 0.1) * 1e6
             kernel = _kernel_alone(layer.out_features, layer.in_features)
             kernel_us = kernel.get(f"{bofrs.supported_isas()[-1]} {mode}", float("nan"))
             out(f"  {kind:10s} {f'{layer.out_features}x{layer.in_features}':>11s} {mode:5s} {module_us:8.1f} {native_us:8.1f} {kernel_us:8.1f}")
         fops = _ops(floor_layer)
         fx = torch.randn(64).numpy()
-        floor = _timed(lambda: _native.matvec(fx, "float32", 1, fops.codes, fops.scales, fops.levels, 64, 64, 64, None, mode)) * 1e6
+        floor = mean_seconds(lambda: _native.matvec(fx, "float32", 1, fops.codes, fops.scales, fops.levels, 64, 64, 64, None, mode), 0.1) * 1e6
         with torch.inference_mode():
-            floor_module = _timed(lambda: floor_layer(torch.from_numpy(fx).view(1, 1, 64))) * 1e6
+            floor_module = mean_seconds(lambda: floor_layer(torch.from_numpy(fx).view(1, 1, 64)), 0.1) * 1e6
         out(f"  {'floor':10s} {'64x64':>11s} {mode:5s} {floor_module:8.1f} {floor:8.1f}   (fixed cost of a call)")
         floor_layer.activations = "int8"
 
