@@ -78,7 +78,8 @@ pub struct MatShape {
 }
 
 impl MatShape {
-    /// A shape of `out_features` rows of `in_features` values in blocks of `block_size`.
+    /// A shape of `out_features` rows of `in_features` values in blocks of `block_size` (not
+    /// checked here: the products check it, see [`MatShape::check`]).
     pub const fn new(out_features: usize, in_features: usize, block_size: usize) -> Self {
         Self {
             out_features,
